@@ -1,0 +1,23 @@
+//! weft's control plane: everything weftd does besides forwarding packets.
+//!
+//! It leases this host's subnet in etcd exactly as flanneld (udp backend) does, keeps the
+//! lease renewed, watches the other hosts' leases and publishes them to the engine as a route
+//! table, configures the TUN device and routes through netlink, writes subnet.env, and serves
+//! health and metrics. Pure parts (config, keys and values, allocation, subnet.env, iptables
+//! rules) do no I/O and are tested without root; the rest talks to etcd, netlink and the kernel.
+
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod config;
+pub mod flags;
+pub mod http;
+pub mod iface;
+pub mod iptables;
+pub mod lease;
+pub mod netconf;
+pub mod notify;
+pub mod registry;
+pub mod subnet;
+pub mod subnet_env;
+pub mod watch;

@@ -1,0 +1,18 @@
+//! weft's data plane.
+//!
+//! A thread-per-core packet engine that carries IPv4 packets between a TUN device and peers'
+//! UDP sockets in flannel's udp-backend wire format (one inner packet per datagram, nothing
+//! before it). The pure core — packet views, ICMP, the route table, per-packet decisions,
+//! counters — does no I/O and is tested deterministically; the I/O shell (TUN, UDP sockets,
+//! io_uring and batched system calls, the workers) executes its decisions in batches.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod counters;
+pub mod decide;
+pub mod route;
+
+pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
+pub use decide::{Decision, Policy};
+pub use route::{Overlay, RouteError, RouteTable, Routes};
