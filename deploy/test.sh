@@ -619,6 +619,29 @@ test_render_repeatable() {
 	diff -r --exclude='.bin-*' "$TMP/lab-a" "$TMP/lab-b" || fail "rendering twice gives a different tree"
 }
 
+test_provision_options() {
+	# Every setting install-weftd.sh knows lands in the environment file, in flanneld's names.
+	local r=$TMP/opts
+	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints https://10.0.0.1:2379,https://10.0.0.2:2379 \
+		--etcd-prefix /weft/network --iface 198.18.0.1 --public-ip 203.0.113.7 \
+		--subnet-file /run/lab/h1.env --healthz-port 0 --etcd remote
+	assert_file "$r/etc/default/weftd" '# /etc/default/weftd for weftd.service, written by deploy/provision/install-weftd.sh.
+# All variables: /usr/local/share/doc/weft/weftd.env.example
+FLANNELD_ETCD_ENDPOINTS=https://10.0.0.1:2379,https://10.0.0.2:2379
+FLANNELD_ETCD_PREFIX=/weft/network
+FLANNELD_IFACE=198.18.0.1
+FLANNELD_PUBLIC_IP=203.0.113.7
+FLANNELD_SUBNET_FILE=/run/lab/h1.env
+FLANNELD_IP_MASQ=false
+FLANNELD_HEALTHZ_PORT=0'
+	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints http://127.0.0.1:2379 \
+		--subnet-file /var/lib/weft/subnet.env 2>"$TMP/err"
+	grep -q 'ReadWritePaths=/var/lib/weft' "$TMP/err" || fail "no note about ReadWritePaths"
+	# A root given with a trailing slash writes to the same place.
+	deploy/provision/configure-network.sh --root "$r/" 2>/dev/null
+	[ -f "$r/etc/sysctl.d/60-weft.conf" ] || fail "--root DIR/ wrote elsewhere"
+}
+
 test_provision_errors() {
 	local p=deploy/provision r=$TMP/errs
 	expect_failure '--etcd-endpoints is required' "$p/install-weftd.sh" --root "$r"
@@ -630,6 +653,7 @@ test_provision_errors() {
 	expect_failure '--healthz-port needs a port number' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --healthz-port 70000
 	expect_failure 'unsupported characters' "$p/install-weftd.sh" --root "$r" --etcd-endpoints 'http://a:2379 x'
 	expect_failure '--etcd-endpoints needs a value' "$p/install-weftd.sh" --etcd-endpoints
+	expect_failure '--subnet-file needs an absolute path' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --subnet-file subnet.env
 	expect_failure '--ip needs an IPv4 address' "$p/install-etcd.sh" --root "$r" --name core-01 --ip 192.168.56
 	expect_failure '--name is required' "$p/install-etcd.sh" --root "$r" --ip 192.168.56.101
 	expect_failure 'must be a JSON object' "$p/install-etcd.sh" --root "$r" --name a --ip 10.0.0.1 --network-config 'Network'
@@ -771,7 +795,8 @@ fi
 with_tools "cni: 10-weft.conflist is the flannel chain" test_cni_conflist python3 jq
 
 run_test "provision: interface holding an address" test_iface_holding_ip
-with_tools "provision: argument errors" test_provision_errors
+run_test "provision: install-weftd.sh options -> /etc/default/weftd" test_provision_options
+run_test "provision: argument errors" test_provision_errors
 with_tools "vagrant: lab plan (machines and steps)" test_lab_plan ruby
 if [ -n "$UNIT_SRC" ]; then
 	with_tools "vagrant: each VM's provisioning rendered and verified" test_lab_render ruby jq systemd-analyze

@@ -18,6 +18,8 @@ usage: $PROG --etcd-endpoints URLS [options]
   --iface NAME|IP         interface for the overlay (FLANNELD_IFACE)
   --iface-of IP           use the interface that holds IP on this host (resolved now)
   --public-ip IP          address other hosts send to (FLANNELD_PUBLIC_IP)
+  --subnet-file PATH      where weftd writes the subnet file (FLANNELD_SUBNET_FILE;
+                          default /run/flannel/subnet.env; the unit can write only under /run)
   --ip-masq               masquerade traffic leaving the overlay (FLANNELD_IP_MASQ=true)
   --healthz-ip IP         healthz/metrics address (FLANNELD_HEALTHZ_IP)
   --healthz-port PORT     healthz/metrics port (FLANNELD_HEALTHZ_PORT; 0 = off)
@@ -31,6 +33,7 @@ EOF
 
 etcd_endpoints="" etcd_prefix="" iface="" iface_of="" public_ip="" ip_masq=false
 healthz_ip="" healthz_port="" etcd_mode=local binary=$REPO_DIR/target/release/weftd
+subnet_file=""
 
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -39,6 +42,7 @@ while [ $# -gt 0 ]; do
 	--iface) need_value "$1" $#; iface=$2; shift 2 ;;
 	--iface-of) need_value "$1" $#; iface_of=$2; shift 2 ;;
 	--public-ip) need_value "$1" $#; public_ip=$2; shift 2 ;;
+	--subnet-file) need_value "$1" $#; subnet_file=$2; shift 2 ;;
 	--ip-masq) ip_masq=true; shift ;;
 	--healthz-ip) need_value "$1" $#; healthz_ip=$2; shift 2 ;;
 	--healthz-port) need_value "$1" $#; healthz_port=$2; shift 2 ;;
@@ -64,6 +68,12 @@ fi
 check_env_value --etcd-endpoints "$etcd_endpoints"
 check_env_value --etcd-prefix "$etcd_prefix"
 check_env_value --iface "$iface"
+check_env_value --subnet-file "$subnet_file"
+case $subnet_file in
+"" | /run/*) ;;
+/*) log "note: weftd.service may write only under /run; add ReadWritePaths=${subnet_file%/*} in a drop-in" ;;
+*) die "--subnet-file needs an absolute path, got: $subnet_file" ;;
+esac
 require_root_user
 
 if [ -n "$iface_of" ]; then
@@ -80,6 +90,7 @@ render_env() {
 	[ -z "$etcd_prefix" ] || echo "FLANNELD_ETCD_PREFIX=$etcd_prefix"
 	[ -z "$iface" ] || echo "FLANNELD_IFACE=$iface"
 	[ -z "$public_ip" ] || echo "FLANNELD_PUBLIC_IP=$public_ip"
+	[ -z "$subnet_file" ] || echo "FLANNELD_SUBNET_FILE=$subnet_file"
 	echo "FLANNELD_IP_MASQ=$ip_masq"
 	[ -z "$healthz_ip" ] || echo "FLANNELD_HEALTHZ_IP=$healthz_ip"
 	[ -z "$healthz_port" ] || echo "FLANNELD_HEALTHZ_PORT=$healthz_port"
@@ -121,7 +132,7 @@ systemctl enable weftd.service
 # Type=notify: this returns once weftd has written the subnet file and reported READY=1.
 systemctl restart weftd.service
 
-subnet_file=/run/flannel/subnet.env
+subnet_file=${subnet_file:-/run/flannel/subnet.env}
 [ -f "$subnet_file" ] || die "weftd started but $subnet_file is missing; see journalctl -u weftd"
 log "weftd is running; $subnet_file:"
 cat -- "$subnet_file" >&2
