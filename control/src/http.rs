@@ -153,7 +153,8 @@ pub fn respond(
     let Ok(head) = std::str::from_utf8(head) else {
         return Response::text(400, "bad request\n");
     };
-    let request_line = head.split("\r\n").next().unwrap_or_default();
+    let request_line = head.split('\n').next().unwrap_or_default();
+    let request_line = request_line.strip_suffix('\r').unwrap_or(request_line);
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -381,6 +382,8 @@ mod tests {
         assert_eq!((r.status, r.body.as_str()), (200, "ok"));
         let r = respond(b"GET /healthz?verbose=1 HTTP/1.0\r\n\r\n", &h, &metrics);
         assert_eq!(r.status, 200);
+        let r = respond(b"GET /healthz HTTP/1.1\nHost: x\n\n", &h, &metrics);
+        assert_eq!(r.status, 200, "bare LF line ends");
         let r = respond(b"GET /metrics HTTP/1.1\r\n\r\n", &h, &metrics);
         assert_eq!(r.status, 200);
         assert_eq!(r.content_type, PROMETHEUS_CONTENT_TYPE);

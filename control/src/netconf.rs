@@ -104,11 +104,13 @@ impl Drop for Netlink {
 }
 
 impl Netlink {
-    /// Opens a netlink socket and drives it on the current tokio runtime. Must be called
-    /// from within a runtime.
+    /// Opens a netlink socket and drives it on the current tokio runtime (an error outside
+    /// of one).
     pub fn connect() -> Result<Self, NetconfError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| NetconfError::Connect(io::Error::other(e)))?;
         let (connection, handle, _) = rtnetlink::new_connection().map_err(NetconfError::Connect)?;
-        let connection = tokio::spawn(connection);
+        let connection = runtime.spawn(connection);
         Ok(Netlink { handle, connection })
     }
 
@@ -415,6 +417,11 @@ mod tests {
                 Ipv4Addr::new(10, 1, 0, 0)
             ))));
         assert!(r.attributes.contains(&RouteAttribute::Oif(7)));
+    }
+
+    #[test]
+    fn connecting_outside_a_runtime_is_an_error() {
+        assert!(matches!(Netlink::connect(), Err(NetconfError::Connect(_))));
     }
 
     #[test]
