@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use etcd_client::{
     WatchOptions,
 };
 use tokio::sync::mpsc;
+use tracing::debug;
 
 use crate::subnet::KeyPrefix;
 
@@ -223,13 +225,21 @@ impl EtcdSettings {
 
 /// The registry over etcd's v3 API. It connects on first use and reconnects by itself, so it
 /// can be created while etcd is down.
+///
+/// Requests go to one endpoint at a time; when one fails, the same request is tried on the next
+/// endpoint, which then stays in use. (A balanced channel over all endpoints would fail every
+/// request it sends to a dead one, and flannel's default endpoint list names
+/// `http://127.0.0.1:4001`, which is rarely alive.)
 #[derive(Clone)]
 pub struct EtcdRegistry {
     endpoints: Arc<[String]>,
     options: ConnectOptions,
     prefix: KeyPrefix,
     request_timeout: Duration,
-    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+    /// One client per endpoint, connected on first use.
+    clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>>,
+    /// The endpoint that answered last.
+    current: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -274,18 +284,67 @@ impl EtcdRegistry {
             options,
             prefix: settings.prefix.clone(),
             request_timeout: settings.request_timeout,
-            client: Arc::default(),
+            clients: Arc::new(tokio::sync::Mutex::new(vec![
+                None;
+                settings.endpoints.len()
+            ])),
+            current: Arc::default(),
         })
     }
 
-    async fn client(&self) -> Result<Client, RegistryError> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref() {
+    async fn client_at(&self, index: usize) -> Result<Client, etcd_client::Error> {
+        let mut clients = self.clients.lock().await;
+        if let Some(Some(client)) = clients.get(index) {
             return Ok(client.clone());
         }
-        let client = Client::connect(self.endpoints.as_ref(), Some(self.options.clone())).await?;
-        *slot = Some(client.clone());
+        let endpoint = self
+            .endpoints
+            .get(index)
+            .map(String::as_str)
+            .unwrap_or_default();
+        let client = Client::connect([endpoint], Some(self.options.clone())).await?;
+        if let Some(slot) = clients.get_mut(index) {
+            *slot = Some(client.clone());
+        }
         Ok(client)
+    }
+
+    /// Run `op` against the current endpoint, then against each other one until one succeeds.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Client) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
+        T: Send,
+    {
+        let count = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for step in 0..count {
+            let index = (first + step) % count;
+            let result = match self.client_at(index).await {
+                Ok(client) => op(client).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(value) => {
+                    if step > 0 {
+                        self.current.store(index, Ordering::Relaxed);
+                        debug!(endpoint = %self.endpoints[index], "switched etcd endpoint");
+                    }
+                    return Ok(value);
+                }
+                Err(e) => {
+                    if count > 1 {
+                        debug!(endpoint = %self.endpoints[index], "etcd request failed: {e}");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.map_or_else(
+            || RegistryError::Settings("no etcd endpoint given".to_owned()),
+            RegistryError::from,
+        ))
     }
 
     fn subnets_dir(&self) -> String {
@@ -342,18 +401,27 @@ impl Registry for EtcdRegistry {
     }
 
     async fn config(&self) -> Result<Option<String>, RegistryError> {
-        let mut client = self.client().await?;
-        let resp = client.get(self.prefix.config_key(), None).await?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        let key = self.prefix.config_key();
+        self.call(|mut client| {
+            let key = key.clone();
+            async move {
+                let resp = client.get(key, None).await?;
+                Ok(resp
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            }
+        })
+        .await
     }
 
     async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
-        let mut client = self.client().await?;
-        let resp = client
-            .get(self.subnets_dir(), Some(GetOptions::new().with_prefix()))
+        let dir = self.subnets_dir();
+        let resp = self
+            .call(|mut client| {
+                let dir = dir.clone();
+                async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         Ok(LeaseSnapshot {
             revision: header_revision(resp.header()),
@@ -372,99 +440,117 @@ impl Registry for EtcdRegistry {
         ttl: Option<Duration>,
         expect: Expect,
     ) -> Result<Option<Written>, RegistryError> {
-        let mut client = self.client().await?;
         let key = self.prefix.lease_key(name);
-        let (etcd_lease, granted) = match ttl {
-            Some(ttl) => {
-                let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-                let grant = client.lease_grant(secs, None).await?;
-                let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-                (grant.id(), Some(granted))
-            }
-            None => (0, None),
-        };
-        let compare = match expect {
-            Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
-            Expect::ModRevision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-        };
-        let put = TxnOp::put(
-            key,
-            value,
-            (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease)),
-        );
-        let resp = match client.txn(Txn::new().when([compare]).and_then([put])).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                if etcd_lease != 0 {
-                    let _ = client.lease_revoke(etcd_lease).await;
-                }
-                return Err(e.into());
-            }
-        };
-        if !resp.succeeded() {
-            if etcd_lease != 0 {
-                // Nothing is attached to it; letting it expire would also do.
-                let _ = client.lease_revoke(etcd_lease).await;
-            }
-            return Ok(None);
-        }
-        Ok(Some(Written {
-            etcd_lease,
-            ttl: granted,
-            revision: header_revision(resp.header()),
-        }))
+        self.call(|client| write_lease_once(client, key.clone(), value.to_owned(), ttl, expect))
+            .await
     }
 
     async fn keep_alive(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
-        let mut client = self.client().await?;
-        match client.lease_keep_alive(etcd_lease).await {
-            Ok((mut keeper, mut stream)) => {
-                // `lease_keep_alive` renewed the lease once and kept the response to itself;
-                // a second renewal on the same stream tells the TTL.
-                keeper.keep_alive().await?;
-                let resp = tokio::time::timeout(self.request_timeout, stream.message())
-                    .await
-                    .map_err(|_| {
-                        RegistryError::Unavailable("keep-alive response timed out".to_owned())
-                    })??;
-                match resp.map(|r| r.ttl()) {
-                    Some(ttl) if ttl > 0 => {
-                        Ok(Some(Duration::from_secs(u64::try_from(ttl).unwrap_or(0))))
-                    }
-                    Some(_) => Ok(None),
-                    None => Err(RegistryError::Unavailable(
-                        "keep-alive stream closed".to_owned(),
-                    )),
-                }
-            }
-            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == LEASE_NOT_FOUND => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let timeout = self.request_timeout;
+        self.call(|client| keep_alive_once(client, etcd_lease, timeout))
+            .await
     }
 
     async fn delete_lease(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
-        let mut client = self.client().await?;
         let key = self.prefix.lease_key(name);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        Ok(client.txn(txn).await?.succeeded())
+        self.call(|mut client| {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            async move { Ok(client.txn(txn).await?.succeeded()) }
+        })
+        .await
     }
 
     async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
-        let mut client = self.client().await?;
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(from_revision);
-        let stream = client.watch(self.subnets_dir(), Some(options)).await?;
+        let dir = self.subnets_dir();
+        let stream = self
+            .call(|mut client| {
+                let dir = dir.clone();
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from_revision);
+                async move { client.watch(dir, Some(options)).await }
+            })
+            .await?;
         Ok(EtcdWatch {
             stream,
             registry: self.clone(),
         })
+    }
+}
+
+/// Grant an etcd lease (if `ttl`), then put `value` at `key` if `expect` holds.
+async fn write_lease_once(
+    mut client: Client,
+    key: String,
+    value: String,
+    ttl: Option<Duration>,
+    expect: Expect,
+) -> Result<Option<Written>, etcd_client::Error> {
+    let (etcd_lease, granted) = match ttl {
+        Some(ttl) => {
+            let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+            let grant = client.lease_grant(secs, None).await?;
+            let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+            (grant.id(), Some(granted))
+        }
+        None => (0, None),
+    };
+    let compare = match expect {
+        Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+        Expect::ModRevision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+    };
+    let put = TxnOp::put(
+        key,
+        value,
+        (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease)),
+    );
+    let resp = client.txn(Txn::new().when([compare]).and_then([put])).await;
+    let succeeded = resp.as_ref().is_ok_and(|r| r.succeeded());
+    if !succeeded && etcd_lease != 0 {
+        // Nothing is attached to it; letting it expire would do too.
+        let _ = client.lease_revoke(etcd_lease).await;
+    }
+    let resp = resp?;
+    Ok(succeeded.then(|| Written {
+        etcd_lease,
+        ttl: granted,
+        revision: header_revision(resp.header()),
+    }))
+}
+
+/// Renew `etcd_lease` once and learn its TTL; `None` if it no longer exists.
+async fn keep_alive_once(
+    mut client: Client,
+    etcd_lease: i64,
+    timeout: Duration,
+) -> Result<Option<Duration>, etcd_client::Error> {
+    let (mut keeper, mut stream) = match client.lease_keep_alive(etcd_lease).await {
+        Ok(pair) => pair,
+        Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == LEASE_NOT_FOUND => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    // `lease_keep_alive` renewed the lease once and kept the response to itself; a second
+    // renewal on the same stream tells the TTL.
+    keeper.keep_alive().await?;
+    let resp = tokio::time::timeout(timeout, stream.message())
+        .await
+        .map_err(|_| {
+            etcd_client::Error::LeaseKeepAliveError("keep-alive response timed out".to_owned())
+        })??;
+    match resp.map(|r| r.ttl()) {
+        Some(ttl) if ttl > 0 => Ok(Some(Duration::from_secs(u64::try_from(ttl).unwrap_or(0)))),
+        Some(_) => Ok(None),
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "keep-alive stream closed".to_owned(),
+        )),
     }
 }
 

@@ -280,10 +280,11 @@ impl<R: Registry> Watcher<R> {
             };
             let fresh = PeerTable::from_snapshot(self.overlay, &snapshot.leases);
             let diff = table.diff(&fresh);
-            for peer in &diff.removed {
+            let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
+            for peer in diff.removed.iter().filter(theirs) {
                 info!("Subnet removed: {} (was {})", peer.subnet, peer.public_ip);
             }
-            for peer in &diff.added {
+            for peer in diff.added.iter().filter(theirs) {
                 info!("Subnet added: {} via {}", peer.subnet, peer.public_ip);
             }
             table = fresh;
@@ -306,6 +307,9 @@ impl<R: Registry> Watcher<R> {
                     item = stream.next() => match item {
                         WatchItem::Events { revision, events } => {
                             delay.reset();
+                            // The keeper may have changed our subnet since we last looked;
+                            // never publish a table with a stale one.
+                            own = self.own_subnet();
                             for event in &events {
                                 self.log_change(table.apply(event));
                                 if let Some(own) = own {
@@ -350,7 +354,9 @@ impl<R: Registry> Watcher<R> {
     }
 
     fn log_change(&self, change: PeerChange) {
+        let ours = |p: &PeerLease| p.public_ip == self.public_ip;
         match change {
+            PeerChange::Added(p) | PeerChange::Removed(p) if ours(&p) => {}
             PeerChange::Unchanged => {}
             PeerChange::Added(p) => info!("Subnet added: {} via {}", p.subnet, p.public_ip),
             PeerChange::Removed(p) => {
