@@ -25,7 +25,107 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<TlsCerts>,
     child: Option<Child>,
+}
+
+/// A private CA and the certificates an etcd with client-certificate authentication needs.
+#[derive(Clone, Debug)]
+pub struct TlsCerts {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// etcd's certificate, for IP 127.0.0.1.
+    pub server_cert: PathBuf,
+    /// etcd's private key.
+    pub server_key: PathBuf,
+    /// A client certificate signed by the CA.
+    pub client_cert: PathBuf,
+    /// The client's private key.
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl not found ({e}): apt-get install openssl"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsCerts {
+    /// Make a CA, a server certificate for 127.0.0.1 and a client certificate in `dir`.
+    fn generate(dir: &Path) -> Self {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=weft test CA"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+        openssl(dir, &ca);
+        for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+            let (key, csr, pem, ext) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            fs::write(
+                dir.join(&ext),
+                format!(
+                    "subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n\
+                     keyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n"
+                ),
+            )
+            .expect("cannot write an openssl extension file");
+            let mut req = vec![
+                "req",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ];
+            req.extend(ec);
+            openssl(dir, &req);
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-extfile",
+                    &ext,
+                    "-out",
+                    &pem,
+                ],
+            );
+        }
+        Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
 }
 
 fn find_binary() -> PathBuf {
@@ -69,8 +169,22 @@ impl Etcd {
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            tls: None,
             child: None,
         }
+    }
+
+    /// Like [`Etcd::prepare`], serving clients over TLS only and requiring a client
+    /// certificate signed by a private CA.
+    pub fn prepare_tls() -> Self {
+        let mut etcd = Self::prepare();
+        etcd.tls = Some(TlsCerts::generate(&etcd.dir));
+        etcd
+    }
+
+    /// The certificates, for an etcd made by [`Etcd::prepare_tls`].
+    pub fn certs(&self) -> Option<&TlsCerts> {
+        self.tls.as_ref()
     }
 
     /// Start a fresh etcd and wait until it serves requests.
@@ -82,12 +196,25 @@ impl Etcd {
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let certs = self.tls.as_ref()?;
+        let read = |p: &Path| fs::read(p).expect("cannot read a test certificate");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&certs.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&certs.client_cert),
+                read(&certs.client_key),
+            ));
+        Some(etcd_client::ConnectOptions::new().with_tls(tls))
     }
 
     /// A client connected to this etcd.
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
+        etcd_client::Client::connect([self.endpoint()], self.connect_options())
             .await
             .expect("cannot create an etcd client")
     }
@@ -106,7 +233,15 @@ impl Etcd {
         let log_err = log.try_clone().expect("cannot clone the etcd log handle");
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(certs) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", certs.server_cert.display()))
+                .arg(format!("--key-file={}", certs.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", certs.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=weft-test")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -153,9 +288,10 @@ impl Etcd {
 
     async fn answers(&self) -> bool {
         let attempt = async {
-            let mut client = etcd_client::Client::connect([self.endpoint()], None)
-                .await
-                .ok()?;
+            let mut client =
+                etcd_client::Client::connect([self.endpoint()], self.connect_options())
+                    .await
+                    .ok()?;
             client.get("/weft-test-ready", None).await.ok()
         };
         matches!(
