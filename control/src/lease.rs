@@ -321,7 +321,26 @@ struct Held {
     /// The revision at which the key became ours; a disappearance seen earlier is stale.
     revision: i64,
     /// When it expires unless renewed; `None` for a reservation.
-    expires: Option<(Instant, SystemTime)>,
+    expires: Option<Expiry>,
+}
+
+/// When a lease expires unless renewed, and when to renew it.
+#[derive(Clone, Copy, Debug)]
+struct Expiry {
+    renew_at: Instant,
+    at: SystemTime,
+}
+
+impl Expiry {
+    /// A lease that lives `ttl` from now is renewed `margin` before it expires, or half-way if
+    /// its TTL is not longer than the margin (a lease adopted from a host with shorter ones).
+    fn new(ttl: Duration, margin: Duration) -> Self {
+        let wait = if ttl > margin { ttl - margin } else { ttl / 2 };
+        Self {
+            renew_at: Instant::now() + wait,
+            at: SystemTime::now() + ttl,
+        }
+    }
 }
 
 enum AcquireError {
@@ -365,7 +384,7 @@ impl<R: Registry> Keeper<R> {
         self.lease.send_replace(Some(Lease {
             subnet: held.subnet,
             public_ip: self.settings.public_ip,
-            expires: held.expires.map(|(_, at)| at),
+            expires: held.expires.map(|e| e.at),
         }));
     }
 
@@ -452,9 +471,8 @@ impl<R: Registry> Keeper<R> {
                 let raw = raws[i];
                 let subnet = occupied[i].subnet;
                 if raw.value == value.as_bytes() {
-                    if let Some(held) = self.adopt(raw, subnet).await? {
-                        return Ok(held);
-                    }
+                    // `None`: its etcd lease ended since the listing; the key is going away.
+                    return self.adopt(raw, subnet).await?.ok_or(AcquireError::LostRace);
                 }
                 info!("found lease {subnet} for this host's IP {me}, rewriting its value");
                 // A reservation stays one.
@@ -481,7 +499,9 @@ impl<R: Registry> Keeper<R> {
             subnet,
             etcd_lease: written.etcd_lease,
             revision: written.revision,
-            expires: written.ttl.map(expiry),
+            expires: written
+                .ttl
+                .map(|ttl| Expiry::new(ttl, self.settings.renew_margin)),
         })
     }
 
@@ -505,7 +525,7 @@ impl<R: Registry> Keeper<R> {
                     subnet,
                     etcd_lease: raw.etcd_lease,
                     revision: raw.mod_revision,
-                    expires: Some(expiry(ttl)),
+                    expires: Some(Expiry::new(ttl, self.settings.renew_margin)),
                 }))
             }
             None => Ok(None),
@@ -515,7 +535,7 @@ impl<R: Registry> Keeper<R> {
     /// Keep `held` until it is lost; return why.
     async fn hold(&mut self, mut held: Held) -> String {
         let margin = self.settings.renew_margin;
-        let mut renew_at = held.expires.map(|(at, _)| renew_time(at, margin));
+        let mut renew_at = held.expires.map(|e| e.renew_at);
         let mut watcher_alive = true;
         loop {
             let renew = async {
@@ -528,8 +548,9 @@ impl<R: Registry> Keeper<R> {
                 () = renew => {
                     match self.registry.keep_alive(held.etcd_lease).await {
                         Ok(Some(ttl)) => {
-                            held.expires = Some(expiry(ttl));
-                            renew_at = held.expires.map(|(at, _)| renew_time(at, margin));
+                            let expires = Expiry::new(ttl, margin);
+                            held.expires = Some(expires);
+                            renew_at = Some(expires.renew_at);
                             debug!("renewed lease {} for {ttl:?}", held.subnet);
                             self.publish(&held);
                         }
@@ -551,14 +572,6 @@ impl<R: Registry> Keeper<R> {
             }
         }
     }
-}
-
-fn expiry(ttl: Duration) -> (Instant, SystemTime) {
-    (Instant::now() + ttl, SystemTime::now() + ttl)
-}
-
-fn renew_time(expires: Instant, margin: Duration) -> Instant {
-    expires.checked_sub(margin).unwrap_or_else(Instant::now)
 }
 
 #[cfg(test)]
@@ -777,6 +790,26 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(reg.keep_alive_count(), 2);
         assert_eq!(m.handle.current().unwrap().subnet, first.subnet);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adopted_short_lease_is_renewed_half_way_not_in_a_loop() {
+        let reg = MemoryRegistry::new();
+        // Left by a host that used 10 s leases; ours renew an hour before a 24 h expiry.
+        reg.put(
+            "10.1.9.0-24",
+            &udp("198.18.0.1"),
+            Some(Duration::from_secs(10)),
+        );
+        let settings = Settings {
+            retry: fast("198.18.0.1").retry,
+            ..Settings::new(ip("198.18.0.1"))
+        };
+        let mut m = start(&reg, settings);
+        assert_eq!(m.subnet().await, net("10.1.9.0/24"));
+        assert_eq!(reg.keep_alive_count(), 1, "adopted by one renewal");
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(reg.keep_alive_count(), 3, "renewed every 5 s");
     }
 
     #[tokio::test(start_paused = true)]

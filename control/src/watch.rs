@@ -264,7 +264,6 @@ impl<R: Registry> Watcher<R> {
     pub async fn run(mut self) {
         let mut table = PeerTable::new(self.overlay);
         let mut own: Option<Ipv4Net>;
-        let mut published: Option<RouteTable> = None;
         let mut delay = self.retry.delays();
         loop {
             let snapshot = match self.registry.leases().await {
@@ -290,7 +289,7 @@ impl<R: Registry> Watcher<R> {
             table = fresh;
             own = self.own_subnet();
             self.check_own(&table, own, snapshot.revision, "it is not in etcd");
-            self.publish(&table, own, &mut published);
+            self.publish(&table, own);
 
             let mut stream = match self.registry.watch(snapshot.revision + 1).await {
                 Ok(stream) => stream,
@@ -316,7 +315,7 @@ impl<R: Registry> Watcher<R> {
                                     self.check_event(&table, own, event, revision);
                                 }
                             }
-                            self.publish(&table, own, &mut published);
+                            self.publish(&table, own);
                         }
                         WatchItem::Broken(why) => break why,
                     },
@@ -328,7 +327,7 @@ impl<R: Registry> Watcher<R> {
                         let now = self.own_subnet();
                         if now != own {
                             own = now;
-                            self.publish(&table, own, &mut published);
+                            self.publish(&table, own);
                         }
                     }
                 }
@@ -398,13 +397,13 @@ impl<R: Registry> Watcher<R> {
         }
     }
 
-    fn publish(&self, table: &PeerTable, own: Option<Ipv4Net>, last: &mut Option<RouteTable>) {
+    /// Publish the route table for `table` and `own`, unless the workers already have it.
+    fn publish(&self, table: &PeerTable, own: Option<Ipv4Net>) {
         match table.route_table(self.port, own, self.public_ip) {
             Ok(routes) => {
-                if last.as_ref() != Some(&routes) {
+                if *self.routes.current() != routes {
                     debug!(peers = routes.peer_count(), "publishing routes");
-                    self.routes.publish(routes.clone());
-                    *last = Some(routes);
+                    self.routes.publish(routes);
                 }
             }
             // Every entry was checked against the overlay when it entered the table.
