@@ -269,7 +269,8 @@ impl MembershipHandle {
     }
 }
 
-/// Start this host's membership: the lease keeper and the peer watcher, in one task.
+/// Start this host's membership: the lease keeper and the peer watcher, in one task spawned on
+/// the current tokio runtime (call it from within one).
 ///
 /// `config` must be usable ([`NetworkConfig::check_supported`]); `routes` receives a fresh
 /// route table whenever a peer or this host's subnet changes. The task runs until aborted;
@@ -301,7 +302,7 @@ pub fn run_membership<R: Registry>(
         settings,
         lease: lease_tx,
         gone: gone_rx,
-        rng: StdRng::from_os_rng(),
+        rng: random_source(),
     };
     let task = tokio::spawn(async move {
         tokio::select! {
@@ -310,6 +311,17 @@ pub fn run_membership<R: Registry>(
         }
     });
     Ok((MembershipHandle { lease: lease_rx }, task))
+}
+
+/// The generator for the random subnet pick. The OS source is preferred; if it fails, the
+/// clock and the process id still spread hosts that start together.
+fn random_source() -> StdRng {
+    StdRng::try_from_os_rng().unwrap_or_else(|_| {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        StdRng::seed_from_u64(nanos ^ u64::from(std::process::id()).rotate_left(32))
+    })
 }
 
 /// The lease this keeper holds.
