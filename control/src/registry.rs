@@ -1,1 +1,1122 @@
-//! (to be written)
+//! What the lease logic needs from etcd, behind a small trait.
+//!
+//! [`Registry`] is the whole interface: read the config, list the leases with the revision they
+//! were read at, write a lease only if its key is absent (or unchanged since it was read),
+//! renew an etcd lease once, delete a lease, and watch the leases from a revision on.
+//! [`EtcdRegistry`] implements it over the etcd v3 API; [`MemoryRegistry`] implements it in
+//! memory, with injectable compaction, expiry, outages and lost races, so that the lease keeper
+//! and the watcher are tested deterministically without an etcd.
+//!
+//! Keys are handled as lease key *names* (`10.1.74.0-24`), relative to `<prefix>/subnets/`;
+//! values are raw bytes. Parsing them is the caller's job, so that one malformed lease is
+//! skipped without hiding the others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::subnet::KeyPrefix;
+
+/// One lease as stored: its key name, raw value and etcd bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawLease {
+    /// The key name under `<prefix>/subnets/`, e.g. `10.1.74.0-24`.
+    pub name: String,
+    /// The value as stored (normally JSON).
+    pub value: Vec<u8>,
+    /// The etcd lease the key is attached to; 0 for a key without TTL (a reservation).
+    pub etcd_lease: i64,
+    /// The revision of the key's last modification.
+    pub mod_revision: i64,
+}
+
+impl RawLease {
+    /// A key without TTL: the subnet is reserved for its holder.
+    pub fn is_reservation(&self) -> bool {
+        self.etcd_lease == 0
+    }
+}
+
+/// Every lease at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseSnapshot {
+    /// The store revision the listing was read at; a watch from `revision + 1` misses nothing.
+    pub revision: i64,
+    /// The leases, in key order.
+    pub leases: Vec<RawLease>,
+}
+
+/// The condition under which [`Registry::write_lease`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist ("create if absent").
+    Absent,
+    /// The key must exist and be unmodified since this revision.
+    ModRevision(i64),
+}
+
+/// A successful lease write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The etcd lease the key is now attached to; 0 when written without TTL.
+    pub etcd_lease: i64,
+    /// The TTL etcd granted (it may round a short one up); `None` without TTL.
+    pub ttl: Option<Duration>,
+    /// The revision of the write.
+    pub revision: i64,
+}
+
+/// A change to the leases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A lease was created or its value replaced.
+    Put(RawLease),
+    /// A lease was deleted or expired.
+    Delete {
+        /// The key name.
+        name: String,
+        /// The revision of the deletion.
+        revision: i64,
+    },
+}
+
+/// Why a watch ended. Either way the watcher takes a fresh snapshot and watches again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchBroken {
+    /// The revision the watch needed has been compacted away.
+    Compacted {
+        /// The oldest revision etcd still has.
+        compact_revision: i64,
+    },
+    /// The stream failed or was closed.
+    Disconnected(String),
+}
+
+/// What a watch yields next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchItem {
+    /// Changes that happened at `revision`, in order.
+    Events {
+        /// The store revision after these events.
+        revision: i64,
+        /// The changes.
+        events: Vec<WatchEvent>,
+    },
+    /// The watch is over.
+    Broken(WatchBroken),
+}
+
+/// A registry operation failed; the caller retries.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// etcd refused or could not be reached.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// The registry is unreachable (the in-memory registry's injected outage).
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// The connection settings cannot work (bad TLS files, TLS with an http endpoint).
+    #[error("etcd settings: {0}")]
+    Settings(String),
+}
+
+/// The operations the lease keeper and the watcher need from the store of leases.
+pub trait Registry: Clone + Send + Sync + 'static {
+    /// The stream [`Registry::watch`] returns.
+    type Watch: LeaseWatch;
+
+    /// The key prefix, for log messages.
+    fn prefix(&self) -> &KeyPrefix;
+
+    /// The network config at `<prefix>/config`, `None` if there is none.
+    fn config(&self) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
+
+    /// Every lease under `<prefix>/subnets/` and the revision they were read at.
+    fn leases(&self) -> impl Future<Output = Result<LeaseSnapshot, RegistryError>> + Send;
+
+    /// Write `value` at lease key `name` if `expect` holds, attached to a new etcd lease of
+    /// `ttl` (`None`: no TTL). `Ok(None)` means the condition failed: another host won.
+    fn write_lease(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> impl Future<Output = Result<Option<Written>, RegistryError>> + Send;
+
+    /// Renew etcd lease `etcd_lease` once. `Ok(None)` means it no longer exists (it expired or
+    /// was revoked), `Ok(Some(ttl))` that it lives for `ttl` more.
+    fn keep_alive(
+        &self,
+        etcd_lease: i64,
+    ) -> impl Future<Output = Result<Option<Duration>, RegistryError>> + Send;
+
+    /// Delete lease key `name` if it is unmodified since `mod_revision`. `Ok(false)`: it changed.
+    fn delete_lease(
+        &self,
+        name: &str,
+        mod_revision: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Watch every lease from `from_revision` on.
+    fn watch(
+        &self,
+        from_revision: i64,
+    ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
+}
+
+/// A running watch on the leases.
+pub trait LeaseWatch: Send + 'static {
+    /// The next changes, or why the watch ended. After [`WatchItem::Broken`] the watch is done.
+    fn next(&mut self) -> impl Future<Output = WatchItem> + Send;
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+
+/// TLS files for the connection to etcd (`--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA that signed etcd's server certificate.
+    pub ca: Option<PathBuf>,
+    /// The client certificate.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key: Option<PathBuf>,
+}
+
+/// How to reach etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// The key prefix.
+    pub prefix: KeyPrefix,
+    /// TLS files; `None` for plain connections.
+    pub tls: Option<TlsFiles>,
+    /// User name and password for etcd's authentication.
+    pub credentials: Option<(String, String)>,
+    /// How long one request (or connection attempt) may take.
+    pub request_timeout: Duration,
+}
+
+impl EtcdSettings {
+    /// Plain connections to `endpoints` with the default prefix.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: KeyPrefix::default(),
+            tls: None,
+            credentials: None,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The registry over etcd's v3 API. It connects on first use and reconnects by itself, so it
+/// can be created while etcd is down.
+///
+/// Requests go to one endpoint at a time; when one fails, the same request is tried on the next
+/// endpoint, which then stays in use. (A balanced channel over all endpoints would fail every
+/// request it sends to a dead one, and flannel's default endpoint list names
+/// `http://127.0.0.1:4001`, which is rarely alive.)
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    endpoints: Arc<[String]>,
+    options: ConnectOptions,
+    prefix: KeyPrefix,
+    request_timeout: Duration,
+    /// One client per endpoint, connected on first use.
+    clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>>,
+    /// The endpoint that answered last.
+    current: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// HTTP/2 pings on an idle connection, so that a dead etcd breaks a watch instead of leaving
+/// it silent forever.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl EtcdRegistry {
+    /// Check the settings and read the TLS files; no connection is made yet.
+    pub fn new(settings: &EtcdSettings) -> Result<Self, RegistryError> {
+        if settings.endpoints.is_empty() {
+            return Err(RegistryError::Settings("no etcd endpoint given".to_owned()));
+        }
+        let mut options = ConnectOptions::new()
+            .with_timeout(settings.request_timeout)
+            .with_connect_timeout(settings.request_timeout)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+        if let Some((user, password)) = &settings.credentials {
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(files) = &settings.tls {
+            if let Some(plain) = settings.endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(RegistryError::Settings(format!(
+                    "TLS files are given but endpoint {plain} is not https://"
+                )));
+            }
+            options = options.with_tls(tls_options(files)?);
+        }
+        Ok(Self {
+            endpoints: settings.endpoints.clone().into(),
+            options,
+            prefix: settings.prefix.clone(),
+            request_timeout: settings.request_timeout,
+            clients: Arc::new(tokio::sync::Mutex::new(vec![
+                None;
+                settings.endpoints.len()
+            ])),
+            current: Arc::default(),
+        })
+    }
+
+    async fn client_at(&self, index: usize) -> Result<Client, etcd_client::Error> {
+        let mut clients = self.clients.lock().await;
+        if let Some(Some(client)) = clients.get(index) {
+            return Ok(client.clone());
+        }
+        let endpoint = self
+            .endpoints
+            .get(index)
+            .map(String::as_str)
+            .unwrap_or_default();
+        let client = Client::connect([endpoint], Some(self.options.clone())).await?;
+        if let Some(slot) = clients.get_mut(index) {
+            *slot = Some(client.clone());
+        }
+        Ok(client)
+    }
+
+    /// Run `op` against the current endpoint, then against each other one until one succeeds.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Client) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
+        T: Send,
+    {
+        let count = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for step in 0..count {
+            let index = (first + step) % count;
+            let result = match self.client_at(index).await {
+                Ok(client) => op(client).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(value) => {
+                    if step > 0 {
+                        self.current.store(index, Ordering::Relaxed);
+                        debug!(endpoint = %self.endpoints[index], "switched etcd endpoint");
+                    }
+                    return Ok(value);
+                }
+                Err(e) => {
+                    if count > 1 {
+                        debug!(endpoint = %self.endpoints[index], "etcd request failed: {e}");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.map_or_else(
+            || RegistryError::Settings("no etcd endpoint given".to_owned()),
+            RegistryError::from,
+        ))
+    }
+
+    fn subnets_dir(&self) -> String {
+        self.prefix.subnets_dir()
+    }
+
+    fn raw_lease(&self, kv: &etcd_client::KeyValue) -> Option<RawLease> {
+        let dir = self.subnets_dir();
+        let name = kv.key().strip_prefix(dir.as_bytes())?;
+        Some(RawLease {
+            name: String::from_utf8_lossy(name).into_owned(),
+            value: kv.value().to_vec(),
+            etcd_lease: kv.lease(),
+            mod_revision: kv.mod_revision(),
+        })
+    }
+}
+
+fn tls_options(files: &TlsFiles) -> Result<etcd_client::TlsOptions, RegistryError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| RegistryError::Settings(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut tls = etcd_client::TlsOptions::new();
+    if let Some(ca) = &files.ca {
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(RegistryError::Settings(
+                "a client certificate needs both --etcd-certfile and --etcd-keyfile".to_owned(),
+            ))
+        }
+    }
+    Ok(tls)
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+/// etcd-client's message when a keep-alive finds the lease gone (TTL 0 in the response).
+const LEASE_NOT_FOUND: &str = "lease not found";
+
+impl Registry for EtcdRegistry {
+    type Watch = EtcdWatch;
+
+    fn prefix(&self) -> &KeyPrefix {
+        &self.prefix
+    }
+
+    async fn config(&self) -> Result<Option<String>, RegistryError> {
+        let key = self.prefix.config_key();
+        self.call(|mut client| {
+            let key = key.clone();
+            async move {
+                let resp = client.get(key, None).await?;
+                Ok(resp
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            }
+        })
+        .await
+    }
+
+    async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
+        let dir = self.subnets_dir();
+        let resp = self
+            .call(|mut client| {
+                let dir = dir.clone();
+                async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(LeaseSnapshot {
+            revision: header_revision(resp.header()),
+            leases: resp
+                .kvs()
+                .iter()
+                .filter_map(|kv| self.raw_lease(kv))
+                .collect(),
+        })
+    }
+
+    async fn write_lease(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<Option<Written>, RegistryError> {
+        let key = self.prefix.lease_key(name);
+        self.call(|client| write_lease_once(client, key.clone(), value.to_owned(), ttl, expect))
+            .await
+    }
+
+    async fn keep_alive(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
+        let timeout = self.request_timeout;
+        self.call(|client| keep_alive_once(client, etcd_lease, timeout))
+            .await
+    }
+
+    async fn delete_lease(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
+        let key = self.prefix.lease_key(name);
+        self.call(|mut client| {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            async move { Ok(client.txn(txn).await?.succeeded()) }
+        })
+        .await
+    }
+
+    async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
+        let dir = self.subnets_dir();
+        let stream = self
+            .call(|mut client| {
+                let dir = dir.clone();
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from_revision);
+                async move { client.watch(dir, Some(options)).await }
+            })
+            .await?;
+        Ok(EtcdWatch {
+            stream,
+            registry: self.clone(),
+        })
+    }
+}
+
+/// Grant an etcd lease (if `ttl`), then put `value` at `key` if `expect` holds.
+async fn write_lease_once(
+    mut client: Client,
+    key: String,
+    value: String,
+    ttl: Option<Duration>,
+    expect: Expect,
+) -> Result<Option<Written>, etcd_client::Error> {
+    let (etcd_lease, granted) = match ttl {
+        Some(ttl) => {
+            let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+            let grant = client.lease_grant(secs, None).await?;
+            let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+            (grant.id(), Some(granted))
+        }
+        None => (0, None),
+    };
+    let compare = match expect {
+        Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+        Expect::ModRevision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+    };
+    let put = TxnOp::put(
+        key,
+        value,
+        (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease)),
+    );
+    let resp = client.txn(Txn::new().when([compare]).and_then([put])).await;
+    let succeeded = resp.as_ref().is_ok_and(|r| r.succeeded());
+    if !succeeded && etcd_lease != 0 {
+        // Nothing is attached to it; letting it expire would do too.
+        let _ = client.lease_revoke(etcd_lease).await;
+    }
+    let resp = resp?;
+    Ok(succeeded.then(|| Written {
+        etcd_lease,
+        ttl: granted,
+        revision: header_revision(resp.header()),
+    }))
+}
+
+/// Renew `etcd_lease` once and learn its TTL; `None` if it no longer exists.
+async fn keep_alive_once(
+    mut client: Client,
+    etcd_lease: i64,
+    timeout: Duration,
+) -> Result<Option<Duration>, etcd_client::Error> {
+    let (mut keeper, mut stream) = match client.lease_keep_alive(etcd_lease).await {
+        Ok(pair) => pair,
+        Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == LEASE_NOT_FOUND => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    // `lease_keep_alive` renewed the lease once and kept the response to itself; a second
+    // renewal on the same stream tells the TTL.
+    keeper.keep_alive().await?;
+    let resp = tokio::time::timeout(timeout, stream.message())
+        .await
+        .map_err(|_| {
+            etcd_client::Error::LeaseKeepAliveError("keep-alive response timed out".to_owned())
+        })??;
+    match resp.map(|r| r.ttl()) {
+        Some(ttl) if ttl > 0 => Ok(Some(Duration::from_secs(u64::try_from(ttl).unwrap_or(0)))),
+        Some(_) => Ok(None),
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "keep-alive stream closed".to_owned(),
+        )),
+    }
+}
+
+/// A watch on etcd's leases.
+pub struct EtcdWatch {
+    stream: etcd_client::WatchStream,
+    registry: EtcdRegistry,
+}
+
+impl LeaseWatch for EtcdWatch {
+    async fn next(&mut self) -> WatchItem {
+        loop {
+            let resp = match self.stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return WatchItem::Broken(WatchBroken::Disconnected(
+                        "watch stream closed".to_owned(),
+                    ))
+                }
+                Err(e) => return WatchItem::Broken(WatchBroken::Disconnected(e.to_string())),
+            };
+            if resp.compact_revision() > 0 {
+                return WatchItem::Broken(WatchBroken::Compacted {
+                    compact_revision: resp.compact_revision(),
+                });
+            }
+            if resp.canceled() {
+                let reason = match resp.cancel_reason() {
+                    "" => "watch canceled by etcd".to_owned(),
+                    reason => format!("watch canceled by etcd: {reason}"),
+                };
+                return WatchItem::Broken(WatchBroken::Disconnected(reason));
+            }
+            if resp.events().is_empty() {
+                // The creation notice or a progress report.
+                continue;
+            }
+            let revision = header_revision(resp.header());
+            let events = resp
+                .events()
+                .iter()
+                .filter_map(|event| {
+                    let kv = event.kv()?;
+                    let lease = self.registry.raw_lease(kv)?;
+                    Some(match event.event_type() {
+                        EventType::Put => WatchEvent::Put(lease),
+                        EventType::Delete => WatchEvent::Delete {
+                            name: lease.name,
+                            revision: kv.mod_revision(),
+                        },
+                    })
+                })
+                .collect();
+            return WatchItem::Events { revision, events };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In memory
+
+/// An in-memory registry with etcd's semantics (revisions, conditional writes, etcd leases,
+/// watches from a revision, compaction), plus knobs to inject what goes wrong in real clusters:
+/// expiry, compaction, outages and lost races. Clones share one store.
+#[derive(Clone, Debug)]
+pub struct MemoryRegistry {
+    prefix: KeyPrefix,
+    state: Arc<Mutex<MemoryState>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    config: Option<String>,
+    revision: i64,
+    compacted: i64,
+    keys: BTreeMap<String, MemoryEntry>,
+    /// Live etcd leases and their TTLs.
+    leases: HashMap<i64, Duration>,
+    next_lease: i64,
+    /// Events after `compacted`, by revision.
+    history: Vec<(i64, WatchEvent)>,
+    watchers: Vec<mpsc::UnboundedSender<WatchItem>>,
+    unavailable: bool,
+    /// On the next "create if absent", first store this value at the same key.
+    race_next_create: Option<String>,
+    keep_alives: u64,
+}
+
+/// A key's new (value, etcd lease), or `None` for a deletion.
+type Change = Option<(Vec<u8>, i64)>;
+
+#[derive(Debug, Clone)]
+struct MemoryEntry {
+    value: Vec<u8>,
+    etcd_lease: i64,
+    mod_revision: i64,
+}
+
+impl MemoryState {
+    fn check_available(&self) -> Result<(), RegistryError> {
+        if self.unavailable {
+            Err(RegistryError::Unavailable("injected outage".to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Apply `changes` as one revision and tell the watchers.
+    fn commit(&mut self, changes: Vec<(String, Change)>) -> i64 {
+        self.revision += 1;
+        let revision = self.revision;
+        let mut events = Vec::with_capacity(changes.len());
+        for (name, change) in changes {
+            let event = match change {
+                Some((value, etcd_lease)) => {
+                    let entry = MemoryEntry {
+                        value,
+                        etcd_lease,
+                        mod_revision: revision,
+                    };
+                    self.keys.insert(name.clone(), entry.clone());
+                    WatchEvent::Put(RawLease {
+                        name,
+                        value: entry.value,
+                        etcd_lease,
+                        mod_revision: revision,
+                    })
+                }
+                None => {
+                    if self.keys.remove(&name).is_none() {
+                        continue;
+                    }
+                    WatchEvent::Delete { name, revision }
+                }
+            };
+            self.history.push((revision, event.clone()));
+            events.push(event);
+        }
+        if !events.is_empty() {
+            let item = WatchItem::Events { revision, events };
+            self.watchers.retain(|w| w.send(item.clone()).is_ok());
+        }
+        revision
+    }
+
+    fn break_watchers(&mut self, why: WatchBroken) {
+        for w in self.watchers.drain(..) {
+            let _ = w.send(WatchItem::Broken(why.clone()));
+        }
+    }
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty store under the default prefix.
+    pub fn new() -> Self {
+        Self {
+            prefix: KeyPrefix::default(),
+            state: Arc::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, MemoryState> {
+        // A test that panicked while holding the lock must not hide its own failure behind a
+        // poisoned-lock panic elsewhere.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set or remove the network config.
+    pub fn set_config(&self, config: Option<&str>) {
+        self.state().config = config.map(str::to_owned);
+    }
+
+    /// Store `value` at lease key `name` as another host would: attached to a new etcd lease
+    /// of `ttl`, or without TTL (a reservation). Returns the etcd lease (0 for none).
+    pub fn put(&self, name: &str, value: &str, ttl: Option<Duration>) -> i64 {
+        let mut s = self.state();
+        let etcd_lease = match ttl {
+            Some(ttl) => {
+                s.next_lease += 1;
+                let id = s.next_lease;
+                s.leases.insert(id, ttl);
+                id
+            }
+            None => 0,
+        };
+        s.commit(vec![(
+            name.to_owned(),
+            Some((value.as_bytes().to_vec(), etcd_lease)),
+        )]);
+        etcd_lease
+    }
+
+    /// Delete lease key `name`, as an operator would. Returns whether it existed.
+    pub fn delete(&self, name: &str) -> bool {
+        let mut s = self.state();
+        let existed = s.keys.contains_key(name);
+        s.commit(vec![(name.to_owned(), None)]);
+        existed
+    }
+
+    /// Let etcd lease `etcd_lease` expire now: its keys are deleted in one revision.
+    pub fn expire(&self, etcd_lease: i64) {
+        let mut s = self.state();
+        s.leases.remove(&etcd_lease);
+        let doomed: Vec<_> = s
+            .keys
+            .iter()
+            .filter(|(_, e)| e.etcd_lease == etcd_lease)
+            .map(|(name, _)| (name.clone(), None))
+            .collect();
+        if !doomed.is_empty() {
+            s.commit(doomed);
+        }
+    }
+
+    /// Compact the history up to the current revision: every running watch breaks with
+    /// [`WatchBroken::Compacted`], and a watch from an older revision fails the same way.
+    pub fn compact(&self) {
+        let mut s = self.state();
+        s.compacted = s.revision;
+        let compacted = s.compacted;
+        s.history.retain(|(rev, _)| *rev > compacted);
+        s.break_watchers(WatchBroken::Compacted {
+            compact_revision: compacted,
+        });
+    }
+
+    /// Make every operation fail (and break every watch) until called with `true` again.
+    pub fn set_available(&self, available: bool) {
+        let mut s = self.state();
+        s.unavailable = !available;
+        if !available {
+            s.break_watchers(WatchBroken::Disconnected("injected outage".to_owned()));
+        }
+    }
+
+    /// Make the next "create if absent" lose a race: another host stores `value` at the same
+    /// key (without TTL) just before.
+    pub fn race_next_create(&self, value: &str) {
+        self.state().race_next_create = Some(value.to_owned());
+    }
+
+    /// The value at lease key `name`, if any.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.state()
+            .keys
+            .get(name)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+    }
+
+    /// The etcd lease lease key `name` is attached to (0 for none), if the key exists.
+    pub fn etcd_lease_of(&self, name: &str) -> Option<i64> {
+        self.state().keys.get(name).map(|e| e.etcd_lease)
+    }
+
+    /// Every lease key name, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.state().keys.keys().cloned().collect()
+    }
+
+    /// How many keep-alives have succeeded.
+    pub fn keep_alive_count(&self) -> u64 {
+        self.state().keep_alives
+    }
+
+    /// The current store revision.
+    pub fn revision(&self) -> i64 {
+        self.state().revision
+    }
+}
+
+impl Registry for MemoryRegistry {
+    type Watch = MemoryWatch;
+
+    fn prefix(&self) -> &KeyPrefix {
+        &self.prefix
+    }
+
+    async fn config(&self) -> Result<Option<String>, RegistryError> {
+        let s = self.state();
+        s.check_available()?;
+        Ok(s.config.clone())
+    }
+
+    async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
+        let s = self.state();
+        s.check_available()?;
+        Ok(LeaseSnapshot {
+            revision: s.revision,
+            leases: s
+                .keys
+                .iter()
+                .map(|(name, e)| RawLease {
+                    name: name.clone(),
+                    value: e.value.clone(),
+                    etcd_lease: e.etcd_lease,
+                    mod_revision: e.mod_revision,
+                })
+                .collect(),
+        })
+    }
+
+    async fn write_lease(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<Option<Written>, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        if expect == Expect::Absent {
+            if let Some(rival) = s.race_next_create.take() {
+                s.commit(vec![(name.to_owned(), Some((rival.into_bytes(), 0)))]);
+            }
+        }
+        let holds = match (expect, s.keys.get(name)) {
+            (Expect::Absent, None) => true,
+            (Expect::ModRevision(rev), Some(e)) => e.mod_revision == rev,
+            _ => false,
+        };
+        if !holds {
+            return Ok(None);
+        }
+        let etcd_lease = match ttl {
+            Some(ttl) => {
+                s.next_lease += 1;
+                let id = s.next_lease;
+                s.leases.insert(id, ttl);
+                id
+            }
+            None => 0,
+        };
+        let revision = s.commit(vec![(
+            name.to_owned(),
+            Some((value.as_bytes().to_vec(), etcd_lease)),
+        )]);
+        Ok(Some(Written {
+            etcd_lease,
+            ttl,
+            revision,
+        }))
+    }
+
+    async fn keep_alive(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        let ttl = s.leases.get(&etcd_lease).copied();
+        if ttl.is_some() {
+            s.keep_alives += 1;
+        }
+        Ok(ttl)
+    }
+
+    async fn delete_lease(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        match s.keys.get(name) {
+            Some(e) if e.mod_revision == mod_revision => {
+                s.commit(vec![(name.to_owned(), None)]);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn watch(&self, from_revision: i64) -> Result<MemoryWatch, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        if from_revision <= s.compacted {
+            let _ = tx.send(WatchItem::Broken(WatchBroken::Compacted {
+                compact_revision: s.compacted,
+            }));
+            return Ok(MemoryWatch { rx });
+        }
+        let mut pending: Option<(i64, Vec<WatchEvent>)> = None;
+        for (rev, event) in s.history.iter().filter(|(rev, _)| *rev >= from_revision) {
+            match &mut pending {
+                Some((r, events)) if r == rev => events.push(event.clone()),
+                _ => {
+                    if let Some((revision, events)) = pending.take() {
+                        let _ = tx.send(WatchItem::Events { revision, events });
+                    }
+                    pending = Some((*rev, vec![event.clone()]));
+                }
+            }
+        }
+        if let Some((revision, events)) = pending {
+            let _ = tx.send(WatchItem::Events { revision, events });
+        }
+        s.watchers.push(tx);
+        Ok(MemoryWatch { rx })
+    }
+}
+
+/// A watch on a [`MemoryRegistry`].
+#[derive(Debug)]
+pub struct MemoryWatch {
+    rx: mpsc::UnboundedReceiver<WatchItem>,
+}
+
+impl LeaseWatch for MemoryWatch {
+    async fn next(&mut self) -> WatchItem {
+        self.rx.recv().await.unwrap_or_else(|| {
+            WatchItem::Broken(WatchBroken::Disconnected("watch closed".to_owned()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(snapshot: &LeaseSnapshot) -> Vec<&str> {
+        snapshot.leases.iter().map(|l| l.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_and_deletes() {
+        let reg = MemoryRegistry::new();
+        let ttl = Some(Duration::from_secs(30));
+        let w = reg
+            .write_lease("10.1.1.0-24", "a", ttl, Expect::Absent)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.ttl, ttl);
+        assert_ne!(w.etcd_lease, 0);
+        assert_eq!(
+            reg.write_lease("10.1.1.0-24", "b", ttl, Expect::Absent)
+                .await
+                .unwrap(),
+            None,
+            "create if absent fails on an existing key"
+        );
+        assert_eq!(
+            reg.write_lease(
+                "10.1.1.0-24",
+                "b",
+                None,
+                Expect::ModRevision(w.revision - 1)
+            )
+            .await
+            .unwrap(),
+            None
+        );
+        let w2 = reg
+            .write_lease("10.1.1.0-24", "b", None, Expect::ModRevision(w.revision))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reg.get("10.1.1.0-24").as_deref(), Some("b"));
+        assert!(!reg.delete_lease("10.1.1.0-24", w.revision).await.unwrap());
+        assert!(reg.delete_lease("10.1.1.0-24", w2.revision).await.unwrap());
+        assert!(reg.names().is_empty());
+    }
+
+    #[tokio::test]
+    async fn watch_replays_from_a_revision_then_follows() {
+        let reg = MemoryRegistry::new();
+        reg.put("10.1.1.0-24", "a", None);
+        let snap = reg.leases().await.unwrap();
+        reg.put("10.1.2.0-24", "b", None);
+        let mut watch = reg.watch(snap.revision + 1).await.unwrap();
+        reg.delete("10.1.1.0-24");
+        let WatchItem::Events { events, .. } = watch.next().await else {
+            panic!()
+        };
+        assert!(matches!(&events[..], [WatchEvent::Put(l)] if l.name == "10.1.2.0-24"));
+        let WatchItem::Events { events, .. } = watch.next().await else {
+            panic!()
+        };
+        assert!(matches!(&events[..], [WatchEvent::Delete { name, .. }] if name == "10.1.1.0-24"));
+        assert_eq!(names(&reg.leases().await.unwrap()), ["10.1.2.0-24"]);
+    }
+
+    #[tokio::test]
+    async fn expiry_compaction_and_outages() {
+        let reg = MemoryRegistry::new();
+        let lease = reg.put("10.1.1.0-24", "a", Some(Duration::from_secs(9)));
+        assert_eq!(
+            reg.keep_alive(lease).await.unwrap(),
+            Some(Duration::from_secs(9))
+        );
+        let mut watch = reg.watch(reg.revision() + 1).await.unwrap();
+        reg.expire(lease);
+        assert_eq!(reg.keep_alive(lease).await.unwrap(), None);
+        assert!(matches!(
+            watch.next().await,
+            WatchItem::Events { events, .. } if matches!(&events[..], [WatchEvent::Delete { .. }])
+        ));
+
+        let old = reg.revision();
+        reg.put("10.1.2.0-24", "b", None);
+        reg.compact();
+        assert!(matches!(watch.next().await, WatchItem::Events { .. }));
+        assert!(matches!(
+            watch.next().await,
+            WatchItem::Broken(WatchBroken::Compacted { .. })
+        ));
+        let mut stale = reg.watch(old).await.unwrap();
+        assert!(matches!(
+            stale.next().await,
+            WatchItem::Broken(WatchBroken::Compacted { .. })
+        ));
+
+        let mut live = reg.watch(reg.revision() + 1).await.unwrap();
+        reg.set_available(false);
+        assert!(matches!(
+            live.next().await,
+            WatchItem::Broken(WatchBroken::Disconnected(_))
+        ));
+        assert!(reg.leases().await.is_err());
+        assert!(reg.config().await.is_err());
+        reg.set_available(true);
+        assert_eq!(names(&reg.leases().await.unwrap()), ["10.1.2.0-24"]);
+    }
+
+    #[tokio::test]
+    async fn injected_race_makes_create_fail() {
+        let reg = MemoryRegistry::new();
+        reg.race_next_create("{\"PublicIP\":\"198.18.0.9\",\"PublicIPv6\":null}");
+        let lost = reg
+            .write_lease("10.1.1.0-24", "mine", None, Expect::Absent)
+            .await
+            .unwrap();
+        assert_eq!(lost, None);
+        assert!(reg.get("10.1.1.0-24").unwrap().contains("198.18.0.9"));
+        assert!(reg
+            .write_lease("10.1.2.0-24", "mine", None, Expect::Absent)
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn etcd_settings_are_checked_before_connecting() {
+        let mut settings = EtcdSettings::new(vec![]);
+        assert!(matches!(
+            EtcdRegistry::new(&settings),
+            Err(RegistryError::Settings(_))
+        ));
+        settings.endpoints = vec!["http://127.0.0.1:2379".to_owned()];
+        assert!(EtcdRegistry::new(&settings).is_ok());
+        settings.tls = Some(TlsFiles::default());
+        let err = EtcdRegistry::new(&settings).unwrap_err().to_string();
+        assert!(err.contains("not https://"), "{err}");
+        settings.endpoints = vec!["https://127.0.0.1:2379".to_owned()];
+        settings.tls = Some(TlsFiles {
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..TlsFiles::default()
+        });
+        let err = EtcdRegistry::new(&settings).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        settings.tls = Some(TlsFiles {
+            cert: Some("/nonexistent/cert.pem".into()),
+            ..TlsFiles::default()
+        });
+        let err = EtcdRegistry::new(&settings).unwrap_err().to_string();
+        assert!(err.contains("--etcd-keyfile"), "{err}");
+    }
+}

@@ -1,1 +1,607 @@
-//! (to be written)
+//! Following the other hosts' leases and publishing them to the data plane as routes.
+//!
+//! One persistent etcd watch on `<prefix>/subnets/` runs from the revision of a snapshot + 1,
+//! so no change between the snapshot and the watch is missed. Each change updates a
+//! [`PeerTable`]; whenever the peers or this host's own subnet change, a fresh
+//! [`RouteTable`] is published to the workers. When the watch breaks (compaction, a broken
+//! stream, etcd restarting) a fresh snapshot is taken and diffed against the table, so that
+//! nothing that happened meanwhile is lost; while etcd is unreachable the last table stays
+//! published and forwarding goes on.
+//!
+//! A lease that cannot be used as a route — a malformed key or value, a subnet that is not one
+//! of the Network's host subnets, an unusable public address, another backend — is skipped
+//! with a warning; it never stops the watcher.
+//!
+//! The watcher also notices when this host's own lease disappears (deleted, expired, or taken
+//! over) and tells the lease keeper, which re-acquires it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+use weft_engine::{Overlay, RouteError, RouteTable, Routes};
+
+use crate::lease::{Backoff, Lease};
+use crate::registry::{LeaseWatch, RawLease, Registry, WatchBroken, WatchEvent, WatchItem};
+use crate::subnet::{LeaseAttrs, LeaseKey};
+
+/// One usable lease: a host subnet of the overlay and its holder's public address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLease {
+    /// The leased subnet.
+    pub subnet: Ipv4Net,
+    /// Where packets for it go.
+    pub public_ip: Ipv4Addr,
+}
+
+/// Why a lease is not used as a route.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    /// The key name is not a lease key.
+    #[error(transparent)]
+    Key(#[from] crate::subnet::KeyError),
+    /// The value cannot be read.
+    #[error(transparent)]
+    Value(#[from] crate::subnet::AttrsError),
+    /// The subnet is not one of the overlay's host subnets.
+    #[error(transparent)]
+    NotASubnet(RouteError),
+    /// The public address cannot receive datagrams.
+    #[error("public IP {0} cannot receive datagrams")]
+    BadPublicIp(Ipv4Addr),
+    /// The holder runs another backend and does not listen for udp-backend datagrams.
+    #[error("backend {0:?} is not udp")]
+    OtherBackend(String),
+}
+
+/// Read one stored lease as a route, or say why it cannot be one.
+pub fn parse_peer(overlay: Overlay, lease: &RawLease) -> Result<PeerLease, SkipReason> {
+    let key = LeaseKey::parse(&lease.name)?;
+    overlay
+        .slot_of_subnet(key.ipv4)
+        .map_err(SkipReason::NotASubnet)?;
+    let attrs = LeaseAttrs::parse(&lease.value)?;
+    let ip = attrs.public_ip;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(SkipReason::BadPublicIp(ip));
+    }
+    if !attrs.is_udp() {
+        return Err(SkipReason::OtherBackend(
+            attrs.backend_type.unwrap_or_default(),
+        ));
+    }
+    Ok(PeerLease {
+        subnet: key.ipv4,
+        public_ip: ip,
+    })
+}
+
+/// What one change did to a [`PeerTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Nothing a route depends on changed.
+    Unchanged,
+    /// A lease appeared.
+    Added(PeerLease),
+    /// A lease disappeared (or became unusable).
+    Removed(PeerLease),
+    /// A lease's holder changed.
+    Replaced {
+        /// Before.
+        old: PeerLease,
+        /// After.
+        new: PeerLease,
+    },
+}
+
+/// The difference between two tables, for logging a resync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerDiff {
+    /// Leases only in the newer table (or with a new holder).
+    pub added: Vec<PeerLease>,
+    /// Leases only in the older table (or with an old holder).
+    pub removed: Vec<PeerLease>,
+}
+
+impl PeerDiff {
+    /// Whether the tables are equal.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Every usable lease in etcd (this host's own included), by key name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTable {
+    overlay: Overlay,
+    leases: BTreeMap<String, PeerLease>,
+}
+
+impl PeerTable {
+    /// An empty table for `overlay`.
+    pub fn new(overlay: Overlay) -> Self {
+        Self {
+            overlay,
+            leases: BTreeMap::new(),
+        }
+    }
+
+    /// A table of every usable lease in `leases`; the others are logged and skipped.
+    pub fn from_snapshot(overlay: Overlay, leases: &[RawLease]) -> Self {
+        let mut table = Self::new(overlay);
+        for raw in leases {
+            match parse_peer(overlay, raw) {
+                Ok(peer) => {
+                    table.leases.insert(raw.name.clone(), peer);
+                }
+                Err(reason) => warn_skipped(&raw.name, &reason),
+            }
+        }
+        table
+    }
+
+    /// Apply one change from the watch.
+    pub fn apply(&mut self, event: &WatchEvent) -> PeerChange {
+        match event {
+            WatchEvent::Put(raw) => {
+                let parsed = parse_peer(self.overlay, raw);
+                let old = self.leases.get(&raw.name).copied();
+                match (old, parsed) {
+                    (old, Ok(new)) => {
+                        self.leases.insert(raw.name.clone(), new);
+                        match old {
+                            None => PeerChange::Added(new),
+                            Some(old) if old == new => PeerChange::Unchanged,
+                            Some(old) => PeerChange::Replaced { old, new },
+                        }
+                    }
+                    (old, Err(reason)) => {
+                        warn_skipped(&raw.name, &reason);
+                        match old {
+                            Some(old) => {
+                                self.leases.remove(&raw.name);
+                                PeerChange::Removed(old)
+                            }
+                            None => PeerChange::Unchanged,
+                        }
+                    }
+                }
+            }
+            WatchEvent::Delete { name, .. } => match self.leases.remove(name) {
+                Some(old) => PeerChange::Removed(old),
+                None => PeerChange::Unchanged,
+            },
+        }
+    }
+
+    /// What changed from `self` to `newer`.
+    pub fn diff(&self, newer: &PeerTable) -> PeerDiff {
+        let mut diff = PeerDiff::default();
+        for (name, old) in &self.leases {
+            if newer.leases.get(name) != Some(old) {
+                diff.removed.push(*old);
+            }
+        }
+        for (name, new) in &newer.leases {
+            if self.leases.get(name) != Some(new) {
+                diff.added.push(*new);
+            }
+        }
+        diff
+    }
+
+    /// Every usable lease, in key order.
+    pub fn leases(&self) -> impl Iterator<Item = PeerLease> + '_ {
+        self.leases.values().copied()
+    }
+
+    /// How many usable leases the table holds.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// Who holds `subnet`, if anyone.
+    pub fn holder(&self, subnet: Ipv4Net) -> Option<Ipv4Addr> {
+        self.leases
+            .values()
+            .find(|l| l.subnet == subnet)
+            .map(|l| l.public_ip)
+    }
+
+    /// The route table for this host: `own` is its subnet; every lease but that one, and but
+    /// any other lease held by this host's own `public_ip`, becomes a route.
+    pub fn route_table(
+        &self,
+        port: u16,
+        own: Option<Ipv4Net>,
+        public_ip: Ipv4Addr,
+    ) -> Result<RouteTable, RouteError> {
+        RouteTable::build(
+            self.overlay,
+            port,
+            own,
+            self.leases
+                .values()
+                .filter(|l| l.public_ip != public_ip && Some(l.subnet) != own)
+                .map(|l| (l.subnet, l.public_ip)),
+        )
+    }
+}
+
+fn warn_skipped(name: &str, reason: &SkipReason) {
+    warn!(lease = name, "skipping lease: {reason}");
+}
+
+/// This host's lease was seen gone at `revision`: the watcher's message to the lease keeper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OwnLeaseGone {
+    pub subnet: Ipv4Net,
+    pub revision: i64,
+    pub why: String,
+}
+
+/// What the watcher needs to run.
+pub(crate) struct Watcher<R> {
+    pub registry: R,
+    pub overlay: Overlay,
+    pub port: u16,
+    pub public_ip: Ipv4Addr,
+    pub routes: Routes,
+    pub lease: watch::Receiver<Option<Lease>>,
+    pub own_gone: mpsc::UnboundedSender<OwnLeaseGone>,
+    pub retry: Backoff,
+}
+
+impl<R: Registry> Watcher<R> {
+    /// Follow the leases forever.
+    pub async fn run(mut self) {
+        let mut table = PeerTable::new(self.overlay);
+        let mut own: Option<Ipv4Net>;
+        let mut delay = self.retry.delays();
+        loop {
+            let snapshot = match self.registry.leases().await {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    let wait = delay.next_delay();
+                    warn!(
+                        "cannot list leases: {e}; keeping the current routes, retrying in {wait:?}"
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            let fresh = PeerTable::from_snapshot(self.overlay, &snapshot.leases);
+            let diff = table.diff(&fresh);
+            let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
+            for peer in diff.removed.iter().filter(theirs) {
+                info!("Subnet removed: {} (was {})", peer.subnet, peer.public_ip);
+            }
+            for peer in diff.added.iter().filter(theirs) {
+                info!("Subnet added: {} via {}", peer.subnet, peer.public_ip);
+            }
+            table = fresh;
+            own = self.own_subnet();
+            self.check_own(&table, own, snapshot.revision, "it is not in etcd");
+            self.publish(&table, own);
+
+            let mut stream = match self.registry.watch(snapshot.revision + 1).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let wait = delay.next_delay();
+                    warn!("cannot watch leases: {e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            debug!(revision = snapshot.revision + 1, "watching leases");
+            let broken = loop {
+                tokio::select! {
+                    item = stream.next() => match item {
+                        WatchItem::Events { revision, events } => {
+                            delay.reset();
+                            // The keeper may have changed our subnet since we last looked;
+                            // never publish a table with a stale one.
+                            own = self.own_subnet();
+                            for event in &events {
+                                self.log_change(table.apply(event));
+                                if let Some(own) = own {
+                                    self.check_event(&table, own, event, revision);
+                                }
+                            }
+                            self.publish(&table, own);
+                        }
+                        WatchItem::Broken(why) => break why,
+                    },
+                    changed = self.lease.changed() => {
+                        if changed.is_err() {
+                            // The lease keeper is gone: so is the membership.
+                            return;
+                        }
+                        let now = self.own_subnet();
+                        if now != own {
+                            own = now;
+                            self.publish(&table, own);
+                        }
+                    }
+                }
+            };
+            match broken {
+                WatchBroken::Compacted { compact_revision } => {
+                    info!(
+                        compact_revision,
+                        "lease watch fell behind a compaction; resynchronising"
+                    );
+                }
+                WatchBroken::Disconnected(why) => {
+                    let wait = delay.next_delay();
+                    warn!("lease watch broke: {why}; resynchronising in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn own_subnet(&self) -> Option<Ipv4Net> {
+        self.lease.borrow().as_ref().map(|l| l.subnet)
+    }
+
+    fn log_change(&self, change: PeerChange) {
+        let ours = |p: &PeerLease| p.public_ip == self.public_ip;
+        match change {
+            PeerChange::Added(p) | PeerChange::Removed(p) if ours(&p) => {}
+            PeerChange::Unchanged => {}
+            PeerChange::Added(p) => info!("Subnet added: {} via {}", p.subnet, p.public_ip),
+            PeerChange::Removed(p) => {
+                info!("Subnet removed: {} (was {})", p.subnet, p.public_ip)
+            }
+            PeerChange::Replaced { old, new } => info!(
+                "Subnet {} moved from {} to {}",
+                new.subnet, old.public_ip, new.public_ip
+            ),
+        }
+    }
+
+    /// After `event` at `revision`: if it was about our own subnet and the subnet is no longer
+    /// ours, tell the lease keeper.
+    fn check_event(&self, table: &PeerTable, own: Ipv4Net, event: &WatchEvent, revision: i64) {
+        let (name, event_revision, what) = match event {
+            WatchEvent::Put(raw) => (&raw.name, raw.mod_revision, "it was overwritten"),
+            WatchEvent::Delete { name, revision } => (name, *revision, "it was deleted or expired"),
+        };
+        let about_own = LeaseKey::parse(name).is_ok_and(|k| k.ipv4 == own);
+        if about_own {
+            let at = if event_revision > 0 {
+                event_revision
+            } else {
+                revision
+            };
+            self.check_own(table, Some(own), at, what);
+        }
+    }
+
+    fn check_own(&self, table: &PeerTable, own: Option<Ipv4Net>, revision: i64, why: &str) {
+        let Some(own) = own else { return };
+        if table.holder(own) != Some(self.public_ip) {
+            let _ = self.own_gone.send(OwnLeaseGone {
+                subnet: own,
+                revision,
+                why: why.to_owned(),
+            });
+        }
+    }
+
+    /// Publish the route table for `table` and `own`, unless the workers already have it.
+    fn publish(&self, table: &PeerTable, own: Option<Ipv4Net>) {
+        match table.route_table(self.port, own, self.public_ip) {
+            Ok(routes) => {
+                if *self.routes.current() != routes {
+                    debug!(peers = routes.peer_count(), "publishing routes");
+                    self.routes.publish(routes);
+                }
+            }
+            // Every entry was checked against the overlay when it entered the table.
+            Err(e) => error!("cannot build the route table: {e}; keeping the previous one"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn overlay() -> Overlay {
+        Overlay::new(net("10.1.0.0/16"), 24).unwrap()
+    }
+
+    fn raw(name: &str, value: &str) -> RawLease {
+        RawLease {
+            name: name.to_owned(),
+            value: value.as_bytes().to_vec(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    fn udp(public_ip: &str) -> String {
+        LeaseAttrs::udp(ip(public_ip)).to_json()
+    }
+
+    fn peer(subnet: &str, public_ip: &str) -> PeerLease {
+        PeerLease {
+            subnet: net(subnet),
+            public_ip: ip(public_ip),
+        }
+    }
+
+    #[test]
+    fn unusable_leases_are_skipped() {
+        let leases = [
+            raw("10.1.15.0-24", &udp("198.18.0.1")),
+            raw("10.1.81.0-24", &udp("198.18.0.2")),
+            raw("10.1.82.0-24", "{not json"),
+            raw("bogus", &udp("198.18.0.3")),
+            raw("10.2.1.0-24", &udp("198.18.0.4")),
+            raw("10.1.83.0-25", &udp("198.18.0.5")),
+            raw("10.1.84.7-24", &udp("198.18.0.6")),
+            raw("10.1.85.0-24", &udp("0.0.0.0")),
+            raw("10.1.86.0-24", &udp("224.0.0.1")),
+            raw(
+                "10.1.87.0-24",
+                r#"{"PublicIP":"198.18.0.7","BackendType":"vxlan"}"#,
+            ),
+            raw(
+                "10.1.88.0-24&fc00:0:0:88::-64",
+                r#"{"PublicIP":"198.18.0.8","PublicIPv6":"fc00::8","BackendType":"udp"}"#,
+            ),
+        ];
+        let table = PeerTable::from_snapshot(overlay(), &leases);
+        assert_eq!(
+            table.leases().collect::<Vec<_>>(),
+            [
+                peer("10.1.15.0/24", "198.18.0.1"),
+                peer("10.1.81.0/24", "198.18.0.2"),
+                peer("10.1.88.0/24", "198.18.0.8"),
+            ]
+        );
+        assert!(matches!(
+            parse_peer(overlay(), &leases[4]),
+            Err(SkipReason::NotASubnet(_))
+        ));
+        assert!(matches!(
+            parse_peer(overlay(), &leases[9]),
+            Err(SkipReason::OtherBackend(t)) if t == "vxlan"
+        ));
+    }
+
+    #[test]
+    fn events_add_replace_and_remove_peers() {
+        let mut table = PeerTable::new(overlay());
+        let put = |name: &str, value: &str| WatchEvent::Put(raw(name, value));
+        let delete = |name: &str| WatchEvent::Delete {
+            name: name.to_owned(),
+            revision: 9,
+        };
+        assert_eq!(
+            table.apply(&put("10.1.81.0-24", &udp("198.18.0.2"))),
+            PeerChange::Added(peer("10.1.81.0/24", "198.18.0.2"))
+        );
+        assert_eq!(
+            table.apply(&put("10.1.81.0-24", &udp("198.18.0.2"))),
+            PeerChange::Unchanged,
+            "a renewal by re-put changes nothing"
+        );
+        assert_eq!(
+            table.apply(&put("10.1.81.0-24", &udp("198.18.0.9"))),
+            PeerChange::Replaced {
+                old: peer("10.1.81.0/24", "198.18.0.2"),
+                new: peer("10.1.81.0/24", "198.18.0.9"),
+            }
+        );
+        assert_eq!(
+            table.apply(&put("10.1.81.0-24", "garbage")),
+            PeerChange::Removed(peer("10.1.81.0/24", "198.18.0.9")),
+            "a lease that turns unusable stops being a route"
+        );
+        assert_eq!(table.apply(&put("junk", "garbage")), PeerChange::Unchanged);
+        assert_eq!(table.apply(&delete("junk")), PeerChange::Unchanged);
+        table.apply(&put("10.1.82.0-24", &udp("198.18.0.3")));
+        assert_eq!(
+            table.apply(&delete("10.1.82.0-24")),
+            PeerChange::Removed(peer("10.1.82.0/24", "198.18.0.3"))
+        );
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn diff_reports_what_a_resync_changed() {
+        let before = PeerTable::from_snapshot(
+            overlay(),
+            &[
+                raw("10.1.1.0-24", &udp("198.18.0.1")),
+                raw("10.1.2.0-24", &udp("198.18.0.2")),
+                raw("10.1.3.0-24", &udp("198.18.0.3")),
+            ],
+        );
+        let after = PeerTable::from_snapshot(
+            overlay(),
+            &[
+                raw("10.1.1.0-24", &udp("198.18.0.1")),
+                raw("10.1.3.0-24", &udp("198.18.0.7")),
+                raw("10.1.4.0-24", &udp("198.18.0.4")),
+            ],
+        );
+        let diff = before.diff(&after);
+        assert_eq!(
+            diff.removed,
+            [
+                peer("10.1.2.0/24", "198.18.0.2"),
+                peer("10.1.3.0/24", "198.18.0.3")
+            ]
+        );
+        assert_eq!(
+            diff.added,
+            [
+                peer("10.1.3.0/24", "198.18.0.7"),
+                peer("10.1.4.0/24", "198.18.0.4")
+            ]
+        );
+        assert!(after.diff(&after).is_empty());
+        // Applying the diff's events to the old table yields the new one.
+        let mut replayed = before.clone();
+        for p in &diff.removed {
+            replayed.apply(&WatchEvent::Delete {
+                name: crate::subnet::lease_key_name(p.subnet),
+                revision: 5,
+            });
+        }
+        for p in &diff.added {
+            replayed.apply(&WatchEvent::Put(raw(
+                &crate::subnet::lease_key_name(p.subnet),
+                &udp(&p.public_ip.to_string()),
+            )));
+        }
+        assert_eq!(replayed, after);
+    }
+
+    #[test]
+    fn route_table_leaves_out_our_own_leases() {
+        let table = PeerTable::from_snapshot(
+            overlay(),
+            &[
+                raw("10.1.15.0-24", &udp("198.18.0.1")),
+                raw("10.1.16.0-24", &udp("198.18.0.1")),
+                raw("10.1.81.0-24", &udp("198.18.0.2")),
+            ],
+        );
+        let routes = table
+            .route_table(8285, Some(net("10.1.15.0/24")), ip("198.18.0.1"))
+            .unwrap();
+        assert_eq!(
+            routes.peers().collect::<Vec<_>>(),
+            [(net("10.1.81.0/24"), ip("198.18.0.2"))]
+        );
+        assert_eq!(routes.local_subnet(), Some(net("10.1.15.0/24")));
+        assert_eq!(table.holder(net("10.1.16.0/24")), Some(ip("198.18.0.1")));
+        assert_eq!(table.holder(net("10.1.17.0/24")), None);
+        // Another host's view of the same table.
+        let theirs = table
+            .route_table(8285, Some(net("10.1.81.0/24")), ip("198.18.0.2"))
+            .unwrap();
+        assert_eq!(theirs.peers().count(), 2);
+    }
+}

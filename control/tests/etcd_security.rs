@@ -1,0 +1,107 @@
+//! Reaching a secured etcd: TLS with client certificates (`--etcd-cafile`, `--etcd-certfile`,
+//! `--etcd-keyfile`) and user name / password authentication (`--etcd-username`,
+//! `--etcd-password`), each against a real etcd started by the test.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+
+use std::time::Duration;
+
+use etcd::Etcd;
+use weft_control::lease::{self, Backoff, Settings};
+use weft_control::registry::{EtcdRegistry, EtcdSettings, Registry, TlsFiles};
+use weft_engine::{RouteTable, Routes};
+
+const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}"#;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn settings(endpoint: String) -> EtcdSettings {
+    EtcdSettings {
+        request_timeout: Duration::from_secs(2),
+        ..EtcdSettings::new(vec![endpoint])
+    }
+}
+
+/// A whole membership over `reg` acquires a lease.
+async fn acquires(reg: EtcdRegistry) {
+    let retry = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+    let config = tokio::time::timeout(WAIT, lease::wait_for_config(&reg, retry))
+        .await
+        .expect("config not read");
+    let routes = Routes::new(RouteTable::empty(config.overlay().unwrap(), config.port()));
+    let settings = Settings {
+        retry,
+        ..Settings::new("198.18.0.1".parse().unwrap())
+    };
+    let (mut handle, task) = lease::run_membership(reg, &config, settings, routes).unwrap();
+    let lease = tokio::time::timeout(WAIT, handle.acquired())
+        .await
+        .expect("no lease")
+        .expect("membership ended");
+    assert!(config.fits(lease.subnet));
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let mut etcd = Etcd::prepare_tls();
+    etcd.run().await;
+    let mut client = etcd.client().await;
+    client
+        .put("/coreos.com/network/config", CONFIG, None)
+        .await
+        .unwrap();
+    let certs = etcd.certs().unwrap().clone();
+
+    let mut secured = settings(etcd.endpoint());
+    secured.tls = Some(TlsFiles {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.client_cert.clone()),
+        key: Some(certs.client_key.clone()),
+    });
+    acquires(EtcdRegistry::new(&secured).unwrap()).await;
+
+    // Without a client certificate etcd refuses the connection.
+    let mut anonymous = secured.clone();
+    anonymous.tls = Some(TlsFiles {
+        ca: Some(certs.ca.clone()),
+        ..TlsFiles::default()
+    });
+    let reg = EtcdRegistry::new(&anonymous).unwrap();
+    assert!(reg.config().await.is_err());
+    // Without the CA, etcd's certificate is not trusted.
+    let mut untrusting = secured.clone();
+    untrusting.tls = Some(TlsFiles {
+        ca: None,
+        ..secured.tls.clone().unwrap()
+    });
+    let reg = EtcdRegistry::new(&untrusting).unwrap();
+    assert!(reg.config().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_name_and_password() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    client
+        .put("/coreos.com/network/config", CONFIG, None)
+        .await
+        .unwrap();
+    client.user_add("root", "root-secret", None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+
+    let mut with_password = settings(etcd.endpoint());
+    with_password.credentials = Some(("root".to_owned(), "root-secret".to_owned()));
+    acquires(EtcdRegistry::new(&with_password).unwrap()).await;
+
+    for credentials in [None, Some(("root".to_owned(), "wrong".to_owned()))] {
+        let mut refused = settings(etcd.endpoint());
+        refused.credentials = credentials.clone();
+        let reg = EtcdRegistry::new(&refused).unwrap();
+        assert!(reg.config().await.is_err(), "{credentials:?} accepted");
+    }
+}
