@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod daemon;
 pub mod flags;
 pub mod http;
 pub mod iface;
