@@ -474,6 +474,12 @@ impl UringWorker {
 impl Drop for UringWorker {
     fn drop(&mut self) {
         if self.cancel_and_drain() {
+            // The ring is torn down asynchronously after its descriptor closes; releasing the
+            // registered files now closes the TUN queue and the socket before `drop` returns,
+            // so the device is gone when the engine says it has stopped.
+            if let Err(error) = self.ring.submitter().unregister_files() {
+                tracing::debug!(%error, "cannot unregister io_uring files");
+            }
             // SAFETY: no operation is in flight any more, so nothing else refers to the
             // buffers or headers, and they are dropped exactly once, here.
             unsafe {
