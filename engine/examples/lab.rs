@@ -85,7 +85,10 @@ struct Sample {
     gbits: f64,
     retransmits: u64,
     rtt_ms: f64,
+    rtt_min_ms: f64,
     worker_cpu_s: f64,
+    /// Worker CPU time per packet handled (both hosts, both directions).
+    cpu_us_per_packet: f64,
     idle_cpu_s: f64,
 }
 
@@ -97,12 +100,14 @@ fn main() {
         for mode in &options.modes {
             let sample = measure(&lab, *mode, &options);
             println!(
-                "round {round} {:>8}: {:6.2} Gbit/s  retr {:5}  rtt {:.3} ms  worker cpu {:.2} s  idle cpu {:.3} s",
+                "round {round} {:>8}: {:6.2} Gbit/s  retr {:5}  rtt avg {:.3} min {:.3} ms  worker cpu {:.2} s ({:.2} us/packet)  idle cpu {:.3} s",
                 mode.name(),
                 sample.gbits,
                 sample.retransmits,
                 sample.rtt_ms,
+                sample.rtt_min_ms,
                 sample.worker_cpu_s,
+                sample.cpu_us_per_packet,
                 sample.idle_cpu_s
             );
             results.entry(mode.name()).or_default().push(sample);
@@ -115,6 +120,8 @@ fn main() {
     for (mode, samples) in &results {
         let gbits = median(samples.iter().map(|s| s.gbits));
         let rtt = median(samples.iter().map(|s| s.rtt_ms));
+        let rtt_min = median(samples.iter().map(|s| s.rtt_min_ms));
+        let per_packet = median(samples.iter().map(|s| s.cpu_us_per_packet));
         let cpu = median(samples.iter().map(|s| s.worker_cpu_s));
         let per_cpu = if cpu > 0.0 {
             format!(
@@ -124,7 +131,9 @@ fn main() {
         } else {
             String::new()
         };
-        println!("{mode:>8}: {gbits:6.2} Gbit/s  rtt {rtt:.3} ms  {per_cpu}");
+        println!(
+            "{mode:>8}: {gbits:6.2} Gbit/s  rtt avg {rtt:.3} min {rtt_min:.3} ms  {per_packet:.2} us CPU/packet  {per_cpu}"
+        );
     }
 }
 
@@ -142,6 +151,13 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Sample {
             sample.worker_cpu_s = worker_cpu_seconds() - busy_start;
             let a = h1.engine.shutdown();
             let b = h2.engine.shutdown();
+            let packets = [&a, &b]
+                .iter()
+                .map(|s| s.total.tun_rx_packets + s.total.udp_rx_packets)
+                .sum::<u64>();
+            if packets > 0 {
+                sample.cpu_us_per_packet = sample.worker_cpu_s * 1e6 / packets as f64;
+            }
             eprintln!("  h1 {}\n  h2 {}", a.summary(), b.summary());
         }
         Mode::Direct => {
@@ -170,7 +186,9 @@ fn run_traffic(lab: &Lab, options: &Options, sample: &mut Sample) {
         &["ping", "-n", "-q", "-c", "200", "-i", "0.005", &dst],
         Duration::from_secs(30),
     );
-    sample.rtt_ms = parse_rtt_avg(&String::from_utf8_lossy(&ping.stdout)).unwrap_or(f64::NAN);
+    let ping = String::from_utf8_lossy(&ping.stdout);
+    sample.rtt_ms = parse_rtt(&ping, 1).unwrap_or(f64::NAN);
+    sample.rtt_min_ms = parse_rtt(&ping, 0).unwrap_or(f64::NAN);
 
     if options.seconds == 0 {
         return;
@@ -195,11 +213,11 @@ fn run_traffic(lab: &Lab, options: &Options, sample: &mut Sample) {
     }
 }
 
-/// The `avg` of ping's `rtt min/avg/max/mdev = a/b/c/d ms` line.
-fn parse_rtt_avg(text: &str) -> Option<f64> {
+/// Field `index` (0 min, 1 avg, 2 max) of ping's `rtt min/avg/max/mdev = a/b/c/d ms` line.
+fn parse_rtt(text: &str, index: usize) -> Option<f64> {
     let line = text.lines().find(|l| l.contains("min/avg/max"))?;
     let values = line.split('=').nth(1)?.trim();
-    values.split('/').nth(1)?.trim().parse().ok()
+    values.split('/').nth(index)?.trim().parse().ok()
 }
 
 /// The Gbits/sec figure on iperf3's summary line ending in `which`.
