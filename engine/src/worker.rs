@@ -113,8 +113,16 @@ impl AsFd for StopSignal {
     }
 }
 
+/// Bytes reserved in front of every packet buffer, for headers the kernel puts before a packet
+/// (io_uring's `recvmsg` header and the sender's address; later a virtio-net header).
+pub(crate) const HEADROOM: usize = 64;
+
+/// Distance between two packet buffers.
+const STRIDE: usize = HEADROOM + PACKET_BUF_LEN;
+
 /// A worker's preallocated packet memory: `slots` packet buffers of [`PACKET_BUF_LEN`] bytes
-/// and as many reply buffers of [`REPLY_BUF_LEN`] bytes, each pair used by one packet at a time.
+/// (each behind [`HEADROOM`] bytes) and as many reply buffers of [`REPLY_BUF_LEN`] bytes, each
+/// pair used by one packet at a time.
 ///
 /// The memory is reached only through raw pointers derived once from the allocation, because
 /// the kernel reads and writes it between calls (io_uring) and no Rust reference may claim it
@@ -128,7 +136,7 @@ pub(crate) struct PacketBuffers {
 impl PacketBuffers {
     /// Zeroed buffers for `slots` packets (the pages are mapped lazily on first touch).
     pub(crate) fn new(slots: usize) -> Self {
-        let packets = Box::into_raw(vec![0u8; slots * PACKET_BUF_LEN].into_boxed_slice());
+        let packets = Box::into_raw(vec![0u8; slots * STRIDE].into_boxed_slice());
         let replies = Box::into_raw(vec![0u8; slots * REPLY_BUF_LEN].into_boxed_slice());
         Self {
             // A pointer from Box::into_raw is never null.
@@ -138,14 +146,22 @@ impl PacketBuffers {
         }
     }
 
-    /// The start of packet buffer `slot` (which must be below [`PacketBuffers::slots`]).
+    /// The start of packet buffer `slot` (which must be below the slot count).
     pub(crate) fn packet_ptr(&self, slot: usize) -> *mut u8 {
         assert!(slot < self.slots, "packet slot {slot} out of range");
         // SAFETY: slot < slots, so the offset stays inside the allocation.
-        unsafe { self.packets.as_ptr().add(slot * PACKET_BUF_LEN) }
+        unsafe { self.packets.as_ptr().add(slot * STRIDE + HEADROOM) }
     }
 
-    /// The start of reply buffer `slot` (which must be below [`PacketBuffers::slots`]).
+    /// `bytes` (at most [`HEADROOM`]) before the start of packet buffer `slot`.
+    pub(crate) fn headroom_ptr(&self, slot: usize, bytes: usize) -> *mut u8 {
+        assert!(bytes <= HEADROOM, "headroom of {bytes} bytes is too large");
+        // SAFETY: the packet buffer starts HEADROOM bytes into its stride, so stepping back at
+        // most HEADROOM bytes stays inside the allocation.
+        unsafe { self.packet_ptr(slot).sub(bytes) }
+    }
+
+    /// The start of reply buffer `slot` (which must be below the slot count).
     pub(crate) fn reply_ptr(&self, slot: usize) -> *mut u8 {
         assert!(slot < self.slots, "reply slot {slot} out of range");
         // SAFETY: slot < slots, so the offset stays inside the allocation.
@@ -178,12 +194,25 @@ impl PacketBuffers {
             )
         }
     }
+
+    /// `len` bytes of slot `slot`'s headroom and packet buffer, starting `before` bytes in
+    /// front of the packet, for reading what the kernel wrote there.
+    ///
+    /// # Safety
+    /// As for [`PacketBuffers::slot`].
+    pub(crate) unsafe fn with_headroom(&self, slot: usize, before: usize, len: usize) -> &[u8] {
+        let start = self.headroom_ptr(slot, before);
+        let len = len.min(before + PACKET_BUF_LEN);
+        // SAFETY: the range starts inside the slot's stride and ends at most at the end of its
+        // packet buffer; the caller guarantees the kernel no longer writes it.
+        unsafe { std::slice::from_raw_parts(start, len) }
+    }
 }
 
 impl Drop for PacketBuffers {
     fn drop(&mut self) {
         let packets =
-            std::ptr::slice_from_raw_parts_mut(self.packets.as_ptr(), self.slots * PACKET_BUF_LEN);
+            std::ptr::slice_from_raw_parts_mut(self.packets.as_ptr(), self.slots * STRIDE);
         let replies =
             std::ptr::slice_from_raw_parts_mut(self.replies.as_ptr(), self.slots * REPLY_BUF_LEN);
         // SAFETY: both came from Box::into_raw with exactly these lengths and are freed once.
@@ -560,6 +589,34 @@ mod tests {
         ] {
             assert!(!write_error_is_fatal(errno), "{errno}");
         }
+    }
+
+    #[test]
+    fn packet_buffers_do_not_overlap() {
+        let mut buffers = PacketBuffers::new(3);
+        for slot in 0..3 {
+            // SAFETY: no I/O uses these buffers.
+            let (packet, reply) = unsafe { buffers.slot(slot, PACKET_BUF_LEN) };
+            packet.fill(slot as u8 + 1);
+            reply.fill(slot as u8 + 10);
+        }
+        for slot in 0..3 {
+            // SAFETY: as above.
+            let (packet, reply) = unsafe { buffers.slot(slot, PACKET_BUF_LEN) };
+            assert!(packet.iter().all(|b| *b == slot as u8 + 1));
+            assert!(reply.iter().all(|b| *b == slot as u8 + 10));
+            assert_eq!(reply.len(), REPLY_BUF_LEN);
+        }
+        // The headroom sits right before the packet, between the slots.
+        let head = buffers.headroom_ptr(1, HEADROOM);
+        assert_eq!(head as usize + HEADROOM, buffers.packet_ptr(1) as usize);
+        assert_eq!(
+            buffers.packet_ptr(0) as usize + PACKET_BUF_LEN + HEADROOM,
+            buffers.packet_ptr(1) as usize
+        );
+        // SAFETY: as above.
+        let seen = unsafe { buffers.with_headroom(2, 4, 6) };
+        assert_eq!(seen, &[0, 0, 0, 0, 3, 3]);
     }
 
     #[test]
