@@ -149,6 +149,13 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Sample {
             let busy_start = worker_cpu_seconds();
             run_traffic(lab, options, &mut sample);
             sample.worker_cpu_s = worker_cpu_seconds() - busy_start;
+            // Packets the kernel dropped at the TUN because the worker did not read them in
+            // time (the TUN's own queue is full): where TCP's losses happen.
+            eprintln!(
+                "  TUN tx_dropped h1 {} h2 {}",
+                tun_stat(lab, &lab.h1.ns, &h1.tun, "tx_dropped"),
+                tun_stat(lab, &lab.h2.ns, &h2.tun, "tx_dropped")
+            );
             let a = h1.engine.shutdown();
             let b = h2.engine.shutdown();
             let packets = [&a, &b]
@@ -237,6 +244,13 @@ fn parse_retransmits(text: &str) -> Option<u64> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let unit = words.iter().position(|w| *w == "Gbits/sec")?;
     words.get(unit + 1)?.parse().ok()
+}
+
+/// A statistics counter of device `dev` in namespace `ns`.
+fn tun_stat(lab: &Lab, ns: &str, dev: &str, name: &str) -> String {
+    let path = format!("/sys/class/net/{dev}/statistics/{name}");
+    let out = lab.exec_in(ns, &["cat", &path], Duration::from_secs(5));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// User plus system CPU seconds of this process's `weft-worker-*` threads, alive ones only.

@@ -620,6 +620,26 @@ mod tests {
     }
 
     #[test]
+    fn pinning_leaves_one_allowed_cpu() {
+        let (cpu, count, is_set) = std::thread::spawn(|| {
+            let cpu = pin_current_thread(1).unwrap();
+            // SAFETY: all zeroes is the empty set.
+            let mut now: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: pid 0 is this thread; the size and pointer describe `now`.
+            let rc = unsafe {
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut now)
+            };
+            assert_eq!(rc, 0);
+            // SAFETY: CPU_COUNT and CPU_ISSET only read the live set; cpu < CPU_SETSIZE.
+            unsafe { (cpu, libc::CPU_COUNT(&now), libc::CPU_ISSET(cpu, &now)) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(count, 1);
+        assert!(is_set, "pinned to CPU {cpu}");
+    }
+
+    #[test]
     fn stop_signal_is_visible_on_the_descriptor() {
         let stop = StopSignal::new().unwrap();
         assert!(!stop.is_raised());
