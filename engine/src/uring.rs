@@ -263,6 +263,8 @@ impl Drop for BufferRing {
 /// One multishot request kept armed on a descriptor, fed by a buffer ring.
 struct Intake {
     ring: ManuallyDrop<BufferRing>,
+    /// Whether the kernel knows the ring (it must be unregistered before it is freed).
+    registered: bool,
     /// Whether the multishot request is armed.
     armed: bool,
     /// Buffers the kernel has filled and the worker has not given back yet.
@@ -329,8 +331,8 @@ impl UringWorker {
             _stop: stop,
         };
         for (intake, group) in [
-            (&worker.tun_intake, TUN_GROUP),
-            (&worker.udp_intake, UDP_GROUP),
+            (&mut worker.tun_intake, TUN_GROUP),
+            (&mut worker.udp_intake, UDP_GROUP),
         ] {
             // SAFETY: the ring memory stays allocated until the group is unregistered in
             // `Drop` (or is leaked if that is not possible).
@@ -343,6 +345,7 @@ impl UringWorker {
                 )
             }
             .map_err(|e| WorkerError::setup("io_uring buffer ring", e))?;
+            intake.registered = true;
         }
         for slot in 0..SLOTS {
             worker.give_back(slot);
@@ -680,20 +683,23 @@ impl Drop for UringWorker {
         if let Err(error) = submitter.unregister_files() {
             tracing::debug!(%error, "cannot unregister io_uring files");
         }
-        let mut rings_released = true;
-        for group in [TUN_GROUP, UDP_GROUP] {
-            if let Err(error) = submitter.unregister_buf_ring(group) {
-                tracing::warn!(%error, group, "cannot unregister a buffer ring; leaking it");
-                rings_released = false;
+        for (intake, group) in [
+            (&mut self.tun_intake, TUN_GROUP),
+            (&mut self.udp_intake, UDP_GROUP),
+        ] {
+            if intake.registered {
+                if let Err(error) = submitter.unregister_buf_ring(group) {
+                    tracing::warn!(%error, group, "cannot unregister a buffer ring; leaking it");
+                    continue;
+                }
             }
+            // SAFETY: the kernel no longer knows this ring (never registered, or just
+            // unregistered), and it is dropped exactly once, here.
+            unsafe { ManuallyDrop::drop(&mut intake.ring) };
         }
-        // SAFETY: no operation is in flight any more and the buffer rings are unregistered,
-        // so nothing in the kernel refers to this memory; each is dropped exactly once.
+        // SAFETY: no operation is in flight any more, so nothing in the kernel refers to the
+        // buffers or headers; each is dropped exactly once, here.
         unsafe {
-            if rings_released {
-                ManuallyDrop::drop(&mut self.tun_intake.ring);
-                ManuallyDrop::drop(&mut self.udp_intake.ring);
-            }
             ManuallyDrop::drop(&mut self.buffers);
             ManuallyDrop::drop(&mut self.headers);
         }
@@ -705,6 +711,7 @@ impl Intake {
         let size = u16::try_from(slots).unwrap_or(u16::MAX);
         Self {
             ring: ManuallyDrop::new(BufferRing::new(size)),
+            registered: false,
             armed: false,
             // Every buffer starts with the worker, which gives them all to the ring at setup.
             lent: slots,
