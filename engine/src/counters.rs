@@ -183,7 +183,10 @@ counter_fields!(define_worker_counters);
 #[inline]
 fn bump(slot: &AtomicU64, n: u64) {
     if n != 0 {
-        slot.store(slot.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        slot.store(
+            slot.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -253,8 +256,16 @@ impl CounterSnapshot {
                     ("tun_tx", t.tun_tx_bytes),
                 ],
             ),
-            ("weft_icmp_sent_total", "ICMP errors generated.", &[("", t.icmp_sent)]),
-            ("weft_io_errors_total", "Sends and writes the kernel refused.", &[("", t.io_errors)]),
+            (
+                "weft_icmp_sent_total",
+                "ICMP errors generated.",
+                &[("", t.icmp_sent)],
+            ),
+            (
+                "weft_io_errors_total",
+                "Sends and writes the kernel refused.",
+                &[("", t.io_errors)],
+            ),
             ("weft_batches_total", "Batches handled.", &[("", t.batches)]),
             (
                 "weft_batch_packets_total",

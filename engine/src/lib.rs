@@ -11,8 +11,17 @@
 
 pub mod counters;
 pub mod decide;
+pub mod engine;
 pub mod route;
+mod syscalls;
+pub mod tun;
+pub mod udp;
+mod uring;
+pub mod worker;
 
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{Decision, Policy};
+pub use engine::{Engine, EngineConfig, EngineError, IoBackend, UnknownIoBackend};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
+pub use tun::{open_queues, TunError, TunQueue};
+pub use worker::WorkerError;

@@ -27,7 +27,9 @@ pub enum RouteError {
         subnet_len: u8,
     },
     /// The overlay would need more slots than [`MAX_SLOTS_LOG2`] allows.
-    #[error("network {network} cut into /{subnet_len} subnets has more than 2^{MAX_SLOTS_LOG2} subnets")]
+    #[error(
+        "network {network} cut into /{subnet_len} subnets has more than 2^{MAX_SLOTS_LOG2} subnets"
+    )]
     TooManySubnets {
         /// The overlay Network.
         network: Ipv4Net,
@@ -62,12 +64,21 @@ impl Overlay {
     pub fn new(network: Ipv4Net, subnet_len: u8) -> Result<Self, RouteError> {
         let network = network.trunc();
         if subnet_len < network.prefix_len() || subnet_len > 32 {
-            return Err(RouteError::BadSubnetLen { network, subnet_len });
+            return Err(RouteError::BadSubnetLen {
+                network,
+                subnet_len,
+            });
         }
         if subnet_len - network.prefix_len() > MAX_SLOTS_LOG2 {
-            return Err(RouteError::TooManySubnets { network, subnet_len });
+            return Err(RouteError::TooManySubnets {
+                network,
+                subnet_len,
+            });
         }
-        Ok(Self { network, subnet_len })
+        Ok(Self {
+            network,
+            subnet_len,
+        })
     }
 
     /// The whole overlay Network.
@@ -232,7 +243,10 @@ impl RouteTable {
     /// question receive validation asks.
     #[inline]
     pub fn sender_owns(&self, from: SocketAddrV4, src: Ipv4Addr) -> bool {
-        from.port() == self.port && self.peer_for(src).is_some_and(|peer| peer.ip() == from.ip())
+        from.port() == self.port
+            && self
+                .peer_for(src)
+                .is_some_and(|peer| peer.ip() == from.ip())
     }
 
     /// Every subnet leased to the host at `from`, in address order.
@@ -362,7 +376,11 @@ mod tests {
             table.peer_for(ip("10.1.255.255")),
             Some(SocketAddrV4::new(ip("198.18.0.3"), 8285))
         );
-        assert_eq!(table.peer_for(ip("10.1.15.3")), None, "own subnet is not a peer");
+        assert_eq!(
+            table.peer_for(ip("10.1.15.3")),
+            None,
+            "own subnet is not a peer"
+        );
         assert_eq!(table.peer_for(ip("10.1.82.1")), None);
         assert_eq!(table.peer_for(ip("10.2.81.1")), None);
         assert!(table.is_local(ip("10.1.15.200")));
