@@ -27,7 +27,8 @@ use crate::iptables::{Iptables, IptablesKeeper, RuleSet};
 use crate::lease::{self, Backoff, Lease};
 use crate::netconf::{configure_tun, disable_ipv6, Netlink, TunConfig};
 use crate::notify::Notifier;
-use crate::registry::{EtcdRegistry, EtcdSettings, KeyPrefix, TlsFiles};
+use crate::registry::{EtcdRegistry, EtcdSettings, TlsFiles};
+use crate::subnet::KeyPrefix;
 use crate::subnet_env::SubnetEnv;
 
 /// IPv4 header (20) + UDP header (8): what encapsulation costs per packet.

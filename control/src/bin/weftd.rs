@@ -1,5 +1,6 @@
 //! weftd: the weft overlay daemon, a drop-in for flanneld with the udp backend.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
@@ -49,5 +50,6 @@ fn init_logging(verbosity: u32) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
