@@ -1,0 +1,383 @@
+//! weftd as a drop-in for flanneld: started with flanneld's command line (and, on the second
+//! host, with flanneld's FLANNELD_* environment) against a real etcd, in network namespaces,
+//! it must leave exactly what flanneld v0.20.2 left in the fixtures: the same etcd keys,
+//! values and lease TTLs, the same subnet.env bytes, the same TUN device, address, route and
+//! socket.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::netns::{veth, NetNs};
+
+const ETCD: &str = "http://198.18.0.1:2379";
+
+/// A process started in a test namespace, killed by PID when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &NetNs, log: PathBuf, program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let out = fs::File::create(&log).expect("cannot create a log file");
+        let err = out.try_clone().expect("cannot clone a log handle");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), program])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: kill has no memory-safety preconditions; the PID is our own child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("weftd-netns-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("cannot create a temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn etcdctl(ns: &NetNs, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "etcdctl", "--endpoints", ETCD])
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("cannot run etcdctl (apt-get install etcd-client)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool, logs: &[&Proc]) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
+            panic!(
+                "timed out waiting for {what}; logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn fixture(name: &str) -> String {
+    let path = support::shared_dir()
+        .join("fixtures/flannel-v0.20.2")
+        .join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// `KEY => VALUE` lines of the fixture keyspace.
+fn fixture_keyspace() -> Vec<(String, String)> {
+    fixture("etcd-after-two-hosts.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(" => "))
+        .map(|l| {
+            let (key, rest) = l.split_once(" => ").unwrap_or((l, ""));
+            let value = rest.split("   [").next().unwrap_or(rest);
+            (key.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+fn http_get(ns: &NetNs, url: &str) -> (u16, String) {
+    let out = ns.exec(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--max-time",
+            "3",
+            url,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn subnet_file(dir: &Path, host: &str) -> PathBuf {
+    dir.join(host).join("subnet.env")
+}
+
+#[test]
+fn flanneld_command_line_gives_flanneld_state() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+
+    let etcd_dir = dir.0.join("etcd");
+    let etcd = Proc::spawn(
+        &h1,
+        dir.0.join("etcd.log"),
+        "etcd",
+        &[
+            "--name=h1",
+            &format!("--data-dir={}", etcd_dir.display()),
+            &format!("--listen-client-urls={ETCD}"),
+            &format!("--advertise-client-urls={ETCD}"),
+            "--listen-peer-urls=http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+            "--initial-cluster=h1=http://127.0.0.1:2380",
+        ],
+        &[],
+    );
+    wait_for(
+        "etcd",
+        Duration::from_secs(20),
+        || {
+            Command::new("ip")
+                .args(["netns", "exec", h1.name(), "etcdctl", "--endpoints", ETCD])
+                .args(["endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        },
+        &[&etcd],
+    );
+    let keyspace = fixture_keyspace();
+    let config = &keyspace[0];
+    assert_eq!(config.0, "/coreos.com/network/config");
+    etcdctl(&h1, &["put", &config.0, &config.1]);
+
+    // As in the fixture run, each host starts with a subnet file naming its previous subnet.
+    for (host, subnet) in [("h1", "10.1.15.1/24"), ("h2", "10.1.81.1/24")] {
+        let file = subnet_file(&dir.0, host);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(
+            &file,
+            format!("FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET={subnet}\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"),
+        )
+        .unwrap();
+    }
+
+    let weftd = env!("CARGO_BIN_EXE_weftd");
+    let h1_file = subnet_file(&dir.0, "h1");
+    let h1_file = h1_file.to_string_lossy();
+    // Host 1: flanneld's flags, exactly as a unit file for flanneld would pass them.
+    let mut w1 = Proc::spawn(
+        &h1,
+        dir.0.join("w1.log"),
+        weftd,
+        &[
+            "--etcd-endpoints",
+            ETCD,
+            "--iface",
+            "eth0",
+            "--public-ip",
+            "198.18.0.1",
+            "--subnet-file",
+            &h1_file,
+            "--healthz-port",
+            "8286",
+        ],
+        &[],
+    );
+    // Host 2: flanneld's environment variables, and Go-style single-dash flags.
+    let h2_file = subnet_file(&dir.0, "h2");
+    let h2_file = h2_file.to_string_lossy();
+    let mut w2 = Proc::spawn(
+        &h2,
+        dir.0.join("w2.log"),
+        weftd,
+        &["-iface=eth0", "-healthz-port=8286"],
+        &[
+            ("FLANNELD_ETCD_ENDPOINTS", ETCD),
+            ("FLANNELD_PUBLIC_IP", "198.18.0.2"),
+            ("FLANNELD_SUBNET_FILE", &h2_file),
+        ],
+    );
+
+    wait_for(
+        "both weftd healthy",
+        Duration::from_secs(30),
+        || {
+            http_get(&h1, "http://198.18.0.1:8286/healthz").0 == 200
+                && http_get(&h2, "http://198.18.0.2:8286/healthz").0 == 200
+        },
+        &[&w1, &w2, &etcd],
+    );
+
+    // etcd: the same keys and byte-identical values, each on a 24 h etcd lease.
+    let listing = etcdctl(&h1, &["get", "--prefix", "/coreos.com/network"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let pairs: Vec<(String, String)> = lines
+        .chunks(2)
+        .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
+        .collect();
+    assert_eq!(pairs, keyspace, "etcd keyspace differs from flanneld's");
+    for (key, _) in &keyspace[1..] {
+        let json = etcdctl(&h1, &["get", key, "-w", "json"]);
+        let lease_id = json
+            .split("\"lease\":")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{key} is not attached to an etcd lease: {json}"));
+        let ttl = etcdctl(&h1, &["lease", "timetolive", &format!("{lease_id:x}")]);
+        assert!(
+            ttl.contains("granted with TTL(86400s)"),
+            "{key}: expected a 24 h lease, got {ttl}"
+        );
+    }
+
+    // subnet.env: byte-identical to flanneld's for host 1.
+    assert_eq!(
+        fs::read_to_string(&*h1_file).unwrap(),
+        fixture("subnet.env")
+    );
+    let h2_env = fs::read_to_string(&*h2_file).unwrap();
+    assert!(h2_env.contains("FLANNEL_SUBNET=10.1.81.1/24\n"), "{h2_env}");
+
+    // The TUN device, its address, the route and the socket, as flanneld set them up.
+    let link = h1.ip(&["-d", "link", "show", "flannel0"]);
+    assert!(
+        link.contains("<POINTOPOINT,MULTICAST,NOARP,UP,LOWER_UP> mtu 1472"),
+        "{link}"
+    );
+    assert!(link.contains("tun type tun pi off vnet_hdr off"), "{link}");
+    let addr = h1.ip(&["-4", "addr", "show", "flannel0"]);
+    assert!(
+        addr.contains("inet 10.1.15.0/32 scope global flannel0"),
+        "{addr}"
+    );
+    let addr6 = h1.ip(&["-6", "addr", "show", "flannel0"]);
+    assert!(
+        !addr6.contains("inet6"),
+        "IPv6 must be off on the TUN: {addr6}"
+    );
+    let routes = h1.ip(&["route"]);
+    assert!(
+        routes
+            .lines()
+            .any(|l| l.trim() == "10.1.0.0/16 dev flannel0"),
+        "{routes}"
+    );
+    let sockets = h1.exec_ok("ss", &["-uanp"]);
+    assert!(
+        sockets
+            .lines()
+            .any(|l| l.contains("198.18.0.1:8285") && l.contains("weftd")),
+        "{sockets}"
+    );
+
+    // One worker thread per queue, apart from the control thread.
+    let threads = fs::read_dir(format!("/proc/{}/task", w1_pid(&w1)))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(threads >= 2, "expected worker threads, found {threads}");
+
+    // A restart keeps the subnet (reused by PublicIP even without the subnet file).
+    assert_eq!(
+        w1.terminate(),
+        Some(0),
+        "weftd must exit cleanly on SIGTERM:\n{}",
+        w1.log()
+    );
+    fs::remove_file(&*h1_file).unwrap();
+    let w1b = Proc::spawn(
+        &h1,
+        dir.0.join("w1b.log"),
+        weftd,
+        &[
+            "--etcd-endpoints",
+            ETCD,
+            "--iface",
+            "eth0",
+            "--public-ip",
+            "198.18.0.1",
+            "--subnet-file",
+            &h1_file,
+        ],
+        &[],
+    );
+    wait_for(
+        "restarted weftd to write its subnet file",
+        Duration::from_secs(30),
+        || Path::new(&*h1_file).exists(),
+        &[&w1b],
+    );
+    assert_eq!(
+        fs::read_to_string(&*h1_file).unwrap(),
+        fixture("subnet.env")
+    );
+    assert_eq!(
+        etcdctl(
+            &h1,
+            &[
+                "get",
+                "--prefix",
+                "--keys-only",
+                "/coreos.com/network/subnets"
+            ]
+        )
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count(),
+        2
+    );
+    assert_eq!(
+        w2.terminate(),
+        Some(0),
+        "weftd must exit cleanly on SIGTERM:\n{}",
+        w2.log()
+    );
+}
+
+fn w1_pid(p: &Proc) -> u32 {
+    // `ip netns exec` execs the program, so the child's PID is weftd's.
+    p.child.id()
+}
