@@ -11,8 +11,11 @@
 
 pub mod counters;
 pub mod decide;
+pub mod icmp;
+pub mod packet;
 pub mod route;
 
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{Decision, Policy};
+pub use packet::{Ipv4Packet, PacketError};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
