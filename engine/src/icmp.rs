@@ -180,3 +180,212 @@ fn is_query(icmp_type: u8) -> bool {
         0 | 8 | 9 | 10 | 13 | 14 | 15 | 16 | 17 | 18 | 42 | 43
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testing::Spec;
+    use etherparse::{
+        icmpv4::{DestUnreachableHeader, TimeExceededCode},
+        Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice,
+    };
+
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 15, 0);
+
+    /// Decode a generated error with etherparse, checking everything that must hold for any
+    /// error weft sends, and return the ICMP type and the quoted bytes.
+    fn decode(reply: &[u8]) -> (Ipv4HeaderSlice<'_>, Icmpv4Type, Vec<u8>) {
+        let ip = Ipv4HeaderSlice::from_slice(reply).unwrap();
+        assert_eq!(ip.to_header().calc_header_checksum(), ip.header_checksum());
+        assert_eq!(usize::from(ip.total_len()), reply.len());
+        assert!(reply.len() <= MAX_ERROR_LEN);
+        assert_eq!(ip.ttl(), REPLY_TTL);
+        assert_eq!(ip.protocol().0, 1);
+        assert!(!ip.is_fragmenting_payload());
+        let icmp = Icmpv4Slice::from_slice(&reply[20..]).unwrap();
+        let icmp_type = icmp.icmp_type();
+        assert_eq!(icmp_type.calc_checksum(icmp.payload()), icmp.checksum());
+        // Our own parser agrees the reply is a well-formed packet.
+        assert!(Ipv4Packet::new_checked(reply).is_ok());
+        (ip, icmp_type, icmp.payload().to_vec())
+    }
+
+    fn write(error: IcmpError, offending: &[u8], router: Option<Ipv4Addr>) -> Option<Vec<u8>> {
+        let packet = Ipv4Packet::new_checked(offending).unwrap();
+        let mut out = [0u8; 1500];
+        write_error(error, &packet, router, &mut out).map(|len| out[..len].to_vec())
+    }
+
+    #[test]
+    fn every_error_type_decodes() {
+        let offending = Spec::udp("10.1.15.7", "10.1.99.3", 1400).bytes();
+        let cases = [
+            (
+                IcmpError::NetUnreachable,
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Network),
+            ),
+            (
+                IcmpError::FragmentationNeeded { mtu: 1472 },
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1472,
+                }),
+            ),
+            (
+                IcmpError::TimeExceeded,
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+            ),
+        ];
+        for (error, expected) in cases {
+            let reply = write(error, &offending, Some(ROUTER)).unwrap();
+            assert_eq!(reply.len(), MAX_ERROR_LEN);
+            let (ip, icmp_type, quote) = decode(&reply);
+            assert_eq!(icmp_type, expected);
+            assert_eq!((reply[20], reply[21]), error.type_code());
+            assert_eq!(ip.source_addr(), ROUTER);
+            assert_eq!(ip.destination_addr(), Ipv4Addr::new(10, 1, 15, 7));
+            assert_eq!(ip.dcp().value() << 2, TOS_INTERNETWORK_CONTROL);
+            assert_eq!(quote, &offending[..MAX_ERROR_LEN - 28]);
+        }
+        let reply = write(
+            IcmpError::FragmentationNeeded { mtu: 1234 },
+            &offending,
+            None,
+        )
+        .unwrap();
+        assert_eq!(&reply[24..28], &[0, 0, 0x04, 0xd2]);
+    }
+
+    #[test]
+    fn small_packets_are_quoted_whole() {
+        for len in [20, 21, 28, 29, 100, 547, 548] {
+            let offending = Spec::udp("10.1.15.7", "10.1.99.3", len).bytes();
+            let reply = write(IcmpError::NetUnreachable, &offending, Some(ROUTER)).unwrap();
+            let (_, _, quote) = decode(&reply);
+            assert_eq!(quote, offending, "len {len}");
+            assert_eq!(reply.len(), 28 + len);
+        }
+        let offending = Spec::udp("10.1.15.7", "10.1.99.3", 549).bytes();
+        let reply = write(IcmpError::NetUnreachable, &offending, Some(ROUTER)).unwrap();
+        assert_eq!(decode(&reply).2, &offending[..548]);
+    }
+
+    #[test]
+    fn the_quote_keeps_header_options() {
+        let mut spec = Spec::udp("10.1.15.7", "10.1.99.3", 100);
+        spec.options = vec![1; 40];
+        let offending = spec.bytes();
+        let reply = write(IcmpError::TimeExceeded, &offending, Some(ROUTER)).unwrap();
+        assert_eq!(decode(&reply).2, offending);
+    }
+
+    #[test]
+    fn without_a_router_address_the_offending_destination_answers() {
+        let offending = Spec::udp("10.1.15.7", "10.1.99.3", 60).bytes();
+        let reply = write(IcmpError::NetUnreachable, &offending, None).unwrap();
+        let (ip, _, _) = decode(&reply);
+        assert_eq!(ip.source_addr(), Ipv4Addr::new(10, 1, 99, 3));
+        assert_eq!(ip.destination_addr(), Ipv4Addr::new(10, 1, 15, 7));
+    }
+
+    #[test]
+    fn icmp_queries_get_errors_and_icmp_errors_do_not() {
+        for query in [0, 8, 9, 10, 13, 14, 15, 16, 17, 18, 42, 43] {
+            let offending = Spec::icmp("10.1.15.7", "10.1.99.3", query, 84).bytes();
+            let reply = write(IcmpError::NetUnreachable, &offending, Some(ROUTER));
+            assert!(reply.is_some(), "type {query}");
+        }
+        for error in [3, 4, 5, 11, 12, 1, 2, 7, 19, 30, 40, 41, 44, 200, 255] {
+            let offending = Spec::icmp("10.1.15.7", "10.1.99.3", error, 84).bytes();
+            assert_eq!(
+                write(IcmpError::TimeExceeded, &offending, Some(ROUTER)),
+                None,
+                "type {error}"
+            );
+        }
+        // An ICMP packet with no room for a type says nothing about itself.
+        let empty = Spec::icmp("10.1.15.7", "10.1.99.3", 8, 20).bytes();
+        assert_eq!(write(IcmpError::TimeExceeded, &empty, Some(ROUTER)), None);
+    }
+
+    #[test]
+    fn only_first_fragments_get_errors() {
+        let mut spec = Spec::udp("10.1.15.7", "10.1.99.3", 200);
+        spec.dont_frag = false;
+        spec.more_frags = true;
+        assert!(write(IcmpError::NetUnreachable, &spec.bytes(), Some(ROUTER)).is_some());
+        for (units, more) in [(1, true), (185, true), (185, false), (0x1fff, false)] {
+            spec.frag_units = units;
+            spec.more_frags = more;
+            assert_eq!(
+                write(IcmpError::NetUnreachable, &spec.bytes(), Some(ROUTER)),
+                None
+            );
+        }
+        // A non-first fragment of an echo request is no exception.
+        let mut echo = Spec::icmp("10.1.15.7", "10.1.99.3", 8, 200);
+        echo.frag_units = 10;
+        assert_eq!(
+            write(IcmpError::NetUnreachable, &echo.bytes(), Some(ROUTER)),
+            None
+        );
+    }
+
+    #[test]
+    fn no_errors_to_or_about_non_hosts() {
+        for src in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            let offending = Spec::udp(src, "10.1.99.3", 60).bytes();
+            assert_eq!(
+                write(IcmpError::NetUnreachable, &offending, Some(ROUTER)),
+                None,
+                "source {src}"
+            );
+        }
+        for dst in ["224.0.0.1", "239.1.2.3", "255.255.255.255"] {
+            let offending = Spec::udp("10.1.15.7", dst, 60).bytes();
+            assert_eq!(
+                write(IcmpError::NetUnreachable, &offending, Some(ROUTER)),
+                None,
+                "destination {dst}"
+            );
+        }
+        let ok = Spec::udp("192.168.1.1", "8.8.8.8", 60).bytes();
+        assert!(write(IcmpError::NetUnreachable, &ok, Some(ROUTER)).is_some());
+    }
+
+    #[test]
+    fn the_buffer_bounds_the_reply() {
+        let offending = Spec::udp("10.1.15.7", "10.1.99.3", 1400).bytes();
+        let packet = Ipv4Packet::new_checked(&offending[..]).unwrap();
+        // Room for the headers and the header + 8 bytes quote, not one byte less.
+        let mut out = [0u8; 28 + 28];
+        assert_eq!(
+            write_error(IcmpError::TimeExceeded, &packet, Some(ROUTER), &mut out),
+            Some(56)
+        );
+        assert_eq!(decode(&out).2, &offending[..28]);
+        for len in [0, 1, 20, 28, 55] {
+            let mut out = vec![0u8; len];
+            assert_eq!(
+                write_error(IcmpError::TimeExceeded, &packet, Some(ROUTER), &mut out),
+                None,
+                "buffer {len}"
+            );
+        }
+        // A tiny offending packet fits a tiny buffer.
+        let tiny = Spec::udp("10.1.15.7", "10.1.99.3", 20).bytes();
+        let tiny = Ipv4Packet::new_checked(&tiny[..]).unwrap();
+        let mut out = [0u8; 48];
+        assert_eq!(
+            write_error(IcmpError::TimeExceeded, &tiny, Some(ROUTER), &mut out),
+            Some(48)
+        );
+    }
+}
