@@ -30,10 +30,11 @@
 //!
 //! From the TUN the order is a router's (Linux `ip_forward`): the route decides the next hop,
 //! then the hop costs a TTL, then the next hop's MTU applies — a sender never shrinks its
-//! packets only to learn the destination is unreachable. From a peer the sender is checked
-//! before anything in the datagram is read: nothing from a stranger reaches the parser, and
-//! strangers' traffic is counted as `unknown_peer` whatever its shape, while `bad_packet`
-//! then points at a broken peer. A packet longer than the TUN MTU without DF is still sent:
+//! packets only to learn the destination is unreachable. From a peer the sender comes first:
+//! strangers' traffic is counted as `unknown_peer` whatever its shape, so `bad_packet`,
+//! `spoofed_source` and the rest point at a lease holder misbehaving. (The parser still runs
+//! first, as proving a sender's lease is cheapest through the inner source; see
+//! [`from_peer`].) A packet longer than the TUN MTU without DF is still sent:
 //! the UDP socket fragments the datagram on the underlay.
 //!
 //! ICMP errors follow [`icmp::may_report`]; where the rules forbid one, the packet is dropped
@@ -142,6 +143,11 @@ pub fn from_tun(
 ///
 /// `packet` is the whole UDP payload. A time-exceeded error goes into `reply`, which should
 /// hold [`REPLY_BUF_LEN`] bytes; a shorter one may turn a reply into a plain drop.
+///
+/// A datagram from a sender that holds no lease is always dropped as
+/// [`DropReason::UnknownPeer`], whatever it holds. The packet is parsed before that is known:
+/// for overlay traffic the lease is proven by the inner source's slot in O(1), and the search
+/// of the whole peer set runs only for refusals and for sources outside the Network.
 pub fn from_peer(
     from: SocketAddrV4,
     packet: &mut [u8],
@@ -149,32 +155,43 @@ pub fn from_peer(
     policy: &Policy,
     reply: &mut [u8],
 ) -> Decision {
-    if !routes.is_peer(from) {
-        return Decision::Drop(DropReason::UnknownPeer);
-    }
+    // The sender is the first check in the documented order, but the search of the peer set
+    // is deferred: on the common path `sender_owns` proves the sender holds a lease in O(1)
+    // (a subnet's holder is always in the peer set), and every refusal asks `is_peer` first.
     let mut ip = match Ipv4Packet::new_checked(packet) {
         Ok(ip) => ip,
-        Err(error) => return Decision::Drop(malformed(error)),
+        Err(error) => return refuse(from, routes, malformed(error)),
     };
     if ip.total_len() > policy.tun_mtu {
-        return Decision::Drop(DropReason::TooBig);
+        return refuse(from, routes, DropReason::TooBig);
     }
     if !routes.is_local(ip.dst()) {
-        return Decision::Drop(DropReason::NotOurs);
+        return refuse(from, routes, DropReason::NotOurs);
     }
     let src = ip.src();
     if routes.overlay().contains(src) {
         if !routes.sender_owns(from, src) {
-            return Decision::Drop(DropReason::SpoofedSource);
+            return refuse(from, routes, DropReason::SpoofedSource);
         }
-    } else if !policy.allow_foreign_sources {
-        return Decision::Drop(DropReason::ForeignSource);
+    } else if !policy.allow_foreign_sources || !routes.is_peer(from) {
+        return refuse(from, routes, DropReason::ForeignSource);
     }
     if ip.ttl() <= 1 {
         return reply_to_peer(from, &ip, routes, reply);
     }
     ip.decrement_ttl();
     Decision::WriteToTun
+}
+
+/// Drop a datagram for `reason`, unless its sender holds no lease: that comes first.
+#[cold]
+#[inline(never)]
+fn refuse(from: SocketAddrV4, routes: &RouteTable, reason: DropReason) -> Decision {
+    if routes.is_peer(from) {
+        Decision::Drop(reason)
+    } else {
+        Decision::Drop(DropReason::UnknownPeer)
+    }
 }
 
 /// The drop reason for a buffer that failed to parse.
@@ -661,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn peer_datagrams_from_strangers_are_refused_unread() {
+    fn peer_datagrams_from_strangers_are_unknown_whatever_they_hold() {
         let bytes = Spec::udp("10.1.81.5", "10.1.15.7", 100).bytes();
         for sender in [
             peer("198.18.0.9"),
@@ -677,11 +694,31 @@ mod tests {
             );
             assert_eq!(out.packet, bytes);
         }
-        // Garbage from a stranger is still a stranger's.
-        assert_eq!(
-            from("198.18.0.9", &[1, 2, 3]).decision,
-            Decision::Drop(DropReason::UnknownPeer)
-        );
+        // Whatever a stranger sends — garbage, IPv6, oversized, misaddressed, spoofed,
+        // foreign even where foreign sources are allowed, expiring — it is a stranger's.
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        let lenient = Policy {
+            allow_foreign_sources: true,
+            ..POLICY
+        };
+        let payloads = [
+            vec![1, 2, 3],
+            v6,
+            Spec::udp("10.1.81.5", "10.1.15.7", MTU + 1).bytes(),
+            Spec::udp("10.1.81.5", "10.1.81.7", 100).bytes(),
+            Spec::udp("10.1.255.5", "10.1.15.7", 100).bytes(),
+            Spec::udp("8.8.8.8", "10.1.15.7", 100).bytes(),
+            Spec::udp("10.1.81.5", "10.1.15.7", 100).ttl(1).bytes(),
+            Spec::udp("8.8.8.8", "10.1.15.7", 100).ttl(1).bytes(),
+        ];
+        for payload in &payloads {
+            for policy in [&POLICY, &lenient] {
+                let out = from_with(peer("198.18.0.9"), payload, &table(), policy);
+                assert_eq!(out.decision, Decision::Drop(DropReason::UnknownPeer));
+                assert_eq!(&out.packet, payload);
+            }
+        }
         // With no lease anywhere, everyone is a stranger.
         let overlay = Overlay::new("10.1.0.0/16".parse().unwrap(), 24).unwrap();
         assert_eq!(
@@ -1024,17 +1061,22 @@ mod tests {
                     let packet = Ipv4Packet::new_checked(&peer_copy[..]).unwrap();
                     assert!(packet.total_len() <= policy.tun_mtu);
                     assert!(table.is_local(packet.dst()));
+                    assert!(table.is_peer(sender));
                     written += 1;
                 }
                 Decision::ReplyToPeer { to, len, reason } => {
                     reasons.insert(reason);
                     assert_eq!(to, sender);
+                    assert!(table.is_peer(sender));
                     assert!(Ipv4Packet::new_checked(&reply[..len]).is_ok());
                     emitted += 1;
                 }
                 Decision::Drop(reason) => {
                     reasons.insert(reason);
                     assert_eq!(peer_copy, bytes);
+                    if !table.is_peer(sender) {
+                        assert_eq!(reason, DropReason::UnknownPeer);
+                    }
                 }
                 other => panic!("from_peer returned {other:?}"),
             }
