@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use weft_engine::counters::DropReason;
 use weft_engine::decide::{from_peer, from_tun, Decision, Policy, REPLY_BUF_LEN};
 use weft_engine::packet::Ipv4Packet;
 use weft_engine::route::RouteTable;
@@ -57,12 +58,18 @@ fuzz_target!(|data: &[u8]| {
         }
         Decision::ReplyToPeer { to, len, .. } => {
             assert_eq!(to, input.from);
+            assert!(routes.is_peer(input.from));
             let answer = Ipv4Packet::new_checked(&reply[..len]).unwrap();
             let original = Ipv4Packet::new_checked(input.packet).unwrap();
             assert_eq!(answer.dst(), original.src());
             assert_eq!(packet, input.packet);
         }
-        Decision::Drop(_) => assert_eq!(packet, input.packet),
+        Decision::Drop(reason) => {
+            assert_eq!(packet, input.packet);
+            if !routes.is_peer(input.from) {
+                assert_eq!(reason, DropReason::UnknownPeer);
+            }
+        }
         other => panic!("from_peer gave {other:?}"),
     }
 });
