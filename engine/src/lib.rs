@@ -12,6 +12,8 @@
 pub mod counters;
 pub mod decide;
 pub mod engine;
+pub mod icmp;
+pub mod packet;
 pub mod route;
 mod syscalls;
 pub mod tun;
@@ -22,6 +24,7 @@ pub mod worker;
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{Decision, Policy};
 pub use engine::{Engine, EngineConfig, EngineError, IoBackend, UnknownIoBackend};
+pub use packet::{Ipv4Packet, PacketError};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
 pub use tun::{open_queues, TunError, TunQueue};
 pub use worker::WorkerError;

@@ -21,13 +21,13 @@ fn unleased_destination_is_unreachable(backend: IoBackend) {
 }
 
 #[test]
-#[ignore = "needs ICMP generation from decide.rs"]
+
 fn uring_answers_unleased_destinations() {
     unleased_destination_is_unreachable(IoBackend::Uring);
 }
 
 #[test]
-#[ignore = "needs ICMP generation from decide.rs"]
+
 fn syscalls_answers_unleased_destinations() {
     unleased_destination_is_unreachable(IoBackend::Syscalls);
 }
