@@ -112,27 +112,15 @@ pub fn from_tun(
         return Decision::Drop(DropReason::Loop);
     }
     let Some(peer) = routes.peer_for(dst) else {
-        return reply_to_tun(
-            IcmpError::NetUnreachable,
-            DropReason::NoRoute,
-            &ip,
-            routes,
-            reply,
-        );
+        return reply_to_tun(IcmpError::NetUnreachable, DropReason::NoRoute, &ip, reply);
     };
     if ip.ttl() <= 1 {
-        return reply_to_tun(
-            IcmpError::TimeExceeded,
-            DropReason::TtlExpired,
-            &ip,
-            routes,
-            reply,
-        );
+        return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, &ip, reply);
     }
     if ip.total_len() > policy.tun_mtu && ip.dont_frag() {
         let mtu = u16::try_from(policy.tun_mtu).unwrap_or(u16::MAX);
         let error = IcmpError::FragmentationNeeded { mtu };
-        return reply_to_tun(error, DropReason::TooBig, &ip, routes, reply);
+        return reply_to_tun(error, DropReason::TooBig, &ip, reply);
     }
     ip.decrement_ttl();
     Decision::SendToPeer(peer)
@@ -208,11 +196,13 @@ fn reply_to_tun(
     error: IcmpError,
     reason: DropReason,
     offending: &Ipv4Packet<&mut [u8]>,
-    routes: &RouteTable,
     reply: &mut [u8],
 ) -> Decision {
-    let router = routes.local_subnet().map(|subnet| subnet.network());
-    match icmp::write_error(error, offending, router, reply) {
+    // An error written to the TUN must not come from the TUN's own address: the host would
+    // take a packet arriving with one of its own addresses as source for a martian and drop
+    // it. The offending packet's destination answers instead (as flanneld does), which also
+    // passes reverse-path filtering, since that destination is routed through the TUN.
+    match icmp::write_error(error, offending, None, reply) {
         Some(len) => Decision::ReplyToTun { len, reason },
         None => Decision::Drop(reason),
     }
@@ -469,7 +459,8 @@ mod tests {
                 icmp_type,
                 Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Network)
             );
-            assert_eq!(header.source_addr(), ip("10.1.15.0"));
+            // Not the TUN's own address, which the host would drop as a martian source.
+            assert_eq!(header.source_addr(), ip(dst));
             assert_eq!(header.destination_addr(), ip("10.1.15.3"));
             assert_eq!(quote, &bytes[..548]);
             assert_eq!(out.packet, bytes);
@@ -555,7 +546,7 @@ mod tests {
                 icmp_type,
                 Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit)
             );
-            assert_eq!(header.source_addr(), ip("10.1.15.0"));
+            assert_eq!(header.source_addr(), ip("10.1.81.7"));
             assert_eq!(header.destination_addr(), ip("10.1.15.3"));
             assert_eq!(quote, &bytes[..], "the quote shows the TTL as it arrived");
         }
