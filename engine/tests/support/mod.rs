@@ -33,6 +33,8 @@ use weft_engine::{
 pub const NETWORK: &str = "10.1.0.0/16";
 /// The udp backend's port.
 pub const PORT: u16 = 8285;
+/// The subnet leased to h3 in every engine's route table.
+pub const H3_SUBNET: &str = "10.1.3.0/24";
 /// The TUN (and container) MTU: the underlay's 1500 minus 28.
 pub const TUN_MTU: usize = 1472;
 /// The name pattern the TUN is created with; the first device in a namespace is `flannel0`.
@@ -187,13 +189,15 @@ impl Lab {
         &self.prefix
     }
 
-    /// The route table `host` runs with: its own subnet and the other host's.
+    /// The route table `host` runs with: its own subnet, the other host's, and h3's lease of
+    /// [`H3_SUBNET`] (h3 runs no engine: it is a lease holder that misbehaves).
     pub fn routes_for(&self, host: &Host) -> Routes {
         let overlay = Overlay::new(NETWORK.parse().unwrap(), 24).unwrap();
         let peers = [&self.h1, &self.h2]
             .into_iter()
             .filter(|other| other.ns != host.ns)
-            .map(|other| (subnet_of(other), other.public));
+            .map(|other| (subnet_of(other), other.public))
+            .chain([(H3_SUBNET.parse().unwrap(), self.h3_public)]);
         Routes::new(RouteTable::build(overlay, PORT, Some(subnet_of(host)), peers).unwrap())
     }
 
