@@ -108,7 +108,7 @@ pub fn plan<R: Rng + ?Sized>(
     let pick = if free.is_empty() {
         Pick::Exhausted
     } else {
-        Pick::Free(free[rng.random_range(0..free.len())])
+        Pick::Free(free[rng.gen_range(0..free.len())])
     };
     Plan { pick, stale }
 }

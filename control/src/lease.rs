@@ -316,7 +316,7 @@ pub fn run_membership<R: Registry>(
 /// The generator for the random subnet pick. The OS source is preferred; if it fails, the
 /// clock and the process id still spread hosts that start together.
 fn random_source() -> StdRng {
-    StdRng::try_from_os_rng().unwrap_or_else(|_| {
+    StdRng::from_rng(rand::rngs::OsRng).unwrap_or_else(|_| {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);

@@ -138,7 +138,7 @@ macro_rules! define_worker_counters {
     ($($field:ident),*) => {
         /// One worker's counters. Only that worker writes them; anyone may read.
         #[derive(Debug, Default)]
-        #[repr(align(64))]
+        #[repr(align(128))]
         pub struct WorkerCounters {
             $($field: AtomicU64,)*
             drops: [AtomicU64; DropReason::COUNT],
