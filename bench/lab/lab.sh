@@ -452,6 +452,24 @@ make_container() {
 	ip -n "$c" route add default via "$gw"
 }
 
+# wait_overlay: wait until each container reaches the other (a daemon learns its peer's lease
+# from etcd some time after writing its own subnet.env).
+wait_overlay() {
+	local start=$SECONDS ok12=0 ok21=0
+	while ((SECONDS - start < TIMEOUT)); do
+		((ok12)) || { nsx "$(ns_c 1)" ping -c 1 -W 1 "${C_ADDR[2]}" >/dev/null 2>&1 && ok12=1; }
+		((ok21)) || { nsx "$(ns_c 2)" ping -c 1 -W 1 "${C_ADDR[1]}" >/dev/null 2>&1 && ok21=1; }
+		if ((ok12 && ok21)); then
+			log "c1 and c2 reach each other after $((SECONDS - start))s"
+			return 0
+		fi
+		sleep 0.2
+	done
+	((ok12)) || warn "c1 (${C_ADDR[1]}) cannot reach c2 (${C_ADDR[2]})"
+	((ok21)) || warn "c2 (${C_ADDR[2]}) cannot reach c1 (${C_ADDR[1]})"
+	die "the overlay did not connect the containers within ${TIMEOUT}s"
+}
+
 # lab_up <mode>: bring a whole lab up (etcd -> daemons -> containers). Uses PREFIX if set.
 lab_up() {
 	local mode=$1
@@ -491,6 +509,7 @@ lab_up() {
 	esac
 	for n in 1 2; do make_container "$n"; done
 	printf 'C1=%s\nC2=%s\n' "${C_ADDR[1]}" "${C_ADDR[2]}" >"$RUN/containers"
+	wait_overlay
 	log "up: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}) <-> c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
 }
 
