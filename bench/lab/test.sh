@@ -91,7 +91,7 @@ running_starttime() {
 assert_clean() {
 	local name=$1 p=$2 pidlog=$3 before=$4 problems=()
 	local left
-	left=$(ip netns list | awk '{print $1}' | grep -E "^$p-" || true)
+	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$p-" || true)
 	[[ -z $left ]] || problems+=("namespaces left: $(echo "$left" | tr '\n' ' ')")
 	if [[ -f $pidlog ]]; then
 		local pid st label
