@@ -623,6 +623,31 @@ start_iperf_server() {
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 
+# build_weftd: cargo build --release -p weft-control, as the user who ran sudo if there is one (so
+# that target/ stays theirs and their toolchain is used).
+build_weftd() {
+	local cargo="" user=${SUDO_USER:-}
+	[[ $user != root ]] || user=""
+	if [[ -n $user ]]; then
+		local home
+		home=$(getent passwd "$user" | cut -d: -f6)
+		if [[ -x $home/.cargo/bin/cargo ]]; then
+			cargo=$home/.cargo/bin/cargo
+		else
+			cargo=$(sudo -u "$user" -H bash -lc 'command -v cargo' 2>/dev/null || true)
+		fi
+	else
+		cargo=$(command -v cargo || true)
+	fi
+	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --no-build with a built weftd"
+	log "building weftd (cargo build --release -p weft-control)${user:+ as $user}"
+	if [[ -n $user ]]; then
+		(cd "$REPO_ROOT" && sudo -u "$user" -H "$cargo" build --release -p weft-control)
+	else
+		(cd "$REPO_ROOT" && "$cargo" build --release -p weft-control)
+	fi
+}
+
 cmd_demo() {
 	if [[ $MODE == weft ]]; then
 		if [[ $DO_SETUP == 1 ]]; then
@@ -630,11 +655,7 @@ cmd_demo() {
 			log "checking the machine (scripts/setup.sh)"
 			bash "$REPO_ROOT/scripts/setup.sh"
 		fi
-		if [[ $DO_BUILD == 1 ]]; then
-			command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) or pass --no-build with a built weftd"
-			log "building weftd (cargo build --release -p weft-control)"
-			(cd "$REPO_ROOT" && cargo build --release -p weft-control)
-		fi
+		[[ $DO_BUILD == 0 ]] || build_weftd
 	fi
 	lab_up "$MODE"
 	show_lab
@@ -782,6 +803,7 @@ iperf_json() {
 		head -c 2000 "$out" >&2
 		die "iperf3 $* failed (see $out)"
 	fi
+	[[ -s $out.err ]] || rm -f -- "$out.err"
 }
 
 bench_one() {
@@ -903,6 +925,11 @@ parse_opts() {
 main() {
 	local cmd=${1:-help}
 	(($#)) && shift
+	# The lab needs root: re-run through sudo when started as a user.
+	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench)$ ]] && command -v sudo >/dev/null 2>&1; then
+		echo "[lab] the lab needs root (network namespaces): re-running with sudo" >&2
+		exec sudo -E bash "$LAB_DIR/lab.sh" "$cmd" "$@"
+	fi
 	parse_opts "$@"
 	if [[ $cmd != down && ${#POSITIONAL[@]} -gt 0 ]]; then
 		die "unexpected argument '${POSITIONAL[0]}' (lab.sh help)"
