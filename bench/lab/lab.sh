@@ -329,7 +329,13 @@ start_daemon() {
 		args+=("${DAEMON_EXTRA[@]}")
 	fi
 	printf '%q ' "$bin" "${args[@]}" >"$RUN/h$n/cmdline"
-	start_bg "daemon$n" "$(ns_h "$n")" "$RUN/h$n/daemon.log" "$bin" "${args[@]}"
+	# The daemon sees only the lab's flags: no FLANNELD_* settings and no systemd notify socket
+	# from the caller's environment.
+	local unset=(-u NOTIFY_SOCKET) var
+	for var in $(compgen -e); do
+		[[ $var != FLANNELD_* ]] || unset+=(-u "$var")
+	done
+	start_bg "daemon$n" "$(ns_h "$n")" "$RUN/h$n/daemon.log" env "${unset[@]}" "$bin" "${args[@]}"
 	DAEMON_PIDS+=("$LAST_PID")
 }
 
@@ -460,7 +466,7 @@ wait_overlay() {
 		((ok12)) || { nsx "$(ns_c 1)" ping -c 1 -W 1 "${C_ADDR[2]}" >/dev/null 2>&1 && ok12=1; }
 		((ok21)) || { nsx "$(ns_c 2)" ping -c 1 -W 1 "${C_ADDR[1]}" >/dev/null 2>&1 && ok21=1; }
 		if ((ok12 && ok21)); then
-			log "c1 and c2 reach each other after $((SECONDS - start))s"
+			log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
 			return 0
 		fi
 		sleep 0.2
@@ -509,8 +515,8 @@ lab_up() {
 	esac
 	for n in 1 2; do make_container "$n"; done
 	printf 'C1=%s\nC2=%s\n' "${C_ADDR[1]}" "${C_ADDR[2]}" >"$RUN/containers"
+	log "containers: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}), c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
 	wait_overlay
-	log "up: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}) <-> c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
 }
 
 # lab_down: stop the lab's processes, delete its namespaces and (unless kept) its run dir.
@@ -755,7 +761,7 @@ busy_fraction() {
 	sleep 1
 	b1=$(cpu_busy_ticks)
 	t1=$(cpu_total_ticks)
-	awk -v b=$((b1 - b0)) -v t=$((t1 - t0)) 'BEGIN { printf "%.3f", (t > 0 ? b / t : 0) }'
+	awk -v b=$((b1 - b0)) -v t=$((t1 - t0)) 'BEGIN { f = (t > 0 ? b / t : 0); printf "%.2f", (f > 1 ? 1 : f) }'
 }
 
 # wait_quiet: wait until the machine is quiet (busy share below --quiet-load) or the timeout ends.

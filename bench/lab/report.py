@@ -391,7 +391,7 @@ def svg_chart(meta, summary, modes):
                         f'<line x1="{cx - 6:.1f}" y1="{yy:.1f}" x2="{cx + 6:.1f}" y2="{yy:.1f}" '
                         f'stroke="#222" stroke-width="1.2"/>'
                     )
-            label_y = min(y, ypos(s["max"])) - 5
+            label_y = min(y, ypos(s["max"])) - 8
             out.append(
                 f'<text x="{cx:.1f}" y="{label_y:.1f}" font-size="11" text-anchor="middle" '
                 f'font-weight="bold">{escape(fmt(s["median"], unit))}</text>'
