@@ -1,0 +1,960 @@
+#!/usr/bin/env bash
+# The weft lab: two "hosts" on one Linux machine, each a network namespace, joined by a veth pair
+# (the underlay); etcd in host 1; an overlay (weftd, flanneld, kernel VXLAN or direct routing) in
+# each host; and on each host a "container" namespace behind a bridge, set up the way docker sets
+# up its bridge from flannel's subnet.env.
+#
+# Every address, route, link and process lives in namespaces named <prefix>-h1, <prefix>-h2,
+# <prefix>-c1, <prefix>-c2. Nothing is added to the root namespace. See docs/lab.md.
+#
+# Usage: bench/lab/lab.sh <demo|up|down|list|bench|help> [options]   (lab.sh help for details)
+set -euo pipefail
+
+LAB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd -- "$LAB_DIR/../.." && pwd)
+REPORT_PY="$LAB_DIR/report.py"
+
+# The lab's fixed addressing.
+readonly NETWORK=10.1.0.0/16
+readonly NETWORK_CONFIG='{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}'
+readonly ETCD_PREFIX=/coreos.com/network
+readonly UNDERLAY=198.18.0 # host N is 198.18.0.N/24
+readonly UNDERLAY_MTU=1500
+readonly ETCD_URL="http://${UNDERLAY}.1:2379"
+readonly HEALTHZ_PORT=8286
+readonly VXLAN_MTU=1450
+readonly IPERF_PORT=5201
+
+# Options (see usage).
+MODE=weft
+PREFIX=""
+KEEP=0
+TIMEOUT=30
+WORKERS=""
+IO_MODE=""
+DAEMON_EXTRA=()
+WEFTD_BIN=${WEFTD_BIN:-$REPO_ROOT/target/release/weftd}
+ETCD_BIN=${ETCD_BIN:-/usr/bin/etcd}
+ETCDCTL_BIN=${ETCDCTL_BIN:-etcdctl}
+DO_SETUP=1
+DO_BUILD=1
+PID_LOG=""
+BENCH_MODES=""
+ROUNDS=3
+DURATION=10
+PINGS=200
+UDP_RATE=1G
+UDP_LEN=1400
+OUT_DIR=""
+QUIET_LOAD=0.25
+QUIET_TIMEOUT=120
+POSITIONAL=()
+
+# State of the lab this process manages (one at a time).
+LAB_ACTIVE=0
+LAB_SEQ=0
+P=""
+RUN=""
+LAB_MODE=""
+LAST_PID=""
+C_ADDR=("" "" "")
+SUBNET=("" "" "")
+DAEMON_PIDS=()
+
+usage() {
+	cat <<'EOF'
+weft lab: two hosts and two containers in network namespaces on one machine.
+
+  lab.sh demo  [--mode M] [--keep] [--no-setup] [--no-build]
+        Set up the machine (scripts/setup.sh), build weftd, bring the lab up, show the etcd keys,
+        each host's subnet.env and each container's addresses, ping both ways, run iperf3
+        c1 -> c2 for 5 s, and tear down (or leave the lab up with --keep).
+  lab.sh up    [--mode M] [--prefix P]
+        Bring the lab up and leave it running; prints how to enter it and how to tear it down.
+  lab.sh down  <prefix>
+        Tear down a lab left up by `up` or `demo --keep`.
+  lab.sh list
+        List labs left up.
+  lab.sh bench [--modes weft,vxlan,direct] [--rounds 3] [--duration 10] [--pings 200]
+               [--udp-rate 1G] [--out DIR] [--quiet-load 0.25] [--quiet-timeout 120]
+        Measure ping RTT, iperf3 TCP (1 and 4 streams) and UDP, and CPU seconds, for each mode,
+        modes interleaved over several rounds. Writes results.json, summary.md and chart.svg to
+        bench/lab/results/<timestamp>/ (or --out).
+
+Modes (--mode):
+  weft     weftd in each host (target/release/weftd, or --weftd PATH / $WEFTD_BIN), etcd in host 1
+  flannel  flanneld ($FLANNELD_BIN) in each host, started exactly like weftd
+  vxlan    kernel VXLAN set up as flannel's vxlan backend does (flannel.1, VNI 1, port 8472)
+  direct   direct routing via the peer's underlay address (flannel's host-gw)
+
+Options for the daemon modes:
+  --workers N            pass --workers N to weftd
+  --io uring|syscalls    pass --io to weftd
+  --weftd-arg ARG        pass ARG to weftd (repeatable)
+  --timeout S            seconds to wait for etcd, subnet.env and healthz (default 30)
+Other:
+  --pid-log FILE         append "pid starttime label" of every process the lab starts to FILE
+EOF
+}
+
+log() { printf '\033[1m[lab]\033[0m %s\n' "$*" >&2; }
+warn() { printf '[lab] warning: %s\n' "$*" >&2; }
+die() {
+	printf '[lab] error: %s\n' "$*" >&2
+	exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+ns_h() { printf '%s-h%s' "$P" "$1"; }
+ns_c() { printf '%s-c%s' "$P" "$1"; }
+link_underlay() { printf '%su%s' "$P" "$1"; }
+link_bridge_port() { printf '%sb%s' "$P" "$1"; }
+link_container() { printf '%sc%s' "$P" "$1"; }
+other() { if [[ $1 == 1 ]]; then echo 2; else echo 1; fi; }
+
+rundir_for() { printf '%s/weft-lab.%s' "${TMPDIR:-/tmp}" "$1"; }
+
+valid_prefix() { [[ $1 =~ ^[a-z][a-z0-9]{1,11}$ ]]; }
+
+ns_exists() { [[ -e /run/netns/$1 ]]; }
+
+# ---------------------------------------------------------------------------------------------
+# IPv4 arithmetic
+
+ip_to_int() {
+	local a b c d
+	IFS=. read -r a b c d <<<"$1"
+	echo $(((a << 24) | (b << 16) | (c << 8) | d))
+}
+
+int_to_ip() {
+	local n=$1
+	echo "$(((n >> 24) & 255)).$(((n >> 16) & 255)).$(((n >> 8) & 255)).$((n & 255))"
+}
+
+# network_plus <addr/len> <k>: the k-th address of the subnet holding addr.
+network_plus() {
+	local addr=${1%/*} len=${1#*/} k=$2
+	local mask=$(((0xffffffff << (32 - len)) & 0xffffffff))
+	int_to_ip $((($(ip_to_int "$addr") & mask) + k))
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every process the lab starts is recorded as "pid starttime label", and only those
+# are ever signalled (the start time guards against a recycled pid).
+
+proc_starttime() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	# Fields after "comm": state is field 3 of stat, starttime field 22.
+	awk '{print $20}' <<<"$stat"
+}
+
+proc_state() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	echo "${stat%% *}"
+}
+
+# proc_is <pid> <starttime>: the recorded process is still running.
+proc_is() {
+	local st state
+	st=$(proc_starttime "$1") || return 1
+	[[ $st == "$2" ]] || return 1
+	state=$(proc_state "$1") || return 1
+	[[ $state != Z && $state != X ]]
+}
+
+# start_bg <label> <namespace> <logfile> <command...>: start a process inside a namespace.
+# `ip netns exec` execs the command, so the pid is the command's own. Sets LAST_PID.
+start_bg() {
+	local label=$1 ns=$2 logf=$3
+	shift 3
+	ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null &
+	local pid=$!
+	local st
+	st=$(proc_starttime "$pid") || st=-
+	echo "$pid $st $label" >>"$RUN/pids"
+	if [[ -n $PID_LOG ]]; then echo "$pid $st $label" >>"$PID_LOG"; fi
+	LAST_PID=$pid
+}
+
+# stop_recorded: stop the recorded processes, last started first: SIGTERM, then SIGKILL after 5 s.
+stop_recorded() {
+	[[ -f $RUN/pids ]] || return 0
+	local lines=() line pid st label i
+	mapfile -t lines < <(tac "$RUN/pids")
+	for line in "${lines[@]}"; do
+		read -r pid st label <<<"$line"
+		[[ $st != - ]] || continue
+		proc_is "$pid" "$st" || {
+			wait "$pid" 2>/dev/null || true
+			continue
+		}
+		kill -TERM "$pid" 2>/dev/null || true
+		for ((i = 0; i < 50; i++)); do
+			proc_is "$pid" "$st" || break
+			sleep 0.1
+		done
+		if proc_is "$pid" "$st"; then
+			warn "$label (pid $pid) ignored SIGTERM for 5 s; sending SIGKILL"
+			kill -KILL "$pid" 2>/dev/null || true
+			for ((i = 0; i < 50; i++)); do
+				proc_is "$pid" "$st" || break
+				sleep 0.1
+			done
+		fi
+		wait "$pid" 2>/dev/null || true
+	done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Bring-up
+
+require_root() {
+	[[ $EUID -eq 0 ]] || die "the lab creates network namespaces and needs root: run it as root (e.g. sudo -E bash $0 ...)"
+}
+
+require_cmd() {
+	command -v "$1" >/dev/null 2>&1 || die "'$1' not found (${2:-install it}); scripts/setup.sh installs the lab's packages"
+}
+
+daemon_bin() {
+	case $1 in
+	weft) echo "$WEFTD_BIN" ;;
+	flannel) echo "${FLANNELD_BIN:-}" ;;
+	esac
+}
+
+# preflight <mode>: check everything the mode needs before creating anything.
+preflight() {
+	local mode=$1
+	require_root
+	require_cmd ip "Debian package iproute2"
+	require_cmd bridge "Debian package iproute2"
+	require_cmd ping "Debian package iputils-ping"
+	require_cmd iperf3 "Debian package iperf3"
+	require_cmd python3 "Debian package python3"
+	require_cmd awk
+	require_cmd tac
+	case $mode in
+	weft | flannel)
+		local bin
+		bin=$(daemon_bin "$mode")
+		if [[ $mode == flannel && -z $bin ]]; then
+			die "mode flannel needs FLANNELD_BIN=/path/to/flanneld"
+		fi
+		if [[ ! -x $bin ]]; then
+			if [[ $mode == weft ]]; then
+				die "weftd binary not found at $bin: build it with 'cargo build --release -p weft-control' (or point --weftd / WEFTD_BIN at one)"
+			fi
+			die "flanneld binary not found or not executable at $bin"
+		fi
+		[[ -x $ETCD_BIN ]] || die "etcd not found at $ETCD_BIN (Debian package etcd-server, or set ETCD_BIN)"
+		require_cmd "$ETCDCTL_BIN" "Debian package etcd-client"
+		[[ -c /dev/net/tun ]] || die "/dev/net/tun is missing: the overlay daemon needs the tun module"
+		;;
+	vxlan | direct) ;;
+	*) die "unknown mode '$mode' (weft, flannel, vxlan, direct)" ;;
+	esac
+}
+
+nsx() {
+	local ns=$1
+	shift
+	ip netns exec "$ns" "$@"
+}
+
+# new_ns <name>: a namespace with loopback up and IPv6 off (the lab is IPv4 only; this keeps
+# router solicitations and MLD reports out of the measurements).
+new_ns() {
+	ns_exists "$1" && die "namespace $1 already exists"
+	ip netns add "$1"
+	ip -n "$1" link set lo up
+	nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
+}
+
+make_hosts() {
+	local n
+	for n in 1 2; do
+		new_ns "$(ns_h "$n")"
+		nsx "$(ns_h "$n")" sysctl -qw net.ipv4.ip_forward=1
+	done
+	# The veth pair is created inside host 1 with its peer placed straight into host 2.
+	ip -n "$(ns_h 1)" link add "$(link_underlay 1)" mtu "$UNDERLAY_MTU" type veth \
+		peer name "$(link_underlay 2)" mtu "$UNDERLAY_MTU" netns "$(ns_h 2)"
+	for n in 1 2; do
+		ip -n "$(ns_h "$n")" addr add "$UNDERLAY.$n/24" dev "$(link_underlay "$n")"
+		ip -n "$(ns_h "$n")" link set "$(link_underlay "$n")" up
+	done
+}
+
+etcdctl_h1() {
+	nsx "$(ns_h 1)" env ETCDCTL_API=3 "$ETCDCTL_BIN" --endpoints "$ETCD_URL" --dial-timeout 2s "$@"
+}
+
+start_etcd() {
+	mkdir -p "$RUN/etcd"
+	start_bg etcd "$(ns_h 1)" "$RUN/etcd.log" "$ETCD_BIN" --name weft-lab --data-dir "$RUN/etcd/data" \
+		--listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+		--listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+		--initial-cluster weft-lab=http://127.0.0.1:2380
+	local pid=$LAST_PID i
+	for ((i = 0; i < TIMEOUT * 5; i++)); do
+		if etcdctl_h1 endpoint health >/dev/null 2>&1; then
+			log "etcd is up on $ETCD_URL (host 1)"
+			etcdctl_h1 put "$ETCD_PREFIX/config" "$NETWORK_CONFIG" >/dev/null
+			return 0
+		fi
+		[[ -e /proc/$pid ]] || break
+		sleep 0.2
+	done
+	tail -n 20 "$RUN/etcd.log" >&2 || true
+	die "etcd did not become healthy within ${TIMEOUT}s (log above)"
+}
+
+start_daemon() {
+	local n=$1 mode=$2 bin
+	bin=$(daemon_bin "$mode")
+	mkdir -p "$RUN/h$n"
+	local args=(--etcd-endpoints "$ETCD_URL" --iface "$(link_underlay "$n")" --public-ip "$UNDERLAY.$n"
+		--subnet-file "$RUN/h$n/subnet.env" --healthz-port "$HEALTHZ_PORT")
+	if [[ $mode == weft ]]; then
+		[[ -z $WORKERS ]] || args+=(--workers "$WORKERS")
+		[[ -z $IO_MODE ]] || args+=(--io "$IO_MODE")
+		args+=("${DAEMON_EXTRA[@]}")
+	fi
+	printf '%q ' "$bin" "${args[@]}" >"$RUN/h$n/cmdline"
+	# The daemon sees only the lab's flags: no FLANNELD_* settings and no systemd notify socket
+	# from the caller's environment.
+	local unset=(-u NOTIFY_SOCKET) var
+	for var in $(compgen -e); do
+		[[ $var != FLANNELD_* ]] || unset+=(-u "$var")
+	done
+	start_bg "daemon$n" "$(ns_h "$n")" "$RUN/h$n/daemon.log" env "${unset[@]}" "$bin" "${args[@]}"
+	DAEMON_PIDS+=("$LAST_PID")
+}
+
+# wait_daemon <n> <pid>: wait for the daemon's subnet.env, then for its healthz to answer 200.
+wait_daemon() {
+	local n=$1 pid=$2 name i
+	name=$(basename "$(daemon_bin "$LAB_MODE")")
+	for ((i = 0; i < TIMEOUT * 10; i++)); do
+		[[ -s $RUN/h$n/subnet.env ]] && break
+		if ! [[ -e /proc/$pid ]] || [[ $(proc_state "$pid") == Z ]]; then
+			local rc=0
+			wait "$pid" 2>/dev/null || rc=$?
+			echo "--- $name log (host $n) ---" >&2
+			tail -n 30 "$RUN/h$n/daemon.log" >&2 || true
+			die "$name on host $n exited (status $rc) before writing $RUN/h$n/subnet.env"
+		fi
+		sleep 0.1
+	done
+	if [[ ! -s $RUN/h$n/subnet.env ]]; then
+		echo "--- $name log (host $n) ---" >&2
+		tail -n 30 "$RUN/h$n/daemon.log" >&2 || true
+		die "$name on host $n wrote no subnet.env within ${TIMEOUT}s"
+	fi
+	local url="http://127.0.0.1:$HEALTHZ_PORT/healthz"
+	for ((i = 0; i < TIMEOUT * 5; i++)); do
+		if nsx "$(ns_h "$n")" python3 -c '
+import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200 else 1)
+except Exception:
+    sys.exit(1)' "$url"; then
+			log "host $n: $name wrote subnet.env and answers $url with 200"
+			return 0
+		fi
+		sleep 0.2
+	done
+	die "$name on host $n does not answer GET $url with 200 (--healthz-port $HEALTHZ_PORT)"
+}
+
+# Kernel modes write the subnet.env a flanneld would have written for fixed subnets 10.1.N.0/24.
+write_static_env() {
+	local n=$1 mtu=$2
+	mkdir -p "$RUN/h$n"
+	cat >"$RUN/h$n/subnet.env" <<EOF
+FLANNEL_NETWORK=$NETWORK
+FLANNEL_SUBNET=10.1.$n.1/24
+FLANNEL_MTU=$mtu
+FLANNEL_IPMASQ=false
+EOF
+}
+
+# flannel's vxlan backend: device flannel.1 (VNI 1, port 8472, no learning) holding X.0/32, and for
+# each peer a route "via peerX.0 onlink", a permanent ARP entry and an FDB entry.
+setup_vxlan() {
+	local n m mac=("" "" "")
+	for n in 1 2; do
+		write_static_env "$n" "$VXLAN_MTU"
+		ip -n "$(ns_h "$n")" link add flannel.1 type vxlan id 1 local "$UNDERLAY.$n" \
+			dev "$(link_underlay "$n")" dstport 8472 nolearning
+		ip -n "$(ns_h "$n")" link set flannel.1 mtu "$VXLAN_MTU"
+		ip -n "$(ns_h "$n")" addr add "10.1.$n.0/32" dev flannel.1
+		ip -n "$(ns_h "$n")" link set flannel.1 up
+		mac[n]=$(nsx "$(ns_h "$n")" cat /sys/class/net/flannel.1/address)
+	done
+	for n in 1 2; do
+		m=$(other "$n")
+		ip -n "$(ns_h "$n")" neigh replace "10.1.$m.0" lladdr "${mac[m]}" dev flannel.1 nud permanent
+		bridge -n "$(ns_h "$n")" fdb append "${mac[m]}" dev flannel.1 dst "$UNDERLAY.$m" self permanent
+		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "10.1.$m.0" dev flannel.1 onlink
+	done
+}
+
+# flannel's host-gw backend: the peer's subnet via the peer's underlay address.
+setup_direct() {
+	local n m
+	for n in 1 2; do write_static_env "$n" "$UNDERLAY_MTU"; done
+	for n in 1 2; do
+		m=$(other "$n")
+		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+	done
+}
+
+# env_get <file> <KEY>: one value from a subnet.env, read as data (never sourced).
+env_get() {
+	local line
+	while IFS= read -r line || [[ -n $line ]]; do
+		if [[ $line == "$2="* ]]; then
+			echo "${line#*=}"
+			return 0
+		fi
+	done <"$1"
+	return 1
+}
+
+# make_container <n>: what docker does with subnet.env: bridge cbr0 holding FLANNEL_SUBNET with
+# MTU FLANNEL_MTU, a container on it at the subnet's .2 with its default route via the bridge.
+make_container() {
+	local n=$1 env=$RUN/h$1/subnet.env sub mtu
+	sub=$(env_get "$env" FLANNEL_SUBNET) || die "$env has no FLANNEL_SUBNET"
+	mtu=$(env_get "$env" FLANNEL_MTU) || die "$env has no FLANNEL_MTU"
+	[[ $sub =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] || die "$env: bad FLANNEL_SUBNET '$sub'"
+	[[ $mtu =~ ^[0-9]+$ ]] || die "$env: bad FLANNEL_MTU '$mtu'"
+	local len=${sub#*/} gw=${sub%/*} addr
+	addr=$(network_plus "$sub" 2)
+	SUBNET[n]="$(network_plus "$sub" 0)/$len"
+	C_ADDR[n]=$addr
+	local h c
+	h=$(ns_h "$n")
+	c=$(ns_c "$n")
+	new_ns "$c"
+	ip -n "$h" link add cbr0 type bridge
+	ip -n "$h" link set cbr0 mtu "$mtu"
+	ip -n "$h" addr add "$sub" dev cbr0
+	ip -n "$h" link set cbr0 up
+	ip -n "$h" link add "$(link_bridge_port "$n")" mtu "$mtu" type veth \
+		peer name "$(link_container "$n")" mtu "$mtu" netns "$c"
+	ip -n "$h" link set "$(link_bridge_port "$n")" master cbr0 up
+	ip -n "$c" addr add "$addr/$len" dev "$(link_container "$n")"
+	ip -n "$c" link set "$(link_container "$n")" up
+	ip -n "$c" route add default via "$gw"
+}
+
+# wait_overlay: wait until each container reaches the other (a daemon learns its peer's lease
+# from etcd some time after writing its own subnet.env).
+wait_overlay() {
+	local start=$SECONDS ok12=0 ok21=0
+	while ((SECONDS - start < TIMEOUT)); do
+		((ok12)) || { nsx "$(ns_c 1)" ping -c 1 -W 1 "${C_ADDR[2]}" >/dev/null 2>&1 && ok12=1; }
+		((ok21)) || { nsx "$(ns_c 2)" ping -c 1 -W 1 "${C_ADDR[1]}" >/dev/null 2>&1 && ok21=1; }
+		if ((ok12 && ok21)); then
+			log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
+			return 0
+		fi
+		sleep 0.2
+	done
+	((ok12)) || warn "c1 (${C_ADDR[1]}) cannot reach c2 (${C_ADDR[2]})"
+	((ok21)) || warn "c2 (${C_ADDR[2]}) cannot reach c1 (${C_ADDR[1]})"
+	die "the overlay did not connect the containers within ${TIMEOUT}s"
+}
+
+# lab_up <mode>: bring a whole lab up (etcd -> daemons -> containers). Uses PREFIX if set.
+lab_up() {
+	local mode=$1
+	preflight "$mode"
+	LAB_SEQ=$((LAB_SEQ + 1))
+	if [[ -n $PREFIX ]]; then
+		P=$PREFIX
+	else
+		P="wl$$"
+		((LAB_SEQ == 1)) || P="wl$$x$LAB_SEQ"
+	fi
+	valid_prefix "$P" || die "bad prefix '$P': 2-12 characters, a-z then a-z/0-9"
+	local n
+	for n in 1 2; do
+		ns_exists "$(ns_h "$n")" && die "namespace $(ns_h "$n") exists: prefix $P is in use"
+		ns_exists "$(ns_c "$n")" && die "namespace $(ns_c "$n") exists: prefix $P is in use"
+	done
+	RUN=$(rundir_for "$P")
+	mkdir -m 700 "$RUN" 2>/dev/null || die "cannot create $RUN (exists already?)"
+	LAB_ACTIVE=1
+	LAB_MODE=$mode
+	DAEMON_PIDS=()
+	echo "$mode" >"$RUN/mode"
+	: >"$RUN/pids"
+	log "bringing up the $mode lab, prefix $P, run dir $RUN"
+	make_hosts
+	case $mode in
+	weft | flannel)
+		start_etcd
+		start_daemon 1 "$mode"
+		start_daemon 2 "$mode"
+		wait_daemon 1 "${DAEMON_PIDS[0]}"
+		wait_daemon 2 "${DAEMON_PIDS[1]}"
+		;;
+	vxlan) setup_vxlan ;;
+	direct) setup_direct ;;
+	esac
+	for n in 1 2; do make_container "$n"; done
+	printf 'C1=%s\nC2=%s\n' "${C_ADDR[1]}" "${C_ADDR[2]}" >"$RUN/containers"
+	log "containers: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}), c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
+	wait_overlay
+}
+
+# lab_down: stop the lab's processes, delete its namespaces and (unless kept) its run dir.
+lab_down() {
+	[[ $LAB_ACTIVE == 1 ]] || return 0
+	LAB_ACTIVE=0
+	set +e
+	stop_recorded
+	local ns
+	for ns in "$(ns_c 1)" "$(ns_c 2)" "$(ns_h 1)" "$(ns_h 2)"; do
+		if ns_exists "$ns"; then
+			local left
+			left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+			[[ -z $left ]] || warn "namespace $ns still holds processes the lab did not start: $left(not touched)"
+			ip netns delete "$ns" || warn "could not delete namespace $ns"
+		fi
+	done
+	if [[ $RUN == */weft-lab."$P" && -d $RUN ]]; then
+		if [[ $KEEP == 1 ]]; then
+			log "logs kept in $RUN"
+		else
+			rm -rf -- "$RUN"
+		fi
+	fi
+	set -e
+	log "lab $P is down"
+}
+
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [[ $LAB_ACTIVE == 1 ]]; then
+		if ((rc != 0)) && [[ -n $RUN && -d $RUN ]]; then
+			local f
+			for f in "$RUN"/h*/daemon.log; do
+				[[ -s $f ]] || continue
+				echo "--- last lines of $f ---" >&2
+				tail -n 15 "$f" >&2
+			done
+		fi
+		lab_down
+	fi
+	exit "$rc"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Looking at a lab
+
+show_lab() {
+	local n
+	echo
+	echo "=== weft lab '$P' ($LAB_MODE) ==="
+	if [[ $LAB_MODE == weft || $LAB_MODE == flannel ]]; then
+		echo
+		echo "--- etcd: etcdctl get --prefix $ETCD_PREFIX (from host 1) ---"
+		# etcdctl prints each key and its value on separate lines; shown here as "key value".
+		etcdctl_h1 get --prefix "$ETCD_PREFIX" | paste -d' ' - - | sed 's/^/  /' || true
+	fi
+	for n in 1 2; do
+		echo
+		echo "--- host $n ($UNDERLAY.$n): $RUN/h$n/subnet.env ---"
+		sed 's/^/  /' "$RUN/h$n/subnet.env"
+		echo "--- host $n: ip route ---"
+		ip -n "$(ns_h "$n")" route show | sed 's/^/  /'
+	done
+	for n in 1 2; do
+		echo
+		echo "--- container $n: ip a ---"
+		ip -n "$(ns_c "$n")" addr show | sed 's/^/  /'
+	done
+	echo
+}
+
+print_enter_instructions() {
+	cat <<EOF
+
+The lab stays up (prefix $P, mode $LAB_MODE, run dir $RUN).
+Enter a namespace:
+  ip netns exec $(ns_c 1) bash     # container 1, ${C_ADDR[1]}
+  ip netns exec $(ns_c 2) bash     # container 2, ${C_ADDR[2]}
+  ip netns exec $(ns_h 1) bash     # host 1, $UNDERLAY.1 (etcd, daemon logs in $RUN)
+  ip netns exec $(ns_h 2) bash     # host 2, $UNDERLAY.2
+Try:
+  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}
+Tear it down:
+  bash $LAB_DIR/lab.sh down $P
+EOF
+}
+
+# ping_check <from> <to>: 5 pings, 0 % loss asserted; prints the summary and sets PING_AVG.
+PING_AVG=""
+ping_check() {
+	local from=$1 to=$2 out
+	out=$(nsx "$(ns_c "$from")" ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
+	echo "$out" | sed 's/^/  /'
+	grep -q ' 0% packet loss' <<<"$out" || die "ping c$from -> c$to lost packets"
+	PING_AVG=$(sed -n 's|^rtt [^=]*= [^/]*/\([^/]*\)/.*|\1|p' <<<"$out")
+}
+
+start_iperf_server() {
+	local n=$1 i
+	start_bg "iperf3-server-c$n" "$(ns_c "$n")" "$RUN/iperf3-server-c$n.log" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	for ((i = 0; i < 50; i++)); do
+		if nsx "$(ns_c "$n")" ss -Htln "sport = :$IPERF_PORT" | grep -q .; then return 0; fi
+		sleep 0.1
+	done
+	die "iperf3 server in container $n did not start"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+# build_weftd: cargo build --release -p weft-control, as the user who ran sudo if there is one (so
+# that target/ stays theirs and their toolchain is used).
+build_weftd() {
+	local cargo="" user=${SUDO_USER:-}
+	[[ $user != root ]] || user=""
+	if [[ -n $user ]]; then
+		local home
+		home=$(getent passwd "$user" | cut -d: -f6)
+		if [[ -x $home/.cargo/bin/cargo ]]; then
+			cargo=$home/.cargo/bin/cargo
+		else
+			cargo=$(sudo -u "$user" -H bash -lc 'command -v cargo' 2>/dev/null || true)
+		fi
+	else
+		cargo=$(command -v cargo || true)
+	fi
+	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --no-build with a built weftd"
+	log "building weftd (cargo build --release -p weft-control)${user:+ as $user}"
+	if [[ -n $user ]]; then
+		(cd "$REPO_ROOT" && sudo -u "$user" -H "$cargo" build --release -p weft-control)
+	else
+		(cd "$REPO_ROOT" && "$cargo" build --release -p weft-control)
+	fi
+}
+
+cmd_demo() {
+	if [[ $MODE == weft ]]; then
+		if [[ $DO_SETUP == 1 ]]; then
+			require_root
+			log "checking the machine (scripts/setup.sh)"
+			bash "$REPO_ROOT/scripts/setup.sh"
+		fi
+		[[ $DO_BUILD == 0 ]] || build_weftd
+	fi
+	lab_up "$MODE"
+	show_lab
+	local avg12 avg21
+	echo "--- ping c1 -> c2 ---"
+	ping_check 1 2
+	avg12=$PING_AVG
+	echo "--- ping c2 -> c1 ---"
+	ping_check 2 1
+	avg21=$PING_AVG
+	start_iperf_server 2
+	echo "--- iperf3 c1 -> c2, 5 s ---"
+	local out
+	out=$(nsx "$(ns_c 1)" iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -t 5 -f g 2>&1) || {
+		echo "$out"
+		die "iperf3 c1 -> c2 failed"
+	}
+	echo "$out" | sed 's/^/  /'
+	local rate
+	rate=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i + 1) == "Gbits/sec") print $i}' <<<"$out" | tail -n 1)
+	echo
+	echo "=== summary ($LAB_MODE lab, prefix $P) ==="
+	echo "  c1 ${C_ADDR[1]} (host 1 subnet ${SUBNET[1]}) <-> c2 ${C_ADDR[2]} (host 2 subnet ${SUBNET[2]})"
+	echo "  ping c1 -> c2: 5/5 replies, avg ${avg12} ms"
+	echo "  ping c2 -> c1: 5/5 replies, avg ${avg21} ms"
+	echo "  iperf3 c1 -> c2 (TCP, 1 stream, 5 s): ${rate:-?} Gbit/s received"
+	if [[ $KEEP == 1 ]]; then
+		LAB_ACTIVE=0
+		print_enter_instructions
+	fi
+}
+
+cmd_up() {
+	lab_up "$MODE"
+	show_lab
+	LAB_ACTIVE=0
+	KEEP=1
+	print_enter_instructions
+}
+
+cmd_down() {
+	require_root
+	[[ ${#POSITIONAL[@]} -eq 1 ]] || die "usage: lab.sh down <prefix>"
+	P=${POSITIONAL[0]}
+	valid_prefix "$P" || die "bad prefix '$P'"
+	RUN=$(rundir_for "$P")
+	if [[ ! -d $RUN ]]; then
+		local any=0 n
+		for n in 1 2; do ns_exists "$(ns_h "$n")" && any=1; done
+		for n in 1 2; do ns_exists "$(ns_c "$n")" && any=1; done
+		((any)) || die "no lab with prefix $P (no $RUN, no namespaces $P-*)"
+		warn "no run dir $RUN: deleting namespaces only; processes are not known and are left alone"
+	fi
+	LAB_MODE=$(cat "$RUN/mode" 2>/dev/null || echo unknown)
+	KEEP=0
+	LAB_ACTIVE=1
+	lab_down
+}
+
+cmd_list() {
+	local d found=0
+	for d in "${TMPDIR:-/tmp}"/weft-lab.*; do
+		[[ -d $d ]] || continue
+		found=1
+		local p=${d##*/weft-lab.}
+		printf '%s\t%s\t%s\n' "$p" "$(cat "$d/mode" 2>/dev/null || echo '?')" "$d"
+	done
+	((found)) || echo "no labs are up"
+}
+
+# ----- bench
+
+cpu_busy_ticks() {
+	# user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+	awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
+}
+
+cpu_total_ticks() {
+	awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit}' /proc/stat
+}
+
+daemon_ticks() {
+	local pid sum=0 stat
+	for pid in "${DAEMON_PIDS[@]}"; do
+		stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+		stat=${stat##*) }
+		sum=$((sum + $(awk '{print $12 + $13}' <<<"$stat")))
+	done
+	echo "$sum"
+}
+
+# busy_fraction: share of all CPUs busy over one second.
+busy_fraction() {
+	local b0 t0 b1 t1
+	b0=$(cpu_busy_ticks)
+	t0=$(cpu_total_ticks)
+	sleep 1
+	b1=$(cpu_busy_ticks)
+	t1=$(cpu_total_ticks)
+	awk -v b=$((b1 - b0)) -v t=$((t1 - t0)) 'BEGIN { f = (t > 0 ? b / t : 0); printf "%.2f", (f > 1 ? 1 : f) }'
+}
+
+# wait_quiet: wait until the machine is quiet (busy share below --quiet-load) or the timeout ends.
+QUIET_BUSY=""
+QUIET_OK=0
+wait_quiet() {
+	local start=$SECONDS f
+	while :; do
+		f=$(busy_fraction)
+		if awk -v f="$f" -v m="$QUIET_LOAD" 'BEGIN { exit !(f < m) }'; then
+			QUIET_BUSY=$f
+			QUIET_OK=1
+			return 0
+		fi
+		if ((SECONDS - start >= QUIET_TIMEOUT)); then
+			warn "machine still busy (${f} of all CPUs) after ${QUIET_TIMEOUT}s; measuring anyway (recorded as noisy)"
+			QUIET_BUSY=$f
+			QUIET_OK=0
+			return 0
+		fi
+		log "waiting for a quiet machine (busy ${f}, want < ${QUIET_LOAD})"
+		sleep 4
+	done
+}
+
+# measure <name> <command...>: run a test, recording machine and daemon CPU ticks around it.
+M_CPU=0
+M_DAEMON=0
+measure() {
+	local m0 d0 m1 d1
+	m0=$(cpu_busy_ticks)
+	d0=$(daemon_ticks)
+	"$@"
+	m1=$(cpu_busy_ticks)
+	d1=$(daemon_ticks)
+	M_CPU=$((m1 - m0))
+	M_DAEMON=$((d1 - d0))
+}
+
+iperf_json() {
+	local out=$1
+	shift
+	if ! nsx "$(ns_c 1)" iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -J "$@" >"$out" 2>"$out.err"; then
+		cat "$out.err" >&2
+		head -c 2000 "$out" >&2
+		die "iperf3 $* failed (see $out)"
+	fi
+	[[ -s $out.err ]] || rm -f -- "$out.err"
+}
+
+bench_one() {
+	local round=$1 mode=$2 raw=$3
+	local tag="r$round-$mode"
+	wait_quiet
+	lab_up "$mode"
+	# Resolve neighbours and warm the path before measuring.
+	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	start_iperf_server 2
+	log "$tag: ping x$PINGS"
+	nsx "$(ns_c 1)" ping -q -c "$PINGS" -i 0.01 -W 2 "${C_ADDR[2]}" >"$raw/$tag-ping.txt" 2>&1 || true
+	log "$tag: TCP, 1 stream, ${DURATION}s"
+	measure iperf_json "$raw/$tag-tcp1.json" -t "$DURATION"
+	local tcp1=("$M_CPU" "$M_DAEMON")
+	log "$tag: TCP, 4 streams, ${DURATION}s"
+	measure iperf_json "$raw/$tag-tcp4.json" -t "$DURATION" -P 4
+	local tcp4=("$M_CPU" "$M_DAEMON")
+	log "$tag: UDP at $UDP_RATE bit/s, ${UDP_LEN}-byte datagrams, ${DURATION}s"
+	measure iperf_json "$raw/$tag-udp.json" -t "$DURATION" -u -b "$UDP_RATE" -l "$UDP_LEN"
+	local udp=("$M_CPU" "$M_DAEMON")
+	local has_daemon=0
+	[[ $mode == weft || $mode == flannel ]] && has_daemon=1
+	python3 "$REPORT_PY" record --out "$OUT_DIR/raw.jsonl" --mode "$mode" --round "$round" \
+		--clk-tck "$(getconf CLK_TCK)" --busy-before "$QUIET_BUSY" --quiet "$QUIET_OK" \
+		--has-daemon "$has_daemon" \
+		--ping "$raw/$tag-ping.txt" \
+		--tcp1 "$raw/$tag-tcp1.json" --tcp1-cpu "${tcp1[0]}" --tcp1-daemon "${tcp1[1]}" \
+		--tcp4 "$raw/$tag-tcp4.json" --tcp4-cpu "${tcp4[0]}" --tcp4-daemon "${tcp4[1]}" \
+		--udp "$raw/$tag-udp.json" --udp-cpu "${udp[0]}" --udp-daemon "${udp[1]}"
+	lab_down
+}
+
+cmd_bench() {
+	local modes=()
+	if [[ -n $BENCH_MODES ]]; then
+		IFS=, read -r -a modes <<<"$BENCH_MODES"
+	else
+		modes=(weft vxlan direct)
+		[[ -z ${FLANNELD_BIN:-} ]] || modes+=(flannel)
+	fi
+	[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
+	[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer (seconds)"
+	[[ $PINGS =~ ^[1-9][0-9]*$ ]] || die "--pings must be a positive integer"
+	local mode
+	for mode in "${modes[@]}"; do preflight "$mode"; done
+	[[ -n $OUT_DIR ]] || OUT_DIR="$LAB_DIR/results/$(date -u +%Y%m%dT%H%M%SZ)"
+	mkdir -p "$OUT_DIR/raw"
+	: >"$OUT_DIR/raw.jsonl"
+	local weftd_version=""
+	if [[ " ${modes[*]} " == *" weft "* ]]; then
+		weftd_version=$("$WEFTD_BIN" --version 2>/dev/null | head -n 1 || true)
+	fi
+	python3 "$REPORT_PY" meta --out "$OUT_DIR/meta.json" \
+		--modes "$(
+			IFS=,
+			echo "${modes[*]}"
+		)" \
+		--rounds "$ROUNDS" --duration "$DURATION" --pings "$PINGS" --udp-rate "$UDP_RATE" \
+		--udp-len "$UDP_LEN" --workers "$WORKERS" --io "$IO_MODE" \
+		--weftd-version "$weftd_version" \
+		--iperf3-version "$(iperf3 --version 2>/dev/null | head -n 1)" \
+		--git "$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+	log "bench: modes ${modes[*]}, $ROUNDS round(s), ${DURATION}s per test; results in $OUT_DIR"
+	local round
+	for ((round = 1; round <= ROUNDS; round++)); do
+		# Rotate the order each round so that no mode always runs first.
+		local k i
+		for ((k = 0; k < ${#modes[@]}; k++)); do
+			i=$(((k + round - 1) % ${#modes[@]}))
+			bench_one "$round" "${modes[i]}" "$OUT_DIR/raw"
+		done
+	done
+	python3 "$REPORT_PY" summarize "$OUT_DIR"
+	log "results: $OUT_DIR/{results.json,summary.md,chart.svg}"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+parse_opts() {
+	while (($#)); do
+		case $1 in
+		--mode) MODE=${2:?--mode needs a value} && shift ;;
+		--prefix) PREFIX=${2:?--prefix needs a value} && shift ;;
+		--keep) KEEP=1 ;;
+		--timeout) TIMEOUT=${2:?} && shift ;;
+		--workers) WORKERS=${2:?--workers needs a value} && shift ;;
+		--io) IO_MODE=${2:?--io needs a value} && shift ;;
+		--weftd) WEFTD_BIN=${2:?} && shift ;;
+		--weftd-arg) DAEMON_EXTRA+=("${2:?}") && shift ;;
+		--no-setup) DO_SETUP=0 ;;
+		--no-build) DO_BUILD=0 ;;
+		--pid-log) PID_LOG=${2:?} && shift ;;
+		--modes) BENCH_MODES=${2:?} && shift ;;
+		--rounds) ROUNDS=${2:?} && shift ;;
+		--duration) DURATION=${2:?} && shift ;;
+		--pings) PINGS=${2:?} && shift ;;
+		--udp-rate) UDP_RATE=${2:?} && shift ;;
+		--udp-len) UDP_LEN=${2:?} && shift ;;
+		--out) OUT_DIR=${2:?} && shift ;;
+		--quiet-load) QUIET_LOAD=${2:?} && shift ;;
+		--quiet-timeout) QUIET_TIMEOUT=${2:?} && shift ;;
+		-h | --help)
+			usage
+			exit 0
+			;;
+		-*) die "unknown option '$1' (lab.sh help)" ;;
+		*) POSITIONAL+=("$1") ;;
+		esac
+		shift
+	done
+	[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer"
+	[[ -z $IO_MODE || $IO_MODE == uring || $IO_MODE == syscalls ]] || die "--io must be uring or syscalls"
+	[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
+	[[ -z $PREFIX ]] || valid_prefix "$PREFIX" || die "bad --prefix '$PREFIX': 2-12 characters, a-z then a-z/0-9"
+	[[ -z $WEFTD_BIN || $WEFTD_BIN == /* ]] || WEFTD_BIN="$PWD/$WEFTD_BIN"
+}
+
+main() {
+	local cmd=${1:-help}
+	(($#)) && shift
+	# The lab needs root: re-run through sudo when started as a user.
+	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench)$ ]] && command -v sudo >/dev/null 2>&1; then
+		echo "[lab] the lab needs root (network namespaces): re-running with sudo" >&2
+		exec sudo -E bash "$LAB_DIR/lab.sh" "$cmd" "$@"
+	fi
+	parse_opts "$@"
+	if [[ $cmd != down && ${#POSITIONAL[@]} -gt 0 ]]; then
+		die "unexpected argument '${POSITIONAL[0]}' (lab.sh help)"
+	fi
+	trap on_exit EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	case $cmd in
+	demo) cmd_demo ;;
+	up) cmd_up ;;
+	down) cmd_down ;;
+	list) cmd_list ;;
+	bench) cmd_bench ;;
+	help | -h | --help) usage ;;
+	*)
+		usage >&2
+		die "unknown subcommand '$cmd'"
+		;;
+	esac
+}
+
+main "$@"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Prepares a Debian (or Ubuntu) machine to build, test and run weft's lab. Run as root.
+#
+# Installs what is missing of: etcd (server and etcdctl), protoc (etcd-client's build needs it),
+# iperf3, iproute2, ping, iptables, jq, python3. Runs `apt-get update` only when something is
+# missing, so a second run changes nothing and needs no network. Then checks /dev/net/tun and that
+# a Rust toolchain (cargo) is installed. Exits non-zero, saying why, if anything is missing.
+set -euo pipefail
+
+PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3)
+# What each package must provide.
+COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3)
+
+say() { printf '[setup] %s\n' "$*"; }
+die() {
+	printf '[setup] error: %s\n' "$*" >&2
+	exit 1
+}
+
+[[ $EUID -eq 0 ]] || die "run as root: sudo bash scripts/setup.sh"
+if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then
+	die "apt-get/dpkg-query not found: this script supports Debian and Ubuntu; install by hand: ${PACKAGES[*]}"
+fi
+
+installed() {
+	[[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+	installed "$p" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+	say "installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update || die "apt-get update failed"
+	apt-get install -y --no-install-recommends "${missing[@]}" || die "apt-get install ${missing[*]} failed"
+	for p in "${missing[@]}"; do
+		installed "$p" || die "package $p is still not installed"
+	done
+else
+	say "packages present: ${PACKAGES[*]}"
+fi
+
+for c in "${COMMANDS[@]}"; do
+	command -v "$c" >/dev/null 2>&1 || die "'$c' not found after installing ${PACKAGES[*]}"
+done
+
+if [[ ! -c /dev/net/tun ]]; then
+	modprobe tun 2>/dev/null || true
+	[[ -c /dev/net/tun ]] || die "/dev/net/tun is missing: the kernel needs TUN support (CONFIG_TUN, 'modprobe tun')"
+fi
+
+cargo_found=""
+if command -v cargo >/dev/null 2>&1; then
+	cargo_found=$(command -v cargo)
+elif [[ -n ${SUDO_USER:-} ]]; then
+	# Under sudo, root's PATH usually lacks the invoking user's ~/.cargo/bin.
+	home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+	[[ -x $home/.cargo/bin/cargo ]] && cargo_found=$home/.cargo/bin/cargo
+fi
+[[ -n $cargo_found ]] || die "cargo not found: install a Rust toolchain (https://rustup.rs), version 1.85 or later"
+
+say "ok: packages installed, /dev/net/tun present, cargo at $cargo_found"
