@@ -7,6 +7,7 @@
 #   5. the test suite: cargo nextest run --workspace (cargo test --workspace without nextest)
 #   6. fuzz/run.sh 20                         a bounded fuzz run of every target
 #   7. bench/lab/test.sh                      the lab: weft, kernel VXLAN and direct modes (root)
+#   8. deploy/test.sh                         systemd units, docker options, CNI, Vagrant lab
 # Every step runs even when an earlier one failed; the summary lists each step's result and the
 # exit status is non-zero if any step failed. With CI=true a missing prerequisite (root, a cargo
 # component, fuzz/run.sh) is a failure; otherwise the step is reported as SKIPPED.
@@ -115,6 +116,12 @@ if ((HAVE_ROOT)); then
 	step "lab (bench/lab/test.sh: weft, vxlan, direct)" as_root bash bench/lab/test.sh --weftd "$ROOT/target/release/weftd"
 else
 	missing "lab (bench/lab/test.sh: weft, vxlan, direct)" "needs root (or passwordless sudo) for network namespaces"
+fi
+
+if ((HAVE_ROOT)); then
+	step "deploy (deploy/test.sh: units, docker options, CNI, vagrant validate)" as_root bash deploy/test.sh
+else
+	missing "deploy (deploy/test.sh)" "needs root (or passwordless sudo) to install vagrant and shellcheck"
 fi
 
 banner "summary ($((SECONDS - START)) s)"
