@@ -41,6 +41,10 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     fn terminate(&mut self) -> Option<i32> {
         // SAFETY: kill has no memory-safety preconditions; the PID is our own child's.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -66,7 +70,9 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("weftd-netns-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("weftd-netns-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("cannot create a temp dir");
         TempDir(dir)
@@ -151,17 +157,22 @@ fn subnet_file(dir: &Path, host: &str) -> PathBuf {
     dir.join(host).join("subnet.env")
 }
 
-#[test]
-fn flanneld_command_line_gives_flanneld_state() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+fn etcd_healthy(ns: &NetNs) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns.name(), "etcdctl", "--endpoints", ETCD])
+        .args(["endpoint", "health"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
 
-    let etcd_dir = dir.0.join("etcd");
+/// etcd in `ns` on the underlay address, its data in `dir/etcd` (kept across restarts).
+fn start_etcd(ns: &NetNs, dir: &Path) -> Proc {
+    let etcd_dir = dir.join("etcd");
     let etcd = Proc::spawn(
-        &h1,
-        dir.0.join("etcd.log"),
+        ns,
+        dir.join("etcd.log"),
         "etcd",
         &[
             "--name=h1",
@@ -177,17 +188,20 @@ fn flanneld_command_line_gives_flanneld_state() {
     wait_for(
         "etcd",
         Duration::from_secs(20),
-        || {
-            Command::new("ip")
-                .args(["netns", "exec", h1.name(), "etcdctl", "--endpoints", ETCD])
-                .args(["endpoint", "health"])
-                .env("ETCDCTL_API", "3")
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        },
+        || etcd_healthy(ns),
         &[&etcd],
     );
+    etcd
+}
+
+#[test]
+fn flanneld_command_line_gives_flanneld_state() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+
+    let etcd = start_etcd(&h1, &dir.0);
     let keyspace = fixture_keyspace();
     let config = &keyspace[0];
     assert_eq!(config.0, "/coreos.com/network/config");
@@ -380,4 +394,108 @@ fn flanneld_command_line_gives_flanneld_state() {
 fn w1_pid(p: &Proc) -> u32 {
     // `ip netns exec` execs the program, so the child's PID is weftd's.
     p.child.id()
+}
+
+/// The subnet a host's subnet.env names (its lease's network address + 1), as an etcd key.
+fn lease_key_of(subnet_env: &Path) -> String {
+    let text = fs::read_to_string(subnet_env).unwrap_or_default();
+    let subnet = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {}: {text}", subnet_env.display()));
+    let (addr, len) = subnet.split_once('/').unwrap();
+    let mut octets: Vec<u8> = addr.split('.').map(|o| o.parse().unwrap()).collect();
+    octets[3] -= 1;
+    format!(
+        "/coreos.com/network/subnets/{}.{}.{}.{}-{len}",
+        octets[0], octets[1], octets[2], octets[3]
+    )
+}
+
+#[test]
+fn etcd_outage_and_a_deleted_lease_are_survived() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let mut etcd = start_etcd(&h1, &dir.0);
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.1.0.0/16"}"#,
+        ],
+    );
+
+    let weftd = env!("CARGO_BIN_EXE_weftd");
+    let start = |ns: &NetNs, host: &str, public_ip: &str| {
+        let file = subnet_file(&dir.0, host);
+        Proc::spawn(
+            ns,
+            dir.0.join(format!("{host}.log")),
+            weftd,
+            &[
+                "--etcd-endpoints",
+                ETCD,
+                "--iface",
+                "eth0",
+                "--public-ip",
+                public_ip,
+                "--subnet-file",
+                &file.to_string_lossy(),
+                "--healthz-port",
+                "8286",
+            ],
+            &[],
+        )
+    };
+    let mut w1 = start(&h1, "h1", "198.18.0.1");
+    let mut w2 = start(&h2, "h2", "198.18.0.2");
+    let healthy =
+        |ns: &NetNs, ip: &str| http_get(ns, &format!("http://{ip}:8286/healthz")).0 == 200;
+    wait_for(
+        "both weftd healthy",
+        Duration::from_secs(30),
+        || healthy(&h1, "198.18.0.1") && healthy(&h2, "198.18.0.2"),
+        &[&w1, &w2, &etcd],
+    );
+    let h2_key = lease_key_of(&subnet_file(&dir.0, "h2"));
+
+    // etcd goes away: both daemons keep running and keep reporting healthy (they hold valid
+    // leases and forward with the routes they have).
+    etcd.child.kill().unwrap();
+    etcd.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        w1.is_running(),
+        "weftd exited while etcd was down:\n{}",
+        w1.log()
+    );
+    assert!(
+        w2.is_running(),
+        "weftd exited while etcd was down:\n{}",
+        w2.log()
+    );
+    assert!(healthy(&h1, "198.18.0.1") && healthy(&h2, "198.18.0.2"));
+
+    // etcd is back; an operator deletes host 2's lease: host 2 takes the same subnet again.
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(&h1, &["del", &h2_key]);
+    wait_for(
+        "host 2 to re-acquire its deleted lease",
+        Duration::from_secs(40),
+        || {
+            etcdctl(&h1, &["get", &h2_key, "--print-value-only"]).trim()
+                == r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#
+        },
+        &[&w2, &etcd],
+    );
+    assert_eq!(lease_key_of(&subnet_file(&dir.0, "h2")), h2_key);
+    assert!(w1.is_running() && w2.is_running());
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    assert_eq!(w2.terminate(), Some(0), "{}", w2.log());
+    for log in [w1.log(), w2.log()] {
+        assert!(!log.contains("panicked"), "{log}");
+    }
 }
