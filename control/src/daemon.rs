@@ -144,7 +144,7 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
             tun_mtu: tun_mtu as usize,
             allow_foreign_sources: flags.allow_foreign_sources,
         },
-        pin_cores: true,
+        pin_cores: flags.pin_workers,
     }
 }
 
