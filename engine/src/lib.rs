@@ -13,6 +13,7 @@ pub mod counters;
 pub mod decide;
 pub mod engine;
 pub mod icmp;
+pub mod offload;
 pub mod packet;
 pub mod route;
 mod syscalls;
