@@ -26,7 +26,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_engine::{
-    open_queues, Engine, EngineConfig, IoBackend, Overlay, Policy, RouteTable, Routes,
+    open_queues_with, Engine, EngineConfig, IoBackend, Offloads, Overlay, Policy, RouteTable,
+    Routes,
 };
 
 /// The overlay every lab uses: flannel's example Network cut into /24 subnets.
@@ -202,14 +203,27 @@ impl Lab {
     }
 
     /// Open a `workers`-queue TUN in `host`'s namespace, configure it as flanneld does and
-    /// start the engine there.
+    /// start the engine there, with every offload.
     pub fn start_engine(&self, host: &Host, backend: IoBackend, workers: usize) -> RunningEngine {
+        self.start_engine_with(host, backend, workers, Offloads::ALL)
+    }
+
+    /// Like [`Lab::start_engine`], with the given offloads; without TUN offloads the TUN is
+    /// opened without a virtio-net header, as the udp backend always did.
+    pub fn start_engine_with(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        workers: usize,
+        offloads: Offloads,
+    ) -> RunningEngine {
         let routes = self.routes_for(host);
         let ns = host.ns.clone();
         let subnet = host.subnet;
         let public = host.public;
         in_netns(&host.ns, move || {
-            let queues = open_queues(TUN_PATTERN, workers).expect("open TUN queues");
+            let queues =
+                open_queues_with(TUN_PATTERN, workers, offloads.tun).expect("open TUN queues");
             let tun = queues[0].name().to_owned();
             configure_tun(&ns, &tun, subnet);
             let config = EngineConfig {
@@ -221,6 +235,7 @@ impl Lab {
                     allow_foreign_sources: false,
                 },
                 pin_cores: false,
+                offloads,
             };
             let engine = Engine::start(config, queues, routes).expect("start engine");
             RunningEngine { engine, tun }
