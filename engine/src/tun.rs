@@ -292,6 +292,7 @@ pub(crate) struct WriteList {
 pub(crate) struct WriteEntry {
     first_iov: u32,
     iovs: u32,
+    vnet: bool,
     /// What the write carries.
     pub(crate) count: WriteCount,
     /// Forwarded packets or an ICMP error.
@@ -304,6 +305,7 @@ impl WriteList {
         let entry = WriteEntry {
             first_iov: 0,
             iovs: 0,
+            vnet: false,
             count: WriteCount::default(),
             source: Source::Packet,
         };
@@ -360,12 +362,23 @@ impl WriteList {
         self.writes[self.len] = WriteEntry {
             first_iov: first as u32,
             iovs: needed as u32,
+            vnet: vnet.is_some(),
             count,
             source,
         };
         self.len += 1;
         self.iovs_used += needed;
         true
+    }
+
+    /// The pieces of write `i`: its `iovec`s without the virtio-net header's.
+    pub(crate) fn pieces(&self, i: usize) -> &[libc::iovec] {
+        let Some(entry) = self.writes.get(..self.len).and_then(|w| w.get(i)) else {
+            return &[];
+        };
+        let first = entry.first_iov as usize + usize::from(entry.vnet);
+        let end = entry.first_iov as usize + entry.iovs as usize;
+        self.iovs.get(first..end).unwrap_or_default()
     }
 
     /// Write `i`: its `iovec` array and length, and what it carries.

@@ -41,7 +41,7 @@ use crate::decide::Policy;
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::{Coalescer, Segmenter, VnetHeader};
 use crate::route::RouteTable;
-use crate::tun::{TunQueue, WriteList};
+use crate::tun::{write_packet, TunQueue, WriteList};
 use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::worker::{
     count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
@@ -295,7 +295,10 @@ pub(crate) struct UringWorker {
     control_len: usize,
     offloads: WorkerOffloads,
     coalescer: Coalescer,
+    /// The packets of the batch's receives accepted for the TUN, and the slots they hold.
     accepted: Vec<(*mut u8, usize)>,
+    held: Vec<usize>,
+    queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
     read_failures: u32,
     completions: Vec<(u64, i32, u32)>,
@@ -350,7 +353,9 @@ impl UringWorker {
             control_len,
             offloads,
             coalescer: Coalescer::new(),
-            accepted: Vec::with_capacity(MAX_RX_DATAGRAMS),
+            accepted: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
+            held: Vec::with_capacity(UDP_SLOTS),
+            queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
             read_failures: 0,
             completions,
@@ -453,6 +458,7 @@ impl UringWorker {
                 Op::Cancel => {}
             }
         }
+        self.write_accepted(counts)?;
         if reads > 0 {
             counts.batches += 1;
             counts.batch_packets += counts.tun_rx_packets + counts.udp_rx_packets - packets_before;
@@ -581,7 +587,6 @@ impl UringWorker {
         let base = self.buffers.packet_ptr(slot);
         // SAFETY: as above.
         let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
-        self.accepted.clear();
         let accepted = &mut self.accepted;
         let answer = match received {
             None => {
@@ -605,9 +610,28 @@ impl UringWorker {
         let io = &mut self.io[slot];
         io.sends.clear();
         io.writes.clear();
-        let writes = &mut io.writes;
-        // SAFETY: the accepted packets lie in this slot's buffer, which no I/O uses until the
-        // writes are submitted, and which stays the worker's until they complete.
+        // Held until the batch's writes are prepared (see `write_accepted`).
+        io.pending += 1;
+        self.held.push(slot);
+        if let Some((to, len)) = answer {
+            let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+            io.sends.push(to, Source::Reply, &[piece], false);
+        }
+        self.submit(slot)
+    }
+
+    /// Write the packets accepted from every receive of the batch to the TUN, segments of one
+    /// flow merged into super-packets even across receives. A write is kept in the write list
+    /// of the slot holding its first packet and holds every slot it points into (once per
+    /// piece) until it completes; one that does not fit there is written at once.
+    fn write_accepted(&mut self, counts: &mut BatchCounts) -> Result<(), WorkerError> {
+        let buffers = &*self.buffers;
+        let io = &mut **self.io;
+        let queued = &mut self.queued_writes;
+        let fd = self._tun.as_raw_fd();
+        let mut fatal = None;
+        // SAFETY: the accepted packets lie in slots held by this batch, which no I/O uses
+        // until the writes are submitted; each write then holds the slots it points into.
         unsafe {
             for_each_tun_write(
                 &mut self.coalescer,
@@ -615,19 +639,57 @@ impl UringWorker {
                 &self.offloads,
                 counts,
                 |vnet, pieces, count| {
-                    if writes.push(vnet, pieces, count, Source::Packet) {
-                        Written::Queued
-                    } else {
-                        Written::Refused
+                    let head = pieces
+                        .first()
+                        .and_then(|p| buffers.slot_of(p.iov_base.cast()));
+                    if let Some(head) = head {
+                        if io[head].writes.push(vnet, pieces, count, Source::Packet) {
+                            for piece in pieces {
+                                if let Some(slot) = buffers.slot_of(piece.iov_base.cast()) {
+                                    io[slot].pending += 1;
+                                }
+                            }
+                            queued.push((head, io[head].writes.len() - 1));
+                            return Written::Queued;
+                        }
                     }
+                    let result = write_packet(fd, vnet.as_ref(), pieces);
+                    if result < 0 && write_error_is_fatal(-result as i32) {
+                        fatal.get_or_insert(-result as i32);
+                    }
+                    Written::Done(result)
                 },
             );
         }
-        if let Some((to, len)) = answer {
-            let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
-            io.sends.push(to, Source::Reply, &[piece], false);
+        self.accepted.clear();
+        if let Some(errno) = fatal {
+            return Err(WorkerError::fatal(Op::Write.what(), errno));
         }
-        self.submit(slot)
+        for index in 0..self.queued_writes.len() {
+            let (slot, i) = self.queued_writes[index];
+            let Some((iovs, count, _)) = self.io[slot].writes.get(i) else {
+                continue;
+            };
+            self.push(
+                opcode::Writev::new(TUN_FILE, iovs, count)
+                    .build()
+                    .user_data(Op::Write.encode(slot, i)),
+            )?;
+        }
+        self.queued_writes.clear();
+        while let Some(slot) = self.held.pop() {
+            self.release(slot)?;
+        }
+        Ok(())
+    }
+
+    /// One operation (or hold) of `slot` is over.
+    fn release(&mut self, slot: usize) -> Result<(), WorkerError> {
+        let Some(io) = self.io.get_mut(slot) else {
+            return Ok(());
+        };
+        io.pending = io.pending.saturating_sub(1);
+        self.slot_progressed(slot)
     }
 
     /// Submit every prepared send and write of `slot`, or give the slot back if there is none.
@@ -711,7 +773,8 @@ impl UringWorker {
         self.slot_progressed(slot)
     }
 
-    /// Write `i` of `slot` completed.
+    /// Write `i` of `slot` completed: release every slot it pointed into (an ICMP error, in
+    /// the slot's reply buffer, holds only its own).
     fn written(
         &mut self,
         slot: usize,
@@ -719,17 +782,28 @@ impl UringWorker {
         result: i32,
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        let Some(io) = self.io.get_mut(slot) else {
-            return Ok(());
-        };
-        io.pending = io.pending.saturating_sub(1);
         if result < 0 && write_error_is_fatal(-result) {
             return Err(WorkerError::fatal(Op::Write.what(), -result));
         }
-        if let Some((_, _, entry)) = io.writes.get(i) {
-            count_write(counts, entry.source, entry.count, i64::from(result));
+        let Some(entry) = self
+            .io
+            .get(slot)
+            .and_then(|io| io.writes.get(i))
+            .map(|w| w.2)
+        else {
+            return Ok(());
+        };
+        count_write(counts, entry.source, entry.count, i64::from(result));
+        if entry.source == Source::Reply {
+            return self.release(slot);
         }
-        self.slot_progressed(slot)
+        for piece in 0..self.io[slot].writes.pieces(i).len() {
+            let base = self.io[slot].writes.pieces(i)[piece].iov_base;
+            if let Some(held) = self.buffers.slot_of(base.cast()) {
+                self.release(held)?;
+            }
+        }
+        Ok(())
     }
 
     /// After an operation of `slot` completed: once none is left, send the rest of its

@@ -156,6 +156,13 @@ impl PacketBuffers {
         unsafe { self.packets.as_ptr().add(slot * STRIDE + HEADROOM) }
     }
 
+    /// The slot whose packet buffer `ptr` points into, if any.
+    pub(crate) fn slot_of(&self, ptr: *const u8) -> Option<usize> {
+        let offset = (ptr as usize).checked_sub(self.packets.as_ptr() as usize)?;
+        let slot = offset / STRIDE;
+        (slot < self.slots && offset % STRIDE >= HEADROOM).then_some(slot)
+    }
+
     /// `bytes` (at most [`HEADROOM`]) before the start of packet buffer `slot`.
     pub(crate) fn headroom_ptr(&self, slot: usize, bytes: usize) -> *mut u8 {
         assert!(bytes <= HEADROOM, "headroom of {bytes} bytes is too large");
@@ -472,8 +479,6 @@ pub(crate) enum Written {
     Done(i64),
     /// Queued; its completion is counted later.
     Queued,
-    /// Not taken (no room): counted in `io_errors`.
-    Refused,
 }
 
 /// Sort the packets accepted for the TUN (`packets`: start and length in the worker's
@@ -494,7 +499,6 @@ pub(crate) unsafe fn for_each_tun_write(
     let record = |counts: &mut BatchCounts, written: Written, count: WriteCount| match written {
         Written::Done(result) => count_write(counts, Source::Packet, count, result),
         Written::Queued => {}
-        Written::Refused => counts.io_errors += u64::from(count.packets),
     };
     let iov = |base: *mut u8, len: usize| libc::iovec {
         iov_base: base.cast(),
@@ -1134,12 +1138,12 @@ mod tests {
             assert_eq!(counts.tun_tx_packets, 6);
             assert_eq!(counts.tun_tx_bytes, 5 * 1472 + 84);
         }
-        // Refused writes are counted per packet.
+        // Failed writes are counted per packet.
         let mut counts = BatchCounts::default();
         // SAFETY: as above.
         unsafe {
             for_each_tun_write(&mut coalescer, &packets, &all, &mut counts, |_, _, _| {
-                Written::Refused
+                Written::Done(-i64::from(libc::EINVAL))
             });
         }
         assert_eq!(counts.io_errors, 6);

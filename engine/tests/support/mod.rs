@@ -539,7 +539,9 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: Ipv4Addr, port: u16, total: 
             .map_err(|e| e.to_string())?;
         let mut expected = Stream::new(seed);
         let mut got = vec![0u8; 64 * 1024];
+        // The expected bytes, generated a block at a time; `used` of them are compared.
         let mut want = vec![0u8; 64 * 1024];
+        let mut used = want.len();
         let mut received = 0usize;
         loop {
             let n = conn
@@ -548,18 +550,18 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: Ipv4Addr, port: u16, total: 
             if n == 0 {
                 break;
             }
-            // Compare in 8-byte steps of the stream: keep the generator aligned.
             let mut offset = 0;
             while offset < n {
-                let start = (received + offset) % 8;
-                let take = (8 - start).min(n - offset);
-                if start == 0 {
-                    expected.fill(&mut want[..8]);
+                if used == want.len() {
+                    expected.fill(&mut want);
+                    used = 0;
                 }
-                if got[offset..offset + take] != want[start..start + take] {
+                let take = (want.len() - used).min(n - offset);
+                if got[offset..offset + take] != want[used..used + take] {
                     return Err(format!("byte {} differs", received + offset));
                 }
                 offset += take;
+                used += take;
             }
             received += n;
         }
