@@ -399,7 +399,7 @@ fn classify(packet: &[u8]) -> Kind {
         return alone;
     };
     let pseudo = pseudo_header_sum(flow.src, flow.dst, protocol::TCP, transport_len);
-    if checksum::add(pseudo, checksum::sum(tcp_bytes)) != 0xffff {
+    if checksum::add(pseudo, super::checksum::sum(tcp_bytes)) != 0xffff {
         return alone;
     }
     let (Some(seq), Some(ack), Some(word)) = (

@@ -9,11 +9,10 @@
 //! super-packet, coalescing names the members whose payloads follow the first packet, and the
 //! I/O shell gathers the pieces with `iovec`s.
 
+pub mod checksum;
 pub mod coalesce;
 pub mod segment;
 pub mod vnet;
-
-use crate::packet::checksum;
 
 pub use coalesce::{Coalescer, Group};
 pub use segment::{complete_checksum, Plan, SegmentError, Segmenter};
@@ -59,7 +58,7 @@ pub(crate) fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], protocol: u8, len: u
     let bytes = [
         src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, protocol, len_hi, len_lo,
     ];
-    checksum::sum(&bytes)
+    crate::packet::checksum::sum(&bytes)
 }
 
 /// Read a big-endian `u16` at `at`; `None` past the end.

@@ -294,7 +294,7 @@ impl Segmenter {
                 pseudo_header_sum(src, dst, proto, transport_len),
                 checksum::sum(transport),
             ),
-            checksum::sum(body),
+            super::checksum::sum(body),
         );
         let check = !sum;
         let check = if self.transport == Transport::Udp && check == 0 {
