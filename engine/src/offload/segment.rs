@@ -75,9 +75,7 @@ impl Plan {
         }
         let start = usize::from(header.csum_start);
         let field = start + usize::from(header.csum_offset);
-        if field + 2 > packet.len() {
-            return Err(SegmentError::Malformed("checksum field beyond the packet"));
-        }
+        check_checksum_field(packet.len(), start, field)?;
         Ok(Plan::Checksum { start, field })
     }
 
@@ -98,12 +96,22 @@ pub fn complete_checksum(
     start: usize,
     field: usize,
 ) -> Result<(), SegmentError> {
-    if field + 2 > packet.len() || start > field {
-        return Err(SegmentError::Malformed("checksum field beyond the packet"));
-    }
+    check_checksum_field(packet.len(), start, field)?;
     let covered = packet.get(start..).unwrap_or_default();
     let check = checksum::of(covered);
     put16(packet, field, if check == 0 { 0xffff } else { check });
+    Ok(())
+}
+
+/// A checksum field must lie inside the packet, after the checksummed data's start, and on a
+/// 16-bit word boundary of that data (as every transport's does).
+fn check_checksum_field(len: usize, start: usize, field: usize) -> Result<(), SegmentError> {
+    if field + 2 > len || start > field {
+        return Err(SegmentError::Malformed("checksum field beyond the packet"));
+    }
+    if (field - start) % 2 != 0 {
+        return Err(SegmentError::Malformed("checksum field between two words"));
+    }
     Ok(())
 }
 
@@ -522,7 +530,12 @@ mod tests {
         let mut short = vec![0u8; 10];
         assert!(complete_checksum(&mut short, 4, 9).is_err());
         assert!(complete_checksum(&mut short, 9, 4).is_err());
+        assert!(complete_checksum(&mut short, 4, 7).is_err(), "odd offset");
         assert!(complete_checksum(&mut short, 4, 8).is_ok());
+        assert!(malformed(with(&|h, _| {
+            h.gso_type = 0;
+            h.csum_offset = 15;
+        })));
     }
 
     #[test]
