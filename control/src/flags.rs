@@ -247,7 +247,7 @@ pub struct Flags {
         env = "WEFTD_IO",
         value_name = "MODE",
         value_enum,
-        default_value_t = IoMode::Uring
+        default_value_t = IoMode::Syscalls
     )]
     pub io: IoMode,
 
@@ -748,7 +748,7 @@ mod tests {
         assert_eq!(f.verbosity, 0);
         assert_eq!(f.tun_name, "flannel0");
         assert_eq!(f.workers, available_cores());
-        assert_eq!(f.io, IoMode::Uring);
+        assert_eq!(f.io, IoMode::Syscalls);
         assert!(!f.allow_foreign_sources);
         assert!(!f.no_tun_offload && !f.no_udp_gso && !f.no_udp_gro);
         assert_eq!(f.lease_ttl, None);
@@ -885,7 +885,7 @@ mod tests {
                 ("FLANNELD_HEALTHZ_PORT", ""),
                 ("WEFTD_TUN_NAME", "weft7"),
                 ("WEFTD_WORKERS", "3"),
-                ("WEFTD_IO", "syscalls"),
+                ("WEFTD_IO", "uring"),
                 ("WEFTD_ALLOW_FOREIGN_SOURCES", "1"),
                 ("WEFTD_NO_TUN_OFFLOAD", "true"),
                 ("WEFTD_NO_UDP_GSO", "1"),
@@ -907,7 +907,7 @@ mod tests {
         assert_eq!(f.healthz_port, 0, "an empty variable counts as unset");
         assert_eq!(f.tun_name, "weft7");
         assert_eq!(f.workers, 3);
-        assert_eq!(f.io, IoMode::Syscalls);
+        assert_eq!(f.io, IoMode::Uring);
         assert!(f.allow_foreign_sources);
         assert!(f.no_tun_offload && f.no_udp_gso && f.no_udp_gro);
         assert_eq!(f.stats_interval, Duration::from_secs(7));

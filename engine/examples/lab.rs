@@ -202,35 +202,24 @@ fn main() {
         options.rounds, options.seconds, options.workers
     );
     println!(
-        "{:>14} {:>9} {:>9} {:>9} {}",
-        "mode",
-        "rtt avg",
-        "rtt min",
-        "",
-        options
-            .streams
-            .iter()
-            .map(|s| format!(
-                "{:>44}",
-                format!("{s} stream(s): Gbit/s  retr  Gbit/CPU-s sys proc [workers]")
-            ))
-            .collect::<String>()
+        "| mode | streams | Gbit/s | retransmits | Gbit per CPU-s (sys) | (proc) | [workers] \
+         | ping avg ms | ping min ms |"
     );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for mode in &order {
         let Some(samples) = results.get(mode) else {
             continue;
         };
         let rtt = median(samples.iter().map(|s| s.rtt_ms));
         let rtt_min = median(samples.iter().map(|s| s.rtt_min_ms));
-        let mut line = format!("{mode:>14} {rtt:>7.3}ms {rtt_min:>7.3}ms {:>9}", "");
         for streams in &options.streams {
             let runs: Vec<&Transfer> = samples
                 .iter()
                 .filter_map(|s| s.transfers.get(streams))
                 .collect();
+            let seconds = f64::from(options.seconds);
             let gbits = median(runs.iter().map(|t| t.gbits));
             let retr = median(runs.iter().map(|t| t.retransmits as f64));
-            let seconds = f64::from(options.seconds);
             let per_cpu = median(
                 runs.iter()
                     .map(|t| t.gbits * seconds / t.system_cpu_s.max(1e-9)),
@@ -245,16 +234,15 @@ fn main() {
                     .map(|t| t.gbits * seconds / t.worker_cpu_s),
             );
             let worker = if per_worker.is_nan() {
-                String::new()
+                "-".to_owned()
             } else {
                 format!("[{per_worker:.1}]")
             };
-            line += &format!(
-                "{:>16} {retr:>5.0} {per_cpu:>6.2} {per_process:>6.2} {worker:>7}",
-                format!("{gbits:.2}")
+            println!(
+                "| {mode} | {streams} | {gbits:.2} | {retr:.0} | {per_cpu:.2} | {per_process:.2} \
+                 | {worker} | {rtt:.3} | {rtt_min:.3} |"
             );
         }
-        println!("{line}");
     }
 }
 
