@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use weft_engine::engine::{Engine, EngineConfig, IoBackend};
+use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
 use weft_engine::{Policy, RouteTable, Routes};
 
 use crate::config::NetworkConfig;
@@ -145,6 +145,11 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
             allow_foreign_sources: flags.allow_foreign_sources,
         },
         pin_cores: flags.pin_workers,
+        offloads: Offloads {
+            tun: !flags.no_tun_offload,
+            udp_gso: !flags.no_udp_gso,
+            udp_gro: !flags.no_udp_gro,
+        },
     }
 }
 

@@ -247,7 +247,7 @@ pub struct Flags {
         env = "WEFTD_IO",
         value_name = "MODE",
         value_enum,
-        default_value_t = IoMode::Uring
+        default_value_t = IoMode::Syscalls
     )]
     pub io: IoMode,
 
@@ -281,6 +281,49 @@ pub struct Flags {
         value_parser = parse_go_bool,
     )]
     pub pin_workers: bool,
+
+    /// Do not use the TUN's checksum and segmentation offloads (64 KiB super-packets read
+    /// from and written to the TUN); the device is then opened without a virtio-net header.
+    #[arg(
+        long,
+        env = "WEFTD_NO_TUN_OFFLOAD",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub no_tun_offload: bool,
+
+    /// Do not send runs of datagrams to one peer in one call (UDP GSO).
+    #[arg(
+        long,
+        env = "WEFTD_NO_UDP_GSO",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub no_udp_gso: bool,
+
+    /// Do not receive runs of datagrams in one call (UDP GRO).
+    #[arg(
+        long,
+        env = "WEFTD_NO_UDP_GRO",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub no_udp_gro: bool,
 
     /// Seconds between the statistics summaries logged at -v 1 and above.
     #[arg(
@@ -721,9 +764,10 @@ mod tests {
         assert_eq!(f.verbosity, 0);
         assert_eq!(f.tun_name, "flannel0");
         assert_eq!(f.workers, available_cores());
-        assert_eq!(f.io, IoMode::Uring);
+        assert_eq!(f.io, IoMode::Syscalls);
         assert!(!f.allow_foreign_sources);
         assert!(!f.pin_workers);
+        assert!(!f.no_tun_offload && !f.no_udp_gso && !f.no_udp_gro);
         assert_eq!(f.lease_ttl, None);
         assert_eq!(f.renew_retry, None);
         assert!(f.ignored.is_empty());
@@ -858,9 +902,12 @@ mod tests {
                 ("FLANNELD_HEALTHZ_PORT", ""),
                 ("WEFTD_TUN_NAME", "weft7"),
                 ("WEFTD_WORKERS", "3"),
-                ("WEFTD_IO", "syscalls"),
+                ("WEFTD_IO", "uring"),
                 ("WEFTD_ALLOW_FOREIGN_SOURCES", "1"),
                 ("WEFTD_PIN_WORKERS", "true"),
+                ("WEFTD_NO_TUN_OFFLOAD", "true"),
+                ("WEFTD_NO_UDP_GSO", "1"),
+                ("WEFTD_NO_UDP_GRO", "t"),
                 ("WEFTD_STATS_INTERVAL", "7"),
                 ("WEFTD_LEASE_TTL", "30"),
                 ("WEFTD_RENEW_RETRY", "2"),
@@ -878,12 +925,23 @@ mod tests {
         assert_eq!(f.healthz_port, 0, "an empty variable counts as unset");
         assert_eq!(f.tun_name, "weft7");
         assert_eq!(f.workers, 3);
-        assert_eq!(f.io, IoMode::Syscalls);
+        assert_eq!(f.io, IoMode::Uring);
         assert!(f.allow_foreign_sources);
         assert!(f.pin_workers);
+        assert!(f.no_tun_offload && f.no_udp_gso && f.no_udp_gro);
         assert_eq!(f.stats_interval, Duration::from_secs(7));
         assert_eq!(f.lease_ttl, Some(Duration::from_secs(30)));
         assert_eq!(f.renew_retry, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn offloads_are_switched_off_one_by_one() {
+        let f = parse(&["--no-tun-offload"]).unwrap();
+        assert!(f.no_tun_offload && !f.no_udp_gso && !f.no_udp_gro);
+        let f = parse(&["-no-udp-gso", "--no-udp-gro=true"]).unwrap();
+        assert!(!f.no_tun_offload && f.no_udp_gso && f.no_udp_gro);
+        let f = parse_env(&["--no-udp-gso=false"], &[("WEFTD_NO_UDP_GSO", "true")]).unwrap();
+        assert!(!f.no_udp_gso, "the flag wins over the variable");
     }
 
     #[test]

@@ -1,18 +1,32 @@
-//! Measure the engine's I/O back ends side by side in the namespace lab of the integration
-//! tests: iperf3 TCP throughput (one stream, container c1 to c2), ping RTT between the
-//! containers, and the CPU time the workers used, over several alternating rounds.
+//! Measure the engine side by side with the kernel in the namespace lab of the integration
+//! tests: iperf3 TCP throughput (1 and 4 streams, container c1 to c2) with retransmissions,
+//! ping RTT between the containers, and CPU time, over several interleaved rounds; medians at
+//! the end.
 //!
 //! Everything runs inside namespaces this program creates and deletes; nothing touches the
 //! root namespace. Run as root, in release mode:
 //!
 //! ```text
-//! cargo run --release -p weft-engine --example lab -- --rounds 3 --seconds 10
+//! cargo run --release -p weft-engine --example lab -- --rounds 5 --seconds 10
 //! ```
 //!
-//! Options: `--rounds N` (3), `--seconds S` (10), `--workers W` (1), `--modes LIST` (comma
-//! separated from `uring`, `syscalls`, `direct`; default `uring,syscalls,direct`, where
-//! `direct` routes the containers' subnets through the underlay without any overlay: the
-//! machine's ceiling).
+//! Options: `--rounds N` (3), `--seconds S` (10), `--workers W` (1), `--streams LIST` (`1,4`),
+//! `--modes LIST` (comma separated; default
+//! `uring,syscalls,uring-notun,uring-nogso,uring-nogro,uring-none,vxlan,direct`), where
+//!
+//! - `uring`, `syscalls`: weft with that I/O back end and every offload; a suffix switches
+//!   offloads off: `-notun` (TUN TSO and coalescing; the TUN is opened without a virtio-net
+//!   header), `-nogso` (UDP GSO), `-nogro` (UDP GRO), `-none` (all three);
+//! - `vxlan`: the kernel's VXLAN, set up as flannel's vxlan backend does (VNI 1, port 8472,
+//!   `nolearning`, MTU 1450, the subnet's `.0/32` on `flannel.1`, an `onlink` route via the
+//!   peer's `.0`, permanent neighbour and FDB entries); the containers get MTU 1450 as flannel
+//!   would give them;
+//! - `direct`: each host routes the other's container subnet through the underlay, no overlay
+//!   at all (flannel's host-gw): the machine's ceiling.
+//!
+//! CPU is measured two ways while iperf3 runs: the whole machine's busy time (every process
+//! and the kernel's softirq work, so comparable across modes, but also counting anything else
+//! the machine runs meanwhile) and, for weft, its worker threads alone.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,19 +34,70 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::{ip, Lab};
-use weft_engine::IoBackend;
+use support::{ip, Host, Lab, TUN_MTU};
+use weft_engine::{IoBackend, Offloads};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
-    Engine(IoBackend),
+    Engine(IoBackend, Offloads),
+    Vxlan,
     Direct,
 }
 
+/// The mode names' offload suffixes.
+const SUFFIXES: [(&str, Offloads); 5] = [
+    ("", Offloads::ALL),
+    (
+        "-notun",
+        Offloads {
+            tun: false,
+            ..Offloads::ALL
+        },
+    ),
+    (
+        "-nogso",
+        Offloads {
+            udp_gso: false,
+            ..Offloads::ALL
+        },
+    ),
+    (
+        "-nogro",
+        Offloads {
+            udp_gro: false,
+            ..Offloads::ALL
+        },
+    ),
+    ("-none", Offloads::NONE),
+];
+
 impl Mode {
+    fn parse(name: &str) -> Mode {
+        match name {
+            "vxlan" => return Mode::Vxlan,
+            "direct" => return Mode::Direct,
+            _ => {}
+        }
+        for backend in IoBackend::ALL {
+            for (suffix, offloads) in SUFFIXES {
+                if name == format!("{backend}{suffix}") {
+                    return Mode::Engine(backend, offloads);
+                }
+            }
+        }
+        panic!("unknown mode {name}");
+    }
+
     fn name(self) -> String {
         match self {
-            Mode::Engine(backend) => backend.to_string(),
+            Mode::Engine(backend, offloads) => {
+                let suffix = SUFFIXES
+                    .iter()
+                    .find(|(_, o)| *o == offloads)
+                    .map_or("-custom", |(s, _)| s);
+                format!("{backend}{suffix}")
+            }
+            Mode::Vxlan => "vxlan".to_owned(),
             Mode::Direct => "direct".to_owned(),
         }
     }
@@ -42,6 +107,7 @@ struct Options {
     rounds: usize,
     seconds: u32,
     workers: usize,
+    streams: Vec<u32>,
     modes: Vec<Mode>,
 }
 
@@ -50,11 +116,11 @@ fn options() -> Options {
         rounds: 3,
         seconds: 10,
         workers: 1,
-        modes: vec![
-            Mode::Engine(IoBackend::Uring),
-            Mode::Engine(IoBackend::Syscalls),
-            Mode::Direct,
-        ],
+        streams: vec![1, 4],
+        modes: "uring,syscalls,uring-notun,uring-nogso,uring-nogro,uring-none,vxlan,direct"
+            .split(',')
+            .map(Mode::parse)
+            .collect(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -64,15 +130,13 @@ fn options() -> Options {
             "--rounds" => options.rounds = value.parse().expect("--rounds N"),
             "--seconds" => options.seconds = value.parse().expect("--seconds S"),
             "--workers" => options.workers = value.parse().expect("--workers W"),
-            "--modes" => {
-                options.modes = value
+            "--streams" => {
+                options.streams = value
                     .split(',')
-                    .map(|m| match m {
-                        "direct" => Mode::Direct,
-                        other => Mode::Engine(other.parse().expect("a mode")),
-                    })
+                    .map(|s| s.parse().expect("--streams 1,4"))
                     .collect()
             }
+            "--modes" => options.modes = value.split(',').map(Mode::parse).collect(),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -80,92 +144,139 @@ fn options() -> Options {
     options
 }
 
+/// One iperf3 run.
 #[derive(Debug, Default, Clone)]
-struct Sample {
+struct Transfer {
     gbits: f64,
     retransmits: u64,
+    /// Busy CPU seconds of the whole machine during the run.
+    system_cpu_s: f64,
+    /// CPU seconds of this lab's processes (iperf3, weft's workers) and of the kernel's
+    /// softirq threads during the run.
+    process_cpu_s: f64,
+    /// CPU seconds of weft's workers during the run.
+    worker_cpu_s: f64,
+}
+
+/// One mode in one round.
+#[derive(Debug, Default, Clone)]
+struct Sample {
     rtt_ms: f64,
     rtt_min_ms: f64,
-    worker_cpu_s: f64,
-    /// Worker CPU time per packet handled (both hosts, both directions).
-    cpu_us_per_packet: f64,
-    idle_cpu_s: f64,
+    /// By stream count.
+    transfers: BTreeMap<u32, Transfer>,
 }
 
 fn main() {
     let options = options();
     let lab = Lab::new();
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let order: Vec<String> = options.modes.iter().map(|m| m.name()).collect();
     for round in 0..options.rounds {
         for mode in &options.modes {
             let sample = measure(&lab, *mode, &options);
+            let transfers: Vec<String> = sample
+                .transfers
+                .iter()
+                .map(|(streams, t)| {
+                    format!(
+                        "P{streams} {:6.2} Gbit/s retr {:5} cpu sys {:5.2} proc {:5.2} s",
+                        t.gbits, t.retransmits, t.system_cpu_s, t.process_cpu_s
+                    )
+                })
+                .collect();
             println!(
-                "round {round} {:>8}: {:6.2} Gbit/s  retr {:5}  rtt avg {:.3} min {:.3} ms  worker cpu {:.2} s ({:.2} us/packet)  idle cpu {:.3} s",
+                "round {round} {:>14}: rtt avg {:.3} min {:.3} ms  {}",
                 mode.name(),
-                sample.gbits,
-                sample.retransmits,
                 sample.rtt_ms,
                 sample.rtt_min_ms,
-                sample.worker_cpu_s,
-                sample.cpu_us_per_packet,
-                sample.idle_cpu_s
+                transfers.join("  ")
             );
             results.entry(mode.name()).or_default().push(sample);
         }
     }
     println!(
-        "\nmedians over {} rounds ({} s each, {} worker(s) per host):",
+        "\nmedians over {} rounds ({} s per transfer, {} worker(s) per host); Gbit per CPU-second \
+         by the whole machine's busy time (sys), by the lab's processes and softirq threads \
+         (proc), and by weft's workers alone [workers]:",
         options.rounds, options.seconds, options.workers
     );
-    for (mode, samples) in &results {
-        let gbits = median(samples.iter().map(|s| s.gbits));
+    println!(
+        "| mode | streams | Gbit/s | retransmits | Gbit per CPU-s (sys) | (proc) | [workers] \
+         | ping avg ms | ping min ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for mode in &order {
+        let Some(samples) = results.get(mode) else {
+            continue;
+        };
         let rtt = median(samples.iter().map(|s| s.rtt_ms));
         let rtt_min = median(samples.iter().map(|s| s.rtt_min_ms));
-        let per_packet = median(samples.iter().map(|s| s.cpu_us_per_packet));
-        let cpu = median(samples.iter().map(|s| s.worker_cpu_s));
-        let per_cpu = if cpu > 0.0 {
-            format!(
-                "{:.2} Gbit per worker CPU-second",
-                gbits * f64::from(options.seconds) / cpu
-            )
-        } else {
-            String::new()
-        };
-        println!(
-            "{mode:>8}: {gbits:6.2} Gbit/s  rtt avg {rtt:.3} min {rtt_min:.3} ms  {per_packet:.2} us CPU/packet  {per_cpu}"
-        );
+        for streams in &options.streams {
+            let runs: Vec<&Transfer> = samples
+                .iter()
+                .filter_map(|s| s.transfers.get(streams))
+                .collect();
+            let seconds = f64::from(options.seconds);
+            let gbits = median(runs.iter().map(|t| t.gbits));
+            let retr = median(runs.iter().map(|t| t.retransmits as f64));
+            let per_cpu = median(
+                runs.iter()
+                    .map(|t| t.gbits * seconds / t.system_cpu_s.max(1e-9)),
+            );
+            let per_process = median(
+                runs.iter()
+                    .map(|t| t.gbits * seconds / t.process_cpu_s.max(1e-9)),
+            );
+            let per_worker = median(
+                runs.iter()
+                    .filter(|t| t.worker_cpu_s > 0.0)
+                    .map(|t| t.gbits * seconds / t.worker_cpu_s),
+            );
+            let worker = if per_worker.is_nan() {
+                "-".to_owned()
+            } else {
+                format!("[{per_worker:.1}]")
+            };
+            println!(
+                "| {mode} | {streams} | {gbits:.2} | {retr:.0} | {per_cpu:.2} | {per_process:.2} \
+                 | {worker} | {rtt:.3} | {rtt_min:.3} |"
+            );
+        }
     }
 }
 
 fn measure(lab: &Lab, mode: Mode, options: &Options) -> Sample {
-    let mut sample = Sample::default();
     match mode {
-        Mode::Engine(backend) => {
-            let h1 = lab.start_engine(&lab.h1, backend, options.workers);
-            let h2 = lab.start_engine(&lab.h2, backend, options.workers);
-            let idle_start = worker_cpu_seconds();
-            std::thread::sleep(Duration::from_secs(1));
-            sample.idle_cpu_s = worker_cpu_seconds() - idle_start;
-            let busy_start = worker_cpu_seconds();
-            run_traffic(lab, options, &mut sample);
-            sample.worker_cpu_s = worker_cpu_seconds() - busy_start;
+        Mode::Engine(backend, offloads) => {
+            let h1 = lab.start_engine_with(&lab.h1, backend, options.workers, offloads);
+            let h2 = lab.start_engine_with(&lab.h2, backend, options.workers, offloads);
+            let sample = run_traffic(lab, options);
             // Packets the kernel dropped at the TUN because the worker did not read them in
             // time (the TUN's own queue is full): where TCP's losses happen.
             eprintln!(
-                "  TUN tx_dropped h1 {} h2 {}",
+                "  {} offloads {:?}; TUN tx_dropped h1 {} h2 {}",
+                mode.name(),
+                h1.engine.offloads(),
                 tun_stat(lab, &lab.h1.ns, &h1.tun, "tx_dropped"),
                 tun_stat(lab, &lab.h2.ns, &h2.tun, "tx_dropped")
             );
             let a = h1.engine.shutdown();
             let b = h2.engine.shutdown();
-            let packets = [&a, &b]
-                .iter()
-                .map(|s| s.total.tun_rx_packets + s.total.udp_rx_packets)
-                .sum::<u64>();
-            if packets > 0 {
-                sample.cpu_us_per_packet = sample.worker_cpu_s * 1e6 / packets as f64;
-            }
             eprintln!("  h1 {}\n  h2 {}", a.summary(), b.summary());
+            sample
+        }
+        Mode::Vxlan => {
+            set_container_mtu(lab, VXLAN_MTU);
+            for (host, peer) in [(&lab.h1, &lab.h2), (&lab.h2, &lab.h1)] {
+                vxlan_up(host, peer);
+            }
+            let sample = run_traffic(lab, options);
+            for host in [&lab.h1, &lab.h2] {
+                ip(&host.ns, &["link", "del", VXLAN_DEV]);
+            }
+            set_container_mtu(lab, TUN_MTU);
+            sample
         }
         Mode::Direct => {
             ip(
@@ -176,15 +287,130 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Sample {
                 &lab.h2.ns,
                 &["route", "add", "10.1.1.0/24", "via", "198.18.0.1"],
             );
-            run_traffic(lab, options, &mut sample);
+            let sample = run_traffic(lab, options);
             ip(&lab.h1.ns, &["route", "del", "10.1.2.0/24"]);
             ip(&lab.h2.ns, &["route", "del", "10.1.1.0/24"]);
+            sample
         }
     }
-    sample
 }
 
-fn run_traffic(lab: &Lab, options: &Options, sample: &mut Sample) {
+/// flannel's VXLAN device name and MTU (the underlay's 1500 minus 50).
+const VXLAN_DEV: &str = "flannel.1";
+const VXLAN_MTU: usize = 1450;
+
+/// The VTEP MAC address of `host`, fixed so that the peer's entries can be written up front
+/// (flannel publishes it in the lease).
+fn vtep_mac(host: &Host) -> String {
+    format!("0e:00:00:00:00:{:02x}", host.public.octets()[3])
+}
+
+/// Set up `host`'s VXLAN device and its entries for `peer`, as flannel's vxlan backend does.
+fn vxlan_up(host: &Host, peer: &Host) {
+    let ns = &host.ns;
+    let local = host.public.to_string();
+    let mac = vtep_mac(host);
+    ip(
+        ns,
+        &[
+            "link",
+            "add",
+            VXLAN_DEV,
+            "address",
+            &mac,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    );
+    ip(
+        ns,
+        &[
+            "link",
+            "set",
+            VXLAN_DEV,
+            "mtu",
+            &VXLAN_MTU.to_string(),
+            "up",
+        ],
+    );
+    ip(
+        ns,
+        &[
+            "addr",
+            "add",
+            &format!("{}/32", host.subnet),
+            "dev",
+            VXLAN_DEV,
+        ],
+    );
+    let peer_vtep = peer.subnet.to_string();
+    let peer_mac = vtep_mac(peer);
+    ip(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            &peer_vtep,
+            "lladdr",
+            &peer_mac,
+            "dev",
+            VXLAN_DEV,
+            "nud",
+            "permanent",
+        ],
+    );
+    let status = std::process::Command::new("bridge")
+        .args([
+            "-n",
+            ns,
+            "fdb",
+            "replace",
+            &peer_mac,
+            "dev",
+            VXLAN_DEV,
+            "dst",
+            &peer.public.to_string(),
+            "self",
+            "permanent",
+        ])
+        .status()
+        .expect("run bridge");
+    assert!(status.success(), "bridge fdb replace failed");
+    ip(
+        ns,
+        &[
+            "route",
+            "add",
+            &format!("{}/24", peer.subnet),
+            "via",
+            &peer_vtep,
+            "dev",
+            VXLAN_DEV,
+            "onlink",
+        ],
+    );
+}
+
+/// Give both containers' links (and the host ends) `mtu`.
+fn set_container_mtu(lab: &Lab, mtu: usize) {
+    let mtu = mtu.to_string();
+    for host in [&lab.h1, &lab.h2] {
+        ip(&host.container_ns, &["link", "set", "eth0", "mtu", &mtu]);
+        ip(&host.ns, &["link", "set", "to-c", "mtu", &mtu]);
+    }
+}
+
+fn run_traffic(lab: &Lab, options: &Options) -> Sample {
+    let mut sample = Sample::default();
     let c1 = &lab.h1.container_ns;
     let c2 = &lab.h2.container_ns;
     let dst = lab.h2.container.to_string();
@@ -196,28 +422,57 @@ fn run_traffic(lab: &Lab, options: &Options, sample: &mut Sample) {
     let ping = String::from_utf8_lossy(&ping.stdout);
     sample.rtt_ms = parse_rtt(&ping, 1).unwrap_or(f64::NAN);
     sample.rtt_min_ms = parse_rtt(&ping, 0).unwrap_or(f64::NAN);
-
     if options.seconds == 0 {
-        return;
+        return sample;
     }
-    let server = lab.spawn_in(c2, &["iperf3", "-s", "-1", "-B", &dst]);
+    for &streams in &options.streams {
+        let transfer = iperf(lab, c1, c2, &dst, streams, options.seconds);
+        sample.transfers.insert(streams, transfer);
+    }
+    sample
+}
+
+fn iperf(lab: &Lab, c1: &str, c2: &str, dst: &str, streams: u32, seconds: u32) -> Transfer {
+    let server = lab.spawn_in(c2, &["iperf3", "-s", "-1", "-B", dst]);
     std::thread::sleep(Duration::from_millis(300));
-    let seconds = options.seconds.to_string();
+    let cpu_before = system_busy_seconds();
+    let process_before = process_cpu_seconds();
+    let workers_before = worker_cpu_seconds();
     let client = lab.exec_in(
         c1,
-        &["iperf3", "-c", &dst, "-t", &seconds, "-f", "g"],
-        Duration::from_secs(u64::from(options.seconds) + 30),
+        &[
+            "iperf3",
+            "-c",
+            dst,
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-f",
+            "g",
+        ],
+        Duration::from_secs(u64::from(seconds) + 30),
     );
+    let transfer_cpu = system_busy_seconds() - cpu_before;
+    let workers = worker_cpu_seconds() - workers_before;
+    // The server is reaped by the kill, so its CPU time joins this process's children's.
     lab.kill(server);
+    let process_cpu = process_cpu_seconds() - process_before;
     let text = String::from_utf8_lossy(&client.stdout);
-    sample.gbits = parse_gbits(&text, "receiver").unwrap_or(f64::NAN);
-    sample.retransmits = parse_retransmits(&text).unwrap_or(0);
-    if sample.gbits.is_nan() {
+    let transfer = Transfer {
+        gbits: parse_gbits(&text, "receiver").unwrap_or(f64::NAN),
+        retransmits: parse_retransmits(&text).unwrap_or(0),
+        system_cpu_s: transfer_cpu,
+        process_cpu_s: process_cpu,
+        worker_cpu_s: workers,
+    };
+    if transfer.gbits.is_nan() {
         eprintln!(
             "iperf3 output:\n{text}\n{}",
             String::from_utf8_lossy(&client.stderr)
         );
     }
+    transfer
 }
 
 /// Field `index` (0 min, 1 avg, 2 max) of ping's `rtt min/avg/max/mdev = a/b/c/d ms` line.
@@ -227,7 +482,8 @@ fn parse_rtt(text: &str, index: usize) -> Option<f64> {
     values.split('/').nth(index)?.trim().parse().ok()
 }
 
-/// The Gbits/sec figure on iperf3's summary line ending in `which`.
+/// The Gbits/sec figure on iperf3's last summary line ending in `which` (the `[SUM]` line
+/// with several streams).
 fn parse_gbits(text: &str, which: &str) -> Option<f64> {
     let line = text.lines().rev().find(|l| l.trim_end().ends_with(which))?;
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -235,7 +491,7 @@ fn parse_gbits(text: &str, which: &str) -> Option<f64> {
     words.get(unit.checked_sub(1)?)?.parse().ok()
 }
 
-/// The retransmission count on iperf3's sender summary line.
+/// The retransmission count on iperf3's last sender summary line.
 fn parse_retransmits(text: &str) -> Option<u64> {
     let line = text
         .lines()
@@ -251,6 +507,59 @@ fn tun_stat(lab: &Lab, ns: &str, dev: &str, name: &str) -> String {
     let path = format!("/sys/class/net/{dev}/statistics/{name}");
     let out = lab.exec_in(ns, &["cat", &path], Duration::from_secs(5));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Busy CPU seconds of the whole machine so far: every CPU's time outside idle and iowait.
+fn system_busy_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    busy / ticks
+}
+
+/// CPU seconds used so far by this process (all its threads), its reaped children, and the
+/// kernel's `ksoftirqd` threads (which carry network work when the CPUs are saturated).
+fn process_cpu_seconds() -> f64 {
+    let usage = |who: libc::c_int| {
+        // SAFETY: `rusage` is plain integers; all zeroes is valid, and getrusage fills it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::getrusage(who, &mut usage) };
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    };
+    let mut total = usage(libc::RUSAGE_SELF) + usage(libc::RUSAGE_CHILDREN);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !comm.starts_with("ksoftirqd") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        total += (utime + stime) / ticks;
+    }
+    total
 }
 
 /// User plus system CPU seconds of this process's `weft-worker-*` threads, alive ones only.

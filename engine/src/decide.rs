@@ -15,7 +15,8 @@
 //! 3. destination in this host's own subnet → `Loop`;
 //! 4. no lease holds the destination → `NoRoute`, with ICMP net unreachable;
 //! 5. TTL ≤ 1 → `TtlExpired`, with ICMP time exceeded;
-//! 6. longer than the TUN MTU and DF set → `TooBig`, with ICMP fragmentation needed;
+//! 6. longer than the TUN MTU and DF set → `TooBig`, with ICMP fragmentation needed (for a
+//!    super-packet, [`from_tun_super_packet`], the longest of its segments counts);
 //! 7. otherwise the TTL drops by one and the packet goes to the peer.
 //!
 //! From a peer ([`from_peer`]):
@@ -92,10 +93,38 @@ pub struct Policy {
 /// Decide the fate of a packet read from the TUN, lowering its TTL in place when it is sent.
 ///
 /// `packet` is exactly one IPv4 packet as the TUN returned it (a super-packet read with a
-/// virtio-net header must be segmented first). An ICMP error goes into `reply`, which should
+/// segmentation-offload header goes to [`from_tun_super_packet`] instead). An ICMP error goes into `reply`, which should
 /// hold [`REPLY_BUF_LEN`] bytes; a shorter one may turn a reply into a plain drop.
 pub fn from_tun(
     packet: &mut [u8],
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> Decision {
+    from_tun_sized(packet, None, routes, policy, reply)
+}
+
+/// Decide the fate of a super-packet read from the TUN with a segmentation-offload header,
+/// once for all the segments it becomes: they share its destination and TTL, so only the
+/// size rule differs, and it applies to `largest`, the length of the longest segment (see
+/// [`crate::offload::Plan::largest_packet`]), not to the super-packet.
+///
+/// On [`Decision::SendToPeer`] the TTL is lowered in the super-packet's header, from which
+/// every segment's header is then copied. An ICMP error quotes the super-packet's header.
+pub fn from_tun_super_packet(
+    packet: &mut [u8],
+    largest: usize,
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> Decision {
+    from_tun_sized(packet, Some(largest), routes, policy, reply)
+}
+
+#[inline(always)]
+fn from_tun_sized(
+    packet: &mut [u8],
+    largest: Option<usize>,
     routes: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
@@ -117,7 +146,7 @@ pub fn from_tun(
     if ip.ttl() <= 1 {
         return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, &ip, reply);
     }
-    if ip.total_len() > policy.tun_mtu && ip.dont_frag() {
+    if largest.unwrap_or_else(|| ip.total_len()) > policy.tun_mtu && ip.dont_frag() {
         let mtu = u16::try_from(policy.tun_mtu).unwrap_or(u16::MAX);
         let error = IcmpError::FragmentationNeeded { mtu };
         return reply_to_tun(error, DropReason::TooBig, &ip, reply);
@@ -604,6 +633,60 @@ mod tests {
         );
         let out = tun_with(&fits, &table(), &small);
         assert_eq!(&out.reply[26..28], &100u16.to_be_bytes());
+    }
+
+    #[test]
+    fn super_packets_are_sized_by_their_largest_segment() {
+        let routes = table();
+        let decide = |bytes: &[u8], largest: usize| {
+            let mut packet = bytes.to_vec();
+            let mut reply = vec![0u8; REPLY_BUF_LEN];
+            let decision =
+                from_tun_super_packet(&mut packet, largest, &routes, &POLICY, &mut reply);
+            (decision, packet)
+        };
+        // A 60 000-byte TCP super-packet whose segments fit the MTU goes to the peer once,
+        // with its TTL lowered.
+        let mut spec = Spec::udp("10.1.15.3", "10.1.81.7", 60_000);
+        spec.protocol = 6;
+        let bytes = spec.bytes();
+        let (decision, packet) = decide(&bytes, MTU);
+        assert_eq!(decision, Decision::SendToPeer(peer("198.18.0.2")));
+        assert_forwarded(&bytes, &packet);
+        // Segments beyond the MTU with DF: fragmentation needed, quoting the super-packet.
+        let (decision, _) = decide(&bytes, MTU + 1);
+        assert!(matches!(
+            decision,
+            Decision::ReplyToTun {
+                reason: DropReason::TooBig,
+                ..
+            }
+        ));
+        // Every other rule is the same as for a single packet.
+        let unrouted = Spec::udp("10.1.15.3", "10.1.99.1", 60_000).bytes();
+        assert!(matches!(
+            decide(&unrouted, MTU).0,
+            Decision::ReplyToTun {
+                reason: DropReason::NoRoute,
+                ..
+            }
+        ));
+        let expiring = Spec::udp("10.1.15.3", "10.1.81.1", 60_000).ttl(1).bytes();
+        assert!(matches!(
+            decide(&expiring, MTU).0,
+            Decision::ReplyToTun {
+                reason: DropReason::TtlExpired,
+                ..
+            }
+        ));
+        let local = Spec::udp("10.1.15.3", "10.1.15.9", 60_000).bytes();
+        assert_eq!(decide(&local, MTU).0, Decision::Drop(DropReason::Loop));
+        let mut broken = bytes.clone();
+        broken[10] ^= 1;
+        assert_eq!(
+            decide(&broken, MTU).0,
+            Decision::Drop(DropReason::BadPacket)
+        );
     }
 
     #[test]

@@ -9,18 +9,26 @@ use std::sync::Arc;
 
 use crate::counters::{CounterSnapshot, WorkerCounters};
 use crate::decide::Policy;
-use crate::route::Routes;
-use crate::tun::TunQueue;
-use crate::udp::bind_worker_socket;
-use crate::worker::{self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerSetup};
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
 
-/// How workers talk to the kernel.
+use crate::route::Routes;
+use crate::tun::{set_offload, TunOffload, TunQueue};
+use crate::udp::{
+    bind_worker_socket, enable_gro, gso_supported, kernel_gso_broken, kernel_release,
+};
+use crate::worker::{
+    self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerOffloads, WorkerSetup,
+};
+
+/// How workers talk to the kernel. With offloads, the batched system calls measured faster
+/// than io_uring (docs/offloads.md), so they are the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum IoBackend {
     /// One io_uring per worker with many reads in flight and batched submissions.
-    #[default]
     Uring,
     /// `poll`, `read`/`writev` on the TUN and `recvmmsg`/`sendmmsg` on the socket.
+    #[default]
     Syscalls,
 }
 
@@ -59,6 +67,58 @@ impl FromStr for IoBackend {
     }
 }
 
+/// Which kernel offloads the engine may use. Each is probed at start and used only where the
+/// kernel (and, for the TUN, the queues) support it; every combination carries the same
+/// packets, fewer offloads only cost more CPU per byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Offloads {
+    /// Checksum and TCP/UDP segmentation offload on the TUN: the kernel hands over 64 KiB
+    /// super-packets, which the workers cut into datagrams, and segments from peers are
+    /// merged into super-packets before they are written. Needs queues opened with a
+    /// virtio-net header ([`crate::tun::open_queues_with`]).
+    pub tun: bool,
+    /// UDP GSO: a run of equal-sized datagrams to one peer leaves in one send.
+    pub udp_gso: bool,
+    /// UDP GRO: a run of datagrams from one peer arrives in one buffer.
+    pub udp_gro: bool,
+}
+
+impl Offloads {
+    /// Every offload.
+    pub const ALL: Offloads = Offloads {
+        tun: true,
+        udp_gso: true,
+        udp_gro: true,
+    };
+    /// None: one packet per operation everywhere.
+    pub const NONE: Offloads = Offloads {
+        tun: false,
+        udp_gso: false,
+        udp_gro: false,
+    };
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Offloads::ALL
+    }
+}
+
+/// The offloads a running engine actually uses, after probing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveOffloads {
+    /// The TUN queues carry a virtio-net header.
+    pub vnet_hdr: bool,
+    /// What the TUN device was told it may hand over.
+    pub tun: TunOffload,
+    /// Segments from peers are merged into super-packets for the TUN.
+    pub coalesce: bool,
+    /// UDP GSO on send.
+    pub udp_gso: bool,
+    /// UDP GRO on receive (on every worker's socket).
+    pub udp_gro: bool,
+}
+
 /// How to run the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -72,6 +132,8 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// Pin worker N to the N-th CPU the process may use.
     pub pin_cores: bool,
+    /// The offloads to use where the kernel supports them.
+    pub offloads: Offloads,
 }
 
 /// Why the engine could not start.
@@ -126,6 +188,7 @@ pub enum EngineError {
 /// The running data plane. Dropping it stops the workers, like [`Engine::shutdown`].
 pub struct Engine {
     workers: Vec<worker::WorkerThread>,
+    offloads: ActiveOffloads,
 }
 
 impl Engine {
@@ -154,8 +217,16 @@ impl Engine {
                 addr: config.bind,
                 source,
             })?;
+        let offloads = probe_offloads(&config.offloads, &tun, &sockets);
         let mut engine = Engine {
             workers: Vec::with_capacity(config.workers),
+            offloads,
+        };
+        let worker_offloads = WorkerOffloads {
+            vnet_hdr: offloads.vnet_hdr,
+            coalesce: offloads.coalesce,
+            gso: offloads.udp_gso,
+            gro: offloads.udp_gro,
         };
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
@@ -171,6 +242,7 @@ impl Engine {
                 pin_core: config.pin_cores,
                 tun,
                 socket,
+                offloads: worker_offloads,
                 context,
             };
             // On error, `engine` is dropped, which stops the workers already running.
@@ -188,6 +260,11 @@ impl Engine {
             "engine started"
         );
         Ok(engine)
+    }
+
+    /// The offloads in use.
+    pub fn offloads(&self) -> ActiveOffloads {
+        self.offloads
     }
 
     /// All workers' counters, summed.
@@ -228,6 +305,61 @@ impl Engine {
     }
 }
 
+/// Turn on what `wanted` asks for and the kernel supports, and log what is on.
+fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) -> ActiveOffloads {
+    let vnet_hdr = tun.iter().all(TunQueue::vnet_hdr);
+    let tun_offload = match tun.first() {
+        Some(queue) if vnet_hdr => match set_offload(queue, wanted.tun) {
+            Ok(offload) => offload,
+            Err(error) => {
+                tracing::warn!(%error, "cannot set the TUN offloads; reading plain packets");
+                TunOffload::default()
+            }
+        },
+        _ => TunOffload::default(),
+    };
+    if wanted.tun && !vnet_hdr {
+        tracing::info!("the TUN queues carry no virtio-net header: no TUN offloads");
+    }
+    let release = kernel_release().unwrap_or_default();
+    let udp_gso = wanted.udp_gso
+        && sockets.iter().all(|s| gso_supported(s.as_fd()))
+        && if kernel_gso_broken(&release) {
+            tracing::warn!(
+                kernel = %release,
+                "this kernel's UDP GSO corrupts headers (Linux 7.0 to 7.1.4): sending plain datagrams"
+            );
+            false
+        } else {
+            true
+        };
+    let udp_gro = wanted.udp_gro
+        && sockets.iter().all(|s| match enable_gro(s.as_fd()) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::info!(%error, "no UDP GRO");
+                false
+            }
+        });
+    let active = ActiveOffloads {
+        vnet_hdr,
+        tun: tun_offload,
+        coalesce: vnet_hdr && wanted.tun,
+        udp_gso,
+        udp_gro,
+    };
+    tracing::info!(
+        tun_csum = active.tun.csum,
+        tun_tso = active.tun.tso,
+        tun_uso = active.tun.uso,
+        tun_coalesce = active.coalesce,
+        udp_gso = active.udp_gso,
+        udp_gro = active.udp_gro,
+        "offloads"
+    );
+    active
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_and_join();
@@ -246,6 +378,12 @@ impl fmt::Debug for Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_faster_back_end_is_the_default() {
+        assert_eq!(IoBackend::default(), IoBackend::Syscalls);
+        assert_eq!(Offloads::default(), Offloads::ALL);
+    }
 
     #[test]
     fn backends_parse_and_print_their_names() {
@@ -275,6 +413,7 @@ mod tests {
                 allow_foreign_sources: false,
             },
             pin_cores: false,
+            offloads: Offloads::default(),
         };
         assert!(matches!(
             Engine::start(config, Vec::new(), routes.clone()),

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod decide;
 pub mod engine;
 pub mod icmp;
+pub mod offload;
 pub mod packet;
 pub mod route;
 mod syscalls;
@@ -23,8 +24,10 @@ pub mod worker;
 
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{Decision, Policy};
-pub use engine::{Engine, EngineConfig, EngineError, IoBackend, UnknownIoBackend};
+pub use engine::{
+    ActiveOffloads, Engine, EngineConfig, EngineError, IoBackend, Offloads, UnknownIoBackend,
+};
 pub use packet::{Ipv4Packet, PacketError};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
-pub use tun::{open_queues, TunError, TunQueue};
+pub use tun::{open_queues, open_queues_with, TunError, TunOffload, TunQueue};
 pub use worker::WorkerError;

@@ -2,27 +2,33 @@
 //! `writev`, for kernels or workloads where io_uring does not pay.
 //!
 //! One loop waits in `poll(2)` on the TUN queue, the socket and the stop eventfd. A readable TUN
-//! is drained with `read` into up to [`BATCH`] buffers, every packet is decided on, and the
-//! datagrams go out with one `sendmmsg`. A readable socket gives up to [`BATCH`] datagrams in
-//! one `recvmmsg`; each accepted packet is written to the TUN with `writev`. While batches come
-//! back full, `poll` does not wait. A send queue that the kernel cannot take (`EAGAIN`) waits
-//! for the socket to become writable instead of spinning; a packet the kernel refuses is
-//! counted in `io_errors` and skipped.
+//! is drained with `read` into up to [`BATCH`] buffers (super-packets, with TUN offloads), every
+//! packet is decided on, and the datagrams — a super-packet's segments as header and payload
+//! pieces, runs of equal-sized ones merged by UDP GSO — go out with `sendmmsg`. A readable
+//! socket gives up to [`BATCH`] buffers in one `recvmmsg` (each a run of datagrams, with UDP
+//! GRO); every datagram is decided on, the accepted ones of the whole batch are coalesced into
+//! super-packets where they can be, and each write goes to the TUN with `writev`. While batches
+//! come back full, `poll` does not wait. A send queue that the kernel cannot take (`EAGAIN`)
+//! waits for the socket to become writable instead of spinning; a datagram the kernel refuses
+//! is counted in `io_errors` and skipped.
 
 use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
-use crate::counters::{BatchCounts, DropReason};
-use crate::decide::{self, Decision, Policy};
+use crate::counters::BatchCounts;
+use crate::decide::Policy;
+use crate::offload::segment::MAX_HEADER_LEN;
+use crate::offload::{Coalescer, VnetHeader};
 use crate::route::RouteTable;
-use crate::tun::TunQueue;
-use crate::udp::{from_sockaddr, to_sockaddr, SOCKADDR_IN_LEN};
+use crate::tun::{write_packet, TunQueue};
+use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::worker::{
-    count_output, plan, read_error_is_fatal, write_error_is_fatal, Action, PacketBuffers, Source,
-    StopSignal, WorkerContext, WorkerError, BATCH, MAX_READ_FAILURES_IN_A_ROW, PACKET_BUF_LEN,
-    UNREADABLE_SENDER,
+    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
+    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
+    WorkerContext, WorkerError, WorkerOffloads, WriteCount, Written, BATCH,
+    MAX_READ_FAILURES_IN_A_ROW, PACKET_BUF_LEN,
 };
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
@@ -31,28 +37,35 @@ const SEND_WAIT_MS: libc::c_int = 1000;
 /// Buffer slots `0..BATCH` hold packets read from the TUN, `BATCH..2*BATCH` datagrams.
 const UDP_BASE: usize = BATCH;
 
+/// The send batch's capacity: messages, pieces and segment headers.
+const SEND_MESSAGES: usize = 256;
+const SEND_PIECES: usize = 4096;
+const SEND_HEADERS: usize = 2048;
+
 /// A worker's descriptors, buffers and the message arrays of one batch.
 pub(crate) struct SyscallWorker {
     tun: TunQueue,
     socket: UdpSocket,
     stop: Arc<StopSignal>,
+    offloads: WorkerOffloads,
     buffers: PacketBuffers,
     tun_lens: [usize; BATCH],
-    recv: MessageArray,
-    send: MessageArray,
-    send_sources: [Source; BATCH],
-    send_len: usize,
+    recv: RecvArray,
+    sends: SendBatch,
+    accepted: Vec<(*mut u8, usize)>,
+    coalescer: Coalescer,
     read_failures: u32,
 }
 
-/// `mmsghdr`s with their `iovec`s and addresses, one of each per message.
-struct MessageArray {
+/// `mmsghdr`s for `recvmmsg`, with their `iovec`s, sender addresses and control buffers.
+struct RecvArray {
     headers: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_in]>,
+    controls: Box<[[u64; CONTROL_LEN / 8]]>,
 }
 
-impl MessageArray {
+impl RecvArray {
     fn new() -> Self {
         Self {
             // SAFETY: mmsghdr, iovec and sockaddr_in are plain C structs of integers and
@@ -62,40 +75,46 @@ impl MessageArray {
             iovs: (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
             // SAFETY: as above.
             addrs: (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            controls: vec![[0u64; CONTROL_LEN / 8]; BATCH].into_boxed_slice(),
         }
     }
 
-    /// Point message `i` at `len` bytes from `buf` and at the address slot `i`.
-    fn set(&mut self, i: usize, buf: *mut u8, len: usize, peer: Option<SocketAddrV4>) {
-        self.iovs[i] = libc::iovec {
-            iov_base: buf.cast(),
-            iov_len: len,
-        };
-        self.addrs[i] = match peer {
-            Some(peer) => to_sockaddr(peer),
-            // SAFETY: all zeroes is a valid sockaddr_in.
-            None => unsafe { std::mem::zeroed() },
-        };
-    }
-
-    /// Link every header to its iovec and address; done right before each system call, so
-    /// the pointers are fresh.
-    fn link(&mut self, count: usize) {
-        let iovs = self.iovs.as_mut_ptr();
-        let addrs = self.addrs.as_mut_ptr();
-        for (i, header) in self.headers.iter_mut().take(count).enumerate() {
+    /// Point every header at its buffer, address and (with GRO) control buffer; done right
+    /// before each call, so the pointers are fresh.
+    fn link(&mut self, buffers: &PacketBuffers, gro: bool) {
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: buffers.packet_ptr(UDP_BASE + i).cast(),
+                iov_len: PACKET_BUF_LEN,
+            };
+            let header = &mut self.headers[i];
             header.msg_len = 0;
             let msg = &mut header.msg_hdr;
-            // SAFETY: i < count <= BATCH, the length of both arrays.
-            msg.msg_iov = unsafe { iovs.add(i) };
+            msg.msg_iov = &mut self.iovs[i];
             msg.msg_iovlen = 1;
-            // SAFETY: as above.
-            msg.msg_name = unsafe { addrs.add(i) }.cast();
+            msg.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
             msg.msg_namelen = SOCKADDR_IN_LEN;
-            msg.msg_control = std::ptr::null_mut();
-            msg.msg_controllen = 0;
+            if gro {
+                msg.msg_control = self.controls[i].as_mut_ptr().cast();
+                msg.msg_controllen = CONTROL_LEN as _;
+            } else {
+                msg.msg_control = std::ptr::null_mut();
+                msg.msg_controllen = 0;
+            }
             msg.msg_flags = 0;
         }
+    }
+
+    /// The control data message `i` received.
+    fn control(&self, i: usize) -> &[u8] {
+        // `msg_controllen` is a `size_t` in glibc and a `socklen_t` in musl.
+        #[allow(clippy::unnecessary_cast)]
+        let len = (self.headers[i].msg_hdr.msg_controllen as usize).min(CONTROL_LEN);
+        // SAFETY: the control buffer is CONTROL_LEN initialized bytes; u8 has no invalid values.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.controls[i].as_ptr().cast::<u8>(), CONTROL_LEN)
+        };
+        &bytes[..len]
     }
 }
 
@@ -104,6 +123,7 @@ impl SyscallWorker {
         tun: TunQueue,
         socket: UdpSocket,
         stop: Arc<StopSignal>,
+        offloads: WorkerOffloads,
     ) -> Result<Self, WorkerError> {
         socket
             .set_nonblocking(true)
@@ -114,12 +134,13 @@ impl SyscallWorker {
             tun,
             socket,
             stop,
+            offloads,
             buffers: PacketBuffers::new(2 * BATCH),
             tun_lens: [0; BATCH],
-            recv: MessageArray::new(),
-            send: MessageArray::new(),
-            send_sources: [Source::Packet; BATCH],
-            send_len: 0,
+            recv: RecvArray::new(),
+            sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
+            accepted: Vec::with_capacity(BATCH),
+            coalescer: Coalescer::new(),
             read_failures: 0,
         })
     }
@@ -212,12 +233,15 @@ impl SyscallWorker {
         if !run {
             return Ok(false);
         }
+        let vnet_len = self.offloads.vnet_len();
         let mut read = 0;
         while read < BATCH {
-            let buf = self.buffers.packet_ptr(read);
-            // SAFETY: `buf` is the start of a PACKET_BUF_LEN-byte buffer that nothing else
-            // uses during the call.
-            let rc = unsafe { libc::read(self.tun.as_raw_fd(), buf.cast(), PACKET_BUF_LEN) };
+            // The virtio-net header lands in the headroom, the packet at the buffer's start.
+            let buf = self.buffers.headroom_ptr(read, vnet_len);
+            // SAFETY: `buf` starts `vnet_len` bytes of headroom before a PACKET_BUF_LEN-byte
+            // buffer that nothing else uses during the call.
+            let rc =
+                unsafe { libc::read(self.tun.as_raw_fd(), buf.cast(), vnet_len + PACKET_BUF_LEN) };
             if rc < 0 {
                 let errno = last_errno();
                 match errno {
@@ -230,7 +254,7 @@ impl SyscallWorker {
                 }
             }
             self.read_failures = 0;
-            self.tun_lens[read] = (rc as usize).min(PACKET_BUF_LEN);
+            self.tun_lens[read] = rc as usize;
             read += 1;
         }
         if read == 0 && tun_error {
@@ -238,21 +262,58 @@ impl SyscallWorker {
             return Err(WorkerError::fatal("TUN read", libc::EBADFD));
         }
         for slot in 0..read {
-            let len = self.tun_lens[slot];
-            counts.tun_rx_packets += 1;
-            counts.tun_rx_bytes += len as u64;
+            let total = self.tun_lens[slot];
+            let header = if vnet_len > 0 {
+                // SAFETY: the read has returned; the headroom holds what it wrote.
+                let head = unsafe { self.buffers.with_headroom(slot, vnet_len, total) };
+                VnetHeader::parse(head).unwrap_or(VnetHeader::PLAIN)
+            } else {
+                VnetHeader::PLAIN
+            };
+            let len = total.saturating_sub(vnet_len).min(PACKET_BUF_LEN);
             // SAFETY: no I/O is in flight on any buffer between system calls, and the slices
             // end before the next use of the slot.
             let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
-            let decision = decide::from_tun(packet, table, policy, reply);
-            let action = plan(decision, len, counts);
-            self.execute(slot, action, counts)?;
+            match decide_tun_read(&header, packet, table, policy, reply, counts) {
+                TunAction::Recycle => {}
+                TunAction::WriteReply { len } => {
+                    let reply = self.buffers.reply_ptr(slot);
+                    self.write_tun(reply, len, Source::Reply, counts)?;
+                }
+                TunAction::Send {
+                    to,
+                    len,
+                    segments: None,
+                } => {
+                    let piece = (self.buffers.packet_ptr(slot).cast_const(), len);
+                    self.queue(to, Source::Packet, piece, counts)?;
+                }
+                TunAction::Send {
+                    to,
+                    len,
+                    segments: Some(segmenter),
+                } => {
+                    // SAFETY: the buffer holds `len` bytes the read filled (and the decision
+                    // edited); the datagrams point into it until the batch is flushed, and
+                    // nothing writes it meanwhile.
+                    let packet: &[u8] =
+                        unsafe { std::slice::from_raw_parts(self.buffers.packet_ptr(slot), len) };
+                    let mut next = 0;
+                    let gso = self.offloads.gso;
+                    while !queue_segments(&mut self.sends, to, packet, &segmenter, &mut next, gso) {
+                        if self.sends.is_empty() {
+                            break;
+                        }
+                        self.flush_sends(counts)?;
+                    }
+                }
+            }
         }
         self.flush_sends(counts)?;
         Ok(read == BATCH)
     }
 
-    /// Receive up to a batch of datagrams and write what is accepted to the TUN. Returns
+    /// Receive up to a batch of buffers and write what is accepted to the TUN. Returns
     /// whether the batch was full.
     fn udp_batch(
         &mut self,
@@ -264,14 +325,10 @@ impl SyscallWorker {
         if !run {
             return Ok(false);
         }
-        for i in 0..BATCH {
-            let buf = self.buffers.packet_ptr(UDP_BASE + i);
-            self.recv.set(i, buf, PACKET_BUF_LEN, None);
-        }
-        self.recv.link(BATCH);
+        self.recv.link(&self.buffers, self.offloads.gro);
         let received = loop {
-            // SAFETY: the headers point at BATCH live iovecs, addresses and buffers, none of
-            // which is used elsewhere during the call.
+            // SAFETY: the headers point at BATCH live iovecs, addresses, control buffers and
+            // packet buffers, none of which is used elsewhere during the call.
             let rc = unsafe {
                 libc::recvmmsg(
                     self.socket.as_raw_fd(),
@@ -295,83 +352,126 @@ impl SyscallWorker {
             }
         };
         self.read_failures = 0;
+        self.accepted.clear();
         for i in 0..received.min(BATCH) {
             let header = &self.recv.headers[i];
             let len = (header.msg_len as usize).min(PACKET_BUF_LEN);
             let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             let from = from_sockaddr(&self.recv.addrs[i], header.msg_hdr.msg_namelen);
-            counts.udp_rx_packets += 1;
-            counts.udp_rx_bytes += len as u64;
+            let segment = gro_segment_size(self.recv.control(i));
             let slot = UDP_BASE + i;
-            // SAFETY: the recvmmsg call has returned; nothing else uses the slot.
-            let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
-            let decision = match from {
-                _ if truncated => Decision::Drop(DropReason::TooBig),
-                Some(from) => decide::from_peer(from, packet, table, policy, reply),
-                None => Decision::Drop(UNREADABLE_SENDER),
-            };
-            let action = plan(decision, len, counts);
-            self.execute(slot, action, counts)?;
+            let base = self.buffers.packet_ptr(slot);
+            // SAFETY: the recvmmsg call has returned; nothing else uses the slot until the
+            // batch's writes are done.
+            let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
+            let accepted = &mut self.accepted;
+            let answer = decide_datagrams(
+                from,
+                buf,
+                segment,
+                truncated,
+                table,
+                policy,
+                reply,
+                counts,
+                // SAFETY: offset + len lies inside the slot's buffer.
+                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
+            );
+            if let Some((to, len)) = answer {
+                let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+                self.queue(to, Source::Reply, piece, counts)?;
+            }
+        }
+        let fd = self.tun.as_raw_fd();
+        let mut fatal = None;
+        // SAFETY: the accepted packets lie in this batch's buffers, which no I/O uses now.
+        unsafe {
+            for_each_tun_write(
+                &mut self.coalescer,
+                &self.accepted,
+                &self.offloads,
+                counts,
+                |vnet, pieces, _| {
+                    let result = write_packet(fd, vnet.as_ref(), pieces);
+                    if result < 0 && write_error_is_fatal(-result as i32) {
+                        fatal.get_or_insert(-result as i32);
+                    }
+                    Written::Done(result)
+                },
+            );
+        }
+        if let Some(errno) = fatal {
+            return Err(WorkerError::fatal("TUN write", errno));
         }
         self.flush_sends(counts)?;
         Ok(received >= BATCH)
     }
 
-    /// Write to the TUN now, or queue a datagram for the batch's `sendmmsg`.
-    fn execute(
+    /// Queue one whole datagram, sending the batch first if it is full.
+    fn queue(
         &mut self,
-        slot: usize,
-        action: Action,
+        to: SocketAddrV4,
+        source: Source,
+        piece: (*const u8, usize),
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        match action {
-            Action::Recycle => Ok(()),
-            Action::Write { source, len } => {
-                let buf = self.buffers.source_ptr(slot, source);
-                let result = write_tun(self.tun.as_raw_fd(), buf, len);
-                if result < 0 && write_error_is_fatal(-result as i32) {
-                    return Err(WorkerError::fatal("TUN write", -result as i32));
-                }
-                count_output(counts, false, source, result);
-                Ok(())
-            }
-            Action::Send { to, source, len } => {
-                if self.send_len == BATCH {
-                    self.flush_sends(counts)?;
-                }
-                let buf = self.buffers.source_ptr(slot, source);
-                self.send.set(self.send_len, buf, len, Some(to));
-                self.send_sources[self.send_len] = source;
-                self.send_len += 1;
-                Ok(())
+        let gso = self.offloads.gso;
+        if !self.sends.push(to, source, &[piece], gso) {
+            self.flush_sends(counts)?;
+            if !self.sends.push(to, source, &[piece], gso) {
+                counts.io_errors += 1;
             }
         }
+        Ok(())
     }
 
-    /// Send every queued datagram, with as few `sendmmsg` calls as the kernel allows.
-    fn flush_sends(&mut self, counts: &mut BatchCounts) -> Result<(), WorkerError> {
-        let queued = std::mem::take(&mut self.send_len);
-        if queued == 0 {
-            return Ok(());
+    /// Write one packet from `buf` to the TUN.
+    fn write_tun(
+        &mut self,
+        buf: *mut u8,
+        len: usize,
+        source: Source,
+        counts: &mut BatchCounts,
+    ) -> Result<(), WorkerError> {
+        let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
+        let piece = libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: len,
+        };
+        let result = write_packet(self.tun.as_raw_fd(), vnet.as_ref(), &[piece]);
+        if result < 0 && write_error_is_fatal(-result as i32) {
+            return Err(WorkerError::fatal("TUN write", -result as i32));
         }
-        self.send.link(queued);
+        let count = WriteCount {
+            packets: 1,
+            bytes: len as u32,
+        };
+        count_write(counts, source, count, result);
+        Ok(())
+    }
+
+    /// Send every queued message, with as few `sendmmsg` calls as the kernel allows.
+    fn flush_sends(&mut self, counts: &mut BatchCounts) -> Result<(), WorkerError> {
         let mut next = 0;
-        while next < queued {
-            // SAFETY: headers next..queued point at live iovecs, addresses and buffers that
-            // nothing else uses during the call.
+        while next < self.sends.len() {
+            // Prepared afresh each time: a split adds messages at the end.
+            let (msgs, count) = self.sends.prepare_from(next);
+            // SAFETY: messages next.. point at live iovecs, addresses, control data and
+            // buffers that nothing else uses during the call.
             let rc = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
-                    self.send.headers.as_mut_ptr().add(next),
-                    (queued - next) as libc::c_uint,
+                    msgs,
+                    count as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
             if rc > 0 {
-                let sent = (rc as usize).min(queued - next);
+                let sent = (rc as usize).min(count);
                 for i in next..next + sent {
-                    let bytes = self.send.headers[i].msg_len;
-                    count_output(counts, true, self.send_sources[i], i64::from(bytes));
+                    if let Some(info) = self.sends.info(i) {
+                        count_send(counts, info, i64::from(self.sends.sent_len(i)));
+                    }
                 }
                 next += sent;
                 continue;
@@ -382,22 +482,45 @@ impl SyscallWorker {
                 libc::EAGAIN => {
                     if !self.wait_writable()? {
                         // No room in time, or stopping: give up the rest of the batch.
-                        counts.io_errors += (queued - next) as u64;
-                        return Ok(());
+                        for i in next..self.sends.len() {
+                            if let Some(info) = self.sends.info(i) {
+                                count_send(counts, info, -i64::from(libc::EAGAIN));
+                            }
+                        }
+                        break;
                     }
                 }
                 errno if write_error_is_fatal(errno) => {
                     return Err(WorkerError::fatal("UDP send", errno));
                 }
-                _ => {
-                    // The kernel refused this datagram (no buffer, no route, too big):
-                    // count it and go on with the next.
-                    counts.io_errors += 1;
+                errno => {
+                    self.refused(next, errno, counts);
                     next += 1;
                 }
             }
         }
+        self.sends.clear();
         Ok(())
+    }
+
+    /// The kernel refused message `i`: a GSO run it cannot send as one (no checksum offload on
+    /// the way out: `EIO`, which turns GSO off for good; or too large for the path) is split
+    /// into plain datagrams, sent after the rest; anything else is counted and skipped.
+    fn refused(&mut self, i: usize, errno: i32, counts: &mut BatchCounts) {
+        let Some(info) = self.sends.info(i).copied() else {
+            return;
+        };
+        let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
+        if gso_refused && info.segments > 1 {
+            if errno == libc::EIO && self.offloads.gso {
+                self.offloads.gso = false;
+                tracing::warn!("the kernel refused a UDP GSO send (EIO): sending plain datagrams");
+            }
+            if self.sends.split(i) {
+                return;
+            }
+        }
+        count_send(counts, &info, -i64::from(errno));
     }
 
     /// Wait for room in the socket's send buffer; `false` on timeout or a stop request.
@@ -447,27 +570,6 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
         fd,
         events,
         revents: 0,
-    }
-}
-
-/// Write `len` bytes from `buf` to the TUN as one packet; the byte count or a negative errno.
-fn write_tun(fd: RawFd, buf: *mut u8, len: usize) -> i64 {
-    // One iovec today; a virtio-net header will go in front of the packet as a second one.
-    let iov = [libc::iovec {
-        iov_base: buf.cast(),
-        iov_len: len,
-    }];
-    loop {
-        // SAFETY: `iov` describes `len` live bytes at `buf` that nothing writes during the
-        // call.
-        let rc = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
-        if rc >= 0 {
-            return rc as i64;
-        }
-        let errno = last_errno();
-        if errno != libc::EINTR {
-            return -i64::from(errno);
-        }
     }
 }
 

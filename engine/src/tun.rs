@@ -2,13 +2,19 @@
 //!
 //! Every worker owns one queue of the same device, so the kernel spreads flows across workers
 //! and no two threads ever share a file descriptor. The device lives as long as one queue is
-//! open and disappears with the last one. This is one of the few modules that talk to the kernel
+//! open and disappears with the last one. With offloads, the device is opened with a virtio-net
+//! header before every packet and told (`TUNSETOFFLOAD`) that the engine completes checksums and
+//! cuts TCP and UDP super-packets itself. This is one of the few modules that talk to the kernel
 //! through raw `ioctl`s; every `unsafe` block says why it is sound.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+
+use crate::offload::coalesce::MAX_SEGMENTS;
+use crate::offload::VNET_HDR_LEN;
+use crate::worker::{Source, WriteCount};
 
 /// The character device through which TUN interfaces are created.
 const CLONE_DEVICE: &str = "/dev/net/tun";
@@ -43,17 +49,25 @@ pub enum TunError {
 }
 
 /// One queue of a multi-queue TUN device: a nonblocking, close-on-exec file descriptor from
-/// which whole IPv4 packets are read and to which they are written, with no header before them.
+/// which whole IPv4 packets are read and to which they are written — each behind a 10-byte
+/// virtio-net header ([`crate::offload::VnetHeader`]) when the queue was opened with one.
 #[derive(Debug)]
 pub struct TunQueue {
     fd: OwnedFd,
     name: String,
+    vnet_hdr: bool,
 }
 
 impl TunQueue {
     /// The interface's name as the kernel assigned it (a pattern such as `flannel%d` resolved).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether every packet read or written carries a virtio-net header: the device was opened
+    /// with `IFF_VNET_HDR`, which segmentation offloads need.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
     }
 }
 
@@ -69,58 +83,84 @@ impl AsRawFd for TunQueue {
     }
 }
 
-/// The interface flags every queue is opened with. Kept in one place so that offloads
-/// (`IFF_VNET_HDR`, then `TUNSETOFFLOAD`) are added by changing the flags and the per-queue
-/// setup below, not the callers.
+/// The interface flags every queue is opened with; [`libc::IFF_VNET_HDR`] is added for
+/// offloads.
 const QUEUE_FLAGS: libc::c_int = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+
+/// Create (or attach to) the TUN device `name` and open `queues` queues of it, each nonblocking
+/// and close-on-exec, carrying bare packets as flanneld's device does (no TUN offloads; see
+/// [`open_queues_with`]).
+pub fn open_queues(name: &str, queues: usize) -> Result<Vec<TunQueue>, TunError> {
+    open_queues_with(name, queues, false)
+}
 
 /// Create (or attach to) the TUN device `name` and open `queues` queues of it, each nonblocking
 /// and close-on-exec. `name` may be a kernel pattern such as `flannel%d`; every returned queue
 /// reports the resolved name.
-pub fn open_queues(name: &str, queues: usize) -> Result<Vec<TunQueue>, TunError> {
+///
+/// With `vnet_hdr`, the device is opened with `IFF_VNET_HDR` (and a 10-byte header,
+/// `TUNSETVNETHDRSZ`) if the kernel offers it, which lets the engine turn on segmentation
+/// offloads; [`TunQueue::vnet_hdr`] tells whether it was. Without, packets are read and
+/// written bare, as the udp backend always did.
+pub fn open_queues_with(
+    name: &str,
+    queues: usize,
+    vnet_hdr: bool,
+) -> Result<Vec<TunQueue>, TunError> {
     let requested = InterfaceName::new(name)?;
     if queues == 0 || queues > MAX_QUEUES {
         return Err(TunError::BadQueueCount(queues));
     }
     let mut opened: Vec<TunQueue> = Vec::with_capacity(queues);
     let mut current = requested;
+    let mut flags = QUEUE_FLAGS;
     for queue in 0..queues {
-        let (fd, resolved) = open_queue(&current, QUEUE_FLAGS).map_err(|error| match error {
-            QueueError::Open(source) => TunError::Open(source),
-            QueueError::Attach(source) => TunError::Attach {
-                name: name.to_owned(),
-                queue,
-                source,
-            },
-        })?;
+        let attach_error = |source| TunError::Attach {
+            name: name.to_owned(),
+            queue,
+            source,
+        };
+        let file = open_clone_device().map_err(TunError::Open)?;
+        if queue == 0 && vnet_hdr && supports_vnet_hdr(&file) {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        let resolved = attach(&file, &current, flags).map_err(attach_error)?;
+        if flags & libc::IFF_VNET_HDR != 0 {
+            set_vnet_hdr_len(&file).map_err(attach_error)?;
+        }
         // Later queues attach to the device the first one created, by its real name.
         current = resolved;
         opened.push(TunQueue {
-            fd,
+            fd: file,
             name: current.as_str().to_owned(),
+            vnet_hdr: flags & libc::IFF_VNET_HDR != 0,
         });
     }
     Ok(opened)
 }
 
-enum QueueError {
-    Open(io::Error),
-    Attach(io::Error),
-}
-
-fn open_queue(
-    name: &InterfaceName,
-    flags: libc::c_int,
-) -> Result<(OwnedFd, InterfaceName), QueueError> {
+fn open_clone_device() -> io::Result<OwnedFd> {
     let file: File = OpenOptions::new()
         .read(true)
         .write(true)
         // std adds O_CLOEXEC itself.
         .custom_flags(libc::O_NONBLOCK)
-        .open(CLONE_DEVICE)
-        .map_err(QueueError::Open)?;
-    let fd = OwnedFd::from(file);
+        .open(CLONE_DEVICE)?;
+    Ok(OwnedFd::from(file))
+}
 
+/// Whether the kernel's TUN driver offers `IFF_VNET_HDR` (`TUNGETFEATURES`).
+fn supports_vnet_hdr(fd: &OwnedFd) -> bool {
+    let mut features: libc::c_uint = 0;
+    // SAFETY: TUNGETFEATURES writes one unsigned int of feature flags to the live `features`;
+    // `fd` is an open /dev/net/tun descriptor.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETFEATURES, &mut features) };
+    rc == 0 && features & libc::IFF_VNET_HDR as libc::c_uint != 0
+}
+
+/// Attach the unattached `/dev/net/tun` descriptor `fd` to device `name` with `flags`, and
+/// return the name the kernel gave the device.
+fn attach(fd: &OwnedFd, name: &InterfaceName, flags: libc::c_int) -> io::Result<InterfaceName> {
     // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers and
     // addresses) for which all-zero bytes are a valid value.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -132,15 +172,259 @@ fn open_queue(
     // aligned `ifreq` for the duration of the call and `fd` is an open /dev/net/tun descriptor.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut request) };
     if rc < 0 {
-        return Err(QueueError::Attach(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
-    let resolved = InterfaceName::from_kernel(&request.ifr_name).map_err(|_| {
-        QueueError::Attach(io::Error::new(
+    InterfaceName::from_kernel(&request.ifr_name).map_err(|_| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             "kernel returned an unterminated interface name",
-        ))
-    })?;
-    Ok((fd, resolved))
+        )
+    })
+}
+
+/// Ask for the 10-byte virtio-net header (the kernel's default, set explicitly so that a
+/// device another program created with a different size cannot surprise the engine).
+fn set_vnet_hdr_len(fd: &OwnedFd) -> io::Result<()> {
+    let len = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the live `len`; `fd` is an attached queue.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The offloads a TUN device was set up with (`TUNSETOFFLOAD`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunOffload {
+    /// The kernel may hand over packets whose transport checksum is still to be completed.
+    pub csum: bool,
+    /// TCP super-packets (TSO, IPv4 and IPv6), ECN's CWR included.
+    pub tso: bool,
+    /// UDP super-packets (USO, Linux 6.2 and later).
+    pub uso: bool,
+}
+
+impl TunOffload {
+    /// The `TUN_F_*` flags for this set.
+    fn flags(self) -> libc::c_uint {
+        let mut flags = 0;
+        if self.csum {
+            flags |= libc::TUN_F_CSUM;
+        }
+        if self.tso {
+            flags |= libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+        }
+        if self.uso {
+            flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        }
+        flags
+    }
+}
+
+/// Turn the device's offloads on (`wanted`) or off, through queue `queue` (the setting is the
+/// device's). On, the richest set the kernel accepts is chosen: checksum, TSO and USO; without
+/// USO (before Linux 6.2); checksum alone. A queue without a virtio-net header cannot have any.
+pub fn set_offload(queue: &TunQueue, wanted: bool) -> io::Result<TunOffload> {
+    if !queue.vnet_hdr {
+        return Ok(TunOffload::default());
+    }
+    let candidates: &[TunOffload] = if wanted {
+        &[
+            TunOffload {
+                csum: true,
+                tso: true,
+                uso: true,
+            },
+            TunOffload {
+                csum: true,
+                tso: true,
+                uso: false,
+            },
+            TunOffload {
+                csum: true,
+                tso: false,
+                uso: false,
+            },
+        ]
+    } else {
+        &[]
+    };
+    for offload in candidates {
+        // SAFETY: TUNSETOFFLOAD takes the flags as the integer argument itself; `queue` is an
+        // attached queue.
+        let rc = unsafe {
+            libc::ioctl(
+                queue.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                offload.flags() as libc::c_ulong,
+            )
+        };
+        if rc == 0 {
+            return Ok(*offload);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error);
+        }
+    }
+    // SAFETY: as above, with no flags: plain packets only.
+    let rc = unsafe { libc::ioctl(queue.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TunOffload::default())
+}
+
+/// TUN writes prepared for the kernel, each a virtio-net header (when the device takes one)
+/// and the pieces of a packet or super-packet, as an `iovec` array whose memory never moves:
+/// io_uring reads it after the submitting call has returned.
+pub(crate) struct WriteList {
+    vnets: Box<[[u8; VNET_HDR_LEN]]>,
+    iovs: Box<[libc::iovec]>,
+    writes: Box<[WriteEntry]>,
+    len: usize,
+    iovs_used: usize,
+}
+
+/// One write of a [`WriteList`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WriteEntry {
+    first_iov: u32,
+    iovs: u32,
+    vnet: bool,
+    /// What the write carries.
+    pub(crate) count: WriteCount,
+    /// Forwarded packets or an ICMP error.
+    pub(crate) source: Source,
+}
+
+impl WriteList {
+    /// Room for `writes` writes of `iovs` pieces in all (headers included).
+    pub(crate) fn new(writes: usize, iovs: usize) -> Self {
+        let entry = WriteEntry {
+            first_iov: 0,
+            iovs: 0,
+            vnet: false,
+            count: WriteCount::default(),
+            source: Source::Packet,
+        };
+        Self {
+            vnets: vec![[0u8; VNET_HDR_LEN]; writes].into_boxed_slice(),
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                };
+                iovs
+            ]
+            .into_boxed_slice(),
+            writes: vec![entry; writes].into_boxed_slice(),
+            len: 0,
+            iovs_used: 0,
+        }
+    }
+
+    /// Forget every write (none may be in flight).
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+        self.iovs_used = 0;
+    }
+
+    /// How many writes are prepared.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Add a write of `pieces` behind `vnet`; `false` if there is no room.
+    pub(crate) fn push(
+        &mut self,
+        vnet: Option<[u8; VNET_HDR_LEN]>,
+        pieces: &[libc::iovec],
+        count: WriteCount,
+        source: Source,
+    ) -> bool {
+        let needed = pieces.len() + usize::from(vnet.is_some());
+        if self.len == self.writes.len() || self.iovs_used + needed > self.iovs.len() {
+            return false;
+        }
+        let first = self.iovs_used;
+        let mut at = first;
+        if let Some(vnet) = vnet {
+            self.vnets[self.len] = vnet;
+            self.iovs[at] = libc::iovec {
+                iov_base: self.vnets[self.len].as_mut_ptr().cast(),
+                iov_len: VNET_HDR_LEN,
+            };
+            at += 1;
+        }
+        self.iovs[at..at + pieces.len()].copy_from_slice(pieces);
+        self.writes[self.len] = WriteEntry {
+            first_iov: first as u32,
+            iovs: needed as u32,
+            vnet: vnet.is_some(),
+            count,
+            source,
+        };
+        self.len += 1;
+        self.iovs_used += needed;
+        true
+    }
+
+    /// The pieces of write `i`: its `iovec`s without the virtio-net header's.
+    pub(crate) fn pieces(&self, i: usize) -> &[libc::iovec] {
+        let Some(entry) = self.writes.get(..self.len).and_then(|w| w.get(i)) else {
+            return &[];
+        };
+        let first = entry.first_iov as usize + usize::from(entry.vnet);
+        let end = entry.first_iov as usize + entry.iovs as usize;
+        self.iovs.get(first..end).unwrap_or_default()
+    }
+
+    /// Write `i`: its `iovec` array and length, and what it carries.
+    pub(crate) fn get(&self, i: usize) -> Option<(*const libc::iovec, u32, WriteEntry)> {
+        let entry = *self.writes.get(..self.len)?.get(i)?;
+        let iovs = self.iovs.get(entry.first_iov as usize..)?.as_ptr();
+        Some((iovs, entry.iovs, entry))
+    }
+}
+
+/// Write one packet to the TUN from `pieces`, behind `vnet` when the device takes a header:
+/// the byte count or a negative errno.
+pub(crate) fn write_packet(
+    fd: RawFd,
+    vnet: Option<&[u8; VNET_HDR_LEN]>,
+    pieces: &[libc::iovec],
+) -> i64 {
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_SEGMENTS + 2];
+    let mut used = 0;
+    if let Some(vnet) = vnet {
+        iovs[0] = libc::iovec {
+            iov_base: vnet.as_ptr().cast_mut().cast(),
+            iov_len: VNET_HDR_LEN,
+        };
+        used = 1;
+    }
+    let take = pieces.len().min(iovs.len() - used);
+    iovs[used..used + take].copy_from_slice(&pieces[..take]);
+    used += take;
+    loop {
+        // SAFETY: `iovs[..used]` describes live memory (the caller's pieces and `vnet`) that
+        // nothing writes during the call.
+        let rc = unsafe { libc::writev(fd, iovs.as_ptr(), used as libc::c_int) };
+        if rc >= 0 {
+            return rc as i64;
+        }
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        if errno != libc::EINTR {
+            return -i64::from(errno);
+        }
+    }
 }
 
 /// An interface name as the kernel accepts it: 1 to 15 bytes, not `.` or `..`, no NUL, `/`,

@@ -1,15 +1,25 @@
-//! The underlay UDP socket of one worker, and the socket-address layout the kernel uses.
+//! The underlay UDP socket of one worker, its offloads, and the message layouts the kernel
+//! uses to send and receive datagrams.
 //!
 //! Every worker binds its own socket to the same public address and port with `SO_REUSEPORT`,
 //! so the kernel spreads peers across workers and no socket is shared. Buffers are made large
 //! (bursts of 64 KiB super-packets are coming) with the `…BUFFORCE` options, which ignore the
 //! `rmem_max`/`wmem_max` limits when the process may; otherwise the plain options are used.
+//!
+//! Two offloads cut the per-datagram cost. With UDP GSO ([`SendBatch`]), a run of equal-sized
+//! datagrams to one peer leaves in one `sendmsg` with a `UDP_SEGMENT` control message, and the
+//! kernel cuts it (on veth without even cutting it: the receiver gets it whole). With UDP GRO
+//! ([`enable_gro`]), the kernel hands over such a run in one buffer with the datagram size in
+//! a `UDP_GRO` control message ([`gro_segment_size`]). Each datagram is still one inner
+//! packet: the wire format does not change.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::worker::Source;
 
 /// The socket buffer size asked for in each direction.
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
@@ -64,8 +74,18 @@ fn set_int_option(
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    set_raw_int_option(socket.as_fd(), level, name, value)
+}
+
+fn set_raw_int_option(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value is a live `c_int` and the length passed is its size; the
-    // descriptor belongs to `socket`, which outlives the call.
+    // descriptor is borrowed for the call.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
@@ -100,6 +120,377 @@ pub fn receive_buffer_bytes(socket: BorrowedFd<'_>) -> io::Result<usize> {
         Ok(usize::try_from(value).unwrap_or(0))
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The most datagrams one GSO send may carry (`UDP_MAX_SEGMENTS` of older kernels).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// The most bytes one GSO send may carry: on veth and loopback a larger one is cut into plain
+/// datagrams by software instead of travelling whole.
+pub const MAX_GSO_BYTES: usize = 65_493;
+
+/// Room for one control message holding an `int` (`UDP_GRO`) or a `u16` (`UDP_SEGMENT`):
+/// `CMSG_SPACE(4)` = `CMSG_SPACE(2)` on every Linux ABI with an 8- or 4-byte `cmsghdr`
+/// alignment.
+pub(crate) const CONTROL_LEN: usize = 24;
+
+/// Control-message buffer storage, aligned for `cmsghdr`.
+type ControlBuf = [u64; CONTROL_LEN / 8];
+
+/// Receive runs of datagrams from one sender in one buffer (`UDP_GRO`).
+pub(crate) fn enable_gro(socket: BorrowedFd<'_>) -> io::Result<()> {
+    set_raw_int_option(socket, libc::SOL_UDP, libc::UDP_GRO, 1)
+}
+
+/// Whether the socket takes `UDP_SEGMENT` (Linux 4.18 and later): the option can be read.
+pub(crate) fn gso_supported(socket: BorrowedFd<'_>) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live and sized for an integer option.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+}
+
+/// Whether a kernel release (as `uname -r` prints it) has the UDP GSO bug of Linux 7.0 to
+/// 7.1.4, which corrupts the headers of segmented datagrams.
+pub fn kernel_gso_broken(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (numbers.next(), numbers.next()) else {
+        return false;
+    };
+    let patch = numbers.next().flatten().unwrap_or(0);
+    major == 7 && (minor == 0 || (minor == 1 && patch <= 4))
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn kernel_release() -> Option<String> {
+    // SAFETY: `utsname` is a struct of byte arrays; all zeroes is valid.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the live struct it is given.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = name
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8(bytes).ok()
+}
+
+/// The datagram size of a GRO buffer, from the control data `recvmsg` returned; `None` when
+/// the buffer holds one datagram.
+pub(crate) fn gro_segment_size(control: &[u8]) -> Option<usize> {
+    const HEADER: usize = std::mem::size_of::<libc::cmsghdr>();
+    let mut at = 0;
+    while let Some(header) = control.get(at..at + HEADER) {
+        let len_bytes = header.get(..std::mem::size_of::<usize>())?;
+        let len = usize::from_ne_bytes(len_bytes.try_into().ok()?);
+        let level = i32::from_ne_bytes(header.get(8..12)?.try_into().ok()?);
+        let kind = i32::from_ne_bytes(header.get(12..16)?.try_into().ok()?);
+        if len < HEADER {
+            return None;
+        }
+        if level == libc::SOL_UDP && kind == libc::UDP_GRO {
+            let data = control.get(at + HEADER..at + HEADER + 4)?;
+            let size = i32::from_ne_bytes(data.try_into().ok()?);
+            return usize::try_from(size).ok().filter(|size| *size > 0);
+        }
+        at = at.checked_add(len.checked_next_multiple_of(std::mem::size_of::<usize>())?)?;
+    }
+    None
+}
+
+/// Write a `UDP_SEGMENT` control message for datagrams of `size` bytes into `out`.
+fn write_segment_control(out: &mut ControlBuf, size: u16) -> usize {
+    // SAFETY: CMSG_LEN only computes a length.
+    let len = unsafe { libc::CMSG_LEN(std::mem::size_of::<u16>() as libc::c_uint) } as usize;
+    let header = libc::cmsghdr {
+        cmsg_len: len as _,
+        cmsg_level: libc::SOL_UDP,
+        cmsg_type: libc::UDP_SEGMENT,
+    };
+    // SAFETY: `out` is 8-byte aligned and CONTROL_LEN bytes long, enough for a cmsghdr and a
+    // u16 after it; both writes stay inside it.
+    unsafe {
+        let base = out.as_mut_ptr().cast::<u8>();
+        std::ptr::write(base.cast::<libc::cmsghdr>(), header);
+        std::ptr::write_unaligned(
+            base.add(std::mem::size_of::<libc::cmsghdr>()).cast::<u16>(),
+            size,
+        );
+    }
+    CONTROL_LEN
+}
+
+/// What one message of a [`SendBatch`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MessageInfo {
+    /// Where it goes.
+    pub(crate) peer: SocketAddrV4,
+    /// Forwarded packets or an ICMP error.
+    pub(crate) source: Source,
+    /// How many datagrams (0 once the message was split into plain ones).
+    pub(crate) segments: u32,
+    /// Bytes in all.
+    pub(crate) bytes: u32,
+    segment_len: u32,
+    pieces: u32,
+    first_iov: u32,
+    iovs: u32,
+    /// Whether more datagrams may join.
+    open: bool,
+}
+
+/// Datagrams queued for the socket, as `mmsghdr`s with the `iovec`s, addresses, control data
+/// and segment headers they point at. With GSO a message carries a run of datagrams to one
+/// peer, all of one length but the last, which may be shorter; otherwise a message is one
+/// datagram. A datagram is one or two pieces of memory (a whole packet, or a segment's headers
+/// and its payload in the super-packet).
+///
+/// The batch's memory never moves, so messages may be handed to the kernel while it lives;
+/// the pieces a message points at must stay untouched until it is sent.
+pub(crate) struct SendBatch {
+    msgs: Box<[libc::mmsghdr]>,
+    info: Box<[MessageInfo]>,
+    addrs: Box<[libc::sockaddr_in]>,
+    controls: Box<[ControlBuf]>,
+    iovs: Box<[libc::iovec]>,
+    headers: Box<[u8]>,
+    len: usize,
+    iovs_used: usize,
+    headers_used: usize,
+}
+
+impl SendBatch {
+    /// A batch of at most `messages` messages, `iovs` pieces and `header_bytes` of segment
+    /// headers.
+    pub(crate) fn new(messages: usize, iovs: usize, header_bytes: usize) -> Self {
+        let peer = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+        Self {
+            // SAFETY: mmsghdr, sockaddr_in and iovec are plain C structs of integers and
+            // pointers; all zeroes (null pointers) is a valid value of each.
+            msgs: (0..messages)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            info: vec![
+                MessageInfo {
+                    peer,
+                    source: Source::Packet,
+                    segments: 0,
+                    bytes: 0,
+                    segment_len: 0,
+                    pieces: 0,
+                    first_iov: 0,
+                    iovs: 0,
+                    open: false,
+                };
+                messages
+            ]
+            .into_boxed_slice(),
+            // SAFETY: as above.
+            addrs: (0..messages)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            controls: vec![[0u64; CONTROL_LEN / 8]; messages].into_boxed_slice(),
+            // SAFETY: as above.
+            iovs: (0..iovs).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            headers: vec![0u8; header_bytes].into_boxed_slice(),
+            len: 0,
+            iovs_used: 0,
+            headers_used: 0,
+        }
+    }
+
+    /// Forget every message (none may be in flight).
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+        self.iovs_used = 0;
+        self.headers_used = 0;
+    }
+
+    /// How many messages are queued.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Message `i`'s description.
+    pub(crate) fn info(&self, i: usize) -> Option<&MessageInfo> {
+        self.info.get(..self.len)?.get(i)
+    }
+
+    /// Whether a datagram of `pieces` pieces and a `header_len`-byte segment header fits.
+    pub(crate) fn has_room(&self, pieces: usize, header_len: usize) -> bool {
+        self.len < self.msgs.len()
+            && self.iovs_used + pieces <= self.iovs.len()
+            && self.headers_used + header_len <= self.headers.len()
+    }
+
+    /// Space for a segment header of `len` bytes, which [`SendBatch::push`] must then use as
+    /// its first piece; `None` if full.
+    pub(crate) fn header_space(&mut self, len: usize) -> Option<&mut [u8]> {
+        let space = self
+            .headers
+            .get_mut(self.headers_used..self.headers_used + len)?;
+        self.headers_used += len;
+        Some(space)
+    }
+
+    /// Queue one datagram of `pieces` for `peer`: with `gso`, appended to the last message
+    /// if that one goes to the same peer, carries forwarded datagrams of the same length made
+    /// of as many pieces, and has room; otherwise as a new message. `false` if the batch is
+    /// full (nothing was queued).
+    pub(crate) fn push(
+        &mut self,
+        peer: SocketAddrV4,
+        source: Source,
+        pieces: &[(*const u8, usize)],
+        gso: bool,
+    ) -> bool {
+        let len: usize = pieces.iter().map(|(_, len)| len).sum();
+        if self.iovs_used + pieces.len() > self.iovs.len() {
+            return false;
+        }
+        let joins = gso
+            && source == Source::Packet
+            && self.len > 0
+            && self.info[self.len - 1].joinable(peer, len, pieces.len());
+        if !joins && self.len == self.msgs.len() {
+            return false;
+        }
+        for (i, (base, piece_len)) in pieces.iter().enumerate() {
+            self.iovs[self.iovs_used + i] = libc::iovec {
+                iov_base: base.cast_mut().cast(),
+                iov_len: *piece_len,
+            };
+        }
+        if joins {
+            let info = &mut self.info[self.len - 1];
+            info.segments += 1;
+            info.bytes += len as u32;
+            info.iovs += pieces.len() as u32;
+            info.open = len == info.segment_len as usize
+                && info.segments < MAX_GSO_SEGMENTS as u32
+                && info.bytes as usize + len <= MAX_GSO_BYTES;
+        } else {
+            self.info[self.len] = MessageInfo {
+                peer,
+                source,
+                segments: 1,
+                bytes: len as u32,
+                segment_len: len as u32,
+                pieces: pieces.len() as u32,
+                first_iov: self.iovs_used as u32,
+                iovs: pieces.len() as u32,
+                open: gso && source == Source::Packet && 2 * len <= MAX_GSO_BYTES,
+            };
+            self.len += 1;
+        }
+        self.iovs_used += pieces.len();
+        true
+    }
+
+    /// Turn message `i`, a GSO run the kernel refused, into one plain message per datagram at
+    /// the end of the batch. `false` if there is no room (the message is left as it is).
+    pub(crate) fn split(&mut self, i: usize) -> bool {
+        let Some(info) = self.info(i).copied() else {
+            return false;
+        };
+        let segments = info.segments as usize;
+        if segments < 2 || self.len + segments > self.msgs.len() {
+            return false;
+        }
+        for segment in 0..segments {
+            let first = info.first_iov as usize + segment * info.pieces as usize;
+            let len: usize = self.iovs[first..first + info.pieces as usize]
+                .iter()
+                .map(|iov| iov.iov_len)
+                .sum();
+            self.info[self.len] = MessageInfo {
+                segments: 1,
+                bytes: len as u32,
+                segment_len: len as u32,
+                first_iov: first as u32,
+                iovs: info.pieces,
+                open: false,
+                ..info
+            };
+            self.len += 1;
+        }
+        self.info[i].segments = 0;
+        self.info[i].bytes = 0;
+        true
+    }
+
+    /// Point message `i`'s header at its pieces, address and (for a run of datagrams) its
+    /// `UDP_SEGMENT` control message, and return it. Call right before handing it to the kernel.
+    pub(crate) fn prepare(&mut self, i: usize) -> Option<*mut libc::msghdr> {
+        let info = *self.info(i)?;
+        self.addrs[i] = to_sockaddr(info.peer);
+        let control_len = if info.segments > 1 {
+            write_segment_control(&mut self.controls[i], info.segment_len as u16)
+        } else {
+            0
+        };
+        let header = &mut self.msgs[i];
+        header.msg_len = 0;
+        let msg = &mut header.msg_hdr;
+        msg.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+        msg.msg_namelen = SOCKADDR_IN_LEN;
+        msg.msg_iov = self.iovs[info.first_iov as usize..].as_mut_ptr();
+        msg.msg_iovlen = info.iovs as _;
+        msg.msg_control = if control_len > 0 {
+            self.controls[i].as_mut_ptr().cast()
+        } else {
+            std::ptr::null_mut()
+        };
+        msg.msg_controllen = control_len as _;
+        msg.msg_flags = 0;
+        Some(msg)
+    }
+
+    /// Messages `from..` as an `mmsghdr` array for `sendmmsg`, each prepared; with the count.
+    pub(crate) fn prepare_from(&mut self, from: usize) -> (*mut libc::mmsghdr, usize) {
+        for i in from..self.len {
+            self.prepare(i);
+        }
+        let count = self.len.saturating_sub(from);
+        let start = from.min(self.msgs.len());
+        (self.msgs[start..].as_mut_ptr(), count)
+    }
+
+    /// The bytes the kernel reported sending for message `i` after `sendmmsg`.
+    pub(crate) fn sent_len(&self, i: usize) -> u32 {
+        self.msgs.get(i).map_or(0, |m| m.msg_len)
+    }
+}
+
+impl MessageInfo {
+    fn joinable(&self, peer: SocketAddrV4, len: usize, pieces: usize) -> bool {
+        self.open
+            && self.source == Source::Packet
+            && self.peer == peer
+            && self.pieces as usize == pieces
+            && len <= self.segment_len as usize
+            && self.bytes as usize + len <= MAX_GSO_BYTES
+            && (self.segments as usize) < MAX_GSO_SEGMENTS
     }
 }
 
@@ -170,6 +561,211 @@ mod tests {
         assert_eq!(raw.sin_port, 8285u16.to_be());
         assert_eq!(raw.sin_addr.s_addr.to_ne_bytes(), [198, 18, 0, 2]);
         assert_eq!(from_sockaddr(&raw, SOCKADDR_IN_LEN), Some(addr));
+    }
+
+    #[test]
+    fn broken_gso_kernels_are_recognised() {
+        for broken in [
+            "7.0",
+            "7.0.0",
+            "7.0.12-arch1",
+            "7.1",
+            "7.1.4",
+            "7.1.4-1-default",
+        ] {
+            assert!(kernel_gso_broken(broken), "{broken}");
+        }
+        for fine in [
+            "6.18.44-fc-v669",
+            "6.1.0-13-amd64",
+            "7.1.5",
+            "7.2.0",
+            "8.0",
+            "",
+            "garbage",
+            "7",
+        ] {
+            assert!(!kernel_gso_broken(fine), "{fine}");
+        }
+        assert!(kernel_release().is_some_and(|r| !r.is_empty()));
+    }
+
+    fn peer(last: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, last), 8285)
+    }
+
+    #[test]
+    fn gso_runs_take_equal_datagrams_for_one_peer() {
+        let data = vec![0u8; 70_000];
+        let piece = |len: usize| [(data.as_ptr(), len)];
+        let mut batch = SendBatch::new(16, 128, 0);
+        // Three of 1000 bytes, then a shorter one that ends the run.
+        for _ in 0..3 {
+            assert!(batch.push(peer(2), Source::Packet, &piece(1000), true));
+        }
+        assert!(batch.push(peer(2), Source::Packet, &piece(400), true));
+        assert!(batch.push(peer(2), Source::Packet, &piece(1000), true));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.info(0).unwrap().segments, 4);
+        assert_eq!(batch.info(0).unwrap().bytes, 3400);
+        // A larger datagram, another peer, an ICMP error: new messages.
+        assert!(batch.push(peer(2), Source::Packet, &piece(1200), true));
+        assert!(batch.push(peer(3), Source::Packet, &piece(1200), true));
+        assert!(batch.push(peer(3), Source::Reply, &piece(56), true));
+        assert!(batch.push(peer(3), Source::Packet, &piece(1200), true));
+        assert_eq!(batch.len(), 6);
+        assert_eq!(batch.info(4).unwrap().segments, 1);
+        // Without GSO, every datagram is a message.
+        batch.clear();
+        for _ in 0..3 {
+            assert!(batch.push(peer(2), Source::Packet, &piece(1000), false));
+        }
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[test]
+    fn gso_runs_stay_within_the_kernel_limits() {
+        let data = vec![0u8; 70_000];
+        let mut batch = SendBatch::new(16, 256, 0);
+        for _ in 0..100 {
+            assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 100)], true));
+        }
+        assert_eq!(batch.info(0).unwrap().segments as usize, MAX_GSO_SEGMENTS);
+        batch.clear();
+        for _ in 0..50 {
+            assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 1472)], true));
+        }
+        assert_eq!(batch.info(0).unwrap().segments, 44);
+        assert!(batch.info(0).unwrap().bytes as usize <= MAX_GSO_BYTES);
+        // A datagram too large to pair never opens a run.
+        batch.clear();
+        assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 40_000)], true));
+        assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 40_000)], true));
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn full_batches_refuse_more() {
+        let data = [0u8; 100];
+        let mut batch = SendBatch::new(2, 3, 8);
+        assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 10)], false));
+        assert!(batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 10)], false));
+        assert!(!batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 10)], false));
+        assert!(!batch.has_room(1, 0));
+        batch.clear();
+        assert!(batch.is_empty() && batch.has_room(2, 8));
+        assert!(!batch.has_room(4, 0));
+        assert!(batch.header_space(8).is_some());
+        assert!(batch.header_space(1).is_none());
+        let two = [(data.as_ptr(), 10), (data.as_ptr(), 10)];
+        assert!(batch.push(peer(2), Source::Packet, &two, true));
+        assert!(
+            !batch.push(peer(2), Source::Packet, &two, true),
+            "no iovec room"
+        );
+    }
+
+    #[test]
+    fn prepared_messages_carry_address_pieces_and_segment_size() {
+        let data = [0u8; 3000];
+        let mut batch = SendBatch::new(8, 16, 0);
+        for _ in 0..3 {
+            batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 1000)], true);
+        }
+        batch.push(peer(3), Source::Packet, &[(data.as_ptr(), 500)], true);
+        let msg = batch.prepare(0).unwrap();
+        // SAFETY: `prepare` pointed the header at the batch's live memory.
+        unsafe {
+            let addr = &*((*msg).msg_name as *const libc::sockaddr_in);
+            assert_eq!(from_sockaddr(addr, (*msg).msg_namelen), Some(peer(2)));
+            assert_eq!((*msg).msg_iovlen, 3);
+            assert_eq!((*msg).msg_controllen, CONTROL_LEN);
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
+            assert_eq!((*cmsg).cmsg_level, libc::SOL_UDP);
+            assert_eq!((*cmsg).cmsg_type, libc::UDP_SEGMENT);
+            let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>());
+            assert_eq!(size, 1000);
+        }
+        let msg = batch.prepare(1).unwrap();
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!((*msg).msg_iovlen, 1);
+            assert_eq!((*msg).msg_controllen, 0);
+            assert!((*msg).msg_control.is_null());
+        }
+        assert!(batch.prepare(2).is_none());
+        let (_, count) = batch.prepare_from(0);
+        assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn refused_runs_split_into_plain_datagrams() {
+        let data = [0u8; 3000];
+        let mut batch = SendBatch::new(8, 16, 0);
+        for _ in 0..3 {
+            batch.push(peer(2), Source::Packet, &[(data.as_ptr(), 1000)], true);
+        }
+        assert!(batch.split(0));
+        assert_eq!(batch.len(), 4);
+        assert_eq!(
+            batch.info(0).unwrap().segments,
+            0,
+            "the run itself is emptied"
+        );
+        for i in 1..4 {
+            let info = batch.info(i).unwrap();
+            assert_eq!((info.segments, info.bytes), (1, 1000));
+        }
+        assert!(!batch.split(1), "a single datagram cannot be split");
+        let mut small = SendBatch::new(2, 16, 0);
+        for _ in 0..3 {
+            small.push(peer(2), Source::Packet, &[(data.as_ptr(), 1000)], true);
+        }
+        assert!(!small.split(0), "no room for three messages");
+    }
+
+    #[test]
+    fn gro_sizes_are_read_from_control_data() {
+        let message = |level: i32, kind: i32, value: i32| {
+            let mut control = vec![0u8; CONTROL_LEN];
+            let len = std::mem::size_of::<libc::cmsghdr>() + 4;
+            control[..8].copy_from_slice(&len.to_ne_bytes());
+            control[8..12].copy_from_slice(&level.to_ne_bytes());
+            control[12..16].copy_from_slice(&kind.to_ne_bytes());
+            control[16..20].copy_from_slice(&value.to_ne_bytes());
+            control
+        };
+        assert_eq!(
+            gro_segment_size(&message(libc::SOL_UDP, libc::UDP_GRO, 1472)),
+            Some(1472)
+        );
+        assert_eq!(
+            gro_segment_size(&message(libc::SOL_UDP, libc::UDP_GRO, 0)),
+            None
+        );
+        assert_eq!(
+            gro_segment_size(&message(libc::SOL_IP, libc::UDP_GRO, 1472)),
+            None
+        );
+        assert_eq!(gro_segment_size(&message(libc::SOL_UDP, 1, 1472)), None);
+        // Two messages: the GRO size is in the second.
+        let mut two = message(libc::SOL_IP, 8, 0);
+        two.extend(message(libc::SOL_UDP, libc::UDP_GRO, 900));
+        assert_eq!(gro_segment_size(&two), Some(900));
+        // Truncated or nonsensical headers end the walk.
+        assert_eq!(gro_segment_size(&[]), None);
+        assert_eq!(gro_segment_size(&[0u8; 10]), None);
+        assert_eq!(gro_segment_size(&[0u8; CONTROL_LEN]), None);
+        let mut huge = message(libc::SOL_IP, 8, 0);
+        huge[..8].copy_from_slice(&usize::MAX.to_ne_bytes());
+        assert_eq!(gro_segment_size(&huge), None);
+    }
+
+    #[test]
+    fn gro_and_gso_are_available_on_this_kernel() {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        enable_gro(socket.as_fd()).unwrap();
+        assert!(gso_supported(socket.as_fd()));
     }
 
     #[test]

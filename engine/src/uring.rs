@@ -1,15 +1,20 @@
 //! The io_uring back end of a worker.
 //!
-//! Every packet slot owns a 64 KiB buffer, a reply buffer, a `msghdr`, an `iovec` and a
-//! `sockaddr_in` at fixed addresses. [`TUN_SLOTS`] slots are lent to the kernel for TUN reads
-//! and [`UDP_SLOTS`] for datagrams, through two provided-buffer rings, and one multishot read
-//! on the TUN and one multishot `recvmsg` on the socket stay armed: each arriving packet
+//! Every packet slot owns a 64 KiB buffer (behind some headroom), a reply buffer, and the
+//! message memory its output needs at fixed addresses: a [`SendBatch`] (segment headers,
+//! `iovec`s, `msghdr`s, addresses, `UDP_SEGMENT` control data) and a [`WriteList`] (virtio-net
+//! headers and `iovec`s for TUN writes). [`TUN_SLOTS`] slots are lent to the kernel for TUN
+//! reads and [`UDP_SLOTS`] for datagrams, through two provided-buffer rings, and one multishot
+//! read on the TUN and one multishot `recvmsg` on the socket stay armed: each arriving packet
 //! completes into a free slot. The packet is decided on where it lies and leaves from the same
-//! buffer (a `sendmsg` to the peer or a TUN write: no copy); when that completes, the slot goes
-//! back to its ring. ICMP errors leave from the slot's reply buffer. Completions are reaped in
-//! batches and every operation they cause is submitted with the next wait, one
-//! `io_uring_enter` per loop. A poll on the stop eventfd stays in the ring, so a stop request
-//! ends the wait at once.
+//! buffer: a super-packet's segments as their headers (written into the slot's batch) and their
+//! payload (left in place), sent as GSO runs; datagrams of a GRO buffer as TUN writes, runs of
+//! one flow merged into super-packets by pointing at their payloads. When every operation of a
+//! slot has completed, the slot goes back to its ring — or, for a super-packet with more
+//! segments than the batch holds, the batch is refilled with the next ones. ICMP errors leave
+//! from the slot's reply buffer. Completions are reaped in batches and every operation they
+//! cause is submitted with the next wait, one `io_uring_enter` per loop. A poll on the stop
+//! eventfd stays in the ring, so a stop request ends the wait at once.
 //!
 //! One armed multishot request per descriptor, rather than one read per slot, matters: every
 //! packet wakes every read waiting on a descriptor, so 64 single-shot reads cost 63 failed
@@ -32,14 +37,17 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::counters::{BatchCounts, DropReason};
-use crate::decide::{self, Decision, Policy};
+use crate::decide::Policy;
+use crate::offload::segment::MAX_HEADER_LEN;
+use crate::offload::{Coalescer, Segmenter, VnetHeader};
 use crate::route::RouteTable;
-use crate::tun::TunQueue;
-use crate::udp::{from_sockaddr, to_sockaddr, SOCKADDR_IN_LEN};
+use crate::tun::{write_packet, TunQueue, WriteList};
+use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::worker::{
-    count_output, plan, read_error_is_fatal, write_error_is_fatal, Action, PacketBuffers, Source,
-    StopSignal, WorkerContext, WorkerError, MAX_READ_FAILURES_IN_A_ROW, PACKET_BUF_LEN,
-    UNREADABLE_SENDER,
+    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
+    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
+    WorkerContext, WorkerError, WorkerOffloads, WriteCount, Written, MAX_READ_FAILURES_IN_A_ROW,
+    MAX_RX_DATAGRAMS, PACKET_BUF_LEN,
 };
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
@@ -48,6 +56,19 @@ pub const TUN_SLOTS: usize = 64;
 pub const UDP_SLOTS: usize = 64;
 
 const SLOTS: usize = TUN_SLOTS + UDP_SLOTS;
+
+/// A TUN slot's send batch: 128 segments of a super-packet at a time (three GSO runs of
+/// MSS-sized datagrams), or 80 plain datagrams without GSO. A super-packet with more segments
+/// (a tiny MSS) is sent in turns.
+const TUN_SLOT_MESSAGES: usize = 80;
+const TUN_SLOT_PIECES: usize = 256;
+const TUN_SLOT_HEADERS: usize = 128;
+
+/// Submission queue entries; operations beyond them are submitted early.
+const RING_ENTRIES: u32 = 1024;
+/// Completion queue entries: more than can ever be in flight (every slot's sends and writes),
+/// so the queue never overflows.
+const COMPLETION_ENTRIES: u32 = 16384;
 
 /// Registered-file indexes: the kernel skips the descriptor-table lookup for each operation.
 const TUN_FILE: types::Fixed = types::Fixed(0);
@@ -59,14 +80,20 @@ const TUN_GROUP: u16 = 0;
 const UDP_GROUP: u16 = 1;
 
 /// What a multishot `recvmsg` writes before each datagram: `struct io_uring_recvmsg_out`
-/// (16 bytes) and the sender's address in a field of the `msg_namelen` the request asked for.
+/// (16 bytes), the sender's address in a field of the `msg_namelen` the request asked for,
+/// and the control data in a field of its `msg_controllen`.
 const RECVMSG_OUT_LEN: usize = 16;
-const RECV_PREFIX: usize = RECVMSG_OUT_LEN + SOCKADDR_IN_LEN as usize;
+const NAME_LEN: usize = SOCKADDR_IN_LEN as usize;
+
+// What the kernel writes before a packet fits in the headroom every buffer has.
+const _: () = assert!(RECVMSG_OUT_LEN + NAME_LEN + CONTROL_LEN <= crate::worker::HEADROOM);
+const _: () = assert!(crate::offload::VNET_HDR_LEN <= crate::worker::HEADROOM);
 
 /// How long shutdown waits for cancelled operations to complete.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What an operation in the ring is, recorded in its `user_data` beside its slot.
+/// What an operation in the ring is, recorded in its `user_data` beside its slot and the index
+/// of its message or write within the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Op {
@@ -74,109 +101,86 @@ enum Op {
     UdpRecv = 2,
     Send = 3,
     Write = 4,
-    SendReply = 5,
-    WriteReply = 6,
-    Stop = 7,
-    Cancel = 8,
+    Stop = 5,
+    Cancel = 6,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 6] = [
         Op::TunRead,
         Op::UdpRecv,
         Op::Send,
         Op::Write,
-        Op::SendReply,
-        Op::WriteReply,
         Op::Stop,
         Op::Cancel,
     ];
 
-    fn encode(self, slot: usize) -> u64 {
-        (u64::from(self as u8) << 32) | (slot as u64 & 0xffff_ffff)
+    fn encode(self, slot: usize, index: usize) -> u64 {
+        (u64::from(self as u8) << 56)
+            | ((index as u64 & 0xff_ffff) << 32)
+            | (slot as u64 & 0xffff_ffff)
     }
 
-    fn decode(user_data: u64) -> Option<(Op, usize)> {
-        let code = (user_data >> 32) as u8;
+    fn decode(user_data: u64) -> Option<(Op, usize, usize)> {
+        let code = (user_data >> 56) as u8;
         let op = Op::ALL.into_iter().find(|op| *op as u8 == code)?;
-        Some((op, (user_data & 0xffff_ffff) as usize))
+        let index = ((user_data >> 32) & 0xff_ffff) as usize;
+        Some((op, (user_data & 0xffff_ffff) as usize, index))
     }
 
     fn what(self) -> &'static str {
         match self {
             Op::TunRead => "TUN read",
             Op::UdpRecv => "UDP receive",
-            Op::Send | Op::SendReply => "UDP send",
-            Op::Write | Op::WriteReply => "TUN write",
+            Op::Send => "UDP send",
+            Op::Write => "TUN write",
             Op::Stop => "stop poll",
             Op::Cancel => "cancel",
         }
     }
 }
 
-/// A slot's message header for sends, pointing at the slot's own `iovec` and address.
-#[repr(C)]
-struct SlotHeader {
-    msg: libc::msghdr,
-    iov: libc::iovec,
-    addr: libc::sockaddr_in,
+/// The output memory of one slot and the operations using it.
+struct SlotIo {
+    sends: SendBatch,
+    writes: WriteList,
+    /// Operations in flight on the slot; it goes back to its ring at zero.
+    pending: u32,
+    /// A super-packet whose segments are not all sent yet.
+    cursor: Option<Cursor>,
 }
 
-/// The slots' message headers, at addresses that never change.
-struct SlotHeaders {
-    headers: *mut [SlotHeader],
+/// Where the sending of a super-packet stands.
+struct Cursor {
+    to: SocketAddrV4,
+    segmenter: Segmenter,
+    /// The super-packet's length.
+    len: usize,
+    /// The next segment to queue.
+    next: usize,
 }
 
-impl SlotHeaders {
-    fn new(count: usize) -> Self {
-        let headers: Box<[SlotHeader]> = (0..count)
-            // SAFETY: a msghdr, an iovec and a sockaddr_in are plain C structs of integers and
-            // pointers, for which all zeroes (null pointers) is valid.
-            .map(|_| unsafe { std::mem::zeroed::<SlotHeader>() })
-            .collect();
+impl SlotIo {
+    fn for_tun() -> Self {
         Self {
-            headers: Box::into_raw(headers),
+            sends: SendBatch::new(
+                TUN_SLOT_MESSAGES,
+                TUN_SLOT_PIECES,
+                TUN_SLOT_HEADERS * MAX_HEADER_LEN,
+            ),
+            writes: WriteList::new(1, 2),
+            pending: 0,
+            cursor: None,
         }
     }
 
-    /// Point slot `slot`'s header at `len` bytes from `buf`, addressed to `peer`.
-    ///
-    /// # Safety
-    /// No operation may be in flight on the slot's header.
-    unsafe fn prepare_send(
-        &self,
-        slot: usize,
-        buf: *mut u8,
-        len: usize,
-        peer: SocketAddrV4,
-    ) -> *mut libc::msghdr {
-        assert!(slot < self.headers.len(), "header slot {slot} out of range");
-        // SAFETY: slot is in range, so the element is inside the allocation; by the caller's
-        // promise the kernel does not use it; fields are reached without creating references.
-        unsafe {
-            let header = self.headers.cast::<SlotHeader>().add(slot);
-            (*header).iov = libc::iovec {
-                iov_base: buf.cast(),
-                iov_len: len,
-            };
-            (*header).addr = to_sockaddr(peer);
-            let msg = std::ptr::addr_of_mut!((*header).msg);
-            (*msg).msg_name = std::ptr::addr_of_mut!((*header).addr).cast();
-            (*msg).msg_namelen = SOCKADDR_IN_LEN;
-            (*msg).msg_iov = std::ptr::addr_of_mut!((*header).iov);
-            (*msg).msg_iovlen = 1;
-            (*msg).msg_control = std::ptr::null_mut();
-            (*msg).msg_controllen = 0;
-            (*msg).msg_flags = 0;
-            msg
+    fn for_udp() -> Self {
+        Self {
+            sends: SendBatch::new(1, 1, 0),
+            writes: WriteList::new(MAX_RX_DATAGRAMS, 2 * MAX_RX_DATAGRAMS),
+            pending: 0,
+            cursor: None,
         }
-    }
-}
-
-impl Drop for SlotHeaders {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from Box::into_raw and is freed once.
-        drop(unsafe { Box::from_raw(self.headers) });
     }
 }
 
@@ -279,12 +283,22 @@ pub(crate) struct UringWorker {
     ring: IoUring,
     // Freed only after every operation that uses them has completed (see `Drop`).
     buffers: ManuallyDrop<PacketBuffers>,
-    headers: ManuallyDrop<SlotHeaders>,
+    io: ManuallyDrop<Box<[SlotIo]>>,
     tun_intake: Intake,
     udp_intake: Intake,
     /// The `msghdr` the multishot `recvmsg` was armed with: only its name and control lengths
     /// matter, and they shape what the kernel writes before each datagram.
     recv_template: Box<libc::msghdr>,
+    /// Bytes the kernel writes before each datagram (header, name, control data).
+    recv_prefix: usize,
+    /// Bytes of control data room in that prefix (nonzero with GRO).
+    control_len: usize,
+    offloads: WorkerOffloads,
+    coalescer: Coalescer,
+    /// The packets of the batch's receives accepted for the TUN, and the slots they hold.
+    accepted: Vec<(*mut u8, usize)>,
+    held: Vec<usize>,
+    queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
     read_failures: u32,
     completions: Vec<(u64, i32, u32)>,
@@ -301,9 +315,10 @@ impl UringWorker {
         tun: TunQueue,
         socket: UdpSocket,
         stop: Arc<StopSignal>,
+        offloads: WorkerOffloads,
     ) -> Result<Self, WorkerError> {
-        let entries = (SLOTS + 4).next_power_of_two() as u32;
-        let ring = build_ring(entries).map_err(|e| WorkerError::setup("io_uring", e))?;
+        let ring = build_ring(RING_ENTRIES, COMPLETION_ENTRIES)
+            .map_err(|e| WorkerError::setup("io_uring", e))?;
         check_opcodes(&ring)?;
         ring.submitter()
             .register_files(&[
@@ -312,17 +327,35 @@ impl UringWorker {
                 stop.as_fd().as_raw_fd(),
             ])
             .map_err(|e| WorkerError::setup("io_uring registered files", e))?;
+        let control_len = if offloads.gro { CONTROL_LEN } else { 0 };
         // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
         let mut recv_template: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_template.msg_namelen = SOCKADDR_IN_LEN;
+        recv_template.msg_controllen = control_len as _;
         let completions = Vec::with_capacity(ring.params().cq_entries() as usize);
+        let io: Box<[SlotIo]> = (0..SLOTS)
+            .map(|slot| {
+                if slot < TUN_SLOTS {
+                    SlotIo::for_tun()
+                } else {
+                    SlotIo::for_udp()
+                }
+            })
+            .collect();
         let mut worker = Self {
             ring,
             buffers: ManuallyDrop::new(PacketBuffers::new(SLOTS)),
-            headers: ManuallyDrop::new(SlotHeaders::new(SLOTS)),
+            io: ManuallyDrop::new(io),
             tun_intake: Intake::new(0, TUN_SLOTS),
             udp_intake: Intake::new(TUN_SLOTS, UDP_SLOTS),
             recv_template,
+            recv_prefix: RECVMSG_OUT_LEN + NAME_LEN + control_len,
+            control_len,
+            offloads,
+            coalescer: Coalescer::new(),
+            accepted: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
+            held: Vec::with_capacity(UDP_SLOTS),
+            queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
             read_failures: 0,
             completions,
@@ -358,7 +391,7 @@ impl UringWorker {
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()
-                .user_data(Op::Stop.encode(0)),
+                .user_data(Op::Stop.encode(0, 0)),
         )?;
         loop {
             self.tun_intake.ring.publish();
@@ -383,11 +416,13 @@ impl UringWorker {
         counts: &mut BatchCounts,
     ) -> Result<Flow, WorkerError> {
         let table = context.routes.snapshot();
+        let policy = &context.policy;
         let mut flow = Flow::Continue;
-        let mut packets = 0u64;
+        let packets_before = counts.tun_rx_packets + counts.udp_rx_packets;
+        let mut reads = 0u64;
         for index in 0..self.completions.len() {
             let (user_data, result, flags) = self.completions[index];
-            let Some((op, slot)) = Op::decode(user_data) else {
+            let Some((op, slot, item)) = Op::decode(user_data) else {
                 continue;
             };
             match op {
@@ -410,130 +445,394 @@ impl UringWorker {
                         continue;
                     }
                     self.read_failures = 0;
-                    packets += 1;
-                    let action = self.decide(op, slot, result as usize, &table, context, counts);
-                    self.execute(slot, action)?;
-                }
-                Op::Send | Op::Write | Op::SendReply | Op::WriteReply => {
-                    if result < 0 && write_error_is_fatal(-result) {
-                        return Err(WorkerError::fatal(op.what(), -result));
+                    reads += 1;
+                    if op == Op::TunRead {
+                        self.tun_read(slot, result as usize, &table, policy, counts)?;
+                    } else {
+                        self.udp_received(slot, result as usize, &table, policy, counts)?;
                     }
-                    let udp = matches!(op, Op::Send | Op::SendReply);
-                    let source = match op {
-                        Op::SendReply | Op::WriteReply => Source::Reply,
-                        _ => Source::Packet,
-                    };
-                    count_output(counts, udp, source, i64::from(result));
-                    self.give_back(slot);
                 }
+                Op::Send => self.sent(slot, item, result, counts)?,
+                Op::Write => self.written(slot, item, result, counts)?,
                 Op::Stop => flow = Flow::Stop,
                 Op::Cancel => {}
             }
         }
-        if packets > 0 {
+        self.write_accepted(counts)?;
+        if reads > 0 {
             counts.batches += 1;
-            counts.batch_packets += packets;
+            counts.batch_packets += counts.tun_rx_packets + counts.udp_rx_packets - packets_before;
         }
         Ok(flow)
     }
 
-    /// Decide on the packet a read put in `slot` (`result` is the completion's byte count),
-    /// and count its arrival.
-    fn decide(
+    /// Decide on the packet a TUN read put in `slot` (`result` bytes, the virtio-net header
+    /// included) and start sending it.
+    fn tun_read(
         &mut self,
-        op: Op,
         slot: usize,
         result: usize,
         table: &RouteTable,
-        context: &WorkerContext,
+        policy: &Policy,
         counts: &mut BatchCounts,
-    ) -> Action {
-        let policy: &Policy = &context.policy;
-        if op == Op::TunRead {
-            let len = result.min(PACKET_BUF_LEN);
-            counts.tun_rx_packets += 1;
-            counts.tun_rx_bytes += len as u64;
+    ) -> Result<(), WorkerError> {
+        let vnet_len = self.offloads.vnet_len();
+        let header = if vnet_len > 0 {
             // SAFETY: the kernel filled this buffer and handed it over with the completion;
             // it is lent to nobody else until given back.
-            let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
-            let decision = decide::from_tun(packet, table, policy, reply);
-            return plan(decision, len, counts);
-        }
-        // SAFETY: as above; the kernel wrote `result` bytes starting RECV_PREFIX bytes
-        // before the packet buffer.
-        let prefix = unsafe { self.buffers.with_headroom(slot, RECV_PREFIX, result) };
-        let received = parse_recvmsg_out(prefix);
-        let len = received.map_or(0, |r| r.len);
-        counts.udp_rx_packets += 1;
-        counts.udp_rx_bytes += len as u64;
+            let head = unsafe { self.buffers.with_headroom(slot, vnet_len, result) };
+            VnetHeader::parse(head).unwrap_or(VnetHeader::PLAIN)
+        } else {
+            VnetHeader::PLAIN
+        };
+        let len = result.saturating_sub(vnet_len).min(PACKET_BUF_LEN);
         // SAFETY: as above.
         let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
-        let decision = match received {
-            None => Decision::Drop(DropReason::BadPacket),
-            Some(r) if r.truncated => Decision::Drop(DropReason::TooBig),
-            Some(Received { from: None, .. }) => Decision::Drop(UNREADABLE_SENDER),
-            Some(Received {
-                from: Some(from), ..
-            }) => decide::from_peer(from, packet, table, policy, reply),
-        };
-        plan(decision, len, counts)
-    }
-
-    /// Carry out `action` for the packet in `slot`.
-    fn execute(&mut self, slot: usize, action: Action) -> Result<(), WorkerError> {
+        let action = decide_tun_read(&header, packet, table, policy, reply, counts);
+        let io = &mut self.io[slot];
+        io.sends.clear();
+        io.writes.clear();
         match action {
-            Action::Recycle => {
+            TunAction::Recycle => {
                 self.give_back(slot);
                 Ok(())
             }
-            Action::Send { to, source, len } => {
-                let buf = self.buffers.source_ptr(slot, source);
-                // SAFETY: the slot is the worker's until given back, and its header is used
-                // by this send alone.
-                let msg = unsafe { self.headers.prepare_send(slot, buf, len, to) };
-                let op = match source {
-                    Source::Packet => Op::Send,
-                    Source::Reply => Op::SendReply,
+            TunAction::WriteReply { len } => {
+                let piece = libc::iovec {
+                    iov_base: self.buffers.reply_ptr(slot).cast(),
+                    iov_len: len,
                 };
-                self.push(
-                    opcode::SendMsg::new(SOCKET_FILE, msg)
-                        .build()
-                        .user_data(op.encode(slot)),
-                )
-            }
-            Action::Write { source, len } => {
-                let buf = self.buffers.source_ptr(slot, source);
-                let op = match source {
-                    Source::Packet => Op::Write,
-                    Source::Reply => Op::WriteReply,
+                let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
+                let count = WriteCount {
+                    packets: 1,
+                    bytes: len as u32,
                 };
-                self.push(
-                    opcode::Write::new(TUN_FILE, buf, len as u32)
-                        .build()
-                        .user_data(op.encode(slot)),
-                )
+                io.writes.push(vnet, &[piece], count, Source::Reply);
+                self.submit(slot)
             }
+            TunAction::Send {
+                to,
+                len,
+                segments: None,
+            } => {
+                let piece = (self.buffers.packet_ptr(slot).cast_const(), len);
+                io.sends.push(to, Source::Packet, &[piece], false);
+                self.submit(slot)
+            }
+            TunAction::Send {
+                to,
+                len,
+                segments: Some(segmenter),
+            } => {
+                io.cursor = Some(Cursor {
+                    to,
+                    segmenter,
+                    len,
+                    next: 0,
+                });
+                self.refill(slot)
+            }
+        }
+    }
+
+    /// Queue the next segments of `slot`'s super-packet and submit them; give the slot back
+    /// when there are none left.
+    fn refill(&mut self, slot: usize) -> Result<(), WorkerError> {
+        let gso = self.offloads.gso;
+        let packet_ptr = self.buffers.packet_ptr(slot);
+        let io = &mut self.io[slot];
+        io.sends.clear();
+        let Some(cursor) = io.cursor.as_mut() else {
+            self.give_back(slot);
+            return Ok(());
+        };
+        // SAFETY: the slot's buffer holds the super-packet's `len` bytes; the kernel only
+        // reads it (earlier segments' sends) while the slot is ours.
+        let packet = unsafe { std::slice::from_raw_parts(packet_ptr.cast_const(), cursor.len) };
+        let done = queue_segments(
+            &mut io.sends,
+            cursor.to,
+            packet,
+            &cursor.segmenter,
+            &mut cursor.next,
+            gso,
+        );
+        if done {
+            io.cursor = None;
+        }
+        if io.sends.is_empty() {
+            io.cursor = None;
+            self.give_back(slot);
+            return Ok(());
+        }
+        self.submit(slot)
+    }
+
+    /// Split the GRO buffer a receive put in `slot` (`result` bytes, the kernel's prefix
+    /// included) into datagrams, decide on each, and write the accepted ones to the TUN,
+    /// coalesced.
+    fn udp_received(
+        &mut self,
+        slot: usize,
+        result: usize,
+        table: &RouteTable,
+        policy: &Policy,
+        counts: &mut BatchCounts,
+    ) -> Result<(), WorkerError> {
+        // SAFETY: the kernel wrote `result` bytes starting `recv_prefix` bytes before the
+        // packet buffer, and handed the slot over with the completion.
+        let prefix = unsafe { self.buffers.with_headroom(slot, self.recv_prefix, result) };
+        let received = parse_recvmsg_out(prefix, self.control_len);
+        let len = received.map_or(0, |r| r.len);
+        let base = self.buffers.packet_ptr(slot);
+        // SAFETY: as above.
+        let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
+        let accepted = &mut self.accepted;
+        let answer = match received {
+            None => {
+                counts.udp_rx_packets += 1;
+                counts.drop(DropReason::BadPacket);
+                None
+            }
+            Some(received) => decide_datagrams(
+                received.from,
+                buf,
+                received.segment,
+                received.truncated,
+                table,
+                policy,
+                reply,
+                counts,
+                // SAFETY: offset + len lies inside the slot's buffer.
+                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
+            ),
+        };
+        let io = &mut self.io[slot];
+        io.sends.clear();
+        io.writes.clear();
+        // Held until the batch's writes are prepared (see `write_accepted`).
+        io.pending += 1;
+        self.held.push(slot);
+        if let Some((to, len)) = answer {
+            let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+            io.sends.push(to, Source::Reply, &[piece], false);
+        }
+        self.submit(slot)
+    }
+
+    /// Write the packets accepted from every receive of the batch to the TUN, segments of one
+    /// flow merged into super-packets even across receives. A write is kept in the write list
+    /// of the slot holding its first packet and holds every slot it points into (once per
+    /// piece) until it completes; one that does not fit there is written at once.
+    fn write_accepted(&mut self, counts: &mut BatchCounts) -> Result<(), WorkerError> {
+        let buffers = &*self.buffers;
+        let io = &mut **self.io;
+        let queued = &mut self.queued_writes;
+        let fd = self._tun.as_raw_fd();
+        let mut fatal = None;
+        // SAFETY: the accepted packets lie in slots held by this batch, which no I/O uses
+        // until the writes are submitted; each write then holds the slots it points into.
+        unsafe {
+            for_each_tun_write(
+                &mut self.coalescer,
+                &self.accepted,
+                &self.offloads,
+                counts,
+                |vnet, pieces, count| {
+                    let head = pieces
+                        .first()
+                        .and_then(|p| buffers.slot_of(p.iov_base.cast()));
+                    if let Some(head) = head {
+                        if io[head].writes.push(vnet, pieces, count, Source::Packet) {
+                            for piece in pieces {
+                                if let Some(slot) = buffers.slot_of(piece.iov_base.cast()) {
+                                    io[slot].pending += 1;
+                                }
+                            }
+                            queued.push((head, io[head].writes.len() - 1));
+                            return Written::Queued;
+                        }
+                    }
+                    let result = write_packet(fd, vnet.as_ref(), pieces);
+                    if result < 0 && write_error_is_fatal(-result as i32) {
+                        fatal.get_or_insert(-result as i32);
+                    }
+                    Written::Done(result)
+                },
+            );
+        }
+        self.accepted.clear();
+        if let Some(errno) = fatal {
+            return Err(WorkerError::fatal(Op::Write.what(), errno));
+        }
+        for index in 0..self.queued_writes.len() {
+            let (slot, i) = self.queued_writes[index];
+            let Some((iovs, count, _)) = self.io[slot].writes.get(i) else {
+                continue;
+            };
+            self.push(
+                opcode::Writev::new(TUN_FILE, iovs, count)
+                    .build()
+                    .user_data(Op::Write.encode(slot, i)),
+            )?;
+        }
+        self.queued_writes.clear();
+        while let Some(slot) = self.held.pop() {
+            self.release(slot)?;
+        }
+        Ok(())
+    }
+
+    /// One operation (or hold) of `slot` is over.
+    fn release(&mut self, slot: usize) -> Result<(), WorkerError> {
+        let Some(io) = self.io.get_mut(slot) else {
+            return Ok(());
+        };
+        io.pending = io.pending.saturating_sub(1);
+        self.slot_progressed(slot)
+    }
+
+    /// Submit every prepared send and write of `slot`, or give the slot back if there is none.
+    fn submit(&mut self, slot: usize) -> Result<(), WorkerError> {
+        let mut entries = 0;
+        for i in 0..self.io[slot].writes.len() {
+            let Some((iovs, count, _)) = self.io[slot].writes.get(i) else {
+                continue;
+            };
+            self.push(
+                opcode::Writev::new(TUN_FILE, iovs, count)
+                    .build()
+                    .user_data(Op::Write.encode(slot, i)),
+            )?;
+            entries += 1;
+        }
+        for i in 0..self.io[slot].sends.len() {
+            entries += self.submit_send(slot, i)?;
+        }
+        self.io[slot].pending += entries;
+        if self.io[slot].pending == 0 {
+            self.give_back(slot);
+        }
+        Ok(())
+    }
+
+    /// Submit message `i` of `slot`'s batch; how many operations that made (0 or 1).
+    fn submit_send(&mut self, slot: usize, i: usize) -> Result<u32, WorkerError> {
+        let Some(msg) = self.io[slot].sends.prepare(i) else {
+            return Ok(0);
+        };
+        self.push(
+            opcode::SendMsg::new(SOCKET_FILE, msg)
+                .build()
+                .user_data(Op::Send.encode(slot, i)),
+        )?;
+        Ok(1)
+    }
+
+    /// Message `i` of `slot` was sent (or refused).
+    fn sent(
+        &mut self,
+        slot: usize,
+        i: usize,
+        result: i32,
+        counts: &mut BatchCounts,
+    ) -> Result<(), WorkerError> {
+        let Some(io) = self.io.get_mut(slot) else {
+            return Ok(());
+        };
+        io.pending = io.pending.saturating_sub(1);
+        if let Some(info) = io.sends.info(i).copied() {
+            let errno = -result;
+            if result < 0 && write_error_is_fatal(errno) {
+                return Err(WorkerError::fatal(Op::Send.what(), errno));
+            }
+            let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
+            if result < 0 && gso_refused && info.segments > 1 {
+                // The kernel cannot send this run as one: resend its datagrams one by one,
+                // and after EIO (no checksum offload on the way out) never try GSO again.
+                if errno == libc::EIO && self.offloads.gso {
+                    self.offloads.gso = false;
+                    tracing::warn!(
+                        "the kernel refused a UDP GSO send (EIO): sending plain datagrams"
+                    );
+                }
+                let before = io.sends.len();
+                if io.sends.split(i) {
+                    let after = io.sends.len();
+                    for j in before..after {
+                        let submitted = self.submit_send(slot, j)?;
+                        self.io[slot].pending += submitted;
+                    }
+                } else {
+                    count_send(counts, &info, i64::from(result));
+                }
+            } else {
+                count_send(counts, &info, i64::from(result));
+            }
+        }
+        self.slot_progressed(slot)
+    }
+
+    /// Write `i` of `slot` completed: release every slot it pointed into (an ICMP error, in
+    /// the slot's reply buffer, holds only its own).
+    fn written(
+        &mut self,
+        slot: usize,
+        i: usize,
+        result: i32,
+        counts: &mut BatchCounts,
+    ) -> Result<(), WorkerError> {
+        if result < 0 && write_error_is_fatal(-result) {
+            return Err(WorkerError::fatal(Op::Write.what(), -result));
+        }
+        let Some(entry) = self
+            .io
+            .get(slot)
+            .and_then(|io| io.writes.get(i))
+            .map(|w| w.2)
+        else {
+            return Ok(());
+        };
+        count_write(counts, entry.source, entry.count, i64::from(result));
+        if entry.source == Source::Reply {
+            return self.release(slot);
+        }
+        for piece in 0..self.io[slot].writes.pieces(i).len() {
+            let base = self.io[slot].writes.pieces(i)[piece].iov_base;
+            if let Some(held) = self.buffers.slot_of(base.cast()) {
+                self.release(held)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After an operation of `slot` completed: once none is left, send the rest of its
+    /// super-packet, or give it back.
+    fn slot_progressed(&mut self, slot: usize) -> Result<(), WorkerError> {
+        if self.io[slot].pending > 0 {
+            return Ok(());
+        }
+        if self.io[slot].cursor.is_some() {
+            self.refill(slot)
+        } else {
+            self.give_back(slot);
+            Ok(())
         }
     }
 
     /// Lend `slot`'s buffer to the kernel again, through its intake's ring.
     fn give_back(&mut self, slot: usize) {
-        let intake = if slot < TUN_SLOTS {
-            &mut self.tun_intake
+        let (intake, before) = if slot < TUN_SLOTS {
+            (&mut self.tun_intake, self.offloads.vnet_len())
         } else {
-            &mut self.udp_intake
+            // The kernel writes its recvmsg header, the sender's address and the control data
+            // in front of the datagram, so the packet itself lands at the buffer's start.
+            (&mut self.udp_intake, self.recv_prefix)
         };
         let bid = (slot - intake.first_slot) as u16;
         intake.lent = intake.lent.saturating_sub(1);
-        if slot < TUN_SLOTS {
-            let addr = self.buffers.packet_ptr(slot);
-            intake.ring.give(bid, addr, PACKET_BUF_LEN);
-        } else {
-            // The kernel writes its recvmsg header and the sender's address in front of the
-            // datagram, so the packet itself lands at the start of the packet buffer.
-            let addr = self.buffers.headroom_ptr(slot, RECV_PREFIX);
-            intake.ring.give(bid, addr, RECV_PREFIX + PACKET_BUF_LEN);
-        }
+        let addr = self.buffers.headroom_ptr(slot, before);
+        intake.ring.give(bid, addr, before + PACKET_BUF_LEN);
     }
 
     /// Arm the multishot reads that are not armed and have buffers to fill.
@@ -543,7 +842,7 @@ impl UringWorker {
             self.push(
                 opcode::ReadMulti::new(TUN_FILE, 0, TUN_GROUP)
                     .build()
-                    .user_data(Op::TunRead.encode(0)),
+                    .user_data(Op::TunRead.encode(0, 0)),
             )?;
         }
         if !self.udp_intake.armed && self.udp_intake.has_free_buffers() {
@@ -552,7 +851,7 @@ impl UringWorker {
             self.push(
                 opcode::RecvMsgMulti::new(SOCKET_FILE, template, UDP_GROUP)
                     .build()
-                    .user_data(Op::UdpRecv.encode(0)),
+                    .user_data(Op::UdpRecv.encode(0, 0)),
             )?;
         }
         Ok(())
@@ -585,15 +884,14 @@ impl UringWorker {
     fn push(&mut self, entry: squeue::Entry) -> Result<(), WorkerError> {
         loop {
             // SAFETY: every pointer in an entry built by this worker leads into `buffers`,
-            // `headers` or `recv_template`, which stay allocated until the operation has
-            // completed (`Drop` waits for every operation before freeing them), and into a
-            // slot that no other operation uses.
+            // `io` or `recv_template`, which stay allocated until the operation has completed
+            // (`Drop` waits for every operation before freeing them), and into a slot whose
+            // memory no other operation writes.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
                 return Ok(());
             }
-            // The queue is full (it cannot be with one operation per slot, but be safe):
-            // hand what is queued to the kernel to make room.
+            // The queue is full: hand what is queued to the kernel to make room.
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -648,7 +946,7 @@ impl UringWorker {
         }
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
-            .user_data(Op::Cancel.encode(0));
+            .user_data(Op::Cancel.encode(0, 0));
         if self.push(cancel).is_err() {
             return false;
         }
@@ -698,10 +996,10 @@ impl Drop for UringWorker {
             unsafe { ManuallyDrop::drop(&mut intake.ring) };
         }
         // SAFETY: no operation is in flight any more, so nothing in the kernel refers to the
-        // buffers or headers; each is dropped exactly once, here.
+        // buffers or the slots' message memory; each is dropped exactly once, here.
         unsafe {
             ManuallyDrop::drop(&mut self.buffers);
-            ManuallyDrop::drop(&mut self.headers);
+            ManuallyDrop::drop(&mut self.io);
         }
     }
 }
@@ -741,35 +1039,43 @@ enum Flow {
     Stop,
 }
 
-/// What a multishot `recvmsg` reported about one datagram.
+/// What a multishot `recvmsg` reported about one receive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Received {
     from: Option<SocketAddrV4>,
     len: usize,
     truncated: bool,
+    /// The datagram size of a GRO run.
+    segment: Option<usize>,
 }
 
-/// Read the `io_uring_recvmsg_out` header and the sender's address in front of a datagram;
-/// `bytes` is everything the kernel reported writing. `None` if it is too short to hold them.
-fn parse_recvmsg_out(bytes: &[u8]) -> Option<Received> {
+/// Read the `io_uring_recvmsg_out` header, the sender's address and the control data in front
+/// of a datagram; `bytes` is everything the kernel reported writing, and `control_len` the
+/// control room the request asked for. `None` if it is too short to hold them.
+fn parse_recvmsg_out(bytes: &[u8], control_len: usize) -> Option<Received> {
     let word = |i: usize| -> Option<u32> {
         let raw: [u8; 4] = bytes.get(i * 4..i * 4 + 4)?.try_into().ok()?;
         Some(u32::from_ne_bytes(raw))
     };
-    let (namelen, _controllen, payloadlen, flags) = (word(0)?, word(1)?, word(2)?, word(3)?);
-    let name = bytes.get(RECVMSG_OUT_LEN..RECV_PREFIX)?;
+    let (namelen, controllen, payloadlen, flags) = (word(0)?, word(1)?, word(2)?, word(3)?);
+    let name = bytes.get(RECVMSG_OUT_LEN..RECVMSG_OUT_LEN + NAME_LEN)?;
+    let control_start = RECVMSG_OUT_LEN + NAME_LEN;
+    let prefix = control_start + control_len;
+    let control = bytes.get(control_start..prefix)?;
     // SAFETY: `name` holds exactly size_of::<sockaddr_in>() bytes; read_unaligned copies them
     // into a sockaddr_in, a plain C struct valid for any bit pattern.
     let addr: libc::sockaddr_in =
         unsafe { std::ptr::read_unaligned(name.as_ptr().cast::<libc::sockaddr_in>()) };
     let from = from_sockaddr(&addr, namelen.min(SOCKADDR_IN_LEN));
-    let written = bytes.len() - RECV_PREFIX;
+    let written = bytes.len() - prefix;
     let len = (payloadlen as usize).min(written);
     let truncated = flags & libc::MSG_TRUNC as u32 != 0 || (payloadlen as usize) > written;
+    let segment = gro_segment_size(&control[..(controllen as usize).min(control_len)]);
     Some(Received {
         from,
         len,
         truncated,
+        segment,
     })
 }
 
@@ -784,7 +1090,7 @@ fn check_opcodes(ring: &IoUring) -> Result<(), WorkerError> {
         (opcode::ReadMulti::CODE, "READ_MULTISHOT"),
         (opcode::RecvMsg::CODE, "RECVMSG"),
         (opcode::SendMsg::CODE, "SENDMSG"),
-        (opcode::Write::CODE, "WRITE"),
+        (opcode::Writev::CODE, "WRITEV"),
         (opcode::PollAdd::CODE, "POLL_ADD"),
         (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     ];
@@ -802,20 +1108,22 @@ fn check_opcodes(ring: &IoUring) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// A ring with `entries` submission slots. Deferred task work on a single issuer keeps
-/// completions from interrupting the loop (they are run only when it waits); `SUBMIT_ALL`
-/// keeps one bad entry from holding back the rest. Older kernels get a plain ring.
-fn build_ring(entries: u32) -> io::Result<IoUring> {
+/// A ring with `entries` submission and `completions` completion slots. Deferred task work
+/// on a single issuer keeps completions from interrupting the loop (they are run only when it
+/// waits); `SUBMIT_ALL` keeps one bad entry from holding back the rest. Older kernels get a
+/// plain ring.
+fn build_ring(entries: u32, completions: u32) -> io::Result<IoUring> {
     let tuned = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_submit_all()
+        .setup_cqsize(completions)
         .build(entries);
     match tuned {
         Ok(ring) => Ok(ring),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::debug!("io_uring without DEFER_TASKRUN: {e}");
-            IoUring::builder().build(entries)
+            IoUring::builder().setup_cqsize(completions).build(entries)
         }
         Err(e) => Err(e),
     }
@@ -824,38 +1132,31 @@ fn build_ring(entries: u32) -> io::Result<IoUring> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::udp::to_sockaddr;
     use std::net::Ipv4Addr;
 
     #[test]
     fn user_data_round_trips() {
         for op in Op::ALL {
             for slot in [0, 1, TUN_SLOTS, SLOTS - 1, u32::MAX as usize] {
-                assert_eq!(Op::decode(op.encode(slot)), Some((op, slot)));
+                for index in [0, 1, TUN_SLOT_MESSAGES - 1, 0xff_ffff] {
+                    assert_eq!(Op::decode(op.encode(slot, index)), Some((op, slot, index)));
+                }
             }
         }
         assert_eq!(Op::decode(0), None);
         assert_eq!(Op::decode(u64::MAX), None);
     }
 
-    #[test]
-    fn send_headers_point_at_their_own_slot() {
-        let headers = SlotHeaders::new(2);
-        let mut buf = [0u8; 16];
-        let peer = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285);
-        // SAFETY: no I/O uses these headers.
-        unsafe {
-            let msg = headers.prepare_send(1, buf.as_mut_ptr(), 9, peer);
-            assert_eq!((*msg).msg_iovlen, 1);
-            assert_eq!((*(*msg).msg_iov).iov_len, 9);
-            assert_eq!((*(*msg).msg_iov).iov_base, buf.as_mut_ptr().cast());
-            let addr = &*((*msg).msg_name as *const libc::sockaddr_in);
-            assert_eq!(from_sockaddr(addr, (*msg).msg_namelen), Some(peer));
-        }
-    }
-
-    fn recvmsg_out(namelen: u32, payloadlen: u32, flags: u32, from: SocketAddrV4) -> Vec<u8> {
+    fn recvmsg_out(
+        namelen: u32,
+        payloadlen: u32,
+        flags: u32,
+        from: SocketAddrV4,
+        control: &[u8],
+    ) -> Vec<u8> {
         let mut bytes = Vec::new();
-        for word in [namelen, 0, payloadlen, flags] {
+        for word in [namelen, control.len() as u32, payloadlen, flags] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
         let addr = to_sockaddr(from);
@@ -867,34 +1168,73 @@ mod tests {
             )
         };
         bytes.extend_from_slice(raw);
+        bytes.extend_from_slice(control);
         bytes
+    }
+
+    /// A `UDP_GRO` control message for `size`-byte datagrams, as the kernel lays it out.
+    fn gro_control(size: i32) -> Vec<u8> {
+        let mut control = vec![0u8; CONTROL_LEN];
+        let len = std::mem::size_of::<libc::cmsghdr>() + 4;
+        control[..8].copy_from_slice(&len.to_ne_bytes());
+        control[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+        control[12..16].copy_from_slice(&libc::UDP_GRO.to_ne_bytes());
+        control[16..20].copy_from_slice(&size.to_ne_bytes());
+        control
     }
 
     #[test]
     fn recvmsg_headers_are_read() {
         let peer = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285);
-        let mut bytes = recvmsg_out(16, 5, 0, peer);
+        let mut bytes = recvmsg_out(16, 5, 0, peer, &[]);
         bytes.extend_from_slice(b"hello");
         assert_eq!(
-            parse_recvmsg_out(&bytes),
+            parse_recvmsg_out(&bytes, 0),
             Some(Received {
                 from: Some(peer),
                 len: 5,
-                truncated: false
+                truncated: false,
+                segment: None,
             })
         );
         // The kernel says more arrived than it wrote: truncated.
-        let mut bytes = recvmsg_out(16, 9, 0, peer);
+        let mut bytes = recvmsg_out(16, 9, 0, peer, &[]);
         bytes.extend_from_slice(b"hello");
-        assert!(parse_recvmsg_out(&bytes).unwrap().truncated);
-        let bytes = recvmsg_out(16, 0, libc::MSG_TRUNC as u32, peer);
-        assert!(parse_recvmsg_out(&bytes).unwrap().truncated);
+        assert!(parse_recvmsg_out(&bytes, 0).unwrap().truncated);
+        let bytes = recvmsg_out(16, 0, libc::MSG_TRUNC as u32, peer, &[]);
+        assert!(parse_recvmsg_out(&bytes, 0).unwrap().truncated);
         // A short name is not an IPv4 sender.
-        let bytes = recvmsg_out(2, 0, 0, peer);
-        assert_eq!(parse_recvmsg_out(&bytes).unwrap().from, None);
+        let bytes = recvmsg_out(2, 0, 0, peer, &[]);
+        assert_eq!(parse_recvmsg_out(&bytes, 0).unwrap().from, None);
         // Too short for the header.
-        assert_eq!(parse_recvmsg_out(&bytes[..RECV_PREFIX - 1]), None);
-        assert_eq!(parse_recvmsg_out(&[]), None);
+        let prefix = RECVMSG_OUT_LEN + NAME_LEN;
+        assert_eq!(parse_recvmsg_out(&bytes[..prefix - 1], 0), None);
+        assert_eq!(parse_recvmsg_out(&[], 0), None);
+    }
+
+    #[test]
+    fn gro_runs_carry_their_datagram_size() {
+        let peer = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285);
+        let mut bytes = recvmsg_out(16, 3000, 0, peer, &gro_control(1472));
+        bytes.extend_from_slice(&[7; 3000]);
+        let received = parse_recvmsg_out(&bytes, CONTROL_LEN).unwrap();
+        assert_eq!(received.segment, Some(1472));
+        assert_eq!(received.len, 3000);
+        // Without a control message (a single datagram), or with room but none written.
+        let mut bytes = recvmsg_out(16, 4, 0, peer, &[]);
+        bytes[4..8].copy_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(&[0; CONTROL_LEN]);
+        bytes.extend_from_slice(b"abcd");
+        let received = parse_recvmsg_out(&bytes, CONTROL_LEN).unwrap();
+        assert_eq!((received.segment, received.len), (None, 4));
+        // Zero or negative sizes are no run.
+        for size in [0, -1] {
+            let bytes = recvmsg_out(16, 0, 0, peer, &gro_control(size));
+            assert_eq!(
+                parse_recvmsg_out(&bytes, CONTROL_LEN).unwrap().segment,
+                None
+            );
+        }
     }
 
     #[test]

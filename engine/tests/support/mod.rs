@@ -26,7 +26,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_engine::{
-    open_queues, Engine, EngineConfig, IoBackend, Overlay, Policy, RouteTable, Routes,
+    open_queues_with, Engine, EngineConfig, IoBackend, Offloads, Overlay, Policy, RouteTable,
+    Routes,
 };
 
 /// The overlay every lab uses: flannel's example Network cut into /24 subnets.
@@ -202,14 +203,27 @@ impl Lab {
     }
 
     /// Open a `workers`-queue TUN in `host`'s namespace, configure it as flanneld does and
-    /// start the engine there.
+    /// start the engine there, with every offload.
     pub fn start_engine(&self, host: &Host, backend: IoBackend, workers: usize) -> RunningEngine {
+        self.start_engine_with(host, backend, workers, Offloads::ALL)
+    }
+
+    /// Like [`Lab::start_engine`], with the given offloads; without TUN offloads the TUN is
+    /// opened without a virtio-net header, as the udp backend always did.
+    pub fn start_engine_with(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        workers: usize,
+        offloads: Offloads,
+    ) -> RunningEngine {
         let routes = self.routes_for(host);
         let ns = host.ns.clone();
         let subnet = host.subnet;
         let public = host.public;
         in_netns(&host.ns, move || {
-            let queues = open_queues(TUN_PATTERN, workers).expect("open TUN queues");
+            let queues =
+                open_queues_with(TUN_PATTERN, workers, offloads.tun).expect("open TUN queues");
             let tun = queues[0].name().to_owned();
             configure_tun(&ns, &tun, subnet);
             let config = EngineConfig {
@@ -221,6 +235,7 @@ impl Lab {
                     allow_foreign_sources: false,
                 },
                 pin_cores: false,
+                offloads,
             };
             let engine = Engine::start(config, queues, routes).expect("start engine");
             RunningEngine { engine, tun }
@@ -524,7 +539,9 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: Ipv4Addr, port: u16, total: 
             .map_err(|e| e.to_string())?;
         let mut expected = Stream::new(seed);
         let mut got = vec![0u8; 64 * 1024];
+        // The expected bytes, generated a block at a time; `used` of them are compared.
         let mut want = vec![0u8; 64 * 1024];
+        let mut used = want.len();
         let mut received = 0usize;
         loop {
             let n = conn
@@ -533,18 +550,18 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: Ipv4Addr, port: u16, total: 
             if n == 0 {
                 break;
             }
-            // Compare in 8-byte steps of the stream: keep the generator aligned.
             let mut offset = 0;
             while offset < n {
-                let start = (received + offset) % 8;
-                let take = (8 - start).min(n - offset);
-                if start == 0 {
-                    expected.fill(&mut want[..8]);
+                if used == want.len() {
+                    expected.fill(&mut want);
+                    used = 0;
                 }
-                if got[offset..offset + take] != want[start..start + take] {
+                let take = (want.len() - used).min(n - offset);
+                if got[offset..offset + take] != want[used..used + take] {
                     return Err(format!("byte {} differs", received + offset));
                 }
                 offset += take;
+                used += take;
             }
             received += n;
         }

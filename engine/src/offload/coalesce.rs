@@ -1,0 +1,825 @@
+//! Merging consecutive TCP segments of one flow into a super-packet for the TUN, as Linux GRO
+//! does, so that the kernel takes one 64 KiB packet instead of forty-five small ones.
+//!
+//! The [`Coalescer`] sees the packets of a batch in arrival order ([`Coalescer::push`]) and
+//! sorts them into [`Group`]s: a group is either one packet written as it is, or a run of TCP
+//! segments that become one super-packet — the first packet whole, then the payloads of the
+//! others. A segment joins the open group of its flow (same addresses and ports) when:
+//!
+//! - both are plain data segments: IPv4 without options, DF set, not a fragment, ACK number,
+//!   header flags (all but PSH and FIN), window and TCP options the same as the group's first,
+//!   no SYN, RST, URG or CWR, and a payload;
+//! - it continues the group's sequence space exactly, and the TOS and TTL match;
+//! - its payload is no larger than the first segment's (the segment size), and the group has
+//!   taken no shorter segment, PSH or FIN yet — those end a group;
+//! - its TCP checksum verifies (a super-packet's checksum is completed by the kernel, so a bad
+//!   segment must never be hidden inside one);
+//! - the super-packet stays within 65 535 bytes and [`MAX_SEGMENTS`] segments.
+//!
+//! Anything else starts a new group, and a packet of a flow that cannot join ends the flow's
+//! open group, so packets of one flow are never reordered: groups are written in the order of
+//! their first packets, and a flow's later packets always land in a later group. Packets of
+//! different flows may pass each other, as they may in any router.
+
+use super::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, NEEDS_CSUM};
+use super::{be16, be32, pseudo_header_sum, put16, tcp};
+use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
+
+/// The most segments one super-packet carries.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// The largest IPv4 packet, and so the largest super-packet.
+const MAX_PACKET_LEN: usize = 65_535;
+
+/// How many flows may have an open group at once; a new flow beyond that closes the oldest.
+const MAX_OPEN_FLOWS: usize = 8;
+
+/// The end of a member list.
+const NONE: u32 = u32::MAX;
+
+/// Sorts a batch of packets bound for the TUN into groups. Reused from batch to batch:
+/// [`Coalescer::clear`] keeps its memory.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    /// For each packet pushed, the next packet of its group.
+    next: Vec<u32>,
+    groups: Vec<Group>,
+    /// Indexes into `groups` of the groups still open to more segments, one per flow.
+    open: Vec<u32>,
+}
+
+/// One write to the TUN: a packet as it is, or a run of segments merged into a super-packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    head: u32,
+    tail: u32,
+    count: u32,
+    run: Option<Run>,
+}
+
+/// What a group of TCP segments must keep equal, and how far it has grown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    flow: Flow,
+    /// The IPv4 and TCP headers' length (the IPv4 header is always 20 bytes).
+    header_len: u16,
+    /// The first segment's payload: every segment but the last carries exactly this much.
+    gso_size: u16,
+    /// Payload bytes of all segments so far.
+    payload: u32,
+    /// The sequence number the next segment must have.
+    next_seq: u32,
+    ack: u32,
+    tos: u8,
+    ttl: u8,
+    /// TCP bytes 12..16 (data offset, flags, window) with PSH, FIN and CWR masked out.
+    word: u32,
+    options: [u8; 40],
+    /// PSH and FIN of the last segment, which the super-packet carries.
+    final_flags: u8,
+    /// Whether the group takes more segments.
+    open: bool,
+}
+
+/// A TCP connection as seen in one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Flow {
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: [u8; 4],
+}
+
+/// What a pushed packet is to the coalescer.
+enum Kind {
+    /// A data segment that may join or start a run.
+    Segment(Segment),
+    /// A TCP packet of `Flow` that must be written alone.
+    Alone(Flow),
+    /// Anything else.
+    Other,
+}
+
+/// A data segment's fields, read once.
+struct Segment {
+    flow: Flow,
+    header_len: u16,
+    payload: u32,
+    seq: u32,
+    ack: u32,
+    tos: u8,
+    ttl: u8,
+    word: u32,
+    flags: u8,
+    options: [u8; 40],
+}
+
+impl Coalescer {
+    /// An empty coalescer.
+    pub fn new() -> Coalescer {
+        Coalescer::default()
+    }
+
+    /// Forget the batch, keeping the memory.
+    pub fn clear(&mut self) {
+        self.next.clear();
+        self.groups.clear();
+        self.open.clear();
+    }
+
+    /// How many packets were pushed since the last [`Coalescer::clear`].
+    pub fn len(&self) -> usize {
+        self.next.len()
+    }
+
+    /// Whether no packet was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.next.is_empty()
+    }
+
+    /// Add the next packet of the batch (one whole IPv4 packet, already checked by
+    /// [`crate::decide::from_peer`]); it is known from now on by its position in the batch,
+    /// counting from 0.
+    pub fn push(&mut self, packet: &[u8]) {
+        let index = self.next.len() as u32;
+        self.next.push(NONE);
+        match classify(packet) {
+            Kind::Segment(segment) => {
+                if let Some(slot) = self.open_slot(&segment.flow) {
+                    let group = self.open[slot] as usize;
+                    if self.groups[group].append(&segment) {
+                        let tail = self.groups[group].tail as usize;
+                        self.next[tail] = index;
+                        self.groups[group].tail = index;
+                        self.groups[group].count += 1;
+                        if !self.groups[group].is_open() {
+                            self.open.swap_remove(slot);
+                        }
+                        return;
+                    }
+                    self.open.swap_remove(slot);
+                }
+                let run = Run::start(&segment);
+                let keep_open = run.open;
+                self.groups.push(Group::new(index, Some(run)));
+                if keep_open {
+                    self.track(self.groups.len() as u32 - 1);
+                }
+            }
+            Kind::Alone(flow) => {
+                if let Some(slot) = self.open_slot(&flow) {
+                    self.open.swap_remove(slot);
+                }
+                self.groups.push(Group::new(index, None));
+            }
+            Kind::Other => self.groups.push(Group::new(index, None)),
+        }
+    }
+
+    /// The groups, in the order they must be written.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// The packets of `group`, in order: the first is written whole, the others without their
+    /// first [`Group::header_len`] bytes.
+    pub fn members<'a>(&'a self, group: &Group) -> impl Iterator<Item = usize> + 'a {
+        let mut at = group.head;
+        std::iter::from_fn(move || {
+            if at == NONE {
+                return None;
+            }
+            let this = at;
+            at = self.next.get(at as usize).copied().unwrap_or(NONE);
+            Some(this as usize)
+        })
+    }
+
+    fn open_slot(&self, flow: &Flow) -> Option<usize> {
+        self.open.iter().position(|&group| {
+            self.groups
+                .get(group as usize)
+                .and_then(|g| g.run.as_ref())
+                .is_some_and(|run| run.flow == *flow)
+        })
+    }
+
+    /// Keep `group` open for its flow, closing the oldest open group if there are too many.
+    fn track(&mut self, group: u32) {
+        if self.open.len() == MAX_OPEN_FLOWS {
+            let oldest = (0..self.open.len()).min_by_key(|&slot| self.open[slot]);
+            if let Some(slot) = oldest {
+                self.open.swap_remove(slot);
+            }
+        }
+        self.open.push(group);
+    }
+}
+
+impl Group {
+    fn new(head: u32, run: Option<Run>) -> Group {
+        Group {
+            head,
+            tail: head,
+            count: 1,
+            run,
+        }
+    }
+
+    /// The first packet's position in the batch.
+    pub fn head(&self) -> usize {
+        self.head as usize
+    }
+
+    /// How many packets the group holds.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Always false: a group holds at least one packet.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether the group merges several segments into a super-packet.
+    pub fn is_super_packet(&self) -> bool {
+        self.count > 1
+    }
+
+    /// The header bytes every member after the first leaves out (0 for a single packet).
+    pub fn header_len(&self) -> usize {
+        match &self.run {
+            Some(run) if self.count > 1 => usize::from(run.header_len),
+            _ => 0,
+        }
+    }
+
+    /// The super-packet's length: the first packet's headers and every member's payload (for
+    /// a single packet, whatever its length is: 0 here).
+    pub fn super_len(&self) -> usize {
+        match &self.run {
+            Some(run) if self.count > 1 => usize::from(run.header_len) + run.payload as usize,
+            _ => 0,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.run.as_ref().is_some_and(|run| run.open)
+    }
+
+    /// Turn the group's first packet, `head`, into the super-packet's header and return the
+    /// virtio-net header to write before it: total length and header checksum for the whole,
+    /// the last segment's PSH and FIN, and in the TCP checksum field the pseudo-header sum
+    /// that the kernel completes. A single packet is left alone and gets a plain header.
+    pub fn finish(&self, head: &mut [u8]) -> VnetHeader {
+        let Some(run) = self.run.as_ref().filter(|_| self.count > 1) else {
+            return VnetHeader::PLAIN;
+        };
+        let ip_len = MIN_HEADER_LEN;
+        let total = usize::from(run.header_len) + run.payload as usize;
+        let (Ok(total16), Ok(transport_len)) =
+            (u16::try_from(total), u16::try_from(total - ip_len))
+        else {
+            return VnetHeader::PLAIN;
+        };
+        if head.len() < usize::from(run.header_len) {
+            return VnetHeader::PLAIN;
+        }
+        put16(head, 2, total16);
+        put16(head, 10, 0);
+        let ip_check = checksum::of(&head[..ip_len]);
+        put16(head, 10, ip_check);
+        head[ip_len + tcp::FLAGS] |= run.final_flags;
+        let partial = pseudo_header_sum(run.flow.src, run.flow.dst, protocol::TCP, transport_len);
+        put16(head, ip_len + tcp::CHECKSUM, partial);
+        let cwr = head[ip_len + tcp::FLAGS] & tcp::CWR != 0;
+        VnetHeader {
+            flags: NEEDS_CSUM,
+            gso_type: GSO_TCPV4 | if cwr { GSO_ECN } else { 0 },
+            hdr_len: run.header_len,
+            gso_size: run.gso_size,
+            csum_start: ip_len as u16,
+            csum_offset: tcp::CHECKSUM as u16,
+        }
+    }
+
+    /// Whether `segment` extends this group; if so, the group now counts it.
+    fn append(&mut self, segment: &Segment) -> bool {
+        let count = self.count as usize;
+        let Some(run) = self.run.as_mut() else {
+            return false;
+        };
+        let fits = run.open
+            && count < MAX_SEGMENTS
+            && segment.seq == run.next_seq
+            && segment.header_len == run.header_len
+            && segment.payload <= u32::from(run.gso_size)
+            && usize::from(run.header_len) + (run.payload + segment.payload) as usize
+                <= MAX_PACKET_LEN
+            && segment.ack == run.ack
+            && segment.tos == run.tos
+            && segment.ttl == run.ttl
+            && segment.word == run.word
+            && segment.flags & tcp::CWR == 0
+            && segment.options == run.options;
+        if !fits {
+            return false;
+        }
+        run.payload += segment.payload;
+        run.next_seq = run.next_seq.wrapping_add(segment.payload);
+        run.final_flags = segment.flags & (tcp::PSH | tcp::FIN);
+        run.open = segment.payload == u32::from(run.gso_size) && run.final_flags == 0;
+        true
+    }
+}
+
+impl Run {
+    fn start(segment: &Segment) -> Run {
+        let final_flags = segment.flags & (tcp::PSH | tcp::FIN);
+        Run {
+            flow: segment.flow,
+            header_len: segment.header_len,
+            gso_size: segment.payload as u16,
+            payload: segment.payload,
+            next_seq: segment.seq.wrapping_add(segment.payload),
+            ack: segment.ack,
+            tos: segment.tos,
+            ttl: segment.ttl,
+            word: segment.word,
+            options: segment.options,
+            final_flags: 0,
+            open: final_flags == 0,
+        }
+    }
+}
+
+/// Read what the coalescer needs from a packet.
+fn classify(packet: &[u8]) -> Kind {
+    let Some(ip) = packet.first_chunk::<MIN_HEADER_LEN>() else {
+        return Kind::Other;
+    };
+    if ip[0] >> 4 != 4 || ip[9] != protocol::TCP {
+        return Kind::Other;
+    }
+    let ip_len = usize::from(ip[0] & 0x0f) * 4;
+    let Some(ports) = packet
+        .get(ip_len..ip_len + 4)
+        .and_then(|p| <[u8; 4]>::try_from(p).ok())
+    else {
+        return Kind::Other;
+    };
+    let flow = Flow {
+        src: [ip[12], ip[13], ip[14], ip[15]],
+        dst: [ip[16], ip[17], ip[18], ip[19]],
+        ports,
+    };
+    let alone = Kind::Alone(flow);
+    let fragment_bits = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    let dont_fragment = ip[6] & 0x40 != 0;
+    if ip_len != MIN_HEADER_LEN || !dont_fragment || fragment_bits != 0 {
+        return alone;
+    }
+    if be16(packet, 2) != u16::try_from(packet.len()).ok() {
+        return alone;
+    }
+    let tcp_bytes = &packet[ip_len..];
+    let Some(&offset) = tcp_bytes.get(tcp::DATA_OFFSET) else {
+        return alone;
+    };
+    let tcp_len = usize::from(offset >> 4) * 4;
+    if tcp_len < tcp::MIN_HEADER_LEN || tcp_len > tcp_bytes.len() {
+        return alone;
+    }
+    let payload = tcp_bytes.len() - tcp_len;
+    let flags = tcp_bytes[tcp::FLAGS];
+    if payload == 0 || flags & (tcp::SYN | tcp::RST | tcp::URG) != 0 {
+        return alone;
+    }
+    // Only segments that verify may hide inside a super-packet.
+    let Ok(transport_len) = u16::try_from(tcp_bytes.len()) else {
+        return alone;
+    };
+    let pseudo = pseudo_header_sum(flow.src, flow.dst, protocol::TCP, transport_len);
+    if checksum::add(pseudo, super::checksum::sum(tcp_bytes)) != 0xffff {
+        return alone;
+    }
+    let (Some(seq), Some(ack), Some(word)) = (
+        be32(tcp_bytes, tcp::SEQ),
+        be32(tcp_bytes, tcp::ACK),
+        be32(tcp_bytes, tcp::DATA_OFFSET),
+    ) else {
+        return alone;
+    };
+    let mut options = [0u8; 40];
+    options[..tcp_len - tcp::MIN_HEADER_LEN]
+        .copy_from_slice(&tcp_bytes[tcp::MIN_HEADER_LEN..tcp_len]);
+    let masked = u32::from(tcp::PSH | tcp::FIN | tcp::CWR) << 16;
+    Kind::Segment(Segment {
+        flow,
+        header_len: (ip_len + tcp_len) as u16,
+        payload: payload as u32,
+        seq,
+        ack,
+        tos: ip[1],
+        ttl: ip[8],
+        word: word & !masked,
+        flags,
+        options,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offload::segment::{Plan, Segmenter, MAX_HEADER_LEN};
+    use crate::offload::testing::{assert_valid, Tcp};
+    use crate::packet::testing::{Rng, Spec};
+
+    /// Run `packets` through a coalescer and return each write as the TUN would receive it:
+    /// the virtio-net header and the bytes.
+    fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHeader, Vec<u8>)> {
+        let mut coalescer = Coalescer::new();
+        for packet in packets {
+            coalescer.push(packet);
+        }
+        assert_eq!(coalescer.len(), packets.len());
+        let mut seen = vec![false; packets.len()];
+        let mut out = Vec::new();
+        for group in coalescer.groups() {
+            let members: Vec<usize> = coalescer.members(group).collect();
+            assert_eq!(members.len(), group.len());
+            assert_eq!(members[0], group.head());
+            assert!(members.windows(2).all(|w| w[0] < w[1]), "members in order");
+            let mut head = packets[group.head()].clone();
+            let header = group.finish(&mut head);
+            let mut bytes = head;
+            for &member in &members[1..] {
+                bytes.extend_from_slice(&packets[member][group.header_len()..]);
+            }
+            if group.is_super_packet() {
+                assert_eq!(bytes.len(), group.super_len());
+            }
+            for member in members {
+                assert!(!seen[member], "packet {member} in two groups");
+                seen[member] = true;
+            }
+            out.push((header, bytes));
+        }
+        assert!(seen.iter().all(|s| *s), "every packet is written");
+        out
+    }
+
+    /// Cut a super-packet with the engine's segmenter.
+    fn cut(header: &VnetHeader, packet: &[u8]) -> Vec<Vec<u8>> {
+        let Plan::Segment(segmenter) = Plan::new(header, packet).unwrap() else {
+            panic!("not a super-packet");
+        };
+        segments_of(&segmenter, packet)
+    }
+
+    fn segments_of(segmenter: &Segmenter, packet: &[u8]) -> Vec<Vec<u8>> {
+        let mut scratch = [0u8; MAX_HEADER_LEN];
+        (0..segmenter.segments())
+            .map(|i| {
+                let segment = segmenter.write_header(packet, i, &mut scratch).unwrap();
+                let mut bytes = scratch[..segmenter.header_len()].to_vec();
+                bytes.extend_from_slice(&packet[segment.payload]);
+                bytes
+            })
+            .collect()
+    }
+
+    /// Complete a super-packet's checksums, as the kernel will: the bytes a receiver sees.
+    fn completed(header: &VnetHeader, packet: &[u8]) -> Vec<u8> {
+        let mut packet = packet.to_vec();
+        if header.needs_csum() {
+            let start = usize::from(header.csum_start);
+            let field = start + usize::from(header.csum_offset);
+            crate::offload::complete_checksum(&mut packet, start, field).unwrap();
+        }
+        packet
+    }
+
+    #[test]
+    fn segments_coalesce_back_into_the_super_packet() {
+        for (len, gso) in [(64_000, 1448), (10_000, 1000), (4_345, 1448), (2_000, 1000)] {
+            for (psh, fin, cwr) in [
+                (false, false, false),
+                (true, false, true),
+                (true, true, false),
+            ] {
+                let mut spec = Tcp::new(0xffff_0000, len);
+                spec.psh = psh;
+                spec.fin = fin;
+                spec.cwr = cwr;
+                let (header, packet) = spec.super_packet(gso);
+                let segments = cut(&header, &packet);
+                let writes = coalesce(&segments);
+                assert_eq!(writes.len(), 1, "{len}/{gso}");
+                let (vnet, bytes) = &writes[0];
+                assert_eq!(vnet, &header, "{len}/{gso}");
+                assert_eq!(bytes, &packet, "{len}/{gso}");
+                assert_valid(&completed(vnet, bytes));
+            }
+        }
+    }
+
+    #[test]
+    fn many_small_segments_split_into_bounded_super_packets() {
+        let spec = Tcp::new(1, 65_000);
+        let (header, packet) = spec.super_packet(500);
+        let segments = cut(&header, &packet);
+        assert_eq!(segments.len(), 130);
+        let writes = coalesce(&segments);
+        assert_eq!(writes.len(), 3, "64 + 64 + 2 segments");
+        let mut payload = Vec::new();
+        for (vnet, bytes) in &writes {
+            assert_eq!(vnet.gso_size, 500);
+            payload.extend_from_slice(&assert_valid(&completed(vnet, bytes)));
+        }
+        assert_eq!(payload, spec.payload);
+    }
+
+    #[test]
+    fn a_short_segment_ends_the_group() {
+        let a = Tcp::new(0, 1000).bytes();
+        let short = Tcp::new(1000, 400).bytes();
+        let c = Tcp::new(1400, 1000).bytes();
+        let writes = coalesce(&[a, short, c.clone()]);
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0].0.gso_size, 1000);
+        assert_eq!(writes[0].1.len(), 52 + 1400);
+        assert_eq!(writes[1], (VnetHeader::PLAIN, c));
+    }
+
+    #[test]
+    fn a_larger_segment_does_not_follow_a_smaller_one() {
+        let a = Tcp::new(0, 500).bytes();
+        let b = Tcp::new(500, 1000).bytes();
+        let writes = coalesce(&[a.clone(), b.clone()]);
+        assert_eq!(writes, vec![(VnetHeader::PLAIN, a), (VnetHeader::PLAIN, b)]);
+    }
+
+    #[test]
+    fn push_and_fin_end_the_group_on_the_last_segment() {
+        let a = Tcp::new(0, 1000).bytes();
+        let mut spec = Tcp::new(1000, 1000);
+        spec.psh = true;
+        let b = spec.bytes();
+        let c = Tcp::new(2000, 1000).bytes();
+        let writes = coalesce(&[a, b, c.clone()]);
+        assert_eq!(writes.len(), 2);
+        let header = &writes[0].1;
+        assert_ne!(
+            header[20 + 13] & tcp::PSH,
+            0,
+            "the super-packet carries PSH"
+        );
+        assert_eq!(writes[1], (VnetHeader::PLAIN, c));
+
+        let mut spec = Tcp::new(1000, 1000);
+        spec.fin = true;
+        let writes = coalesce(&[Tcp::new(0, 1000).bytes(), spec.bytes()]);
+        assert_eq!(writes.len(), 1);
+        assert_ne!(writes[0].1[20 + 13] & tcp::FIN, 0);
+    }
+
+    #[test]
+    fn control_segments_are_written_alone_and_keep_their_place() {
+        for edit in [
+            (|t: &mut Tcp| t.syn = true) as fn(&mut Tcp),
+            |t| t.rst = true,
+            |t| t.urg = true,
+            |t| t.ece = true,
+            |t| t.window = 1,
+            |t| t.ack = 5,
+            |t| t.ttl = 3,
+            |t| t.tos = 4,
+            |t| t.timestamps = Some((9, 9)),
+            |t| t.timestamps = None,
+            |t| t.dont_frag = false,
+            |t| t.ip_options = vec![1, 1, 1, 0],
+        ] {
+            let a = Tcp::new(0, 1000).bytes();
+            let mut spec = Tcp::new(1000, 1000);
+            edit(&mut spec);
+            let b = spec.bytes();
+            let c = Tcp::new(2000, 1000).bytes();
+            let writes = coalesce(&[a.clone(), b.clone(), c.clone()]);
+            // The odd one out is never merged into the first group, and the third segment,
+            // contiguous with the first, is not merged over it either.
+            assert_eq!(writes.len(), 3, "{spec:?}");
+            assert_eq!(writes[0], (VnetHeader::PLAIN, a));
+            assert_eq!(writes[1].1[..], b[..]);
+            assert_eq!(writes[2].1[..], c[..]);
+        }
+    }
+
+    #[test]
+    fn a_cwr_segment_may_start_a_group() {
+        let mut spec = Tcp::new(0, 1000);
+        spec.cwr = true;
+        let writes = coalesce(&[spec.bytes(), Tcp::new(1000, 1000).bytes()]);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].0.gso_type, GSO_TCPV4 | GSO_ECN);
+    }
+
+    #[test]
+    fn pure_acks_are_written_alone() {
+        let ack = Tcp::new(0, 0).bytes();
+        let writes = coalesce(&[ack.clone(), ack.clone()]);
+        assert_eq!(
+            writes,
+            vec![(VnetHeader::PLAIN, ack.clone()), (VnetHeader::PLAIN, ack)]
+        );
+    }
+
+    #[test]
+    fn bad_checksums_are_never_merged() {
+        let a = Tcp::new(0, 1000).bytes();
+        let mut b = Tcp::new(1000, 1000).bytes();
+        b[100] ^= 0xff;
+        let c = Tcp::new(2000, 1000).bytes();
+        let writes = coalesce(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(
+            writes,
+            vec![
+                (VnetHeader::PLAIN, a),
+                (VnetHeader::PLAIN, b),
+                (VnetHeader::PLAIN, c)
+            ]
+        );
+    }
+
+    #[test]
+    fn out_of_order_segments_are_not_merged_or_reordered() {
+        let a = Tcp::new(0, 1000).bytes();
+        let b = Tcp::new(1000, 1000).bytes();
+        let c = Tcp::new(2000, 1000).bytes();
+        let d = Tcp::new(3000, 1000).bytes();
+        // c arrives before b. c and d are contiguous, but merging them would put d before b.
+        let writes = coalesce(&[a.clone(), c.clone(), b.clone(), d.clone()]);
+        let firsts: Vec<u32> = writes
+            .iter()
+            .map(|(_, bytes)| be32(bytes, 24).unwrap())
+            .collect();
+        assert_eq!(firsts, vec![0, 2000, 1000, 3000]);
+        assert!(writes.iter().all(|(v, _)| *v == VnetHeader::PLAIN));
+        // Retransmitted duplicates do not merge either.
+        let writes = coalesce(&[a.clone(), a.clone()]);
+        assert_eq!(writes.len(), 2);
+        // In order again, they do.
+        let writes = coalesce(&[a, b, c, d]);
+        assert_eq!(writes.len(), 1);
+    }
+
+    #[test]
+    fn interleaved_flows_each_coalesce_in_order() {
+        let flow = |port: u16, seq: u32| {
+            let mut spec = Tcp::new(seq, 1000);
+            spec.sport = port;
+            spec.bytes()
+        };
+        let mut packets = Vec::new();
+        for i in 0..6 {
+            packets.push(flow(1, i * 1000));
+            packets.push(flow(2, 50_000 + i * 1000));
+            if i == 2 {
+                // Something else between them: an ICMP packet and a UDP one.
+                packets.push(Spec::icmp("10.1.1.2", "10.1.2.2", 8, 84).bytes());
+                packets.push(Spec::udp("10.1.1.2", "10.1.2.2", 300).bytes());
+            }
+        }
+        let writes = coalesce(&packets);
+        assert_eq!(writes.len(), 4);
+        assert_eq!(writes[0].1.len(), 52 + 6000);
+        assert_eq!(be16(&writes[0].1, 20).unwrap(), 1);
+        assert_eq!(writes[1].1.len(), 52 + 6000);
+        assert_eq!(be16(&writes[1].1, 20).unwrap(), 2);
+        assert_eq!(writes[2].0, VnetHeader::PLAIN);
+        assert_eq!(writes[3].0, VnetHeader::PLAIN);
+    }
+
+    #[test]
+    fn a_flow_change_mid_batch_starts_a_new_group() {
+        let mut other = Tcp::new(5000, 1000);
+        other.dst = [10, 1, 2, 3];
+        let packets = vec![
+            Tcp::new(0, 1000).bytes(),
+            Tcp::new(1000, 1000).bytes(),
+            other.bytes(),
+            Tcp::new(2000, 1000).bytes(),
+        ];
+        let writes = coalesce(&packets);
+        assert_eq!(writes.len(), 2, "the first flow continues after the other");
+        assert_eq!(writes[0].1.len(), 52 + 3000);
+        assert_eq!(writes[1].1[..], packets[2][..]);
+    }
+
+    #[test]
+    fn open_flows_are_bounded() {
+        let batch = |flows: u16| {
+            let mut packets = Vec::new();
+            for round in 0..3u32 {
+                for port in 0..flows {
+                    let mut spec = Tcp::new(round * 1000, 1000);
+                    spec.sport = port;
+                    packets.push(spec.bytes());
+                }
+            }
+            packets
+        };
+        // As many flows as can be open: each becomes one super-packet.
+        let writes = coalesce(&batch(MAX_OPEN_FLOWS as u16));
+        assert_eq!(writes.len(), MAX_OPEN_FLOWS);
+        // More: groups are closed early, but every byte still arrives, in order per flow.
+        let packets = batch(MAX_OPEN_FLOWS as u16 + 3);
+        let writes = coalesce(&packets);
+        for port in 0..MAX_OPEN_FLOWS as u16 + 3 {
+            let written: Vec<u8> = writes
+                .iter()
+                .filter(|(_, b)| be16(b, 20) == Some(port))
+                .flat_map(|(v, b)| assert_valid(&completed(v, b)))
+                .collect();
+            let pushed: Vec<u8> = packets
+                .iter()
+                .filter(|p| be16(p, 20) == Some(port))
+                .flat_map(|p| p[52..].to_vec())
+                .collect();
+            assert_eq!(written, pushed);
+        }
+    }
+
+    #[test]
+    fn super_packets_stay_within_the_ip_limit() {
+        let packets: Vec<Vec<u8>> = (0..50u32)
+            .map(|i| Tcp::new(i * 1448, 1448).bytes())
+            .collect();
+        let writes = coalesce(&packets);
+        assert_eq!(writes.len(), 2);
+        assert!(writes[0].1.len() <= MAX_PACKET_LEN);
+        assert_eq!(writes[0].1.len(), 52 + 45 * 1448);
+        for (vnet, bytes) in writes {
+            assert_valid(&completed(&vnet, &bytes));
+        }
+    }
+
+    #[test]
+    fn random_batches_keep_every_flow_in_order() {
+        let mut rng = Rng::new(0x5eed);
+        for _ in 0..200 {
+            let flows = 1 + rng.below(4);
+            let mut seqs = vec![0u32; flows];
+            let mut packets = Vec::new();
+            for _ in 0..rng.below(80) {
+                let f = rng.below(flows);
+                let len = if rng.below(5) == 0 {
+                    rng.below(1448)
+                } else {
+                    1448
+                };
+                let mut spec = Tcp::new(seqs[f], len);
+                spec.sport = f as u16;
+                spec.psh = rng.below(10) == 0;
+                if rng.below(20) == 0 {
+                    spec.seq = spec.seq.wrapping_sub(1448);
+                } else {
+                    seqs[f] = seqs[f].wrapping_add(len as u32);
+                }
+                packets.push(spec.bytes());
+            }
+            let writes = coalesce(&packets);
+            // Per flow, the bytes written are the bytes pushed, in the same order.
+            for f in 0..flows {
+                let pushed: Vec<u8> = packets
+                    .iter()
+                    .filter(|p| be16(p, 20) == Some(f as u16))
+                    .flat_map(|p| p[52..].to_vec())
+                    .collect();
+                let written: Vec<u8> = writes
+                    .iter()
+                    .filter(|(_, b)| be16(b, 20) == Some(f as u16))
+                    .flat_map(|(v, b)| assert_valid(&completed(v, b)))
+                    .collect();
+                assert_eq!(written, pushed);
+            }
+        }
+    }
+
+    #[test]
+    fn anything_else_passes_through() {
+        let mut rng = Rng::new(3);
+        let mut coalescer = Coalescer::new();
+        for _ in 0..500 {
+            let len = rng.below(200);
+            let bytes = rng.bytes(len);
+            coalescer.push(&bytes);
+        }
+        assert_eq!(coalescer.groups().len(), 500);
+        coalescer.clear();
+        assert!(coalescer.is_empty() && coalescer.groups().is_empty());
+        let mut head = vec![0u8; 3];
+        let single = Group::new(0, None);
+        assert_eq!(single.finish(&mut head), VnetHeader::PLAIN);
+        assert_eq!(head, vec![0u8; 3]);
+    }
+}
