@@ -286,7 +286,13 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
     health.set_lease_held(true);
     info!(subnet = %first.subnet, public_ip = %first.public_ip, "acquired lease");
 
-    let queues = weft_engine::tun::open_queues(&flags.tun_name, flags.workers.max(1))?;
+    // With TUN offloads the queues carry a virtio-net header; without, bare packets as
+    // flanneld's device does.
+    let queues = weft_engine::tun::open_queues_with(
+        &flags.tun_name,
+        flags.workers.max(1),
+        !flags.no_tun_offload,
+    )?;
     if let Err(e) = disable_ipv6(&flags.tun_name) {
         warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
     }
