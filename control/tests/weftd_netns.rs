@@ -307,7 +307,10 @@ fn flanneld_command_line_gives_flanneld_state() {
     // device is flanneld's to the flag.
     assert!(link.contains("tun type tun pi off vnet_hdr on"), "{link}");
     let link2 = h2.ip(&["-d", "link", "show", "flannel0"]);
-    assert!(link2.contains("tun type tun pi off vnet_hdr off"), "{link2}");
+    assert!(
+        link2.contains("tun type tun pi off vnet_hdr off"),
+        "{link2}"
+    );
     let addr = h1.ip(&["-4", "addr", "show", "flannel0"]);
     assert!(
         addr.contains("inet 10.1.15.0/32 scope global flannel0"),
