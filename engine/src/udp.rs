@@ -6,11 +6,11 @@
 //! (bursts of 64 KiB super-packets are coming) with the `…BUFFORCE` options, which ignore the
 //! `rmem_max`/`wmem_max` limits when the process may; otherwise the plain options are used.
 //!
-//! Two offloads cut the per-datagram cost. With UDP GSO ([`SendBatch`]), a run of equal-sized
+//! Two offloads cut the per-datagram cost. With UDP GSO (`SendBatch`), a run of equal-sized
 //! datagrams to one peer leaves in one `sendmsg` with a `UDP_SEGMENT` control message, and the
 //! kernel cuts it (on veth without even cutting it: the receiver gets it whole). With UDP GRO
-//! ([`enable_gro`]), the kernel hands over such a run in one buffer with the datagram size in
-//! a `UDP_GRO` control message ([`gro_segment_size`]). Each datagram is still one inner
+//! (`enable_gro`), the kernel hands over such a run in one buffer with the datagram size in
+//! a `UDP_GRO` control message (`gro_segment_size`). Each datagram is still one inner
 //! packet: the wire format does not change.
 
 use std::io;

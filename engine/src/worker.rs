@@ -3,9 +3,9 @@
 //!
 //! Both back ends ([`crate::uring`] and [`crate::syscalls`]) share what is here: the stop
 //! signal; how a packet read from the TUN is decided on (once per super-packet) and cut into
-//! datagrams ([`decide_tun_read`], [`queue_segments`]); how a received buffer is split into its
-//! datagrams and each decided on ([`decide_datagrams`]); how the accepted packets become TUN
-//! writes, coalesced ([`for_each_tun_write`]); which counters all of that touches (packets as
+//! datagrams (`decide_tun_read`, `queue_segments`); how a received buffer is split into its
+//! datagrams and each decided on (`decide_datagrams`); how the accepted packets become TUN
+//! writes, coalesced (`for_each_tun_write`); which counters all of that touches (packets as
 //! they are on the wire: a super-packet counts each of its segments); which errors end a
 //! worker; the thread itself and its optional pinning to a core.
 
