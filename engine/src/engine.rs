@@ -16,6 +16,7 @@ use crate::route::Routes;
 use crate::tun::{set_offload, TunOffload, TunQueue};
 use crate::udp::{
     bind_worker_socket, enable_gro, gso_supported, kernel_gso_broken, kernel_release,
+    steer_by_inner_flow,
 };
 use crate::worker::{
     self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerOffloads, WorkerSetup,
@@ -117,6 +118,8 @@ pub struct ActiveOffloads {
     pub udp_gso: bool,
     /// UDP GRO on receive (on every worker's socket).
     pub udp_gro: bool,
+    /// Datagrams are spread across several workers' sockets by inner flow.
+    pub flow_steering: bool,
 }
 
 /// How to run the engine.
@@ -217,7 +220,16 @@ impl Engine {
                 addr: config.bind,
                 source,
             })?;
-        let offloads = probe_offloads(&config.offloads, &tun, &sockets);
+        let mut offloads = probe_offloads(&config.offloads, &tun, &sockets);
+        if let [first, _, ..] = &sockets[..] {
+            match steer_by_inner_flow(first.as_fd(), sockets.len()) {
+                Ok(()) => offloads.flow_steering = true,
+                Err(error) => tracing::warn!(
+                    %error,
+                    "cannot spread received datagrams across workers by inner flow"
+                ),
+            }
+        }
         let mut engine = Engine {
             workers: Vec::with_capacity(config.workers),
             offloads,
@@ -347,6 +359,7 @@ fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) ->
         coalesce: vnet_hdr && wanted.tun,
         udp_gso,
         udp_gro,
+        flow_steering: false,
     };
     tracing::info!(
         tun_csum = active.tun.csum,

@@ -6,11 +6,11 @@
 //! (bursts of 64 KiB super-packets are coming) with the `…BUFFORCE` options, which ignore the
 //! `rmem_max`/`wmem_max` limits when the process may; otherwise the plain options are used.
 //!
-//! Two offloads cut the per-datagram cost. With UDP GSO ([`SendBatch`]), a run of equal-sized
+//! Two offloads cut the per-datagram cost. With UDP GSO (`SendBatch`), a run of equal-sized
 //! datagrams to one peer leaves in one `sendmsg` with a `UDP_SEGMENT` control message, and the
 //! kernel cuts it (on veth without even cutting it: the receiver gets it whole). With UDP GRO
-//! ([`enable_gro`]), the kernel hands over such a run in one buffer with the datagram size in
-//! a `UDP_GRO` control message ([`gro_segment_size`]). Each datagram is still one inner
+//! (`enable_gro`), the kernel hands over such a run in one buffer with the datagram size in
+//! a `UDP_GRO` control message (`gro_segment_size`). Each datagram is still one inner
 //! packet: the wire format does not change.
 
 use std::io;
@@ -93,6 +93,95 @@ fn set_raw_int_option(
             name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h; the libc crate does not export it for
+// glibc targets.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// The classic BPF program that picks, among `workers` sockets bound to one port, the one a
+/// datagram goes to, by its inner packet's flow: source and destination address, and for TCP
+/// and UDP the ports. The kernel runs it with the data starting at the UDP payload (the inner
+/// IPv4 header); a packet too short for a load makes it return 0, the first socket.
+fn inner_flow_program(workers: u32) -> [libc::sock_filter; 22] {
+    const LD: u16 = libc::BPF_LD as u16;
+    const LDX: u16 = libc::BPF_LDX as u16;
+    const ST: u16 = libc::BPF_ST as u16;
+    const ALU: u16 = libc::BPF_ALU as u16;
+    const JMP: u16 = libc::BPF_JMP as u16;
+    const RET: u16 = libc::BPF_RET as u16;
+    const MISC: u16 = libc::BPF_MISC as u16;
+    const W: u16 = libc::BPF_W as u16;
+    const B: u16 = libc::BPF_B as u16;
+    const ABS: u16 = libc::BPF_ABS as u16;
+    const IND: u16 = libc::BPF_IND as u16;
+    const IMM: u16 = libc::BPF_IMM as u16;
+    const MEM: u16 = libc::BPF_MEM as u16;
+    const MSH: u16 = libc::BPF_MSH as u16;
+    const K: u16 = libc::BPF_K as u16;
+    const X: u16 = libc::BPF_X as u16;
+    const A: u16 = libc::BPF_A as u16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    [
+        op(LD | B | ABS, 0, 0, 9),                    // A = protocol
+        op(JMP | libc::BPF_JEQ as u16 | K, 1, 0, 6),  // TCP: ports
+        op(JMP | libc::BPF_JEQ as u16 | K, 0, 3, 17), // UDP: ports; else none
+        op(LDX | B | MSH, 0, 0, 0),                   // X = header length
+        op(LD | W | IND, 0, 0, 0),                    // A = both ports
+        op(JMP | libc::BPF_JA as u16, 0, 0, 1),       //
+        op(LD | W | IMM, 0, 0, 0),                    // A = 0 (no ports)
+        op(ST, 0, 0, 0),                              // M[0] = ports
+        op(LD | W | ABS, 0, 0, 16),                   // A = destination
+        op(MISC | libc::BPF_TAX as u16, 0, 0, 0),     // X = A
+        op(LD | W | ABS, 0, 0, 12),                   // A = source
+        op(ALU | libc::BPF_XOR as u16 | X, 0, 0, 0),  // A ^= X
+        op(MISC | libc::BPF_TAX as u16, 0, 0, 0),     // X = A
+        op(LD | MEM, 0, 0, 0),                        // A = ports
+        op(ALU | libc::BPF_XOR as u16 | X, 0, 0, 0),  // A ^= X
+        // Fold the high half (the source port) onto the low one, then mix every bit into
+        // the upper half (Fibonacci hashing): connect() picks even source ports, so a plain
+        // modulo of the low bits would send every flow to the same socket.
+        op(MISC | libc::BPF_TAX as u16, 0, 0, 0), // X = A
+        op(ALU | libc::BPF_RSH as u16 | K, 0, 0, 16), // A >>= 16
+        op(ALU | libc::BPF_XOR as u16 | X, 0, 0, 0), // A ^= X
+        op(ALU | libc::BPF_MUL as u16 | K, 0, 0, 0x9e37_79b1), // A *= 2^32 / phi
+        op(ALU | libc::BPF_RSH as u16 | K, 0, 0, 16), // A >>= 16
+        op(ALU | libc::BPF_MOD as u16 | K, 0, 0, workers), // A %= workers
+        op(RET | A, 0, 0, 0),                     // the socket's index
+    ]
+}
+
+/// Spread the datagrams arriving at a port that `workers` sockets share (`SO_REUSEPORT`)
+/// across them by inner flow, with `socket` any member of the group. Without this the kernel
+/// hashes the outer addresses and ports, which are the same for everything one peer sends
+/// (flannel's wire format has one port), so one worker would receive all of a peer's traffic.
+/// A flow stays on one socket, so its packets are never reordered.
+pub(crate) fn steer_by_inner_flow(socket: BorrowedFd<'_>, workers: usize) -> io::Result<()> {
+    let workers = u32::try_from(workers)
+        .ok()
+        .filter(|w| *w > 0)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut program = inner_flow_program(workers);
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: the option value is a live sock_fprog pointing at `program`, which outlives
+    // the call (the kernel copies the program); the descriptor is borrowed for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -561,6 +650,116 @@ mod tests {
         assert_eq!(raw.sin_port, 8285u16.to_be());
         assert_eq!(raw.sin_addr.s_addr.to_ne_bytes(), [198, 18, 0, 2]);
         assert_eq!(from_sockaddr(&raw, SOCKADDR_IN_LEN), Some(addr));
+    }
+
+    /// Run a classic BPF program the way the kernel does for a reuseport group, over the
+    /// opcodes `inner_flow_program` uses; a load beyond the packet ends it with 0.
+    fn run_cbpf(program: &[libc::sock_filter], packet: &[u8]) -> u32 {
+        let (mut a, mut x, mut mem) = (0u32, 0u32, [0u32; 16]);
+        let load = |at: usize, size: usize| -> Option<u32> {
+            let bytes = packet.get(at..at + size)?;
+            Some(bytes.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)))
+        };
+        let mut pc = 0;
+        while let Some(insn) = program.get(pc) {
+            pc += 1;
+            let k = insn.k;
+            let code = u32::from(insn.code);
+            let class = code & 0x07;
+            let size = match code & 0x18 {
+                0x00 => 4,
+                0x08 => 2,
+                _ => 1,
+            };
+            match class {
+                c if c == libc::BPF_LD => {
+                    a = match code & 0xe0 {
+                        m if m == libc::BPF_ABS => match load(k as usize, size) {
+                            Some(v) => v,
+                            None => return 0,
+                        },
+                        m if m == libc::BPF_IND => match load((x + k) as usize, size) {
+                            Some(v) => v,
+                            None => return 0,
+                        },
+                        m if m == libc::BPF_MEM => mem[k as usize],
+                        _ => k,
+                    }
+                }
+                c if c == libc::BPF_LDX => match load(k as usize, 1) {
+                    Some(v) => x = 4 * (v & 0xf),
+                    None => return 0,
+                },
+                c if c == libc::BPF_ST => mem[k as usize] = a,
+                c if c == libc::BPF_ALU => {
+                    let operand = if code & 0x08 != 0 { x } else { k };
+                    a = match code & 0xf0 {
+                        o if o == libc::BPF_XOR => a ^ operand,
+                        o if o == libc::BPF_MUL => a.wrapping_mul(operand),
+                        o if o == libc::BPF_RSH => a >> operand,
+                        o if o == libc::BPF_MOD => a % operand,
+                        o => panic!("ALU op {o:#x}"),
+                    }
+                }
+                c if c == libc::BPF_JMP => match code & 0xf0 {
+                    o if o == libc::BPF_JA => pc += k as usize,
+                    o if o == libc::BPF_JEQ => {
+                        pc += usize::from(if a == k { insn.jt } else { insn.jf })
+                    }
+                    o => panic!("jump {o:#x}"),
+                },
+                c if c == libc::BPF_RET => return a,
+                c if c == libc::BPF_MISC => x = a,
+                _ => panic!("class {class}"),
+            }
+        }
+        panic!("fell off the program")
+    }
+
+    fn inner(protocol: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut packet = vec![0u8; 40];
+        packet[0] = 0x45;
+        packet[9] = protocol;
+        packet[12..16].copy_from_slice(&[10, 1, 1, 2]);
+        packet[16..20].copy_from_slice(&[10, 1, 2, 2]);
+        packet[20..22].copy_from_slice(&sport.to_be_bytes());
+        packet[22..24].copy_from_slice(&dport.to_be_bytes());
+        packet
+    }
+
+    #[test]
+    fn inner_flows_spread_across_workers() {
+        for workers in [2u32, 3, 4] {
+            let program = inner_flow_program(workers);
+            let mut used = vec![0usize; workers as usize];
+            // Even source ports, as connect() picks them, to one server port.
+            for sport in (40_000u16..41_000).step_by(2) {
+                let socket = run_cbpf(&program, &inner(6, sport, 5201));
+                assert!(socket < workers);
+                used[socket as usize] += 1;
+                // Every packet of a flow lands on one socket.
+                assert_eq!(socket, run_cbpf(&program, &inner(6, sport, 5201)));
+            }
+            for count in &used {
+                let share = *count as f64 / 500.0;
+                assert!(
+                    share > 0.5 / f64::from(workers),
+                    "{workers} workers: {used:?}"
+                );
+            }
+            // UDP too; ICMP by addresses alone; short packets go to the first socket.
+            assert!(run_cbpf(&program, &inner(17, 4000, 53)) < workers);
+            let mut echo = inner(1, 0x0800, 0x1234);
+            let first = run_cbpf(&program, &echo);
+            echo[22] ^= 0xff;
+            assert_eq!(
+                run_cbpf(&program, &echo),
+                first,
+                "ICMP ignores the bytes after"
+            );
+            assert_eq!(run_cbpf(&program, &inner(6, 1, 2)[..21]), 0);
+            assert_eq!(run_cbpf(&program, &[]), 0);
+        }
     }
 
     #[test]

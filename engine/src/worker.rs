@@ -2,8 +2,12 @@
 //! and moves packets between them until told to stop.
 //!
 //! Both back ends ([`crate::uring`] and [`crate::syscalls`]) share what is here: the stop
-//! signal, how a [`Decision`] turns into an I/O action and which counters it touches, which
-//! errors end a worker, the thread itself and its optional pinning to a core.
+//! signal; how a packet read from the TUN is decided on (once per super-packet) and cut into
+//! datagrams (`decide_tun_read`, `queue_segments`); how a received buffer is split into its
+//! datagrams and each decided on (`decide_datagrams`); how the accepted packets become TUN
+//! writes, coalesced (`for_each_tun_write`); which counters all of that touches (packets as
+//! they are on the wire: a super-packet counts each of its segments); which errors end a
+//! worker; the thread itself and its optional pinning to a core.
 
 use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
@@ -117,7 +121,8 @@ impl AsFd for StopSignal {
 }
 
 /// Bytes reserved in front of every packet buffer, for headers the kernel puts before a packet
-/// (io_uring's `recvmsg` header and the sender's address; later a virtio-net header).
+/// (the virtio-net header of a TUN read; io_uring's `recvmsg` header, the sender's address and
+/// the control data).
 pub(crate) const HEADROOM: usize = 64;
 
 /// Distance between two packet buffers.

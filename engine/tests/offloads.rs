@@ -33,6 +33,10 @@ fn carries_tcp(backend: IoBackend, offloads: Offloads, seed: u64) {
     assert_eq!(active.coalesce, offloads.tun, "{active:?}");
     assert_eq!(active.udp_gso, offloads.udp_gso, "{active:?}");
     assert_eq!(active.udp_gro, offloads.udp_gro, "{active:?}");
+    assert!(
+        active.flow_steering,
+        "two workers share the port by inner flow"
+    );
     assert_eq!(h2.engine.offloads(), active);
 
     lab.assert_ping(&lab.h1.container_ns, lab.h2.container, 3);
