@@ -7,9 +7,9 @@
 # a Rust toolchain (cargo) is installed. Exits non-zero, saying why, if anything is missing.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3 curl)
+PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump)
 # What each package must provide.
-COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3)
+COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {

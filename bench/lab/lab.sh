@@ -13,6 +13,7 @@ set -euo pipefail
 LAB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$LAB_DIR/../.." && pwd)
 REPORT_PY="$LAB_DIR/report.py"
+HOPS_PY="$LAB_DIR/hops.py"
 
 # The lab's fixed addressing.
 readonly NETWORK=10.1.0.0/16
@@ -43,6 +44,7 @@ BENCH_MODES=""
 ROUNDS=3
 DURATION=10
 PINGS=200
+INTERVAL=0.01
 UDP_RATE=1G
 UDP_LEN=1400
 OUT_DIR=""
@@ -80,6 +82,10 @@ weft lab: two hosts and two containers in network namespaces on one machine.
         Measure ping RTT, iperf3 TCP (1 and 4 streams) and UDP, and CPU seconds, for each mode,
         modes interleaved over several rounds. Writes results.json, summary.md and chart.svg to
         bench/lab/results/<timestamp>/ (or --out).
+  lab.sh hops  [--modes weft,vxlan,direct] [--pings 200] [--interval 0.01] [--out DIR]
+        Split the ping round trip into hops: capture the pings (tcpdump, nanosecond
+        timestamps) in each container, on each host's overlay device and on each host's
+        underlay link, and print the median time of every hop, for each mode in turn.
 
 Modes (--mode):
   weft     weftd in each host (target/release/weftd, or --weftd PATH / $WEFTD_BIN), etcd in host 1
@@ -888,6 +894,72 @@ cmd_bench() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Where a round trip's time goes
+
+# hops_one <mode> <dir>: bring the lab up in <mode>, capture $PINGS pings at every point of the
+# path, tear down, and print the per-hop table.
+hops_one() {
+	local mode=$1 dir=$2
+	wait_quiet
+	lab_up "$mode"
+	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	local overlay=""
+	case $mode in
+	weft | flannel) overlay=flannel0 ;;
+	vxlan) overlay=flannel.1 ;;
+	esac
+	# Path order of the echo request: container 1, host 1's overlay device and underlay link,
+	# host 2's underlay link and overlay device, container 2.
+	local points=("c1:$(ns_c 1):$(link_container 1)")
+	[[ -z $overlay ]] || points+=("h1-$overlay:$(ns_h 1):$overlay")
+	points+=("h1-underlay:$(ns_h 1):$(link_underlay 1)" "h2-underlay:$(ns_h 2):$(link_underlay 2)")
+	[[ -z $overlay ]] || points+=("h2-$overlay:$(ns_h 2):$overlay")
+	points+=("c2:$(ns_c 2):$(link_container 2)")
+	local point name ns dev args=() pids=()
+	for point in "${points[@]}"; do
+		IFS=: read -r name ns dev <<<"$point"
+		# Buffered captures (no --immediate-mode): tcpdump wakes once per filled block, not per
+		# packet, so it does not compete with the path for the CPUs.
+		start_bg "tcpdump-$name" "$ns" "$dir/$mode-$name.log" \
+			tcpdump -n -Z root -i "$dev" -s 256 --time-stamp-precision=nano -w "$dir/$mode-$name.pcap" \
+			icmp or udp port 8285 or udp port 8472
+		pids+=("$LAST_PID")
+		args+=(--point "$name=$dir/$mode-$name.pcap")
+	done
+	local i
+	for ((i = 0; i < 50; i++)); do
+		[[ $(grep -l 'listening on' "$dir/$mode"-*.log 2>/dev/null | wc -l) -ge ${#points[@]} ]] && break
+		sleep 0.1
+	done
+	sleep 0.3
+	log "$mode: ping x$PINGS at ${INTERVAL}s, captured at ${#points[@]} points"
+	nsx "$(ns_c 1)" ping -q -c "$PINGS" -i "$INTERVAL" -W 2 "${C_ADDR[2]}" >"$dir/$mode-ping.txt" 2>&1 || true
+	# tcpdump hands over a part-filled block after its 1 s timeout; stopping earlier loses it.
+	sleep 1.5
+	kill -INT "${pids[@]}" 2>/dev/null || true
+	for i in "${pids[@]}"; do wait "$i" 2>/dev/null || true; done
+	lab_down
+	tail -n 1 "$dir/$mode-ping.txt"
+	python3 "$HOPS_PY" table "${args[@]}" --json "$dir/$mode.json" --title "$mode" | tee -a "$dir/hops.md"
+	echo | tee -a "$dir/hops.md"
+}
+
+cmd_hops() {
+	local modes=()
+	IFS=, read -r -a modes <<<"${BENCH_MODES:-weft,vxlan,direct}"
+	[[ $PINGS =~ ^[1-9][0-9]*$ ]] || die "--pings must be a positive integer"
+	[[ $INTERVAL =~ ^(0|[1-9][0-9]*)?\.?[0-9]+$ ]] || die "--interval must be a number of seconds"
+	require_cmd tcpdump "Debian package tcpdump"
+	local mode
+	for mode in "${modes[@]}"; do preflight "$mode"; done
+	[[ -n $OUT_DIR ]] || OUT_DIR="$LAB_DIR/results/hops-$(date -u +%Y%m%dT%H%M%SZ)"
+	mkdir -p "$OUT_DIR"
+	: >"$OUT_DIR/hops.md"
+	for mode in "${modes[@]}"; do hops_one "$mode" "$OUT_DIR"; done
+	log "results: $OUT_DIR/hops.md"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 parse_opts() {
 	while (($#)); do
@@ -907,6 +979,7 @@ parse_opts() {
 		--rounds) ROUNDS=${2:?} && shift ;;
 		--duration) DURATION=${2:?} && shift ;;
 		--pings) PINGS=${2:?} && shift ;;
+		--interval) INTERVAL=${2:?} && shift ;;
 		--udp-rate) UDP_RATE=${2:?} && shift ;;
 		--udp-len) UDP_LEN=${2:?} && shift ;;
 		--out) OUT_DIR=${2:?} && shift ;;
@@ -932,7 +1005,7 @@ main() {
 	local cmd=${1:-help}
 	(($#)) && shift
 	# The lab needs root: re-run through sudo when started as a user.
-	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench)$ ]] && command -v sudo >/dev/null 2>&1; then
+	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench|hops)$ ]] && command -v sudo >/dev/null 2>&1; then
 		echo "[lab] the lab needs root (network namespaces): re-running with sudo" >&2
 		exec sudo -E bash "$LAB_DIR/lab.sh" "$cmd" "$@"
 	fi
@@ -949,6 +1022,7 @@ main() {
 	down) cmd_down ;;
 	list) cmd_list ;;
 	bench) cmd_bench ;;
+	hops) cmd_hops ;;
 	help | -h | --help) usage ;;
 	*)
 		usage >&2

@@ -4,6 +4,7 @@
 #     TCP transfer with more than 0 bytes received, `lab.sh down`, then nothing left behind (no
 #     namespace with the run's prefix, no process the lab started, no run dir with its etcd data,
 #     no trace in the root namespace);
+#   - hops.py's unit tests, and `lab.sh hops` in weft mode (a per-hop table that adds up);
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
 #
@@ -259,13 +260,53 @@ test_missing_weftd() {
 	assert_clean "$name" "$p" "$pidlog" "$before" || true
 }
 
+test_hops_parser() {
+	local name="hops.py"
+	say "--- $name ---"
+	if python3 "$LAB_DIR/test_hops.py" >"$WORK/hops-unit.log" 2>&1; then
+		pass "$name: unit tests on written captures"
+	else
+		cat "$WORK/hops-unit.log"
+		fail "$name: unit tests on written captures"
+	fi
+}
+
+# lab.sh hops in weft mode: every ping seen at all six points, and the hops add up to the round
+# trip (the legs tile it, so the means must agree to rounding).
+test_hops() {
+	local p="lt$$h" name="hops (weft)" before pidlog="$WORK/lt$$h.pids" out="$WORK/hops"
+	say "--- $name ---"
+	before=$(root_snapshot "$p")
+	if bash "$LAB" hops --modes weft --pings 40 --interval 0.02 --quiet-timeout 1 --prefix "$p" \
+		--pid-log "$pidlog" --out "$out" "${WEFTD_ARGS[@]}" >"$WORK/$p.log" 2>&1 &&
+		python3 - "$out/weft.json" <<'PY'; then
+import json, sys
+result = json.load(open(sys.argv[1]))
+hops = [h for h in result["hops"] if h["us"]]
+assert result["pings"] >= 38, f"only {result['pings']} of 40 round trips seen at every point"
+assert len(hops) == 11, f"{len(hops)} hops, expected 11"
+total = result["total_us"]["mean"]
+assert 0 < total < 100_000, total
+parts = sum(h["us"]["mean"] for h in hops)
+assert abs(parts - total) < 0.01, (parts, total)
+PY
+		pass "$name: $(grep -o '[0-9]* round trips seen at every point' "$out/hops.md"), the hops add up"
+	else
+		tail -n 30 "$WORK/$p.log"
+		fail "$name: per-hop table from lab.sh hops"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
 start=$SECONDS
+test_hops_parser
 for mode in "${MODES[@]}"; do test_mode "$mode"; done
 if ((HARNESS)); then
 	test_missing_weftd
 	test_daemon_dies
 	test_demo_tears_down
 	test_sigterm
+	test_hops
 fi
 
 say "${#PASSED[@]} passed, ${#FAILED[@]} failed ($((SECONDS - start)) s)"
