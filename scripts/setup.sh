@@ -2,14 +2,15 @@
 # Prepares a Debian (or Ubuntu) machine to build, test and run weft's lab. Run as root.
 #
 # Installs what is missing of: etcd (server and etcdctl), protoc (etcd-client's build needs it),
-# iperf3, iproute2, ping, iptables, jq, python3. Runs `apt-get update` only when something is
-# missing, so a second run changes nothing and needs no network. Then checks /dev/net/tun and that
+# iperf3, iproute2, ping, iptables, jq, python3, tcpdump and perf (the lab's hops and profile).
+# Runs `apt-get update` only when something is missing, so a second run changes nothing and needs
+# no network. Then checks /dev/net/tun and that
 # a Rust toolchain (cargo) is installed. Exits non-zero, saying why, if anything is missing.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump)
+PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf)
 # What each package must provide.
-COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump)
+COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {

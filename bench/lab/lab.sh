@@ -14,6 +14,7 @@ LAB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$LAB_DIR/../.." && pwd)
 REPORT_PY="$LAB_DIR/report.py"
 HOPS_PY="$LAB_DIR/hops.py"
+PROFILE_PY="$LAB_DIR/cpu_profile.py"
 
 # The lab's fixed addressing.
 readonly NETWORK=10.1.0.0/16
@@ -86,6 +87,10 @@ weft lab: two hosts and two containers in network namespaces on one machine.
         Split the ping round trip into hops: capture the pings (tcpdump, nanosecond
         timestamps) in each container, on each host's overlay device and on each host's
         underlay link, and print the median time of every hop, for each mode in turn.
+  lab.sh profile [--modes weft,vxlan] [--duration 10] [--out DIR]
+        Sample the whole machine with `perf record -a -g` for --duration seconds in the middle
+        of a one-stream TCP transfer, for each mode in turn, and print the CPU time per 64 KiB
+        moved by kind of work (copies, network stack, user space, system calls, ...).
 
 Modes (--mode):
   weft     weftd in each host (target/release/weftd, or --weftd PATH / $WEFTD_BIN), etcd in host 1
@@ -959,6 +964,55 @@ cmd_hops() {
 	log "results: $OUT_DIR/hops.md"
 }
 
+# profile_one <mode> <dir>: a one-stream transfer for $DURATION + 6 s with the whole machine
+# sampled from its 3rd second for $DURATION s; leaves <dir>/<mode>.report and prints the Gbit/s
+# moved while sampling.
+profile_one() {
+	local mode=$1 dir=$2
+	wait_quiet
+	lab_up "$mode"
+	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	start_iperf_server 2
+	log "$mode: TCP, 1 stream, $((DURATION + 6))s; perf from the 3rd second for ${DURATION}s"
+	iperf_json "$dir/$mode-tcp.json" -t "$((DURATION + 6))" -i 1 &
+	local iperf=$!
+	sleep 3
+	perf record -a -g -q -o "$dir/$mode.data" -- sleep "$DURATION" >"$dir/$mode-perf.log" 2>&1 ||
+		die "perf record failed (see $dir/$mode-perf.log)"
+	wait "$iperf" || die "$mode: iperf3 failed"
+	lab_down
+	perf report -i "$dir/$mode.data" --stdio --no-children --sort comm,dso,sym -g none \
+		--percent-limit 0 >"$dir/$mode.report" 2>/dev/null
+	# Gbit/s over the intervals inside the sampled window.
+	python3 - "$dir/$mode-tcp.json" 3 "$DURATION" >"$dir/$mode.gbits" <<'PY'
+import json, sys
+data = json.load(open(sys.argv[1]))
+start, seconds = float(sys.argv[2]), float(sys.argv[3])
+bits = [i["sum"]["bits_per_second"] for i in data["intervals"]
+        if start <= i["sum"]["start"] < start + seconds]
+print(f"{sum(bits) / len(bits) / 1e9:.3f}")
+PY
+}
+
+cmd_profile() {
+	local modes=()
+	IFS=, read -r -a modes <<<"${BENCH_MODES:-weft,vxlan}"
+	[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer (seconds)"
+	require_cmd perf "Debian package linux-perf"
+	local mode
+	for mode in "${modes[@]}"; do preflight "$mode"; done
+	[[ -n $OUT_DIR ]] || OUT_DIR="$LAB_DIR/results/profile-$(date -u +%Y%m%dT%H%M%SZ)"
+	mkdir -p "$OUT_DIR"
+	local args=()
+	for mode in "${modes[@]}"; do
+		profile_one "$mode" "$OUT_DIR"
+		args+=(--mode "$mode=$OUT_DIR/$mode.report:$(cat "$OUT_DIR/$mode.gbits")")
+	done
+	python3 "$PROFILE_PY" table "${args[@]}" --seconds "$DURATION" --cpus "$(nproc)" \
+		--json "$OUT_DIR/profile.json" | tee "$OUT_DIR/profile.md"
+	log "results: $OUT_DIR/profile.md"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 parse_opts() {
@@ -1005,7 +1059,7 @@ main() {
 	local cmd=${1:-help}
 	(($#)) && shift
 	# The lab needs root: re-run through sudo when started as a user.
-	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench|hops)$ ]] && command -v sudo >/dev/null 2>&1; then
+	if [[ $EUID -ne 0 && $cmd =~ ^(demo|up|down|bench|hops|profile)$ ]] && command -v sudo >/dev/null 2>&1; then
 		echo "[lab] the lab needs root (network namespaces): re-running with sudo" >&2
 		exec sudo -E bash "$LAB_DIR/lab.sh" "$cmd" "$@"
 	fi
@@ -1023,6 +1077,7 @@ main() {
 	list) cmd_list ;;
 	bench) cmd_bench ;;
 	hops) cmd_hops ;;
+	profile) cmd_profile ;;
 	help | -h | --help) usage ;;
 	*)
 		usage >&2

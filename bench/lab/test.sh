@@ -4,7 +4,8 @@
 #     TCP transfer with more than 0 bytes received, `lab.sh down`, then nothing left behind (no
 #     namespace with the run's prefix, no process the lab started, no run dir with its etcd data,
 #     no trace in the root namespace);
-#   - hops.py's unit tests, and `lab.sh hops` in weft mode (a per-hop table that adds up);
+#   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
+#     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
 #
@@ -25,7 +26,7 @@ while (($#)); do
 		;;
 	--no-harness) HARNESS=0 ;;
 	-h | --help)
-		sed -n '2,11p' "$0"
+		sed -n '2,13p' "$0"
 		exit 0
 		;;
 	-*)
@@ -260,15 +261,18 @@ test_missing_weftd() {
 	assert_clean "$name" "$p" "$pidlog" "$before" || true
 }
 
-test_hops_parser() {
-	local name="hops.py"
-	say "--- $name ---"
-	if python3 "$LAB_DIR/test_hops.py" >"$WORK/hops-unit.log" 2>&1; then
-		pass "$name: unit tests on written captures"
-	else
-		cat "$WORK/hops-unit.log"
-		fail "$name: unit tests on written captures"
-	fi
+test_python_units() {
+	local script name
+	for script in test_hops test_cpu_profile; do
+		name="${script#test_}.py"
+		say "--- $name ---"
+		if python3 "$LAB_DIR/$script.py" >"$WORK/$script.log" 2>&1; then
+			pass "$name: unit tests"
+		else
+			cat "$WORK/$script.log"
+			fail "$name: unit tests"
+		fi
+	done
 }
 
 # lab.sh hops in weft mode: every ping seen at all six points, and the hops add up to the round
@@ -298,8 +302,34 @@ PY
 	assert_clean "$name" "$p" "$pidlog" "$before" || true
 }
 
+# lab.sh profile in weft mode for 2 s: a table whose buckets hold the samples, weftd among the
+# processes, and a transfer that moved data while sampled.
+test_profile() {
+	local p="lt$$p" name="profile (weft)" before pidlog="$WORK/lt$$p.pids" out="$WORK/profile"
+	say "--- $name ---"
+	before=$(root_snapshot "$p")
+	if bash "$LAB" profile --modes weft --duration 2 --quiet-timeout 1 --prefix "$p" \
+		--pid-log "$pidlog" --out "$out" "${WEFTD_ARGS[@]}" >"$WORK/$p.log" 2>&1 &&
+		python3 - "$out/profile.json" <<'PY'; then
+import json, sys
+[weft] = json.load(open(sys.argv[1]))
+assert weft["gbits"] > 0, weft
+assert weft["processes_percent"].get("weftd", 0) > 1, weft["processes_percent"]
+costs = weft["us_per_64k"]
+assert costs["copies"] > 0 and sum(costs.values()) > costs["copies"], costs
+with open(sys.argv[1] + ".total", "w") as f:
+    f.write(f"{sum(costs.values()):.0f}")
+PY
+		pass "$name: $(cat "$out/profile.json.total") µs of CPU per 64 KiB"
+	else
+		tail -n 30 "$WORK/$p.log"
+		fail "$name: per-bucket table from lab.sh profile"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
 start=$SECONDS
-test_hops_parser
+test_python_units
 for mode in "${MODES[@]}"; do test_mode "$mode"; done
 if ((HARNESS)); then
 	test_missing_weftd
@@ -307,6 +337,7 @@ if ((HARNESS)); then
 	test_demo_tears_down
 	test_sigterm
 	test_hops
+	test_profile
 fi
 
 say "${#PASSED[@]} passed, ${#FAILED[@]} failed ($((SECONDS - start)) s)"
