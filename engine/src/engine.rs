@@ -114,6 +114,8 @@ pub struct ActiveOffloads {
     pub tun: TunOffload,
     /// Segments from peers are merged into super-packets for the TUN.
     pub coalesce: bool,
+    /// UDP datagrams from peers are merged too (the TUN takes USO).
+    pub coalesce_udp: bool,
     /// UDP GSO on send.
     pub udp_gso: bool,
     /// UDP GRO on receive (on every worker's socket).
@@ -237,6 +239,7 @@ impl Engine {
         let worker_offloads = WorkerOffloads {
             vnet_hdr: offloads.vnet_hdr,
             coalesce: offloads.coalesce,
+            coalesce_udp: offloads.coalesce_udp,
             gso: offloads.udp_gso,
             gro: offloads.udp_gro,
         };
@@ -357,6 +360,7 @@ fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) ->
         vnet_hdr,
         tun: tun_offload,
         coalesce: vnet_hdr && wanted.tun,
+        coalesce_udp: vnet_hdr && wanted.tun && tun_offload.uso,
         udp_gso,
         udp_gro,
         flow_steering: false,
@@ -366,6 +370,7 @@ fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) ->
         tun_tso = active.tun.tso,
         tun_uso = active.tun.uso,
         tun_coalesce = active.coalesce,
+        tun_coalesce_udp = active.coalesce_udp,
         udp_gso = active.udp_gso,
         udp_gro = active.udp_gro,
         "offloads"

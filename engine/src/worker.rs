@@ -254,6 +254,8 @@ pub(crate) struct WorkerOffloads {
     pub(crate) vnet_hdr: bool,
     /// Segments bound for the TUN are merged into super-packets (needs `vnet_hdr`).
     pub(crate) coalesce: bool,
+    /// UDP datagrams are merged too (needs `coalesce` and a TUN that takes USO).
+    pub(crate) coalesce_udp: bool,
     /// Runs of equal-sized datagrams to one peer leave in one send (UDP GSO).
     pub(crate) gso: bool,
     /// The socket hands over runs of datagrams in one buffer (UDP GRO).
@@ -522,6 +524,7 @@ pub(crate) unsafe fn for_each_tun_write(
         return;
     }
     coalescer.clear();
+    coalescer.set_udp(offloads.coalesce_udp);
     for &(base, len) in packets {
         // SAFETY: the caller guarantees the packet is live and unshared.
         coalescer.push(unsafe { std::slice::from_raw_parts(base, len) });
@@ -1072,6 +1075,7 @@ mod tests {
         let all = WorkerOffloads {
             vnet_hdr: true,
             coalesce: true,
+            coalesce_udp: true,
             gso: true,
             gro: true,
         };
@@ -1118,6 +1122,7 @@ mod tests {
             let offloads = WorkerOffloads {
                 vnet_hdr,
                 coalesce: false,
+                coalesce_udp: false,
                 ..all
             };
             let mut writes = Vec::new();

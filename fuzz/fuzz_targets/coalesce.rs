@@ -1,5 +1,6 @@
-//! Coalescing of any batch of packets: TCP segments of a few flows built from the input (with
-//! gaps, retransmissions, flags, odd lengths, corrupted checksums) mixed with raw bytes. Every
+//! Coalescing of any batch of packets: TCP segments of a few flows and UDP datagrams of one
+//! built from the input (with gaps, retransmissions, flags, odd lengths, corrupted or missing
+//! checksums) mixed with raw bytes. Every
 //! packet must be written exactly once, a flow's packets never reordered, and every
 //! super-packet must be valid, carry exactly its members' payloads, and cut back into them.
 
@@ -49,6 +50,42 @@ fn segment(flow: u8, seq: u32, payload: usize, flags: u8, ttl: u8, options: bool
     p
 }
 
+/// A UDP/IPv4 datagram of flow 3 with `payload` bytes, a correct checksum (unless `corrupt`),
+/// or none at all (`no_checksum`).
+fn datagram(payload: usize, ttl: u8, no_checksum: bool, corrupt: bool) -> Vec<u8> {
+    let total = 28 + payload;
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[6] = 0x40;
+    p[8] = ttl;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 1, 1, 2]);
+    p[16..20].copy_from_slice(&[10, 1, 2, 5]);
+    let check = checksum::of(&p[..20]);
+    p[10..12].copy_from_slice(&check.to_be_bytes());
+    p[20..22].copy_from_slice(&40003u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+    for (i, byte) in p[28..].iter_mut().enumerate() {
+        *byte = (payload + i) as u8;
+    }
+    if !no_checksum {
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&p[12..20]);
+        pseudo[9] = 17;
+        pseudo[10..].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        let sum = checksum::add(checksum::sum(&pseudo), checksum::sum(&p[20..]));
+        // A computed zero goes on the wire as 0xffff: zero means "no checksum".
+        let check = match !sum ^ u16::from(corrupt) {
+            0 => 0xffff,
+            check => check,
+        };
+        p[26..28].copy_from_slice(&check.to_be_bytes());
+    }
+    p
+}
+
 /// Build the batch from the input: 4-byte records make segments, a record whose first byte
 /// has the top bit set is a raw packet of up to 255 bytes.
 fn batch(mut data: &[u8]) -> Vec<Vec<u8>> {
@@ -84,6 +121,10 @@ fn batch(mut data: &[u8]) -> Vec<Vec<u8>> {
         let ttl = if record[2] & 0x08 != 0 { 63 } else { 64 };
         let options = record[2] & 0x10 != 0;
         let corrupt = record[2] & 0x20 != 0;
+        if flow == 3 {
+            packets.push(datagram(payload, ttl, options, corrupt));
+            continue;
+        }
         packets.push(segment(flow, this, payload, flags, ttl, options, corrupt));
         *seq = this.wrapping_add(payload as u32);
     }
@@ -93,13 +134,14 @@ fn batch(mut data: &[u8]) -> Vec<Vec<u8>> {
 fuzz_target!(|data: &[u8]| {
     let packets = batch(data);
     let mut coalescer = Coalescer::new();
+    coalescer.set_udp(true);
     for packet in &packets {
         coalescer.push(packet);
     }
     assert_eq!(coalescer.len(), packets.len());
     let mut written = vec![false; packets.len()];
-    // The last packet index written per flow (destination address and ports).
-    let mut last: Vec<([u8; 4], [u8; 4], usize)> = Vec::new();
+    // The last packet index written per flow (protocol, destination address and ports).
+    let mut last: Vec<(u8, [u8; 4], [u8; 4], usize)> = Vec::new();
     for group in coalescer.groups() {
         let members: Vec<usize> = coalescer.members(group).collect();
         assert_eq!(members.len(), group.len());
@@ -109,15 +151,19 @@ fuzz_target!(|data: &[u8]| {
             assert!(!written[member], "packet {member} written twice");
             written[member] = true;
             let packet = &packets[member];
-            if packet.len() >= 24 && packet[0] == 0x45 && packet[9] == 6 {
+            if packet.len() >= 24 && packet[0] == 0x45 && matches!(packet[9], 6 | 17) {
+                let protocol = packet[9];
                 let dst: [u8; 4] = packet[16..20].try_into().unwrap();
                 let ports: [u8; 4] = packet[20..24].try_into().unwrap();
-                match last.iter_mut().find(|(d, p, _)| *d == dst && *p == ports) {
+                match last
+                    .iter_mut()
+                    .find(|(r, d, p, _)| *r == protocol && *d == dst && *p == ports)
+                {
                     Some(entry) => {
-                        assert!(entry.2 < member, "flow reordered");
-                        entry.2 = member;
+                        assert!(entry.3 < member, "flow reordered");
+                        entry.3 = member;
                     }
-                    None => last.push((dst, ports, member)),
+                    None => last.push((protocol, dst, ports, member)),
                 }
             }
         }
@@ -142,7 +188,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("the checksum field is inside");
         let mut pseudo = [0u8; 12];
         pseudo[..8].copy_from_slice(&completed[12..20]);
-        pseudo[9] = 6;
+        pseudo[9] = completed[9];
         pseudo[10..].copy_from_slice(&((completed.len() - 20) as u16).to_be_bytes());
         assert_eq!(
             checksum::add(checksum::sum(&pseudo), checksum::sum(&completed[20..])),

@@ -1,18 +1,23 @@
-//! Merging consecutive TCP segments of one flow into a super-packet for the TUN, as Linux GRO
-//! does, so that the kernel takes one 64 KiB packet instead of forty-five small ones.
+//! Merging consecutive TCP segments (and UDP datagrams) of one flow into a super-packet for
+//! the TUN, as Linux GRO does, so that the kernel takes one 64 KiB packet instead of
+//! forty-five small ones.
 //!
 //! The [`Coalescer`] sees the packets of a batch in arrival order ([`Coalescer::push`]) and
-//! sorts them into [`Group`]s: a group is either one packet written as it is, or a run of TCP
+//! sorts them into [`Group`]s: a group is either one packet written as it is, or a run of
 //! segments that become one super-packet — the first packet whole, then the payloads of the
-//! others. A segment joins the open group of its flow (same addresses and ports) when:
+//! others. A segment joins the open group of its flow (same protocol, addresses and ports)
+//! when:
 //!
-//! - both are plain data segments: IPv4 without options, DF set, not a fragment, ACK number,
-//!   header flags (all but PSH and FIN), window and TCP options the same as the group's first,
-//!   no SYN, RST, URG or CWR, and a payload;
-//! - it continues the group's sequence space exactly, and the TOS and TTL match;
+//! - both are IPv4 without options, DF set, not a fragment, with the same TOS and TTL;
+//! - for TCP, both are plain data segments: ACK number, header flags (all but PSH and FIN),
+//!   window and TCP options the same as the group's first, no SYN, RST, URG or CWR, and a
+//!   payload; and it continues the group's sequence space exactly;
+//! - for UDP (only with [`Coalescer::set_udp`], for a TUN that takes UDP super-packets), both
+//!   carry a checksum and a payload; the kernel cuts the super-packet back into the same
+//!   datagrams before any socket sees them;
 //! - its payload is no larger than the first segment's (the segment size), and the group has
 //!   taken no shorter segment, PSH or FIN yet — those end a group;
-//! - its TCP checksum verifies (a super-packet's checksum is completed by the kernel, so a bad
+//! - its checksum verifies (a super-packet's checksum is completed by the kernel, so a bad
 //!   segment must never be hidden inside one);
 //! - the super-packet stays within 65 535 bytes and [`MAX_SEGMENTS`] segments.
 //!
@@ -21,8 +26,8 @@
 //! their first packets, and a flow's later packets always land in a later group. Packets of
 //! different flows may pass each other, as they may in any router.
 
-use super::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, NEEDS_CSUM};
-use super::{be16, be32, pseudo_header_sum, put16, tcp};
+use super::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
+use super::{be16, be32, pseudo_header_sum, put16, tcp, udp};
 use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
 
 /// The most segments one super-packet carries.
@@ -46,6 +51,8 @@ pub struct Coalescer {
     groups: Vec<Group>,
     /// Indexes into `groups` of the groups still open to more segments, one per flow.
     open: Vec<u32>,
+    /// Whether UDP datagrams are merged too.
+    udp: bool,
 }
 
 /// One write to the TUN: a packet as it is, or a run of segments merged into a super-packet.
@@ -57,33 +64,40 @@ pub struct Group {
     run: Option<Run>,
 }
 
-/// What a group of TCP segments must keep equal, and how far it has grown.
+/// What a group of segments must keep equal, and how far it has grown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
     flow: Flow,
-    /// The IPv4 and TCP headers' length (the IPv4 header is always 20 bytes).
+    /// The IPv4 and transport headers' length (the IPv4 header is always 20 bytes).
     header_len: u16,
     /// The first segment's payload: every segment but the last carries exactly this much.
     gso_size: u16,
     /// Payload bytes of all segments so far.
     payload: u32,
-    /// The sequence number the next segment must have.
-    next_seq: u32,
-    ack: u32,
     tos: u8,
     ttl: u8,
-    /// TCP bytes 12..16 (data offset, flags, window) with PSH, FIN and CWR masked out.
-    word: u32,
-    options: [u8; 40],
-    /// PSH and FIN of the last segment, which the super-packet carries.
+    /// PSH and FIN of the last segment, which the super-packet carries (TCP).
     final_flags: u8,
     /// Whether the group takes more segments.
     open: bool,
+    stream: Option<Stream>,
 }
 
-/// A TCP connection as seen in one direction.
+/// What a run of TCP segments keeps equal besides the IP fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stream {
+    /// The sequence number the next segment must have.
+    next_seq: u32,
+    ack: u32,
+    /// TCP bytes 12..16 (data offset, flags, window) with PSH, FIN and CWR masked out.
+    word: u32,
+    options: [u8; 40],
+}
+
+/// A TCP connection or UDP flow as seen in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Flow {
+    protocol: u8,
     src: [u8; 4],
     dst: [u8; 4],
     ports: [u8; 4],
@@ -91,25 +105,32 @@ struct Flow {
 
 /// What a pushed packet is to the coalescer.
 enum Kind {
-    /// A data segment that may join or start a run.
+    /// A data segment (or datagram) that may join or start a run.
     Segment(Segment),
-    /// A TCP packet of `Flow` that must be written alone.
+    /// A packet of `Flow` that must be written alone.
     Alone(Flow),
     /// Anything else.
     Other,
 }
 
-/// A data segment's fields, read once.
+/// A data segment's (or datagram's) fields, read once.
 struct Segment {
     flow: Flow,
     header_len: u16,
     payload: u32,
-    seq: u32,
-    ack: u32,
     tos: u8,
     ttl: u8,
-    word: u32,
+    /// TCP flags (0 for UDP).
     flags: u8,
+    /// TCP's sequence fields; `None` for UDP.
+    tcp: Option<TcpFields>,
+}
+
+/// The TCP fields a segment is matched on.
+struct TcpFields {
+    seq: u32,
+    ack: u32,
+    word: u32,
     options: [u8; 40],
 }
 
@@ -117,6 +138,12 @@ impl Coalescer {
     /// An empty coalescer.
     pub fn new() -> Coalescer {
         Coalescer::default()
+    }
+
+    /// Merge UDP datagrams too (off by default). Only for a TUN that takes UDP super-packets
+    /// (`TUN_F_USO4`, Linux 6.2 and later), which the kernel cuts back into the datagrams.
+    pub fn set_udp(&mut self, on: bool) {
+        self.udp = on;
     }
 
     /// Forget the batch, keeping the memory.
@@ -142,7 +169,7 @@ impl Coalescer {
     pub fn push(&mut self, packet: &[u8]) {
         let index = self.next.len() as u32;
         self.next.push(NONE);
-        match classify(packet) {
+        match classify(packet, self.udp) {
             Kind::Segment(segment) => {
                 if let Some(slot) = self.open_slot(&segment.flow) {
                     let group = self.open[slot] as usize;
@@ -288,8 +315,23 @@ impl Group {
         put16(head, 10, 0);
         let ip_check = checksum::of(&head[..ip_len]);
         put16(head, 10, ip_check);
+        let partial =
+            pseudo_header_sum(run.flow.src, run.flow.dst, run.flow.protocol, transport_len);
+        if run.stream.is_none() {
+            // The kernel cuts a UDP super-packet by `gso_size` and rewrites each datagram's
+            // length and checksum from these.
+            put16(head, ip_len + udp::LENGTH, transport_len);
+            put16(head, ip_len + udp::CHECKSUM, partial);
+            return VnetHeader {
+                flags: NEEDS_CSUM,
+                gso_type: GSO_UDP_L4,
+                hdr_len: run.header_len,
+                gso_size: run.gso_size,
+                csum_start: ip_len as u16,
+                csum_offset: udp::CHECKSUM as u16,
+            };
+        }
         head[ip_len + tcp::FLAGS] |= run.final_flags;
-        let partial = pseudo_header_sum(run.flow.src, run.flow.dst, protocol::TCP, transport_len);
         put16(head, ip_len + tcp::CHECKSUM, partial);
         let cwr = head[ip_len + tcp::FLAGS] & tcp::CWR != 0;
         VnetHeader {
@@ -310,22 +352,31 @@ impl Group {
         };
         let fits = run.open
             && count < MAX_SEGMENTS
-            && segment.seq == run.next_seq
+            && segment.flow == run.flow
             && segment.header_len == run.header_len
             && segment.payload <= u32::from(run.gso_size)
             && usize::from(run.header_len) + (run.payload + segment.payload) as usize
                 <= MAX_PACKET_LEN
-            && segment.ack == run.ack
             && segment.tos == run.tos
-            && segment.ttl == run.ttl
-            && segment.word == run.word
-            && segment.flags & tcp::CWR == 0
-            && segment.options == run.options;
-        if !fits {
+            && segment.ttl == run.ttl;
+        let continues = match (&mut run.stream, &segment.tcp) {
+            (Some(stream), Some(tcp)) => {
+                tcp.seq == stream.next_seq
+                    && tcp.ack == stream.ack
+                    && tcp.word == stream.word
+                    && segment.flags & tcp::CWR == 0
+                    && tcp.options == stream.options
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if !(fits && continues) {
             return false;
         }
         run.payload += segment.payload;
-        run.next_seq = run.next_seq.wrapping_add(segment.payload);
+        if let Some(stream) = &mut run.stream {
+            stream.next_seq = stream.next_seq.wrapping_add(segment.payload);
+        }
         run.final_flags = segment.flags & (tcp::PSH | tcp::FIN);
         run.open = segment.payload == u32::from(run.gso_size) && run.final_flags == 0;
         true
@@ -340,24 +391,28 @@ impl Run {
             header_len: segment.header_len,
             gso_size: segment.payload as u16,
             payload: segment.payload,
-            next_seq: segment.seq.wrapping_add(segment.payload),
-            ack: segment.ack,
             tos: segment.tos,
             ttl: segment.ttl,
-            word: segment.word,
-            options: segment.options,
             final_flags: 0,
             open: final_flags == 0,
+            stream: segment.tcp.as_ref().map(|tcp| Stream {
+                next_seq: tcp.seq.wrapping_add(segment.payload),
+                ack: tcp.ack,
+                word: tcp.word,
+                options: tcp.options,
+            }),
         }
     }
 }
 
-/// Read what the coalescer needs from a packet.
-fn classify(packet: &[u8]) -> Kind {
+/// Read what the coalescer needs from a packet; UDP datagrams are segments only when `udp`.
+fn classify(packet: &[u8], udp: bool) -> Kind {
     let Some(ip) = packet.first_chunk::<MIN_HEADER_LEN>() else {
         return Kind::Other;
     };
-    if ip[0] >> 4 != 4 || ip[9] != protocol::TCP {
+    let protocol = ip[9];
+    let is_udp = protocol == protocol::UDP && udp;
+    if ip[0] >> 4 != 4 || (protocol != protocol::TCP && !is_udp) {
         return Kind::Other;
     }
     let ip_len = usize::from(ip[0] & 0x0f) * 4;
@@ -368,6 +423,7 @@ fn classify(packet: &[u8]) -> Kind {
         return Kind::Other;
     };
     let flow = Flow {
+        protocol,
         src: [ip[12], ip[13], ip[14], ip[15]],
         dst: [ip[16], ip[17], ip[18], ip[19]],
         ports,
@@ -381,49 +437,72 @@ fn classify(packet: &[u8]) -> Kind {
     if be16(packet, 2) != u16::try_from(packet.len()).ok() {
         return alone;
     }
-    let tcp_bytes = &packet[ip_len..];
-    let Some(&offset) = tcp_bytes.get(tcp::DATA_OFFSET) else {
+    let transport = &packet[ip_len..];
+    // Only segments that verify may hide inside a super-packet.
+    let Ok(transport_len) = u16::try_from(transport.len()) else {
+        return alone;
+    };
+    let verifies = || {
+        let pseudo = pseudo_header_sum(flow.src, flow.dst, protocol, transport_len);
+        checksum::add(pseudo, super::checksum::sum(transport)) == 0xffff
+    };
+    if is_udp {
+        // A datagram without a checksum (zero) would get one when the kernel cuts the
+        // super-packet: it is written as it came.
+        let payload = transport.len().saturating_sub(udp::HEADER_LEN);
+        if payload == 0
+            || be16(transport, udp::LENGTH) != Some(transport_len)
+            || be16(transport, udp::CHECKSUM) == Some(0)
+            || !verifies()
+        {
+            return alone;
+        }
+        return Kind::Segment(Segment {
+            flow,
+            header_len: (ip_len + udp::HEADER_LEN) as u16,
+            payload: payload as u32,
+            tos: ip[1],
+            ttl: ip[8],
+            flags: 0,
+            tcp: None,
+        });
+    }
+    let Some(&offset) = transport.get(tcp::DATA_OFFSET) else {
         return alone;
     };
     let tcp_len = usize::from(offset >> 4) * 4;
-    if tcp_len < tcp::MIN_HEADER_LEN || tcp_len > tcp_bytes.len() {
+    if tcp_len < tcp::MIN_HEADER_LEN || tcp_len > transport.len() {
         return alone;
     }
-    let payload = tcp_bytes.len() - tcp_len;
-    let flags = tcp_bytes[tcp::FLAGS];
-    if payload == 0 || flags & (tcp::SYN | tcp::RST | tcp::URG) != 0 {
-        return alone;
-    }
-    // Only segments that verify may hide inside a super-packet.
-    let Ok(transport_len) = u16::try_from(tcp_bytes.len()) else {
-        return alone;
-    };
-    let pseudo = pseudo_header_sum(flow.src, flow.dst, protocol::TCP, transport_len);
-    if checksum::add(pseudo, super::checksum::sum(tcp_bytes)) != 0xffff {
+    let payload = transport.len() - tcp_len;
+    let flags = transport[tcp::FLAGS];
+    if payload == 0 || flags & (tcp::SYN | tcp::RST | tcp::URG) != 0 || !verifies() {
         return alone;
     }
     let (Some(seq), Some(ack), Some(word)) = (
-        be32(tcp_bytes, tcp::SEQ),
-        be32(tcp_bytes, tcp::ACK),
-        be32(tcp_bytes, tcp::DATA_OFFSET),
+        be32(transport, tcp::SEQ),
+        be32(transport, tcp::ACK),
+        be32(transport, tcp::DATA_OFFSET),
     ) else {
         return alone;
     };
     let mut options = [0u8; 40];
     options[..tcp_len - tcp::MIN_HEADER_LEN]
-        .copy_from_slice(&tcp_bytes[tcp::MIN_HEADER_LEN..tcp_len]);
+        .copy_from_slice(&transport[tcp::MIN_HEADER_LEN..tcp_len]);
     let masked = u32::from(tcp::PSH | tcp::FIN | tcp::CWR) << 16;
     Kind::Segment(Segment {
         flow,
         header_len: (ip_len + tcp_len) as u16,
         payload: payload as u32,
-        seq,
-        ack,
         tos: ip[1],
         ttl: ip[8],
-        word: word & !masked,
         flags,
-        options,
+        tcp: Some(TcpFields {
+            seq,
+            ack,
+            word: word & !masked,
+            options,
+        }),
     })
 }
 
@@ -437,7 +516,13 @@ mod tests {
     /// Run `packets` through a coalescer and return each write as the TUN would receive it:
     /// the virtio-net header and the bytes.
     fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHeader, Vec<u8>)> {
+        coalesce_with(packets, false)
+    }
+
+    /// As [`coalesce`], merging UDP datagrams too when `udp`.
+    fn coalesce_with(packets: &[Vec<u8>], udp: bool) -> Vec<(VnetHeader, Vec<u8>)> {
         let mut coalescer = Coalescer::new();
+        coalescer.set_udp(udp);
         for packet in packets {
             coalescer.push(packet);
         }
@@ -821,5 +906,114 @@ mod tests {
         let single = Group::new(0, None);
         assert_eq!(single.finish(&mut head), VnetHeader::PLAIN);
         assert_eq!(head, vec![0u8; 3]);
+    }
+
+    /// `count` datagrams of `size` payload bytes (the last `last` bytes) of one UDP flow,
+    /// cut by the engine's segmenter from a USO super-packet, and that super-packet.
+    fn datagrams(count: usize, size: u16, last: usize) -> (VnetHeader, Vec<u8>, Vec<Vec<u8>>) {
+        let len = (count - 1) * usize::from(size) + last;
+        let (header, packet) = crate::offload::testing::udp(len, size);
+        let segments = cut(&header, &packet);
+        assert_eq!(segments.len(), count);
+        (header, packet, segments)
+    }
+
+    #[test]
+    fn udp_datagrams_coalesce_back_into_the_super_packet() {
+        for (count, size, last) in [
+            (45, 1400, 1400),
+            (10, 1000, 17),
+            (2, 1444, 1),
+            (64, 1000, 1000),
+        ] {
+            let (header, packet, segments) = datagrams(count, size, last);
+            let writes = coalesce_with(&segments, true);
+            assert_eq!(writes.len(), 1, "{count}x{size}");
+            let (vnet, bytes) = &writes[0];
+            assert_eq!(vnet, &header, "{count}x{size}");
+            assert_eq!(vnet.gso_type, GSO_UDP_L4);
+            assert_eq!(bytes, &packet, "{count}x{size}");
+            // Cut again, the kernel's way: the same datagrams, each one valid.
+            let again = cut(vnet, &completed(vnet, bytes));
+            assert_eq!(again, segments);
+            for datagram in &again {
+                assert_valid(datagram);
+            }
+        }
+    }
+
+    #[test]
+    fn udp_is_left_alone_unless_asked() {
+        let (_, _, segments) = datagrams(5, 1000, 1000);
+        let writes = coalesce_with(&segments, false);
+        assert_eq!(writes.len(), 5);
+        for ((vnet, bytes), segment) in writes.iter().zip(&segments) {
+            assert_eq!(vnet, &VnetHeader::PLAIN);
+            assert_eq!(bytes, segment);
+        }
+    }
+
+    #[test]
+    fn udp_groups_end_at_a_short_datagram_and_never_take_a_bad_one() {
+        let (_, _, mut segments) = datagrams(6, 1000, 1000);
+        // A datagram shorter than the first ends the group after it; a larger one does not
+        // join after a shorter one.
+        let (_, _, short) = datagrams(1, 500, 500);
+        let mut batch = segments[..2].to_vec();
+        batch.push(short[0].clone());
+        batch.extend_from_slice(&segments[2..4]);
+        let writes = coalesce_with(&batch, true);
+        let sizes: Vec<usize> = writes.iter().map(|(_, b)| b.len()).collect();
+        assert_eq!(sizes, vec![28 + 2000 + 500, 28 + 2000]);
+
+        // A bad checksum, a zero checksum, a fragment and a datagram without DF are each
+        // written alone, and split the run around them.
+        let mut bad = segments[1].clone();
+        bad[40] ^= 0xff;
+        let mut zero = segments[2].clone();
+        put16(&mut zero, 26, 0);
+        let mut no_df = segments[3].clone();
+        no_df[6] &= !0x40;
+        put16(&mut no_df, 10, 0);
+        let check = checksum::of(&no_df[..20]);
+        put16(&mut no_df, 10, check);
+        segments[1] = bad.clone();
+        segments[2] = zero.clone();
+        segments[3] = no_df.clone();
+        let writes = coalesce_with(&segments, true);
+        let plain: Vec<&Vec<u8>> = writes
+            .iter()
+            .filter(|(v, _)| *v == VnetHeader::PLAIN)
+            .map(|(_, b)| b)
+            .collect();
+        assert!(plain.contains(&&bad) && plain.contains(&&zero) && plain.contains(&&no_df));
+        assert_eq!(writes.len(), 5, "nothing merges across them");
+        assert_eq!(writes[4].0.gso_type, GSO_UDP_L4);
+        assert_eq!(cut(&writes[4].0, &writes[4].1), segments[4..].to_vec());
+    }
+
+    #[test]
+    fn udp_and_tcp_flows_with_the_same_ports_stay_apart() {
+        let (_, _, datagrams) = datagrams(4, 1000, 1000);
+        let tcp: Vec<Vec<u8>> = (0..4u32)
+            .map(|i| {
+                let mut segment = Tcp::new(1000 + i * 1000, 1000);
+                (segment.sport, segment.dport) = (4000, 5000);
+                segment.bytes()
+            })
+            .collect();
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            batch.push(datagrams[i].clone());
+            batch.push(tcp[i].clone());
+        }
+        let writes = coalesce_with(&batch, true);
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0].0.gso_type, GSO_UDP_L4);
+        assert_eq!(writes[1].0.gso_type, GSO_TCPV4);
+        for (vnet, bytes) in &writes {
+            let parts = cut(vnet, &completed(vnet, bytes));
+            assert_eq!(parts.len(), 4);
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! With offloads on, the TUN hands the engine 64 KiB TCP (and UDP) super-packets behind a
 //! [`vnet::VnetHeader`], and accepts them back the same way. [`segment`] cuts a super-packet
 //! into the IPv4 packets that go on the wire (one per datagram, as flannel's wire format
-//! demands); [`coalesce`] merges consecutive TCP segments of one flow that arrive from a peer
-//! into one super-packet for the TUN, as Linux GRO does. Neither copies payload: segmentation
+//! demands); [`coalesce`] merges consecutive TCP segments (and, where the TUN takes USO, UDP
+//! datagrams) of one flow that arrive from a peer into one super-packet for the TUN, as Linux
+//! GRO does. Neither copies payload: segmentation
 //! writes each segment's headers into a small buffer and names the payload's place in the
 //! super-packet, coalescing names the members whose payloads follow the first packet, and the
 //! I/O shell gathers the pieces with `iovec`s.
