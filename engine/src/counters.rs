@@ -95,6 +95,14 @@ pub struct BatchCounts {
     pub tun_tx_packets: u64,
     /// Bytes written to the TUN.
     pub tun_tx_bytes: u64,
+    /// TUN reads that yielded a packet or a super-packet.
+    pub tun_reads: u64,
+    /// Messages sent to peers: one datagram, or with UDP GSO a run of them.
+    pub udp_sends: u64,
+    /// Buffers received from the network: one datagram, or with UDP GRO a run of them.
+    pub udp_receives: u64,
+    /// TUN writes of forwarded packets: one packet, or a coalesced super-packet.
+    pub tun_writes: u64,
     /// ICMP errors generated.
     pub icmp_sent: u64,
     /// Sends or writes the kernel refused.
@@ -126,6 +134,10 @@ macro_rules! counter_fields {
             udp_rx_bytes,
             tun_tx_packets,
             tun_tx_bytes,
+            tun_reads,
+            udp_sends,
+            udp_receives,
+            tun_writes,
             icmp_sent,
             io_errors,
             batches,
@@ -235,7 +247,7 @@ impl CounterSnapshot {
     /// The counters in Prometheus' text exposition format.
     pub fn render_prometheus(&self, out: &mut String) {
         let t = &self.total;
-        let counters: [MetricFamily; 6] = [
+        let counters: [MetricFamily; 7] = [
             (
                 "weft_packets_total",
                 "Packets moved, by path.",
@@ -254,6 +266,17 @@ impl CounterSnapshot {
                     ("udp_tx", t.udp_tx_bytes),
                     ("udp_rx", t.udp_rx_bytes),
                     ("tun_tx", t.tun_tx_bytes),
+                ],
+            ),
+            (
+                "weft_io_operations_total",
+                "Reads, sends, receives and writes that moved packets, by path (packets divided \
+                 by operations is what the offloads batch per operation).",
+                &[
+                    ("tun_rx", t.tun_reads),
+                    ("udp_tx", t.udp_sends),
+                    ("udp_rx", t.udp_receives),
+                    ("tun_tx", t.tun_writes),
                 ],
             ),
             (
@@ -305,12 +328,24 @@ impl CounterSnapshot {
     /// A one-line summary for the log.
     pub fn summary(&self) -> String {
         let t = &self.total;
+        let per_op = |packets: u64, operations: u64| {
+            if operations == 0 {
+                0.0
+            } else {
+                packets as f64 / operations as f64
+            }
+        };
         let mut line = format!(
-            "tun_rx={} udp_tx={} udp_rx={} tun_tx={} icmp={} io_errors={} mean_batch={:.1} drops={}",
+            "tun_rx={} ({:.1}/read) udp_tx={} ({:.1}/send) udp_rx={} ({:.1}/receive) tun_tx={} \
+             ({:.1}/write) icmp={} io_errors={} mean_batch={:.1} drops={}",
             t.tun_rx_packets,
+            per_op(t.tun_rx_packets, t.tun_reads),
             t.udp_tx_packets,
+            per_op(t.udp_tx_packets, t.udp_sends),
             t.udp_rx_packets,
+            per_op(t.udp_rx_packets, t.udp_receives),
             t.tun_tx_packets,
+            per_op(t.tun_tx_packets, t.tun_writes),
             t.icmp_sent,
             t.io_errors,
             self.mean_batch(),
@@ -343,6 +378,7 @@ mod tests {
         let mut batch = BatchCounts {
             tun_rx_packets: 3,
             tun_rx_bytes: 300,
+            tun_reads: 2,
             batches: 1,
             batch_packets: 3,
             ..BatchCounts::default()
@@ -359,6 +395,12 @@ mod tests {
         assert_eq!(snap.total_drops(), 3);
         assert_eq!(snap.mean_batch(), 3.0);
         assert!(snap.summary().contains("spoofed_source=3"));
+        assert_eq!(snap.total.tun_reads, 6);
+        assert!(
+            snap.summary().contains("tun_rx=9 (1.5/read)"),
+            "{}",
+            snap.summary()
+        );
     }
 
     #[test]
@@ -367,10 +409,13 @@ mod tests {
         let mut batch = BatchCounts::default();
         batch.drop(DropReason::UnknownPeer);
         batch.udp_rx_packets = 7;
+        batch.udp_receives = 2;
         worker.add(&batch);
         let mut text = String::new();
         CounterSnapshot::sum([&worker]).render_prometheus(&mut text);
         assert!(text.contains("weft_packets_total{path=\"udp_rx\"} 7\n"));
+        assert!(text.contains("weft_io_operations_total{path=\"udp_rx\"} 2\n"));
+        assert!(text.contains("weft_io_operations_total{path=\"tun_tx\"} 0\n"));
         assert!(text.contains("weft_drops_total{reason=\"unknown_peer\"} 1\n"));
         for reason in DropReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", reason.name())));

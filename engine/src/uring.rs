@@ -590,6 +590,7 @@ impl UringWorker {
         let accepted = &mut self.accepted;
         let answer = match received {
             None => {
+                counts.udp_receives += 1;
                 counts.udp_rx_packets += 1;
                 counts.drop(DropReason::BadPacket);
                 None

@@ -313,6 +313,7 @@ pub(crate) fn decide_tun_read(
         }
         _ => (1, len),
     };
+    counts.tun_reads += 1;
     counts.tun_rx_packets += packets as u64;
     counts.tun_rx_bytes += bytes as u64;
     let drop = |counts: &mut BatchCounts, reason: DropReason| {
@@ -428,6 +429,7 @@ pub(crate) fn decide_datagrams(
     let len = buf.len();
     let step = segment.unwrap_or(len).max(1);
     let datagrams = len.div_ceil(step).max(1);
+    counts.udp_receives += 1;
     counts.udp_rx_packets += datagrams as u64;
     counts.udp_rx_bytes += len as u64;
     let too_big = DropReason::TooBig as usize;
@@ -567,6 +569,7 @@ pub(crate) fn count_send(counts: &mut BatchCounts, info: &MessageInfo, result: i
     match info.source {
         Source::Reply => counts.icmp_sent += 1,
         Source::Packet => {
+            counts.udp_sends += 1;
             counts.udp_tx_packets += segments;
             counts.udp_tx_bytes += result as u64;
         }
@@ -588,6 +591,7 @@ pub(crate) fn count_write(
     match source {
         Source::Reply => counts.icmp_sent += 1,
         Source::Packet => {
+            counts.tun_writes += 1;
             counts.tun_tx_packets += u64::from(count.packets);
             counts.tun_tx_bytes += u64::from(count.bytes);
         }

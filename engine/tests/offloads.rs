@@ -78,6 +78,14 @@ fn carries_tcp(backend: IoBackend, offloads: Offloads, seed: u64) {
         "{}",
         received.summary()
     );
+    // The engine's own count of reads and writes agrees with the kernel's.
+    assert_eq!(sent.total.tun_reads, kernel_read, "{}", sent.summary());
+    assert_eq!(
+        received.total.tun_writes,
+        kernel_written,
+        "{}",
+        received.summary()
+    );
     // Every packet the engine counts left h1 as a datagram and reached h2's TUN.
     assert_eq!(sent.total.tun_rx_packets, sent.total.udp_tx_packets);
     assert_eq!(received.total.udp_rx_packets, received.total.tun_tx_packets);
@@ -202,6 +210,12 @@ fn carries_udp(backend: IoBackend, offloads: Offloads, seed: u64) {
         assert_eq!(total.drops.iter().sum::<u64>(), 0, "{}", snapshot.summary());
     }
     let datagrams_written = written.total.tun_tx_packets;
+    assert_eq!(
+        written.total.tun_writes,
+        kernel_written,
+        "{}",
+        written.summary()
+    );
     eprintln!(
         "{backend}: {received} of {DATAGRAMS} datagrams, {datagrams_written} packets in {kernel_written} TUN writes"
     );
