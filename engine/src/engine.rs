@@ -15,8 +15,8 @@ use std::os::fd::AsFd;
 use crate::route::Routes;
 use crate::tun::{set_offload, TunOffload, TunQueue};
 use crate::udp::{
-    bind_worker_socket, enable_gro, gso_supported, kernel_gso_broken, kernel_release,
-    steer_by_inner_flow,
+    bind_worker_socket, enable_gro, gso_supported, kernel_cuts_tun_uso_safely, kernel_gso_broken,
+    kernel_release, steer_by_inner_flow,
 };
 use crate::worker::{
     self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerOffloads, WorkerSetup,
@@ -360,7 +360,10 @@ fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) ->
         vnet_hdr,
         tun: tun_offload,
         coalesce: vnet_hdr && wanted.tun,
-        coalesce_udp: vnet_hdr && wanted.tun && tun_offload.uso,
+        coalesce_udp: vnet_hdr
+            && wanted.tun
+            && tun_offload.uso
+            && kernel_cuts_tun_uso_safely(&release),
         udp_gso,
         udp_gro,
         flow_steering: false,

@@ -249,17 +249,32 @@ pub(crate) fn gso_supported(socket: BorrowedFd<'_>) -> bool {
     rc == 0
 }
 
-/// Whether a kernel release (as `uname -r` prints it) has the UDP GSO bug of Linux 7.0 to
-/// 7.1.4, which corrupts the headers of segmented datagrams.
-pub fn kernel_gso_broken(release: &str) -> bool {
+/// Major, minor and patch of a kernel release as `uname -r` prints it (patch 0 when absent).
+fn release_version(release: &str) -> Option<(u32, u32, u32)> {
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|part| part.parse::<u32>().ok());
     let (Some(Some(major)), Some(Some(minor))) = (numbers.next(), numbers.next()) else {
-        return false;
+        return None;
     };
-    let patch = numbers.next().flatten().unwrap_or(0);
-    major == 7 && (minor == 0 || (minor == 1 && patch <= 4))
+    Some((major, minor, numbers.next().flatten().unwrap_or(0)))
+}
+
+/// Whether a kernel release (as `uname -r` prints it) has the UDP GSO bug of Linux 7.0 to
+/// 7.1.4, which corrupts the headers of segmented datagrams.
+pub fn kernel_gso_broken(release: &str) -> bool {
+    release_version(release).is_some_and(|(major, minor, patch)| {
+        major == 7 && (minor == 0 || (minor == 1 && patch <= 4))
+    })
+}
+
+/// Whether a kernel release cuts a UDP super-packet written to a TUN correctly wherever it
+/// goes. Linux 6.2 to 6.4 take USO on a TUN, but send such an untrusted ("dodgy") packet
+/// through the old UFO path when it leaves by a device without `NETIF_F_GSO_ROBUST`, veth
+/// among them, which destroys the datagrams (fixed in 6.5 by "gso: fix dodgy bit handling for
+/// GSO_UDP_L4"). An unknown release counts as not safe.
+pub fn kernel_cuts_tun_uso_safely(release: &str) -> bool {
+    release_version(release).is_some_and(|(major, minor, _)| (major, minor) >= (6, 5))
 }
 
 /// The running kernel's release string (`uname -r`).
@@ -787,6 +802,27 @@ mod tests {
             assert!(!kernel_gso_broken(fine), "{fine}");
         }
         assert!(kernel_release().is_some_and(|r| !r.is_empty()));
+    }
+
+    #[test]
+    fn kernels_that_cut_tun_uso_safely_are_recognised() {
+        for safe in ["6.5", "6.5.0-rc3", "6.18.44-fc-v669", "7.0.1", "10.0"] {
+            assert!(kernel_cuts_tun_uso_safely(safe), "{safe}");
+        }
+        for unsafe_release in [
+            "6.2.0",
+            "6.3.13",
+            "6.4.16-arch1",
+            "6.1.0-13-amd64",
+            "5.15",
+            "",
+            "x",
+        ] {
+            assert!(
+                !kernel_cuts_tun_uso_safely(unsafe_release),
+                "{unsafe_release}"
+            );
+        }
     }
 
     fn peer(last: u8) -> SocketAddrV4 {

@@ -50,13 +50,14 @@ fn segment(flow: u8, seq: u32, payload: usize, flags: u8, ttl: u8, options: bool
     p
 }
 
-/// A UDP/IPv4 datagram of flow 3 with `payload` bytes, a correct checksum (unless `corrupt`),
-/// or none at all (`no_checksum`).
-fn datagram(payload: usize, ttl: u8, no_checksum: bool, corrupt: bool) -> Vec<u8> {
+/// A UDP/IPv4 datagram of flow 3 with `payload` bytes, IP identification `ident`, a correct
+/// checksum (unless `corrupt`), or none at all (`no_checksum`).
+fn datagram(payload: usize, ident: u16, ttl: u8, no_checksum: bool, corrupt: bool) -> Vec<u8> {
     let total = 28 + payload;
     let mut p = vec![0u8; total];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&ident.to_be_bytes());
     p[6] = 0x40;
     p[8] = ttl;
     p[9] = 17;
@@ -91,6 +92,7 @@ fn datagram(payload: usize, ttl: u8, no_checksum: bool, corrupt: bool) -> Vec<u8
 fn batch(mut data: &[u8]) -> Vec<Vec<u8>> {
     let mut packets = Vec::new();
     let mut seqs = [0u32; 4];
+    let mut ident = 0u16;
     while let Some((&kind, rest)) = data.split_first() {
         if kind & 0x80 != 0 {
             let Some((&len, rest)) = rest.split_first() else {
@@ -122,7 +124,10 @@ fn batch(mut data: &[u8]) -> Vec<Vec<u8>> {
         let options = record[2] & 0x10 != 0;
         let corrupt = record[2] & 0x20 != 0;
         if flow == 3 {
-            packets.push(datagram(payload, ttl, options, corrupt));
+            // Consecutive identifications, as a connected socket sends, unless the record
+            // skips some.
+            ident = ident.wrapping_add(if record[2] & 0x40 != 0 { 7 } else { 1 });
+            packets.push(datagram(payload, ident, ttl, options, corrupt));
             continue;
         }
         packets.push(segment(flow, this, payload, flags, ttl, options, corrupt));
@@ -205,6 +210,10 @@ fuzz_target!(|data: &[u8]| {
                 .write_header(&whole, index, &mut out)
                 .expect("a segment");
             assert_eq!(&whole[cut.payload.clone()], &packets[member][skip..]);
+            if whole[9] == 17 {
+                // A datagram comes back byte for byte: headers, identification, checksum.
+                assert_eq!(&out[..skip], &packets[member][..skip], "datagram {member} changed");
+            }
         }
     }
     assert!(written.iter().all(|w| *w), "a packet was not written");

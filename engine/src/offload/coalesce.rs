@@ -8,13 +8,17 @@
 //! others. A segment joins the open group of its flow (same protocol, addresses and ports)
 //! when:
 //!
-//! - both are IPv4 without options, DF set, not a fragment, with the same TOS and TTL;
+//! - both are IPv4 without options, with DF and no other flag, not a fragment, with the same
+//!   TOS and TTL;
 //! - for TCP, both are plain data segments: ACK number, header flags (all but PSH and FIN),
 //!   window and TCP options the same as the group's first, no SYN, RST, URG or CWR, and a
 //!   payload; and it continues the group's sequence space exactly;
 //! - for UDP (only with [`Coalescer::set_udp`], for a TUN that takes UDP super-packets), both
-//!   carry a checksum and a payload; the kernel cuts the super-packet back into the same
-//!   datagrams before any socket sees them;
+//!   carry a checksum and a payload, the IP identification follows the group's by one (the
+//!   kernel numbers the datagrams it cuts that way, as Linux GRO requires), and the TTL is
+//!   above 1; the kernel cuts the super-packet back into the same datagrams, byte for byte,
+//!   before any socket sees them (a TCP super-packet's segments get consecutive IP
+//!   identifications too, which for DF packets carry no meaning, RFC 6864);
 //! - its payload is no larger than the first segment's (the segment size), and the group has
 //!   taken no shorter segment, PSH or FIN yet — those end a group;
 //! - its checksum verifies (a super-packet's checksum is completed by the kernel, so a bad
@@ -76,6 +80,8 @@ struct Run {
     payload: u32,
     tos: u8,
     ttl: u8,
+    /// The IP identification the next datagram must have (UDP).
+    next_ident: u16,
     /// PSH and FIN of the last segment, which the super-packet carries (TCP).
     final_flags: u8,
     /// Whether the group takes more segments.
@@ -120,6 +126,7 @@ struct Segment {
     payload: u32,
     tos: u8,
     ttl: u8,
+    ident: u16,
     /// TCP flags (0 for UDP).
     flags: u8,
     /// TCP's sequence fields; `None` for UDP.
@@ -367,13 +374,14 @@ impl Group {
                     && segment.flags & tcp::CWR == 0
                     && tcp.options == stream.options
             }
-            (None, None) => true,
+            (None, None) => segment.ident == run.next_ident,
             _ => false,
         };
         if !(fits && continues) {
             return false;
         }
         run.payload += segment.payload;
+        run.next_ident = segment.ident.wrapping_add(1);
         if let Some(stream) = &mut run.stream {
             stream.next_seq = stream.next_seq.wrapping_add(segment.payload);
         }
@@ -393,6 +401,7 @@ impl Run {
             payload: segment.payload,
             tos: segment.tos,
             ttl: segment.ttl,
+            next_ident: segment.ident.wrapping_add(1),
             final_flags: 0,
             open: final_flags == 0,
             stream: segment.tcp.as_ref().map(|tcp| Stream {
@@ -429,11 +438,12 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
         ports,
     };
     let alone = Kind::Alone(flow);
-    let fragment_bits = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
-    let dont_fragment = ip[6] & 0x40 != 0;
-    if ip_len != MIN_HEADER_LEN || !dont_fragment || fragment_bits != 0 {
+    // DF alone: not a fragment, and no reserved bit, which the kernel would copy from the
+    // first packet to every one it cuts.
+    if ip_len != MIN_HEADER_LEN || ip[6..8] != [0x40, 0] {
         return alone;
     }
+    let ident = u16::from_be_bytes([ip[4], ip[5]]);
     if be16(packet, 2) != u16::try_from(packet.len()).ok() {
         return alone;
     }
@@ -448,9 +458,11 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
     };
     if is_udp {
         // A datagram without a checksum (zero) would get one when the kernel cuts the
-        // super-packet: it is written as it came.
+        // super-packet: it is written as it came. So is one whose TTL runs out at the next
+        // hop, so that each gets its own ICMP time exceeded.
         let payload = transport.len().saturating_sub(udp::HEADER_LEN);
         if payload == 0
+            || ip[8] <= 1
             || be16(transport, udp::LENGTH) != Some(transport_len)
             || be16(transport, udp::CHECKSUM) == Some(0)
             || !verifies()
@@ -463,6 +475,7 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
             payload: payload as u32,
             tos: ip[1],
             ttl: ip[8],
+            ident,
             flags: 0,
             tcp: None,
         });
@@ -496,6 +509,7 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
         payload: payload as u32,
         tos: ip[1],
         ttl: ip[8],
+        ident,
         flags,
         tcp: Some(TcpFields {
             seq,
@@ -933,7 +947,8 @@ mod tests {
             assert_eq!(vnet, &header, "{count}x{size}");
             assert_eq!(vnet.gso_type, GSO_UDP_L4);
             assert_eq!(bytes, &packet, "{count}x{size}");
-            // Cut again, the kernel's way: the same datagrams, each one valid.
+            // Cut again by the engine's segmenter, which numbers and checksums the datagrams as
+            // the kernel does: the same datagrams, byte for byte, each one valid.
             let again = cut(vnet, &completed(vnet, bytes));
             assert_eq!(again, segments);
             for datagram in &again {
@@ -960,7 +975,7 @@ mod tests {
         // join after a shorter one.
         let (_, _, short) = datagrams(1, 500, 500);
         let mut batch = segments[..2].to_vec();
-        batch.push(short[0].clone());
+        batch.push(with_ident(&short[0], 9));
         batch.extend_from_slice(&segments[2..4]);
         let writes = coalesce_with(&batch, true);
         let sizes: Vec<usize> = writes.iter().map(|(_, b)| b.len()).collect();
@@ -990,6 +1005,54 @@ mod tests {
         assert_eq!(writes.len(), 5, "nothing merges across them");
         assert_eq!(writes[4].0.gso_type, GSO_UDP_L4);
         assert_eq!(cut(&writes[4].0, &writes[4].1), segments[4..].to_vec());
+    }
+
+    /// `packet` with IP identification `ident` and its header checksum redone.
+    fn with_ident(packet: &[u8], ident: u16) -> Vec<u8> {
+        let mut packet = packet.to_vec();
+        put16(&mut packet, 4, ident);
+        put16(&mut packet, 10, 0);
+        let check = checksum::of(&packet[..20]);
+        put16(&mut packet, 10, check);
+        packet
+    }
+
+    #[test]
+    fn udp_datagrams_join_only_when_the_kernel_would_cut_them_back_the_same() {
+        let (_, _, segments) = datagrams(4, 1000, 1000);
+        let sizes = |batch: &[Vec<u8>]| -> Vec<usize> {
+            coalesce_with(batch, true)
+                .iter()
+                .map(|(_, b)| b.len())
+                .collect()
+        };
+        assert_eq!(sizes(&segments), vec![28 + 4000]);
+        // The same identification on every datagram (an unconnected Linux socket sends 0),
+        // or identifications out of step: the kernel would renumber them, so no merge.
+        let same: Vec<Vec<u8>> = segments.iter().map(|d| with_ident(d, 0)).collect();
+        assert_eq!(sizes(&same), vec![1028; 4]);
+        let mut skipped = segments.clone();
+        skipped[2] = with_ident(&segments[2], 100);
+        skipped[3] = with_ident(&segments[3], 101);
+        assert_eq!(sizes(&skipped), vec![28 + 2000, 28 + 2000]);
+        // Identifications wrap.
+        let wrapping: Vec<Vec<u8>> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, d)| with_ident(d, 0xfffe_u16.wrapping_add(i as u16)))
+            .collect();
+        assert_eq!(sizes(&wrapping), vec![28 + 4000]);
+        // The reserved flag bit, and a TTL that runs out at the next hop: written alone.
+        let mut evil = segments.clone();
+        evil[1][6] |= 0x80;
+        evil[1] = with_ident(&evil[1], u16::from_be_bytes([evil[1][4], evil[1][5]]));
+        assert_eq!(sizes(&evil), vec![1028, 1028, 28 + 2000]);
+        let mut dying = segments.clone();
+        for datagram in &mut dying {
+            datagram[8] = 1;
+            *datagram = with_ident(datagram, u16::from_be_bytes([datagram[4], datagram[5]]));
+        }
+        assert_eq!(sizes(&dying), vec![1028; 4]);
     }
 
     #[test]
