@@ -823,13 +823,19 @@ iperf_json() {
 	[[ -s $out.err ]] || rm -f -- "$out.err"
 }
 
+# lab_up_to_measure <mode>: wait for a quiet machine, bring the lab up, and resolve neighbours
+# and warm the path with a few pings.
+lab_up_to_measure() {
+	local mode=$1
+	wait_quiet
+	lab_up "$mode"
+	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+}
+
 bench_one() {
 	local round=$1 mode=$2 raw=$3
 	local tag="r$round-$mode"
-	wait_quiet
-	lab_up "$mode"
-	# Resolve neighbours and warm the path before measuring.
-	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	lab_up_to_measure "$mode"
 	start_iperf_server 2
 	log "$tag: ping x$PINGS"
 	nsx "$(ns_c 1)" ping -q -c "$PINGS" -i 0.01 -W 2 "${C_ADDR[2]}" >"$raw/$tag-ping.txt" 2>&1 || true
@@ -905,9 +911,7 @@ cmd_bench() {
 # path, tear down, and print the per-hop table.
 hops_one() {
 	local mode=$1 dir=$2
-	wait_quiet
-	lab_up "$mode"
-	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	lab_up_to_measure "$mode"
 	local overlay=""
 	case $mode in
 	weft | flannel) overlay=flannel0 ;;
@@ -969,9 +973,7 @@ cmd_hops() {
 # moved while sampling.
 profile_one() {
 	local mode=$1 dir=$2
-	wait_quiet
-	lab_up "$mode"
-	nsx "$(ns_c 1)" ping -c 3 -i 0.2 -W 2 "${C_ADDR[2]}" >/dev/null || die "$mode: c1 cannot reach c2"
+	lab_up_to_measure "$mode"
 	start_iperf_server 2
 	log "$mode: TCP, 1 stream, $((DURATION + 6))s; perf from the 3rd second for ${DURATION}s"
 	iperf_json "$dir/$mode-tcp.json" -t "$((DURATION + 6))" -i 1 &
