@@ -7,22 +7,7 @@
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-	cat >&2 <<EOF2
-usage: $PROG [--root DIR]
-
-  --root DIR   write the files under DIR and change nothing else
-EOF2
-	exit 1
-}
-
-while [ $# -gt 0 ]; do
-	case $1 in
-	--root) need_value "$1" $#; set_root "$2"; shift 2 ;;
-	-h | --help) usage ;;
-	*) log "unknown argument: $1"; usage ;;
-	esac
-done
+parse_root_only "$@"
 require_root_user
 
 write_file /etc/modules-load.d/weft.conf 0644 <<'EOF2'

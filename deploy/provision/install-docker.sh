@@ -9,22 +9,7 @@
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-	cat >&2 <<EOF2
-usage: $PROG [--root DIR]
-
-  --root DIR   write the files under DIR and change nothing else
-EOF2
-	exit 1
-}
-
-while [ $# -gt 0 ]; do
-	case $1 in
-	--root) need_value "$1" $#; set_root "$2"; shift 2 ;;
-	-h | --help) usage ;;
-	*) log "unknown argument: $1"; usage ;;
-	esac
-done
+parse_root_only "$@"
 require_root_user
 
 copy_file "$DEPLOY_DIR/docker/mk-docker-opts.sh" /usr/local/libexec/weft/mk-docker-opts.sh 0755

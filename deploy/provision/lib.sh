@@ -41,6 +41,26 @@ activating() { [ -z "$ROOT" ]; }
 # need_value OPTION ARGC: an option that takes a value must have one.
 need_value() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 
+# parse_root_only ARGS...: the command line of a script whose only option is --root DIR.
+parse_root_only() {
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--root) need_value "$1" $#; set_root "$2"; shift 2 ;;
+		-h | --help) root_only_usage ;;
+		*) log "unknown argument: $1"; root_only_usage ;;
+		esac
+	done
+}
+
+root_only_usage() {
+	cat >&2 <<EOF2
+usage: $PROG [--root DIR]
+
+  --root DIR   write the files under DIR and change nothing else
+EOF2
+	exit 1
+}
+
 # Fail early when changes to the real system would fail half-way for lack of rights.
 require_root_user() {
 	if activating && [ "$(id -u)" -ne 0 ]; then
