@@ -12,15 +12,14 @@ use crate::decide::Policy;
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
 
+use crate::offload::VNET_HDR_LEN;
 use crate::route::Routes;
 use crate::tun::{set_offload, TunOffload, TunQueue};
 use crate::udp::{
     bind_worker_socket, enable_gro, gso_supported, kernel_cuts_tun_uso_safely, kernel_gso_broken,
     kernel_release, steer_by_inner_flow,
 };
-use crate::worker::{
-    self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerOffloads, WorkerSetup,
-};
+use crate::worker::{self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerSetup};
 
 /// How workers talk to the kernel. With offloads, the batched system calls measured faster
 /// than io_uring (docs/offloads.md), so they are the default.
@@ -122,6 +121,17 @@ pub struct ActiveOffloads {
     pub udp_gro: bool,
     /// Datagrams are spread across several workers' sockets by inner flow.
     pub flow_steering: bool,
+}
+
+impl ActiveOffloads {
+    /// Bytes of virtio-net header before every packet on the TUN.
+    pub(crate) fn vnet_len(&self) -> usize {
+        if self.vnet_hdr {
+            VNET_HDR_LEN
+        } else {
+            0
+        }
+    }
 }
 
 /// How to run the engine.
@@ -236,13 +246,6 @@ impl Engine {
             workers: Vec::with_capacity(config.workers),
             offloads,
         };
-        let worker_offloads = WorkerOffloads {
-            vnet_hdr: offloads.vnet_hdr,
-            coalesce: offloads.coalesce,
-            coalesce_udp: offloads.coalesce_udp,
-            gso: offloads.udp_gso,
-            gro: offloads.udp_gro,
-        };
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
@@ -257,7 +260,7 @@ impl Engine {
                 pin_core: config.pin_cores,
                 tun,
                 socket,
-                offloads: worker_offloads,
+                offloads,
                 context,
             };
             // On error, `engine` is dropped, which stops the workers already running.

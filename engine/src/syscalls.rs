@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
+use crate::engine::ActiveOffloads;
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::{Coalescer, VnetHeader};
 use crate::route::RouteTable;
@@ -27,8 +28,8 @@ use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKAD
 use crate::worker::{
     count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
     read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WorkerOffloads, WriteCount, Written, BATCH,
-    MAX_READ_FAILURES_IN_A_ROW, PACKET_BUF_LEN,
+    WorkerContext, WorkerError, WriteCount, Written, BATCH, MAX_READ_FAILURES_IN_A_ROW,
+    PACKET_BUF_LEN,
 };
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
@@ -47,7 +48,7 @@ pub(crate) struct SyscallWorker {
     tun: TunQueue,
     socket: UdpSocket,
     stop: Arc<StopSignal>,
-    offloads: WorkerOffloads,
+    offloads: ActiveOffloads,
     buffers: PacketBuffers,
     tun_lens: [usize; BATCH],
     recv: RecvArray,
@@ -123,7 +124,7 @@ impl SyscallWorker {
         tun: TunQueue,
         socket: UdpSocket,
         stop: Arc<StopSignal>,
-        offloads: WorkerOffloads,
+        offloads: ActiveOffloads,
     ) -> Result<Self, WorkerError> {
         socket
             .set_nonblocking(true)
@@ -299,7 +300,7 @@ impl SyscallWorker {
                     let packet: &[u8] =
                         unsafe { std::slice::from_raw_parts(self.buffers.packet_ptr(slot), len) };
                     let mut next = 0;
-                    let gso = self.offloads.gso;
+                    let gso = self.offloads.udp_gso;
                     while !queue_segments(&mut self.sends, to, packet, &segmenter, &mut next, gso) {
                         if self.sends.is_empty() {
                             break;
@@ -325,7 +326,7 @@ impl SyscallWorker {
         if !run {
             return Ok(false);
         }
-        self.recv.link(&self.buffers, self.offloads.gro);
+        self.recv.link(&self.buffers, self.offloads.udp_gro);
         let received = loop {
             // SAFETY: the headers point at BATCH live iovecs, addresses, control buffers and
             // packet buffers, none of which is used elsewhere during the call.
@@ -415,7 +416,7 @@ impl SyscallWorker {
         piece: (*const u8, usize),
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        let gso = self.offloads.gso;
+        let gso = self.offloads.udp_gso;
         if !self.sends.push(to, source, &[piece], gso) {
             self.flush_sends(counts)?;
             if !self.sends.push(to, source, &[piece], gso) {
@@ -512,8 +513,8 @@ impl SyscallWorker {
         };
         let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
         if gso_refused && info.segments > 1 {
-            if errno == libc::EIO && self.offloads.gso {
-                self.offloads.gso = false;
+            if errno == libc::EIO && self.offloads.udp_gso {
+                self.offloads.udp_gso = false;
                 tracing::warn!("the kernel refused a UDP GSO send (EIO): sending plain datagrams");
             }
             if self.sends.split(i) {

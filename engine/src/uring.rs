@@ -38,6 +38,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
+use crate::engine::ActiveOffloads;
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::{Coalescer, Segmenter, VnetHeader};
 use crate::route::RouteTable;
@@ -46,8 +47,8 @@ use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKAD
 use crate::worker::{
     count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
     read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WorkerOffloads, WriteCount, Written, MAX_READ_FAILURES_IN_A_ROW,
-    MAX_RX_DATAGRAMS, PACKET_BUF_LEN,
+    WorkerContext, WorkerError, WriteCount, Written, MAX_READ_FAILURES_IN_A_ROW, MAX_RX_DATAGRAMS,
+    PACKET_BUF_LEN,
 };
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
@@ -293,7 +294,7 @@ pub(crate) struct UringWorker {
     recv_prefix: usize,
     /// Bytes of control data room in that prefix (nonzero with GRO).
     control_len: usize,
-    offloads: WorkerOffloads,
+    offloads: ActiveOffloads,
     coalescer: Coalescer,
     /// The packets of the batch's receives accepted for the TUN, and the slots they hold.
     accepted: Vec<(*mut u8, usize)>,
@@ -315,7 +316,7 @@ impl UringWorker {
         tun: TunQueue,
         socket: UdpSocket,
         stop: Arc<StopSignal>,
-        offloads: WorkerOffloads,
+        offloads: ActiveOffloads,
     ) -> Result<Self, WorkerError> {
         let ring = build_ring(RING_ENTRIES, COMPLETION_ENTRIES)
             .map_err(|e| WorkerError::setup("io_uring", e))?;
@@ -327,7 +328,7 @@ impl UringWorker {
                 stop.as_fd().as_raw_fd(),
             ])
             .map_err(|e| WorkerError::setup("io_uring registered files", e))?;
-        let control_len = if offloads.gro { CONTROL_LEN } else { 0 };
+        let control_len = if offloads.udp_gro { CONTROL_LEN } else { 0 };
         // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
         let mut recv_template: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_template.msg_namelen = SOCKADDR_IN_LEN;
@@ -538,7 +539,7 @@ impl UringWorker {
     /// Queue the next segments of `slot`'s super-packet and submit them; give the slot back
     /// when there are none left.
     fn refill(&mut self, slot: usize) -> Result<(), WorkerError> {
-        let gso = self.offloads.gso;
+        let gso = self.offloads.udp_gso;
         let packet_ptr = self.buffers.packet_ptr(slot);
         let io = &mut self.io[slot];
         io.sends.clear();
@@ -751,8 +752,8 @@ impl UringWorker {
             if result < 0 && gso_refused && info.segments > 1 {
                 // The kernel cannot send this run as one: resend its datagrams one by one,
                 // and after EIO (no checksum offload on the way out) never try GSO again.
-                if errno == libc::EIO && self.offloads.gso {
-                    self.offloads.gso = false;
+                if errno == libc::EIO && self.offloads.udp_gso {
+                    self.offloads.udp_gso = false;
                     tracing::warn!(
                         "the kernel refused a UDP GSO send (EIO): sending plain datagrams"
                     );

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 
 use crate::counters::{BatchCounts, DropReason, WorkerCounters};
 use crate::decide::{self, Decision, Policy, REPLY_BUF_LEN};
-use crate::engine::IoBackend;
+use crate::engine::{ActiveOffloads, IoBackend};
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{complete_checksum, Coalescer, Plan, Segmenter, VnetHeader, VNET_HDR_LEN};
 use crate::route::{RouteTable, Routes};
@@ -245,32 +245,6 @@ pub(crate) struct WorkerContext {
 pub(crate) enum Source {
     Packet,
     Reply,
-}
-
-/// The offloads a worker runs with, as the engine found them at start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct WorkerOffloads {
-    /// Every packet on the TUN carries a virtio-net header.
-    pub(crate) vnet_hdr: bool,
-    /// Segments bound for the TUN are merged into super-packets (needs `vnet_hdr`).
-    pub(crate) coalesce: bool,
-    /// UDP datagrams are merged too (needs `coalesce` and a TUN that takes USO).
-    pub(crate) coalesce_udp: bool,
-    /// Runs of equal-sized datagrams to one peer leave in one send (UDP GSO).
-    pub(crate) gso: bool,
-    /// The socket hands over runs of datagrams in one buffer (UDP GRO).
-    pub(crate) gro: bool,
-}
-
-impl WorkerOffloads {
-    /// Bytes of virtio-net header before every packet on the TUN.
-    pub(crate) fn vnet_len(&self) -> usize {
-        if self.vnet_hdr {
-            VNET_HDR_LEN
-        } else {
-            0
-        }
-    }
 }
 
 /// The most datagrams one GRO buffer is split into; the kernel merges at most 64
@@ -501,7 +475,7 @@ pub(crate) enum Written {
 pub(crate) unsafe fn for_each_tun_write(
     coalescer: &mut Coalescer,
     packets: &[(*mut u8, usize)],
-    offloads: &WorkerOffloads,
+    offloads: &ActiveOffloads,
     counts: &mut BatchCounts,
     mut write: impl FnMut(Option<[u8; VNET_HDR_LEN]>, &[libc::iovec], WriteCount) -> Written,
 ) {
@@ -646,7 +620,7 @@ pub(crate) struct WorkerSetup {
     pub(crate) pin_core: bool,
     pub(crate) tun: TunQueue,
     pub(crate) socket: UdpSocket,
-    pub(crate) offloads: WorkerOffloads,
+    pub(crate) offloads: ActiveOffloads,
     pub(crate) context: WorkerContext,
 }
 
@@ -1076,12 +1050,13 @@ mod tests {
         packets.insert(2, (icmp.as_mut_ptr(), icmp.len()));
         let mut coalescer = Coalescer::new();
         let mut counts = BatchCounts::default();
-        let all = WorkerOffloads {
+        let all = ActiveOffloads {
             vnet_hdr: true,
             coalesce: true,
             coalesce_udp: true,
-            gso: true,
-            gro: true,
+            udp_gso: true,
+            udp_gro: true,
+            ..ActiveOffloads::default()
         };
         let mut writes = Vec::new();
         // SAFETY: the packets are live and used by nothing else.
@@ -1123,7 +1098,7 @@ mod tests {
 
         // Without coalescing, each packet is its own write; without the header, bare.
         for vnet_hdr in [true, false] {
-            let offloads = WorkerOffloads {
+            let offloads = ActiveOffloads {
                 vnet_hdr,
                 coalesce: false,
                 coalesce_udp: false,
