@@ -264,17 +264,9 @@ impl SyscallWorker {
         }
         for slot in 0..read {
             let total = self.tun_lens[slot];
-            let header = if vnet_len > 0 {
-                // SAFETY: the read has returned; the headroom holds what it wrote.
-                let head = unsafe { self.buffers.with_headroom(slot, vnet_len, total) };
-                VnetHeader::parse(head).unwrap_or(VnetHeader::PLAIN)
-            } else {
-                VnetHeader::PLAIN
-            };
-            let len = total.saturating_sub(vnet_len).min(PACKET_BUF_LEN);
-            // SAFETY: no I/O is in flight on any buffer between system calls, and the slices
-            // end before the next use of the slot.
-            let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
+            // SAFETY: the read has returned, no I/O is in flight on any buffer between
+            // system calls, and the slices end before the next use of the slot.
+            let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, total) };
             match decide_tun_read(&header, packet, table, policy, reply, counts) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => {

@@ -478,17 +478,9 @@ impl UringWorker {
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
         let vnet_len = self.offloads.vnet_len();
-        let header = if vnet_len > 0 {
-            // SAFETY: the kernel filled this buffer and handed it over with the completion;
-            // it is lent to nobody else until given back.
-            let head = unsafe { self.buffers.with_headroom(slot, vnet_len, result) };
-            VnetHeader::parse(head).unwrap_or(VnetHeader::PLAIN)
-        } else {
-            VnetHeader::PLAIN
-        };
-        let len = result.saturating_sub(vnet_len).min(PACKET_BUF_LEN);
-        // SAFETY: as above.
-        let (packet, reply) = unsafe { self.buffers.slot(slot, len) };
+        // SAFETY: the kernel filled this buffer and handed it over with the completion; it is
+        // lent to nobody else until given back.
+        let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, result) };
         let action = decide_tun_read(&header, packet, table, policy, reply, counts);
         let io = &mut self.io[slot];
         io.sends.clear();

@@ -214,6 +214,32 @@ impl PacketBuffers {
         // packet buffer; the caller guarantees the kernel no longer writes it.
         unsafe { std::slice::from_raw_parts(start, len) }
     }
+
+    /// What a TUN read of `total` bytes left in `slot`: the virtio-net header read from the
+    /// `vnet_len` bytes of headroom (a plain one without them, or when it cannot be read),
+    /// the packet after it, and the slot's reply buffer.
+    ///
+    /// # Safety
+    /// As for [`PacketBuffers::slot`]: the read has completed, and nothing else reads or
+    /// writes the slot while the slices live.
+    pub(crate) unsafe fn tun_read(
+        &mut self,
+        slot: usize,
+        vnet_len: usize,
+        total: usize,
+    ) -> (VnetHeader, &mut [u8], &mut [u8]) {
+        let header = if vnet_len > 0 {
+            // SAFETY: the caller guarantees the kernel no longer writes the slot.
+            let head = unsafe { self.with_headroom(slot, vnet_len, total) };
+            VnetHeader::parse(head).unwrap_or(VnetHeader::PLAIN)
+        } else {
+            VnetHeader::PLAIN
+        };
+        let len = total.saturating_sub(vnet_len).min(PACKET_BUF_LEN);
+        // SAFETY: as above, and the header slice is no longer used.
+        let (packet, reply) = unsafe { self.slot(slot, len) };
+        (header, packet, reply)
+    }
 }
 
 impl Drop for PacketBuffers {
