@@ -275,15 +275,30 @@ test_python_units() {
 	done
 }
 
-# lab.sh hops in weft mode: every ping seen at all six points, and the hops add up to the round
-# trip (the legs tile it, so the means must agree to rounding).
-test_hops() {
-	local p="lt$$h" name="hops (weft)" before pidlog="$WORK/lt$$h.pids" out="$WORK/hops"
+# lab_tool <tool> <name> <tag> <json> <check> [args...]: run `lab.sh <tool> --modes weft args...`
+# under a fresh prefix, then the Python program <check> on the JSON file it wrote (<check> asserts
+# and prints the pass message), then check that nothing is left behind.
+lab_tool() {
+	local tool=$1 name=$2 tag=$3 json=$4 check=$5
+	shift 5
+	local p="lt$$$tag" before pidlog="$WORK/lt$$$tag.pids" out="$WORK/$tool" message=""
 	say "--- $name ---"
 	before=$(root_snapshot "$p")
-	if bash "$LAB" hops --modes weft --pings 40 --interval 0.02 --quiet-timeout 1 --prefix "$p" \
-		--pid-log "$pidlog" --out "$out" "${WEFTD_ARGS[@]}" >"$WORK/$p.log" 2>&1 &&
-		python3 - "$out/weft.json" <<'PY'; then
+	if bash "$LAB" "$tool" --modes weft --quiet-timeout 1 --prefix "$p" --pid-log "$pidlog" \
+		--out "$out" "${WEFTD_ARGS[@]}" "$@" >"$WORK/$p.log" 2>&1 &&
+		message=$(python3 -c "$check" "$out/$json" 2>&1); then
+		pass "$name: $message"
+	else
+		tail -n 30 "$WORK/$p.log"
+		echo "$message"
+		fail "$name: lab.sh $tool"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
+# lab.sh hops: every ping seen at all six points, and the hops add up to the round trip (the
+# legs tile it, so the means must agree to rounding).
+read -r -d '' HOPS_CHECK <<'PY' || true
 import json, sys
 result = json.load(open(sys.argv[1]))
 hops = [h for h in result["hops"] if h["us"]]
@@ -293,40 +308,20 @@ total = result["total_us"]["mean"]
 assert 0 < total < 100_000, total
 parts = sum(h["us"]["mean"] for h in hops)
 assert abs(parts - total) < 0.01, (parts, total)
+print(f"{result['pings']} round trips seen at every point, the hops add up")
 PY
-		pass "$name: $(grep -o '[0-9]* round trips seen at every point' "$out/hops.md"), the hops add up"
-	else
-		tail -n 30 "$WORK/$p.log"
-		fail "$name: per-hop table from lab.sh hops"
-	fi
-	assert_clean "$name" "$p" "$pidlog" "$before" || true
-}
 
-# lab.sh profile in weft mode for 2 s: a table whose buckets hold the samples, weftd among the
-# processes, and a transfer that moved data while sampled.
-test_profile() {
-	local p="lt$$p" name="profile (weft)" before pidlog="$WORK/lt$$p.pids" out="$WORK/profile"
-	say "--- $name ---"
-	before=$(root_snapshot "$p")
-	if bash "$LAB" profile --modes weft --duration 2 --quiet-timeout 1 --prefix "$p" \
-		--pid-log "$pidlog" --out "$out" "${WEFTD_ARGS[@]}" >"$WORK/$p.log" 2>&1 &&
-		python3 - "$out/profile.json" <<'PY'; then
+# lab.sh profile for 2 s: a table whose buckets hold the samples, weftd among the processes,
+# and a transfer that moved data while sampled.
+read -r -d '' PROFILE_CHECK <<'PY' || true
 import json, sys
 [weft] = json.load(open(sys.argv[1]))
 assert weft["gbits"] > 0, weft
 assert weft["processes_percent"].get("weftd", 0) > 1, weft["processes_percent"]
 costs = weft["us_per_64k"]
 assert costs["copies"] > 0 and sum(costs.values()) > costs["copies"], costs
-with open(sys.argv[1] + ".total", "w") as f:
-    f.write(f"{sum(costs.values()):.0f}")
+print(f"{sum(costs.values()):.0f} µs of CPU per 64 KiB")
 PY
-		pass "$name: $(cat "$out/profile.json.total") µs of CPU per 64 KiB"
-	else
-		tail -n 30 "$WORK/$p.log"
-		fail "$name: per-bucket table from lab.sh profile"
-	fi
-	assert_clean "$name" "$p" "$pidlog" "$before" || true
-}
 
 start=$SECONDS
 test_python_units
@@ -336,8 +331,8 @@ if ((HARNESS)); then
 	test_daemon_dies
 	test_demo_tears_down
 	test_sigterm
-	test_hops
-	test_profile
+	lab_tool hops "hops (weft)" h weft.json "$HOPS_CHECK" --pings 40 --interval 0.02
+	lab_tool profile "profile (weft)" p profile.json "$PROFILE_CHECK" --duration 2
 fi
 
 say "${#PASSED[@]} passed, ${#FAILED[@]} failed ($((SECONDS - start)) s)"
