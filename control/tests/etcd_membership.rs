@@ -128,6 +128,15 @@ async fn eventually(what: &str, mut ok: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Logs on, a fresh etcd holding the network config, and a client of it.
+async fn etcd_with_config() -> (Etcd, Client) {
+    init_logs();
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    put_config(&mut client).await;
+    (etcd, client)
+}
+
 async fn put_config(client: &mut Client) {
     client
         .put(format!("{PREFIX}/config"), CONFIG, None)
@@ -183,10 +192,7 @@ async fn stored(client: &mut Client, subnet: Ipv4Net) -> Option<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_get_distinct_subnets_and_see_each_other() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     let mut a = join(&etcd, fast("198.18.0.1")).await;
     let mut b = join(&etcd, fast("198.18.0.2")).await;
     let (sa, sb) = (a.subnet().await, b.subnet().await);
@@ -219,10 +225,7 @@ async fn two_hosts_get_distinct_subnets_and_see_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_the_same_public_ip_keeps_the_subnet() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     let mut first = join(&etcd, fast("198.18.0.1")).await;
     let subnet = first.subnet().await;
     let (_, etcd_lease) = stored(&mut client, subnet).await.unwrap();
@@ -240,10 +243,7 @@ async fn restart_with_the_same_public_ip_keeps_the_subnet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_hosts_get_twenty_subnets() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     // All ask for the same previous subnet: one wins, nineteen lose the race and choose again.
     let contested = net("10.1.5.0/24");
     let mut members = Vec::new();
@@ -275,10 +275,7 @@ async fn twenty_concurrent_hosts_get_twenty_subnets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_and_expired_peer_leases_leave_the_route_table() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     let mut a = join(&etcd, fast("198.18.0.1")).await;
     let mut b = join(&etcd, fast("198.18.0.2")).await;
     a.subnet().await;
@@ -300,10 +297,7 @@ async fn deleted_and_expired_peer_leases_leave_the_route_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_lease_deleted_or_expired_is_reacquired() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     let mut a = join(&etcd, fast("198.18.0.1")).await;
     let subnet = a.subnet().await;
     let (_, first_lease) = stored(&mut client, subnet).await.unwrap();
@@ -416,10 +410,7 @@ async fn etcd_down_at_start_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_leases_are_skipped() {
-    init_logs();
-    let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    put_config(&mut client).await;
+    let (etcd, mut client) = etcd_with_config().await;
     let bad = [
         ("10.1.50.0-24", "{\"PublicIP\":"),
         ("not-a-subnet", udp("198.18.0.30").as_str()),
