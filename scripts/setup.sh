@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Prepares a Debian (or Ubuntu) machine to build, test and run weft's lab. Run as root.
 #
-# Installs what is missing of: etcd (server and etcdctl), protoc (etcd-client's build needs it),
+# Installs what is missing of: etcd (server and etcdctl), protoc and protobuf's well-known .proto
+# files (etcd-client's build needs both),
 # iperf3, iproute2, ping, iptables, jq, python3, tcpdump and perf (the lab's hops and profile).
 # Runs `apt-get update` only when something is missing, so a second run changes nothing and needs
 # no network. Then checks /dev/net/tun and that
 # a Rust toolchain (cargo) is installed. Exits non-zero, saying why, if anything is missing.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf)
+PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf)
 # What each package must provide.
 COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf)
 
@@ -47,6 +48,9 @@ fi
 for c in "${COMMANDS[@]}"; do
 	command -v "$c" >/dev/null 2>&1 || die "'$c' not found after installing ${PACKAGES[*]}"
 done
+
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] ||
+	die "protobuf's well-known types (/usr/include/google/protobuf/*.proto) are missing after installing libprotobuf-dev"
 
 if [[ ! -c /dev/net/tun ]]; then
 	modprobe tun 2>/dev/null || true
