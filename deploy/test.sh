@@ -141,84 +141,188 @@ test_shellcheck() {
 # --- mk-docker-opts.sh ---------------------------------------------------------------------
 
 MK=deploy/docker/mk-docker-opts.sh
+MK_CASES=deploy/tests/mk-docker-opts.cases
+
+# The script reads the routing table (`ip -4 route show`); the checks give it a table of their
+# own: an `ip` that prints the file $FAKE_ROUTES (nothing when unset) and refuses anything else.
+MK_BIN=$WORK/mk-bin
+mkdir -p "$MK_BIN"
+# shellcheck disable=SC2016
+printf '%s\n' '#!/bin/sh' '[ "$*" = "-4 route show" ] || exit 1' 'cat "${FAKE_ROUTES:-/dev/null}"' >"$MK_BIN/ip"
+chmod 0755 "$MK_BIN/ip"
+
+# mk ARGS...: mk-docker-opts.sh with the stand-in routing table.
+mk() { PATH="$MK_BIN:$PATH" "$REPO/$MK" "$@"; }
 
 test_mk_fixture_default() {
-	"$MK" -f "$FIXTURES/subnet.env" -d "$TMP/opts.env"
+	mk -f "$FIXTURES/subnet.env" -d "$TMP/opts.env"
 	assert_file "$TMP/opts.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
-DOCKER_OPT_MTU="--mtu=1472"
 DOCKER_OPT_IPMASQ="--ip-masq=true"
-DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
+DOCKER_OPT_MTU="--mtu=1472"
+DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
 	[ "$(stat -c %a "$TMP/opts.env")" = 644 ] || fail "output mode is not 0644"
 	# The file is usable both as a systemd EnvironmentFile and from a shell.
 	# shellcheck disable=SC1091
-	assert_eq "--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true" "$(. "$TMP/opts.env" && echo "$DOCKER_OPTS")"
+	assert_eq " --bip=10.1.15.1/24 --ip-masq=true --mtu=1472" "$(. "$TMP/opts.env" && echo "$DOCKER_OPTS")"
 	[ -z "$(find "$TMP" -maxdepth 1 -name '.opts.env.*')" ] || fail "temporary file left behind"
 }
 
-test_mk_options() {
-	"$MK" -c -f "$FIXTURES/subnet.env" -d "$TMP/c.env"
-	assert_file "$TMP/c.env" 'DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
-	"$MK" -i -f "$FIXTURES/subnet.env" -d "$TMP/i.env"
-	assert_file "$TMP/i.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
+# mk_case INPUT ENVWORDS ARGS EXPECTED: run one case of $MK_CASES in an otherwise empty
+# environment and compare the output file with EXPECTED byte for byte.
+mk_case() {
+	local input=$1 envwords=$2 args=$3 expected=$4
+	local -a env_args=() opt_args=()
+	[ "$envwords" = - ] || read -r -a env_args <<<"$envwords"
+	[ "$args" = - ] || read -r -a opt_args <<<"$args"
+	rm -f "$TMP/out.env"
+	env -i PATH="$MK_BIN:$PATH" "${env_args[@]}" "$REPO/$MK" "${opt_args[@]}" \
+		-f "$TMP/in/$input.env" -d "$TMP/out.env" || fail "case [$input | $envwords | $args] failed"
+	cmp -s "$expected" "$TMP/out.env" || {
+		diff -u --label "flannel: $input | $envwords | $args" --label ours "$expected" "$TMP/out.env"
+		fail "case [$input | $envwords | $args] differs from flannel's output"
+	}
+}
+
+# Every case of $MK_CASES gives flannel's output for the same subnet file, options and
+# environment.
+test_mk_flannel_cases() {
+	local line block="" input="" envwords="" args="" cases=0 expected=$TMP/expected
+	mkdir -p "$TMP/in"
+	while IFS= read -r line; do
+		case $line in
+		'## input '* | '## case '*)
+			if [ "$block" = case ]; then
+				mk_case "$input" "$envwords" "$args" "$expected"
+				cases=$((cases + 1))
+			fi
+			;;
+		esac
+		case $line in
+		'## input '*)
+			block=input input=${line#'## input '}
+			: >"$TMP/in/$input.env"
+			;;
+		'## case '*)
+			block=case
+			IFS='|' read -r input envwords args <<<"${line#'## case '}"
+			read -r input <<<"$input"
+			read -r envwords <<<"$envwords"
+			read -r args <<<"$args"
+			[ -f "$TMP/in/$input.env" ] || fail "$line: no input named $input"
+			: >"$expected"
+			;;
+		'#'*) [ -z "$block" ] || fail "$MK_CASES: a comment inside a block: $line" ;;
+		*)
+			case $block in
+			input) printf '%s\n' "$line" >>"$TMP/in/$input.env" ;;
+			case) printf '%s\n' "$line" >>"$expected" ;;
+			*) fail "$MK_CASES: a line outside a block: $line" ;;
+			esac
+			;;
+		esac
+	done <"$MK_CASES"
+	if [ "$block" = case ]; then
+		mk_case "$input" "$envwords" "$args" "$expected"
+		cases=$((cases + 1))
+	fi
+	echo "$cases cases give flannel's output"
+	[ "$cases" -ge 40 ] || fail "only $cases cases in $MK_CASES"
+}
+
+test_mk_env_options() {
+	local f=$TMP/s.env
+	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n' >"$f"
+	# The three options made here always come from the file and the flags, never from a
+	# previous run's output passed back in as environment (docker's drop-in does that).
+	DOCKER_OPT_IPMASQ=--ip-masq=true DOCKER_OPT_BIP=--bip=10.9.9.1/24 mk -m -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
 DOCKER_OPT_MTU="--mtu=1472"
-DOCKER_OPT_IPMASQ="--ip-masq=true"'
-	"$MK" -c -k DOCKER_NETWORK_OPTIONS -f "$FIXTURES/subnet.env" -d "$TMP/k.env"
-	assert_file "$TMP/k.env" 'DOCKER_NETWORK_OPTIONS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
-	"$MK" -m -f "$FIXTURES/subnet.env" -d "$TMP/m.env"
-	assert_file "$TMP/m.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
-DOCKER_OPT_MTU="--mtu=1472"
-DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472"'
-	# As flannel's script: a value of the combined variable in the environment is kept in front.
-	DOCKER_OPTS="--debug --log-level=warn" "$MK" -c -f "$FIXTURES/subnet.env" -d "$TMP/p.env"
-	assert_file "$TMP/p.env" 'DOCKER_OPTS="--debug --log-level=warn --bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
+DOCKER_OPTS=" --bip=10.1.15.1/24 --mtu=1472"'
+	DOCKER_OPT_IPMASQ=--ip-masq=true mk -i -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
+DOCKER_OPT_IPMASQ="--ip-masq=false"
+DOCKER_OPT_MTU="--mtu=1472"'
+	# Another option from the environment that cannot be written unquoted is an error.
+	echo keep >"$TMP/out.env"
+	DOCKER_OPT_DEBUG='--debug --log-level=info' expect_failure 'DOCKER_OPT_DEBUG in the environment' \
+		mk -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" keep
+}
+
+test_mk_route_check() {
+	local f=$TMP/s.env routes=$TMP/routes
+	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n' >"$f"
+	# The overlay's own routes, and a route whose text merely contains the subnet, are fine.
+	printf '%s\n' 'default via 192.168.121.1 dev eth0' '10.1.0.0/16 dev flannel0' \
+		'10.1.15.0/24 dev docker0 proto kernel scope link src 10.1.15.1' \
+		'110.1.15.0/24 via 192.168.56.1 dev eth1' >"$routes"
+	FAKE_ROUTES=$routes mk -c -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
+	# The subnet routed through a gateway (another backend's leftover): refused, output kept.
+	echo '10.1.15.0/24 via 192.168.56.102 dev eth1 onlink' >>"$routes"
+	FAKE_ROUTES=$routes expect_failure \
+		'routing table already contains the subnet: 10\.1\.15\.0/24 via 192\.168\.56\.102' \
+		mk -c -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
+}
+
+test_mk_wait() {
+	local f=$TMP/late.env
+	# The subnet file appears a second after the start: -w waits for it.
+	(sleep 1 && printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\n' >"$f.tmp" && mv "$f.tmp" "$f") &
+	mk -c -w 10 -f "$f" -d "$TMP/out.env"
+	wait
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --mtu=1472"'
+	expect_failure 'nope\.env did not appear within 1 s' mk -w 1 -f "$TMP/nope.env" -d "$TMP/out.env"
+	expect_failure '-w: not a number of seconds' mk -w soon -f "$f" -d "$TMP/out.env"
 }
 
 test_mk_ipmasq_inverse() {
 	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n' >"$TMP/masq.env"
-	"$MK" -f "$TMP/masq.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.74.1/24"
-DOCKER_OPT_MTU="--mtu=1450"
-DOCKER_OPT_IPMASQ="--ip-masq=false"
-DOCKER_OPTS="--bip=10.1.74.1/24 --mtu=1450 --ip-masq=false"'
+	mk -i -f "$TMP/masq.env" -d "$TMP/out.env"
+	assert_grep "$TMP/out.env" '^DOCKER_OPT_IPMASQ="--ip-masq=false"$'
+	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n' >"$TMP/masq.env"
+	mk -i -f "$TMP/masq.env" -d "$TMP/out.env"
+	assert_grep "$TMP/out.env" '^DOCKER_OPT_IPMASQ="--ip-masq=true"$'
 	# No FLANNEL_IPMASQ at all: no ip-masq option (docker keeps its default).
 	printf 'FLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\n' >"$TMP/nomasq.env"
-	"$MK" -c -f "$TMP/nomasq.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPTS="--bip=10.1.74.1/24 --mtu=1450"'
+	mk -c -f "$TMP/nomasq.env" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.74.1/24 --mtu=1450"'
 }
 
 test_mk_lenient_syntax() {
 	# Comments, blank lines, quoted values, CRLF line ends, IPv6 lines and no final newline.
 	printf '# written by hand\r\n\nFLANNEL_NETWORK="10.1.0.0/16"\r\nFLANNEL_SUBNET="10.1.0.65/26"\nFLANNEL_IPV6_SUBNET=fc00::1/64\n  # indented comment\nFLANNEL_MTU='"'"'1472'"'"'\nFLANNEL_IPMASQ=false' >"$TMP/loose.env"
-	"$MK" -c -f "$TMP/loose.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPTS="--bip=10.1.0.65/26 --mtu=1472 --ip-masq=true"'
+	mk -c -f "$TMP/loose.env" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.0.65/26 --ip-masq=true --mtu=1472"'
 }
 
 test_mk_missing_file() {
-	expect_failure 'subnet file .*/nope.env does not exist' "$MK" -f "$TMP/nope.env" -d "$TMP/out.env"
+	expect_failure 'subnet file .*/nope.env does not exist' mk -f "$TMP/nope.env" -d "$TMP/out.env"
 	[ ! -e "$TMP/out.env" ] || fail "an output file was written for a missing subnet file"
-	expect_failure 'is not a regular file' "$MK" -f "$TMP" -d "$TMP/out.env"
+	expect_failure 'is not a regular file' mk -f "$TMP" -d "$TMP/out.env"
 }
 
 test_mk_malformed() {
 	echo 'DOCKER_OPTS="old"' >"$TMP/out.env"
 	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET 10.1.15.1/24\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'bad.env:2: malformed line' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'bad.env:2: malformed line' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	assert_file "$TMP/out.env" 'DOCKER_OPTS="old"'
 
 	printf 'FLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is missing' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is missing' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is missing' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is missing' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.256.1/24\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=14x2\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is not a number' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is not a number' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=40\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is not a number from 68 to 65535' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is not a number from 68 to 65535' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=yes\n' >"$TMP/bad.env"
-	expect_failure 'Invalid value of FLANNEL_IPMASQ: yes' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'Invalid value of FLANNEL_IPMASQ: yes' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	assert_file "$TMP/out.env" 'DOCKER_OPTS="old"'
 }
 
@@ -226,17 +330,18 @@ test_mk_not_executed() {
 	# The subnet file is data: a command substitution in it is never run.
 	# shellcheck disable=SC2016
 	printf 'FLANNEL_SUBNET=$(touch %s/pwned)\nFLANNEL_MTU=1472\n' "$TMP" >"$TMP/evil.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4' "$MK" -f "$TMP/evil.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4' mk -f "$TMP/evil.env" -d "$TMP/out.env"
 	[ ! -e "$TMP/pwned" ] || fail "the subnet file was executed"
 }
 
 test_mk_usage_errors() {
-	expect_failure 'unknown option -x' "$MK" -x
-	expect_failure 'usage:' "$MK" -h
-	expect_failure 'option -f needs a value' "$MK" -f
-	expect_failure 'unexpected argument: extra' "$MK" -f "$FIXTURES/subnet.env" extra
-	expect_failure 'not a valid variable name' "$MK" -k 'BAD-NAME' -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
-	expect_failure 'directory .*/no/such/dir does not exist' "$MK" -f "$FIXTURES/subnet.env" -d "$TMP/no/such/dir/out.env"
+	expect_failure 'unknown option -x' mk -x
+	expect_failure 'usage:' mk -h
+	expect_failure 'option -f needs a value' mk -f
+	expect_failure 'unexpected argument: extra' mk -f "$FIXTURES/subnet.env" extra
+	expect_failure 'not a valid variable name' mk -k 'BAD-NAME' -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
+	expect_failure 'would be taken for one of the DOCKER_OPT_' mk -k DOCKER_OPT_ALL -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
+	expect_failure 'directory .*/no/such/dir does not exist' mk -f "$FIXTURES/subnet.env" -d "$TMP/no/such/dir/out.env"
 }
 
 # --- systemd units -------------------------------------------------------------------------
@@ -390,7 +495,7 @@ test_docker_dropin_wiring() {
 		fail "no ExecStartPre/ExecStart in $d"
 	fi
 	# shellcheck disable=SC2046
-	"$r${pre%% *}" $(printf '%s\n' "${pre#* }" | sed "s| /run/| $r/run/|g")
+	PATH="$MK_BIN:$PATH" "$r${pre%% *}" $(printf '%s\n' "${pre#* }" | sed "s| /run/| $r/run/|g")
 	local envfiles
 	envfiles=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$d")
 	assert_eq "/run/flannel/subnet.env
@@ -770,13 +875,16 @@ with_tools "shell scripts: shellcheck" test_shellcheck shellcheck
 
 if [ -f "$FIXTURES/subnet.env" ]; then
 	run_test "mk-docker-opts: fixture subnet.env -> DOCKER_OPTS" test_mk_fixture_default
-	run_test "mk-docker-opts: -i -c -k -m and the kept DOCKER_OPTS" test_mk_options
 	run_test "mk-docker-opts: malformed files and bad values" test_mk_malformed
 	run_test "mk-docker-opts: usage errors" test_mk_usage_errors
 	with_tools "docker drop-in: ExecStartPre output feeds ExecStart" test_docker_dropin_wiring
 else
 	skip_or_fail "mk-docker-opts and drop-in checks on the fixture" "no $FIXTURES/subnet.env"
 fi
+run_test "mk-docker-opts: flannel's output for every option combination" test_mk_flannel_cases
+run_test "mk-docker-opts: DOCKER_OPT_* from the environment" test_mk_env_options
+run_test "mk-docker-opts: subnet already routed through a gateway" test_mk_route_check
+run_test "mk-docker-opts: -w waits for the subnet file" test_mk_wait
 run_test "mk-docker-opts: ip-masq is the inverse of FLANNEL_IPMASQ" test_mk_ipmasq_inverse
 run_test "mk-docker-opts: comments, quotes, CRLF" test_mk_lenient_syntax
 run_test "mk-docker-opts: missing subnet file" test_mk_missing_file
