@@ -415,7 +415,6 @@ test_unit_content() {
 	local u=deploy/systemd/weftd.service
 	assert_grep "$u" '^Type=notify$'
 	assert_grep "$u" '^After=etcd\.service$'
-	assert_grep "$u" '^Requires=etcd\.service$'
 	assert_grep "$u" '^Restart=on-failure$'
 	assert_grep "$u" '^EnvironmentFile=-/etc/default/weftd$'
 	assert_grep "$u" '^ExecStart=/usr/local/bin/weftd$'
@@ -425,10 +424,15 @@ test_unit_content() {
 	assert_grep "$u" '^RestrictAddressFamilies=.*AF_NETLINK'
 	assert_grep "$u" '^WantedBy=multi-user\.target$'
 	local d=deploy/systemd/docker.service.d/weft.conf
-	assert_grep "$d" '^Requires=weftd\.service$'
+	assert_grep "$d" '^Wants=weftd\.service$'
 	assert_grep "$d" '^After=weftd\.service$'
-	assert_grep "$d" '^EnvironmentFile=/run/flannel/subnet\.env$'
+	assert_grep "$d" '^ExecStartPre=.*/mk-docker-opts\.sh .*-w [0-9]+ '
 	assert_grep "$d" '^ExecStart=$'
+	# No hard chain: restarting etcd must not restart weftd, and restarting weftd must not
+	# restart docker (and its containers). Dependencies that propagate stops and restarts, or
+	# that fail a start when the other unit is missing or down, are not used.
+	! grep -n -E '^(Requires|Requisite|BindsTo|PartOf|Upholds)=' "$u" "$d" ||
+		fail "a hard dependency between etcd, weftd and docker"
 }
 
 test_units_verify() {
@@ -437,6 +441,12 @@ test_units_verify() {
 	add_etcd_unit "$r"
 	install_units "$r"
 	verify_clean "$r" weftd.service docker.service
+	# The same units on a host without a local etcd, and docker's drop-in on a host where
+	# weftd's unit is missing: neither start is refused for a missing unit.
+	rm "$r/usr/lib/systemd/system/etcd.service"
+	verify_clean "$r" weftd.service docker.service
+	rm "$r/etc/systemd/system/weftd.service"
+	verify_clean "$r" docker.service
 }
 
 test_units_verify_catches_errors() {
@@ -444,9 +454,11 @@ test_units_verify_catches_errors() {
 	local r=$TMP/root-broken
 	make_root "$r"
 	install_units "$r"
-	# No etcd.service on this system: weftd.service as shipped requires it.
+	# A unit that requires a missing unit is refused (what the shipped units no longer do).
+	sed 's/^After=etcd\.service$/Requires=etcd.service/' deploy/systemd/weftd.service \
+		>"$r/etc/systemd/system/weftd.service"
 	expect_failure 'etcd\.service not found' systemd-analyze verify --root="$r" weftd.service
-	add_etcd_unit "$r"
+	cp deploy/systemd/weftd.service "$r/etc/systemd/system/weftd.service"
 	rm "$r/usr/local/bin/weftd"
 	expect_failure '/usr/local/bin/weftd is not executable' systemd-analyze verify --root="$r" weftd.service
 	rm "$r/usr/local/libexec/weft/mk-docker-opts.sh"
@@ -691,14 +703,9 @@ ETCD_INITIAL_CLUSTER_TOKEN=weft-core-01'
 	jq -e '. == {"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}' "$c1/etc/weft/network-config.json" >/dev/null ||
 		fail "network config is not the lab's"
 
-	# core-01 gets the unit as shipped; core-02 (remote etcd) the same without the etcd lines.
+	# Both VMs get the unit as shipped, with or without a local etcd.
 	cmp deploy/systemd/weftd.service "$c1/etc/systemd/system/weftd.service" || fail "core-01 unit differs"
-	diff deploy/systemd/weftd.service "$c2/etc/systemd/system/weftd.service" >"$TMP/unit.diff" || true
-	assert_file "$TMP/unit.diff" '17,18c17
-< After=etcd.service
-< Requires=etcd.service
----
-> # etcd runs on another host: no dependency on etcd.service here.'
+	cmp deploy/systemd/weftd.service "$c2/etc/systemd/system/weftd.service" || fail "core-02 unit differs"
 	for host in core-01 core-02; do
 		cmp deploy/systemd/docker.service.d/weft.conf "$out/$host/etc/systemd/system/docker.service.d/weft.conf"
 		cmp "$MK" "$out/$host/usr/local/libexec/weft/mk-docker-opts.sh"
@@ -729,7 +736,7 @@ test_provision_options() {
 	local r=$TMP/opts
 	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints https://10.0.0.1:2379,https://10.0.0.2:2379 \
 		--etcd-prefix /weft/network --iface 198.18.0.1 --public-ip 203.0.113.7 \
-		--subnet-file /run/lab/h1.env --healthz-port 0 --etcd remote
+		--subnet-file /run/lab/h1.env --healthz-port 0
 	assert_file "$r/etc/default/weftd" '# /etc/default/weftd for weftd.service, written by deploy/provision/install-weftd.sh.
 # All variables: /usr/local/share/doc/weft/weftd.env.example
 FLANNELD_ETCD_ENDPOINTS=https://10.0.0.1:2379,https://10.0.0.2:2379
@@ -750,7 +757,7 @@ FLANNELD_HEALTHZ_PORT=0'
 test_provision_errors() {
 	local p=deploy/provision r=$TMP/errs
 	expect_failure '--etcd-endpoints is required' "$p/install-weftd.sh" --root "$r"
-	expect_failure '--etcd must be local or remote' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --etcd elsewhere
+	expect_failure 'unknown argument: --etcd' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --etcd remote
 	expect_failure '--root needs an absolute path' "$p/install-weftd.sh" --root relative --etcd-endpoints http://a:2379
 	expect_failure 'unknown argument: --bogus' "$p/install-weftd.sh" --bogus
 	expect_failure '--iface-of needs an IPv4 address' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --iface-of eth1
@@ -890,11 +897,11 @@ run_test "mk-docker-opts: comments, quotes, CRLF" test_mk_lenient_syntax
 run_test "mk-docker-opts: missing subnet file" test_mk_missing_file
 run_test "mk-docker-opts: the subnet file is never executed" test_mk_not_executed
 
-run_test "systemd: unit and drop-in settings" test_unit_content
+run_test "systemd: unit and drop-in settings, no hard dependency chain" test_unit_content
 run_test "systemd: weftd.env.example lists every setting" test_env_example
 if [ -n "$UNIT_SRC" ]; then
-	with_tools "systemd: verify weftd.service and docker drop-in" test_units_verify systemd-analyze
-	with_tools "systemd: verify catches missing etcd/binaries" test_units_verify_catches_errors systemd-analyze
+	with_tools "systemd: verify the units with and without etcd and weftd units" test_units_verify systemd-analyze
+	with_tools "systemd: verify catches a hard dependency, missing binaries" test_units_verify_catches_errors systemd-analyze
 	with_tools "systemd: security exposure of weftd.service" test_unit_exposure systemd-analyze
 else
 	skip_or_fail "systemd: verify" "no systemd unit directory"

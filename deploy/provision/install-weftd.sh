@@ -23,8 +23,6 @@ usage: $PROG --etcd-endpoints URLS [options]
   --ip-masq               masquerade traffic leaving the overlay (FLANNELD_IP_MASQ=true)
   --healthz-ip IP         healthz/metrics address (FLANNELD_HEALTHZ_IP)
   --healthz-port PORT     healthz/metrics port (FLANNELD_HEALTHZ_PORT; 0 = off)
-  --etcd local|remote     local (default): the unit requires etcd.service on this host;
-                          remote: etcd runs elsewhere, the unit has no etcd dependency
   --binary PATH           weftd binary to install (default: <repo>/target/release/weftd)
   --root DIR              write the configuration under DIR and change nothing else
 EOF
@@ -32,7 +30,7 @@ EOF
 }
 
 etcd_endpoints="" etcd_prefix="" iface="" iface_of="" public_ip="" ip_masq=false
-healthz_ip="" healthz_port="" etcd_mode=local binary=$REPO_DIR/target/release/weftd
+healthz_ip="" healthz_port="" binary=$REPO_DIR/target/release/weftd
 subnet_file=""
 
 while [ $# -gt 0 ]; do
@@ -46,7 +44,6 @@ while [ $# -gt 0 ]; do
 	--ip-masq) ip_masq=true; shift ;;
 	--healthz-ip) need_value "$1" $#; healthz_ip=$2; shift 2 ;;
 	--healthz-port) need_value "$1" $#; healthz_port=$2; shift 2 ;;
-	--etcd) need_value "$1" $#; etcd_mode=$2; shift 2 ;;
 	--binary) need_value "$1" $#; binary=$2; shift 2 ;;
 	--root) need_value "$1" $#; set_root "$2"; shift 2 ;;
 	-h | --help) usage ;;
@@ -55,7 +52,6 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$etcd_endpoints" ] || { log "--etcd-endpoints is required"; usage; }
-case $etcd_mode in local | remote) ;; *) die "--etcd must be local or remote, got: $etcd_mode" ;; esac
 [ -z "$iface" ] || [ -z "$iface_of" ] || die "give --iface or --iface-of, not both"
 [ -z "$iface_of" ] || is_ipv4 "$iface_of" || die "--iface-of needs an IPv4 address, got: $iface_of"
 [ -z "$public_ip" ] || is_ipv4 "$public_ip" || die "--public-ip needs an IPv4 address, got: $public_ip"
@@ -96,22 +92,10 @@ render_env() {
 	[ -z "$healthz_port" ] || echo "FLANNELD_HEALTHZ_PORT=$healthz_port"
 }
 
-# The unit: as shipped for a host with a local etcd; without the etcd dependency otherwise
-# (systemd drop-ins cannot remove dependencies, so this host gets its own copy).
-render_unit() {
-	local unit=$DEPLOY_DIR/systemd/weftd.service
-	if [ "$etcd_mode" = local ]; then
-		cat -- "$unit"
-		return
-	fi
-	[ "$(grep -c -x -e 'After=etcd.service' -e 'Requires=etcd.service' "$unit")" = 2 ] ||
-		die "$unit no longer has the After=/Requires=etcd.service lines this script removes"
-	sed -e '/^After=etcd\.service$/d' \
-		-e 's/^Requires=etcd\.service$/# etcd runs on another host: no dependency on etcd.service here./' "$unit"
-}
-
 render_env | write_file /etc/default/weftd 0644
-render_unit | write_file /etc/systemd/system/weftd.service 0644
+# One unit for every host, with or without a local etcd (it orders itself after etcd.service
+# but does not require it).
+copy_file "$DEPLOY_DIR/systemd/weftd.service" /etc/systemd/system/weftd.service 0644
 copy_file "$REPO_DIR/docs/operations.md" /usr/local/share/doc/weft/operations.md 0644
 copy_file "$DEPLOY_DIR/systemd/weftd.env.example" /usr/local/share/doc/weft/weftd.env.example 0644
 
