@@ -754,6 +754,103 @@ FLANNELD_HEALTHZ_PORT=0'
 	[ -f "$r/etc/sysctl.d/60-weft.conf" ] || fail "--root DIR/ wrote elsewhere"
 }
 
+# make_activation_bin BIN LOG: stand-ins for what install-weftd.sh runs on a real host, each
+# recording its call in LOG. apt-get "installs" iptables by creating iptables-save and
+# iptables-restore in BIN; systemctl's "restart weftd.service" behaves as weftd's start does
+# on a fresh box: it fails when iptables-save is missing, else writes the subnet file.
+make_activation_bin() {
+	local bin=$1 log=$2
+	mkdir -p "$bin"
+	cat >"$bin/apt-get" <<-EOF
+		#!/bin/sh
+		echo "apt-get \$*" >>"$log"
+		case " \$* " in
+		*" install "*" iptables "*)
+			printf '#!/bin/sh\nexit 0\n' >"$bin/iptables-save"
+			printf '#!/bin/sh\nexit 0\n' >"$bin/iptables-restore"
+			chmod 0755 "$bin/iptables-save" "$bin/iptables-restore" ;;
+		esac
+	EOF
+	cat >"$bin/systemctl" <<-EOF
+		#!/bin/sh
+		echo "systemctl \$*" >>"$log"
+		[ "\$*" = "restart weftd.service" ] || exit 0
+		command -v iptables-save >/dev/null || { echo "weftd: iptables-save not found" >&2; exit 1; }
+		mkdir -p /run/flannel
+		printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n' >/run/flannel/subnet.env
+	EOF
+	printf '#!/bin/sh\necho "journalctl $*" >>"%s"\n' "$log" >"$bin/journalctl"
+	chmod 0755 "$bin/apt-get" "$bin/systemctl" "$bin/journalctl"
+}
+
+# activate_weftd BIN ARGS...: install-weftd.sh on the "real" system, in a private mount
+# namespace where /run, /usr/local, /etc/default and /etc/systemd/system are empty tmpfs
+# mounts, with PATH holding BIN and /usr/bin only (no /usr/sbin: no iptables-save).
+# Prints the mode and owner of /etc/default/weftd and the installed binary's first line.
+activate_weftd() {
+	local bin=$1
+	shift
+	# shellcheck disable=SC2016
+	unshare --mount --propagation private -- bash -c '
+		set -e
+		for d in /run /usr/local /etc/default /etc/systemd/system; do mount -t tmpfs weft-test "$d"; done
+		bin=$1
+		shift
+		PATH="$bin:/usr/bin:/bin" "$@"
+		stat -c "env file %a %U" /etc/default/weftd
+		sed -n 2p /usr/local/bin/weftd
+	' activate "$bin" "$REPO/deploy/provision/install-weftd.sh" "$@"
+}
+
+test_weftd_activation_order() {
+	# On a fresh Debian 12 iptables is missing until docker.io pulls it in, after weftd has
+	# started; install-weftd.sh must install it before it starts weftd.
+	local bin=$TMP/bin log=$TMP/calls
+	make_activation_bin "$bin" "$log"
+	printf '#!/bin/sh\necho "weftd 0.1.0"\n' >"$TMP/weftd"
+	chmod 0755 "$TMP/weftd"
+	activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --ip-masq \
+		--binary "$TMP/weftd" >"$TMP/out" 2>"$TMP/err" || { cat "$TMP/err"; fail "install-weftd.sh failed"; }
+	assert_eq "apt-get update -q
+apt-get install -y -q --no-install-recommends iptables
+systemctl daemon-reload
+systemctl enable weftd.service
+systemctl restart weftd.service" "$(cat "$log")" "commands run, in order"
+	assert_eq 'echo "weftd 0.1.0"' "$(sed -n 2p "$TMP/out")" "installed binary"
+	grep -q 'FLANNEL_SUBNET=10.1.15.1/24' "$TMP/err" || fail "the subnet file was not shown"
+
+	# iptables already there: nothing is installed.
+	: >"$log"
+	activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd" \
+		>/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "second install-weftd.sh failed"; }
+	! grep -q '^apt-get' "$log" || fail "apt-get ran although iptables was there"
+
+	# A binary that cannot run here (built against a newer glibc) stops the script before it
+	# installs or starts anything.
+	: >"$log"
+	printf '#!/bin/sh\necho "weftd: /lib/x86_64-linux-gnu/libc.so.6: version GLIBC_2.39 not found" >&2\nexit 1\n' >"$TMP/weftd"
+	expect_failure 'does not run on this host .*GLIBC_2\.39 not found' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	[ ! -s "$log" ] || { cat "$log"; fail "commands ran after the binary was found unusable"; }
+
+	# The package manager leaves iptables missing: weftd is not started.
+	: >"$log"
+	rm -f "$bin/iptables-save" "$bin/iptables-restore"
+	printf '#!/bin/sh\necho "apt-get $*" >>"%s"\n' "$log" >"$bin/apt-get"
+	printf '#!/bin/sh\necho "weftd 0.1.0"\n' >"$TMP/weftd"
+	expect_failure 'iptables-save is still missing after installing iptables' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	! grep -q '^systemctl' "$log" || fail "weftd was started without iptables"
+
+	# weftd does not start: its journal is shown and the script fails.
+	: >"$log"
+	make_activation_bin "$bin" "$log"
+	printf '#!/bin/sh\necho "systemctl $*" >>"%s"\n[ "$*" != "restart weftd.service" ]\n' "$log" >"$bin/systemctl"
+	expect_failure 'weftd.service did not start' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	grep -q '^journalctl -u weftd.service' "$log" || fail "the journal was not shown"
+}
+
 test_provision_errors() {
 	local p=deploy/provision r=$TMP/errs
 	expect_failure '--etcd-endpoints is required' "$p/install-weftd.sh" --root "$r"
@@ -912,6 +1009,11 @@ with_tools "cni: 10-weft.conflist is the flannel chain" test_cni_conflist python
 run_test "provision: interface holding an address" test_iface_holding_ip
 run_test "provision: install-weftd.sh options -> /etc/default/weftd" test_provision_options
 run_test "provision: argument errors" test_provision_errors
+if [ "$(id -u)" -eq 0 ]; then
+	with_tools "provision: install-weftd.sh installs iptables before it starts weftd" test_weftd_activation_order unshare
+else
+	skip_or_fail "provision: install-weftd.sh installs iptables before it starts weftd" "needs root for a mount namespace"
+fi
 with_tools "vagrant: lab plan (machines and steps)" test_lab_plan ruby
 if [ -n "$UNIT_SRC" ]; then
 	with_tools "vagrant: each VM's provisioning rendered and verified" test_lab_render ruby jq systemd-analyze

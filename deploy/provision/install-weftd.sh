@@ -4,7 +4,9 @@
 #   /etc/systemd/system/weftd.service          deploy/systemd/weftd.service
 #   /etc/default/weftd                         FLANNELD_* settings for this host
 #   /usr/local/share/doc/weft/                 operations.md and weftd.env.example
-# then enables and restarts weftd.service and shows the subnet file it wrote.
+# then checks that the binary runs on this host, installs iptables if it is missing (weftd
+# runs iptables-save and iptables-restore, which a fresh Debian 12 does not have), enables and
+# restarts weftd.service and shows the subnet file it wrote.
 # With --root DIR only the configuration files are written, under DIR (see lib.sh).
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -73,6 +75,7 @@ esac
 require_root_user
 
 if [ -n "$iface_of" ]; then
+	! activating || ensure_command ip iproute2
 	iface=$(ip -o -4 addr show | iface_holding_ip "$iface_of") ||
 		die "no interface on this host holds $iface_of"
 	log "interface holding $iface_of: $iface"
@@ -106,15 +109,30 @@ fi
 
 [ -x "$binary" ] ||
 	die "weftd binary $binary not found; build it first: cargo build --release -p weft-control"
+# A binary built against a newer C library than this host's cannot run here: say so now,
+# before it replaces a working one and systemd reports only a failed start.
+version=$("$binary" --version 2>&1) ||
+	die "$binary does not run on this host (built for a newer glibc? build it on the same or an older distribution): $version"
+
+# What weftd runs besides itself, on a fresh Debian 12 (which has neither): iptables-save and
+# iptables-restore for the ip-masq and FORWARD rules. docker.io would pull iptables in, but
+# docker is installed after weftd has started.
+ensure_command iptables-save iptables
+ensure_command iptables-restore iptables
+
 # Copy, then rename over the old binary: a running weftd keeps its file.
+mkdir -p /usr/local/bin
 install -m 0755 -- "$binary" /usr/local/bin/.weftd.new
 mv -f -- /usr/local/bin/.weftd.new /usr/local/bin/weftd
-log "installed /usr/local/bin/weftd ($(/usr/local/bin/weftd --version 2>&1 || true))"
+log "installed /usr/local/bin/weftd ($version)"
 
 systemctl daemon-reload
 systemctl enable weftd.service
 # Type=notify: this returns once weftd has written the subnet file and reported READY=1.
-systemctl restart weftd.service
+if ! systemctl restart weftd.service; then
+	journalctl -u weftd.service -n 30 --no-pager >&2 || true
+	die "weftd.service did not start (its log is above; full log: journalctl -u weftd)"
+fi
 
 subnet_file=${subnet_file:-/run/flannel/subnet.env}
 [ -f "$subnet_file" ] || die "weftd started but $subnet_file is missing; see journalctl -u weftd"
