@@ -529,8 +529,9 @@ test_env_example() {
 	local f=deploy/systemd/weftd.env.example flag var
 	# Every flag of flanneld v0.20.2 that weftd takes, and weft's own settings, are listed.
 	for flag in etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
-		etcd-password iface iface-regex public-ip subnet-file subnet-lease-renew-margin ip-masq \
-		iptables-resync iptables-forward-rules healthz-ip healthz-port v; do
+		etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+		subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+		healthz-port v; do
 		var=FLANNELD_$(echo "$flag" | tr 'a-z-' 'A-Z_')
 		assert_grep "$f" "^#?$var="
 	done
@@ -713,6 +714,7 @@ ETCD_INITIAL_CLUSTER_TOKEN=weft-core-01'
 		assert_file "$out/$host/etc/modules-load.d/weft.conf" '# weftd creates its TUN device from a service that may not load kernel modules.
 tun'
 		assert_grep "$out/$host/etc/sysctl.d/60-weft.conf" '^net\.ipv4\.ip_forward = 1$'
+		assert_eq 600 "$(stat -c %a "$out/$host/etc/default/weftd")" "mode of $host's /etc/default/weftd"
 		cmp docs/operations.md "$out/$host/usr/local/share/doc/weft/operations.md"
 	done
 
@@ -746,6 +748,12 @@ FLANNELD_PUBLIC_IP=203.0.113.7
 FLANNELD_SUBNET_FILE=/run/lab/h1.env
 FLANNELD_IP_MASQ=false
 FLANNELD_HEALTHZ_PORT=0'
+	# It may hold the etcd password once edited: readable by root only.
+	assert_eq 600 "$(stat -c %a "$r/etc/default/weftd")" "mode of /etc/default/weftd"
+	# Rewriting a file that was readable by all leaves it readable by root only as well.
+	chmod 0644 "$r/etc/default/weftd"
+	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints http://127.0.0.1:2379 2>/dev/null
+	assert_eq 600 "$(stat -c %a "$r/etc/default/weftd")" "mode of the rewritten /etc/default/weftd"
 	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints http://127.0.0.1:2379 \
 		--subnet-file /var/lib/weft/subnet.env 2>"$TMP/err"
 	grep -q 'ReadWritePaths=/var/lib/weft' "$TMP/err" || fail "no note about ReadWritePaths"
@@ -816,7 +824,8 @@ apt-get install -y -q --no-install-recommends iptables
 systemctl daemon-reload
 systemctl enable weftd.service
 systemctl restart weftd.service" "$(cat "$log")" "commands run, in order"
-	assert_eq 'echo "weftd 0.1.0"' "$(sed -n 2p "$TMP/out")" "installed binary"
+	assert_eq 'env file 600 root
+echo "weftd 0.1.0"' "$(cat "$TMP/out")" "/etc/default/weftd's mode and owner, the installed binary"
 	grep -q 'FLANNEL_SUBNET=10.1.15.1/24' "$TMP/err" || fail "the subnet file was not shown"
 
 	# iptables already there: nothing is installed.
@@ -927,13 +936,72 @@ test_vagrantfile_syntax() {
 
 # --- docs ----------------------------------------------------------------------------------
 
+# weftd's own account of its flags: "FLAG ENV DEFAULT" per line (DEFAULT "-" when none),
+# from `weftd --help` run with an empty environment (a set variable would show up as a value).
+WEFTD_BIN=${WEFTD_BIN:-$REPO/target/release/weftd}
+weftd_flags() {
+	# weftd prints its help on stderr, as flanneld does.
+	env -i "$WEFTD_BIN" --help 2>&1 | awk '
+		function emit() { if (flag != "" && envvar != "") print flag, envvar, (dflt == "" ? "-" : dflt) }
+		/^ +(-[A-Za-z], )?--[a-z0-9-]+/ {
+			emit()
+			flag = $0; sub(/^ +(-[A-Za-z], )?--/, "", flag); sub(/[^a-z0-9-].*$/, "", flag)
+			envvar = ""; dflt = ""
+			next
+		}
+		/^ +\[env: [A-Z0-9_]+=/ { envvar = $0; sub(/^ +\[env: /, "", envvar); sub(/=.*$/, "", envvar) }
+		/^ +\[default: / { dflt = $0; sub(/^ +\[default: /, "", dflt); sub(/\]$/, "", dflt) }
+		END { emit() }'
+}
+
+# flanneld v0.20.2's flags that weftd takes (docs/operations.md and the README name them all).
+FLANNELD_FLAGS=" etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
+etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+healthz-port v version "
+
+test_flags_documented() {
+	local flag var dflt row shown value f=deploy/systemd/weftd.env.example n=0
+	weftd_flags >"$TMP/flags"
+	[ "$(wc -l <"$TMP/flags")" -ge 20 ] || { cat "$TMP/flags"; fail "could not read the flags from weftd --help"; }
+	while read -r flag var dflt; do
+		n=$((n + 1))
+		shown=--$flag
+		[ "$flag" != v ] || shown=-v
+		# docs/operations.md: a table row for the flag naming its variable and its default.
+		row=$(grep -F -e "| \`$shown\` |" docs/operations.md) || fail "docs/operations.md: no row for $shown"
+		[ "$flag" = version ] || [[ $row == *"\`$var\`"* ]] ||
+			fail "docs/operations.md: the row for $shown does not name $var"
+		case $flag in
+		workers | version) ;; # the default is the host's core count; --version is no setting
+		*)
+			[ "$dflt" = - ] || [[ $row == *"\`$dflt\`"* ]] ||
+				fail "docs/operations.md: the row for $shown does not give the default $dflt: $row"
+			;;
+		esac
+		# The README's flag paragraph: flanneld's flags and weft's own.
+		if [[ $var == WEFTD_* ]] || [[ $FLANNELD_FLAGS == *" $flag "* ]]; then
+			grep -q -F -e "\`$shown" README.md || fail "README.md does not name $shown"
+		fi
+		# weftd.env.example: every setting, its commented line showing the default.
+		[ "$flag" != version ] || continue
+		grep -q -E "^#?$var=" "$f" || fail "$f does not list $var"
+		if [ "$dflt" = - ] || [ "$flag" = workers ]; then
+			continue
+		fi
+		value=$(sed -n "s/^#$var=//p" "$f")
+		[ "$value" = "$dflt" ] || fail "$f: #$var=$value, but weftd's default is $dflt"
+	done <"$TMP/flags"
+	echo "$n flags documented"
+}
+
 test_operations_doc() {
 	local f=docs/operations.md flag var path
 	[ -s "$f" ] || fail "$f is missing"
 	for flag in etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
-		etcd-password iface iface-regex public-ip subnet-file subnet-lease-renew-margin ip-masq \
-		iptables-resync iptables-forward-rules healthz-ip healthz-port version tun-name workers \
-		io allow-foreign-sources; do
+		etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+		subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+		healthz-port version tun-name workers io allow-foreign-sources; do
 		grep -q -e "--$flag\b" "$f" || fail "$f does not document --$flag"
 	done
 	for var in FLANNELD_ETCD_ENDPOINTS FLANNELD_IFACE FLANNELD_IP_MASQ FLANNELD_HEALTHZ_PORT \
@@ -1027,6 +1095,11 @@ with_tools "vagrant: validate catches errors" test_vagrant_validate_catches_erro
 with_tools "vagrant: rsync filter" test_rsync_filter rsync
 
 run_test "docs: operations.md covers flags, variables, paths" test_operations_doc
+if [ -x "$WEFTD_BIN" ]; then
+	run_test "docs: every flag of weftd --help in operations.md, README, weftd.env.example" test_flags_documented
+else
+	skip_or_fail "docs: every flag of weftd --help documented" "no weftd binary at $WEFTD_BIN (cargo build --release -p weft-control)"
+fi
 
 if [ ${#failed_names[@]} -gt 0 ]; then
 	printf 'failed: %s\n' "${failed_names[@]}"

@@ -95,7 +95,8 @@ render_env() {
 	[ -z "$healthz_port" ] || echo "FLANNELD_HEALTHZ_PORT=$healthz_port"
 }
 
-render_env | write_file /etc/default/weftd 0644
+# 0600: the file may hold the etcd password (FLANNELD_ETCD_PASSWORD), added by hand later.
+render_env | write_file /etc/default/weftd 0600
 # One unit for every host, with or without a local etcd (it orders itself after etcd.service
 # but does not require it).
 copy_file "$DEPLOY_DIR/systemd/weftd.service" /etc/systemd/system/weftd.service 0644
