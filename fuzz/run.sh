@@ -15,9 +15,10 @@
 # number of coverage counters and coverage found from the seeds; an uninstrumented build fails
 # the run instead of fuzzing blind.
 #
-# Installs cargo-fuzz from crates.io (`cargo install`) if it is missing. The growing corpus
-# lives in fuzz/corpus/<target> (not checked in), the seeds in fuzz/seeds/<target>, and a
-# crashing input is left in fuzz/artifacts/<target>.
+# Installs cargo-fuzz from crates.io (`cargo install`) if it is missing, and g++ (as root, with
+# apt-get) if there is no C++ compiler for libFuzzer. The growing corpus lives in
+# fuzz/corpus/<target> (not checked in), the seeds in fuzz/seeds/<target>, and a crashing
+# input is left in fuzz/artifacts/<target>.
 set -euo pipefail
 
 seconds="${1:-30}"
@@ -27,6 +28,20 @@ cd "$repo"
 
 # The cargo-fuzz release this script was checked with; a newer one already installed is used as is.
 CARGO_FUZZ_VERSION=0.13.2
+
+# libfuzzer-sys compiles libFuzzer (C++) with the cc crate: it needs a C++ compiler, which a
+# machine with only Rust and a C linker may lack.
+cxx=${CXX:-c++}
+if ! command -v "$cxx" >/dev/null 2>&1; then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "== no C++ compiler ($cxx) for libFuzzer: installing g++"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends g++ ||
+            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends g++; } ||
+            true
+    fi
+    command -v "$cxx" >/dev/null 2>&1 ||
+        { echo "fuzz/run.sh: libFuzzer needs a C++ compiler ($cxx): install g++ (Debian: apt-get install g++)" >&2; exit 1; }
+fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
