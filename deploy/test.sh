@@ -2,12 +2,15 @@
 # Checks deploy/ (systemd units, docker integration, CNI configuration, provisioning scripts),
 # vagrant/ and docs/operations.md. Needs no network and changes nothing outside a temporary
 # directory: VMs are not booted; the Vagrantfile is validated offline inside a network
-# namespace of its own, and every VM's provisioning is rendered with --root and checked.
+# namespace of its own, and every VM's provisioning is rendered with --root and checked;
+# install-weftd.sh's real-system half runs in a private mount namespace with stand-ins for the
+# package manager and systemctl.
 #
 #   bash deploy/test.sh
 #
-# Prerequisites: systemd-analyze, vagrant (with vagrant-libvirt), ruby, rsync, shellcheck, jq,
-# python3, unshare. vagrant and shellcheck are installed with apt-get when missing. A missing
+# Prerequisites: root (namespaces), systemd-analyze, vagrant (with vagrant-libvirt), ruby,
+# rsync, shellcheck, jq, python3, unshare, and the weftd binary (target/release/weftd, or
+# WEFTD_BIN) for the flag documentation check. vagrant and shellcheck are installed with apt-get when missing. A missing
 # prerequisite fails its checks under CI=true; elsewhere those checks are reported as skipped.
 # Ends with "deploy: N passed, N failed" (", N skipped" when some were).
 set -uo pipefail
