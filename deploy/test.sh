@@ -2,12 +2,15 @@
 # Checks deploy/ (systemd units, docker integration, CNI configuration, provisioning scripts),
 # vagrant/ and docs/operations.md. Needs no network and changes nothing outside a temporary
 # directory: VMs are not booted; the Vagrantfile is validated offline inside a network
-# namespace of its own, and every VM's provisioning is rendered with --root and checked.
+# namespace of its own, and every VM's provisioning is rendered with --root and checked;
+# install-weftd.sh's real-system half runs in a private mount namespace with stand-ins for the
+# package manager and systemctl.
 #
 #   bash deploy/test.sh
 #
-# Prerequisites: systemd-analyze, vagrant (with vagrant-libvirt), ruby, rsync, shellcheck, jq,
-# python3, unshare. vagrant and shellcheck are installed with apt-get when missing. A missing
+# Prerequisites: root (namespaces), systemd-analyze, vagrant (with vagrant-libvirt), ruby,
+# rsync, shellcheck, jq, python3, unshare, and the weftd binary (target/release/weftd, or
+# WEFTD_BIN) for the flag documentation check. vagrant and shellcheck are installed with apt-get when missing. A missing
 # prerequisite fails its checks under CI=true; elsewhere those checks are reported as skipped.
 # Ends with "deploy: N passed, N failed" (", N skipped" when some were).
 set -uo pipefail
@@ -141,84 +144,188 @@ test_shellcheck() {
 # --- mk-docker-opts.sh ---------------------------------------------------------------------
 
 MK=deploy/docker/mk-docker-opts.sh
+MK_CASES=deploy/tests/mk-docker-opts.cases
+
+# The script reads the routing table (`ip -4 route show`); the checks give it a table of their
+# own: an `ip` that prints the file $FAKE_ROUTES (nothing when unset) and refuses anything else.
+MK_BIN=$WORK/mk-bin
+mkdir -p "$MK_BIN"
+# shellcheck disable=SC2016
+printf '%s\n' '#!/bin/sh' '[ "$*" = "-4 route show" ] || exit 1' 'cat "${FAKE_ROUTES:-/dev/null}"' >"$MK_BIN/ip"
+chmod 0755 "$MK_BIN/ip"
+
+# mk ARGS...: mk-docker-opts.sh with the stand-in routing table.
+mk() { PATH="$MK_BIN:$PATH" "$REPO/$MK" "$@"; }
 
 test_mk_fixture_default() {
-	"$MK" -f "$FIXTURES/subnet.env" -d "$TMP/opts.env"
+	mk -f "$FIXTURES/subnet.env" -d "$TMP/opts.env"
 	assert_file "$TMP/opts.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
-DOCKER_OPT_MTU="--mtu=1472"
 DOCKER_OPT_IPMASQ="--ip-masq=true"
-DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
+DOCKER_OPT_MTU="--mtu=1472"
+DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
 	[ "$(stat -c %a "$TMP/opts.env")" = 644 ] || fail "output mode is not 0644"
 	# The file is usable both as a systemd EnvironmentFile and from a shell.
 	# shellcheck disable=SC1091
-	assert_eq "--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true" "$(. "$TMP/opts.env" && echo "$DOCKER_OPTS")"
+	assert_eq " --bip=10.1.15.1/24 --ip-masq=true --mtu=1472" "$(. "$TMP/opts.env" && echo "$DOCKER_OPTS")"
 	[ -z "$(find "$TMP" -maxdepth 1 -name '.opts.env.*')" ] || fail "temporary file left behind"
 }
 
-test_mk_options() {
-	"$MK" -c -f "$FIXTURES/subnet.env" -d "$TMP/c.env"
-	assert_file "$TMP/c.env" 'DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
-	"$MK" -i -f "$FIXTURES/subnet.env" -d "$TMP/i.env"
-	assert_file "$TMP/i.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
+# mk_case INPUT ENVWORDS ARGS EXPECTED: run one case of $MK_CASES in an otherwise empty
+# environment and compare the output file with EXPECTED byte for byte.
+mk_case() {
+	local input=$1 envwords=$2 args=$3 expected=$4
+	local -a env_args=() opt_args=()
+	[ "$envwords" = - ] || read -r -a env_args <<<"$envwords"
+	[ "$args" = - ] || read -r -a opt_args <<<"$args"
+	rm -f "$TMP/out.env"
+	env -i PATH="$MK_BIN:$PATH" "${env_args[@]}" "$REPO/$MK" "${opt_args[@]}" \
+		-f "$TMP/in/$input.env" -d "$TMP/out.env" || fail "case [$input | $envwords | $args] failed"
+	cmp -s "$expected" "$TMP/out.env" || {
+		diff -u --label "flannel: $input | $envwords | $args" --label ours "$expected" "$TMP/out.env"
+		fail "case [$input | $envwords | $args] differs from flannel's output"
+	}
+}
+
+# Every case of $MK_CASES gives flannel's output for the same subnet file, options and
+# environment.
+test_mk_flannel_cases() {
+	local line block="" input="" envwords="" args="" cases=0 expected=$TMP/expected
+	mkdir -p "$TMP/in"
+	while IFS= read -r line; do
+		case $line in
+		'## input '* | '## case '*)
+			if [ "$block" = case ]; then
+				mk_case "$input" "$envwords" "$args" "$expected"
+				cases=$((cases + 1))
+			fi
+			;;
+		esac
+		case $line in
+		'## input '*)
+			block=input input=${line#'## input '}
+			: >"$TMP/in/$input.env"
+			;;
+		'## case '*)
+			block=case
+			IFS='|' read -r input envwords args <<<"${line#'## case '}"
+			read -r input <<<"$input"
+			read -r envwords <<<"$envwords"
+			read -r args <<<"$args"
+			[ -f "$TMP/in/$input.env" ] || fail "$line: no input named $input"
+			: >"$expected"
+			;;
+		'#'*) [ -z "$block" ] || fail "$MK_CASES: a comment inside a block: $line" ;;
+		*)
+			case $block in
+			input) printf '%s\n' "$line" >>"$TMP/in/$input.env" ;;
+			case) printf '%s\n' "$line" >>"$expected" ;;
+			*) fail "$MK_CASES: a line outside a block: $line" ;;
+			esac
+			;;
+		esac
+	done <"$MK_CASES"
+	if [ "$block" = case ]; then
+		mk_case "$input" "$envwords" "$args" "$expected"
+		cases=$((cases + 1))
+	fi
+	echo "$cases cases give flannel's output"
+	[ "$cases" -ge 40 ] || fail "only $cases cases in $MK_CASES"
+}
+
+test_mk_env_options() {
+	local f=$TMP/s.env
+	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n' >"$f"
+	# The three options made here always come from the file and the flags, never from a
+	# previous run's output passed back in as environment (docker's drop-in does that).
+	DOCKER_OPT_IPMASQ=--ip-masq=true DOCKER_OPT_BIP=--bip=10.9.9.1/24 mk -m -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
 DOCKER_OPT_MTU="--mtu=1472"
-DOCKER_OPT_IPMASQ="--ip-masq=true"'
-	"$MK" -c -k DOCKER_NETWORK_OPTIONS -f "$FIXTURES/subnet.env" -d "$TMP/k.env"
-	assert_file "$TMP/k.env" 'DOCKER_NETWORK_OPTIONS="--bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
-	"$MK" -m -f "$FIXTURES/subnet.env" -d "$TMP/m.env"
-	assert_file "$TMP/m.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
-DOCKER_OPT_MTU="--mtu=1472"
-DOCKER_OPTS="--bip=10.1.15.1/24 --mtu=1472"'
-	# As flannel's script: a value of the combined variable in the environment is kept in front.
-	DOCKER_OPTS="--debug --log-level=warn" "$MK" -c -f "$FIXTURES/subnet.env" -d "$TMP/p.env"
-	assert_file "$TMP/p.env" 'DOCKER_OPTS="--debug --log-level=warn --bip=10.1.15.1/24 --mtu=1472 --ip-masq=true"'
+DOCKER_OPTS=" --bip=10.1.15.1/24 --mtu=1472"'
+	DOCKER_OPT_IPMASQ=--ip-masq=true mk -i -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.15.1/24"
+DOCKER_OPT_IPMASQ="--ip-masq=false"
+DOCKER_OPT_MTU="--mtu=1472"'
+	# Another option from the environment that cannot be written unquoted is an error.
+	echo keep >"$TMP/out.env"
+	DOCKER_OPT_DEBUG='--debug --log-level=info' expect_failure 'DOCKER_OPT_DEBUG in the environment' \
+		mk -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" keep
+}
+
+test_mk_route_check() {
+	local f=$TMP/s.env routes=$TMP/routes
+	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n' >"$f"
+	# The overlay's own routes, and a route whose text merely contains the subnet, are fine.
+	printf '%s\n' 'default via 192.168.121.1 dev eth0' '10.1.0.0/16 dev flannel0' \
+		'10.1.15.0/24 dev docker0 proto kernel scope link src 10.1.15.1' \
+		'110.1.15.0/24 via 192.168.56.1 dev eth1' >"$routes"
+	FAKE_ROUTES=$routes mk -c -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
+	# The subnet routed through a gateway (another backend's leftover): refused, output kept.
+	echo '10.1.15.0/24 via 192.168.56.102 dev eth1 onlink' >>"$routes"
+	FAKE_ROUTES=$routes expect_failure \
+		'routing table already contains the subnet: 10\.1\.15\.0/24 via 192\.168\.56\.102' \
+		mk -c -f "$f" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --ip-masq=true --mtu=1472"'
+}
+
+test_mk_wait() {
+	local f=$TMP/late.env
+	# The subnet file appears a second after the start: -w waits for it.
+	(sleep 1 && printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\n' >"$f.tmp" && mv "$f.tmp" "$f") &
+	mk -c -w 10 -f "$f" -d "$TMP/out.env"
+	wait
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.15.1/24 --mtu=1472"'
+	expect_failure 'nope\.env did not appear within 1 s' mk -w 1 -f "$TMP/nope.env" -d "$TMP/out.env"
+	expect_failure '-w: not a number of seconds' mk -w soon -f "$f" -d "$TMP/out.env"
 }
 
 test_mk_ipmasq_inverse() {
 	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n' >"$TMP/masq.env"
-	"$MK" -f "$TMP/masq.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPT_BIP="--bip=10.1.74.1/24"
-DOCKER_OPT_MTU="--mtu=1450"
-DOCKER_OPT_IPMASQ="--ip-masq=false"
-DOCKER_OPTS="--bip=10.1.74.1/24 --mtu=1450 --ip-masq=false"'
+	mk -i -f "$TMP/masq.env" -d "$TMP/out.env"
+	assert_grep "$TMP/out.env" '^DOCKER_OPT_IPMASQ="--ip-masq=false"$'
+	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n' >"$TMP/masq.env"
+	mk -i -f "$TMP/masq.env" -d "$TMP/out.env"
+	assert_grep "$TMP/out.env" '^DOCKER_OPT_IPMASQ="--ip-masq=true"$'
 	# No FLANNEL_IPMASQ at all: no ip-masq option (docker keeps its default).
 	printf 'FLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1450\n' >"$TMP/nomasq.env"
-	"$MK" -c -f "$TMP/nomasq.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPTS="--bip=10.1.74.1/24 --mtu=1450"'
+	mk -c -f "$TMP/nomasq.env" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.74.1/24 --mtu=1450"'
 }
 
 test_mk_lenient_syntax() {
 	# Comments, blank lines, quoted values, CRLF line ends, IPv6 lines and no final newline.
 	printf '# written by hand\r\n\nFLANNEL_NETWORK="10.1.0.0/16"\r\nFLANNEL_SUBNET="10.1.0.65/26"\nFLANNEL_IPV6_SUBNET=fc00::1/64\n  # indented comment\nFLANNEL_MTU='"'"'1472'"'"'\nFLANNEL_IPMASQ=false' >"$TMP/loose.env"
-	"$MK" -c -f "$TMP/loose.env" -d "$TMP/out.env"
-	assert_file "$TMP/out.env" 'DOCKER_OPTS="--bip=10.1.0.65/26 --mtu=1472 --ip-masq=true"'
+	mk -c -f "$TMP/loose.env" -d "$TMP/out.env"
+	assert_file "$TMP/out.env" 'DOCKER_OPTS=" --bip=10.1.0.65/26 --ip-masq=true --mtu=1472"'
 }
 
 test_mk_missing_file() {
-	expect_failure 'subnet file .*/nope.env does not exist' "$MK" -f "$TMP/nope.env" -d "$TMP/out.env"
+	expect_failure 'subnet file .*/nope.env does not exist' mk -f "$TMP/nope.env" -d "$TMP/out.env"
 	[ ! -e "$TMP/out.env" ] || fail "an output file was written for a missing subnet file"
-	expect_failure 'is not a regular file' "$MK" -f "$TMP" -d "$TMP/out.env"
+	expect_failure 'is not a regular file' mk -f "$TMP" -d "$TMP/out.env"
 }
 
 test_mk_malformed() {
 	echo 'DOCKER_OPTS="old"' >"$TMP/out.env"
 	printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET 10.1.15.1/24\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'bad.env:2: malformed line' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'bad.env:2: malformed line' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	assert_file "$TMP/out.env" 'DOCKER_OPTS="old"'
 
 	printf 'FLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is missing' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is missing' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is missing' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is missing' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.256.1/24\nFLANNEL_MTU=1472\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4 address/prefix' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=14x2\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is not a number' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is not a number' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=40\n' >"$TMP/bad.env"
-	expect_failure 'FLANNEL_MTU is not a number from 68 to 65535' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_MTU is not a number from 68 to 65535' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	printf 'FLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=yes\n' >"$TMP/bad.env"
-	expect_failure 'Invalid value of FLANNEL_IPMASQ: yes' "$MK" -f "$TMP/bad.env" -d "$TMP/out.env"
+	expect_failure 'Invalid value of FLANNEL_IPMASQ: yes' mk -f "$TMP/bad.env" -d "$TMP/out.env"
 	assert_file "$TMP/out.env" 'DOCKER_OPTS="old"'
 }
 
@@ -226,17 +333,18 @@ test_mk_not_executed() {
 	# The subnet file is data: a command substitution in it is never run.
 	# shellcheck disable=SC2016
 	printf 'FLANNEL_SUBNET=$(touch %s/pwned)\nFLANNEL_MTU=1472\n' "$TMP" >"$TMP/evil.env"
-	expect_failure 'FLANNEL_SUBNET is not an IPv4' "$MK" -f "$TMP/evil.env" -d "$TMP/out.env"
+	expect_failure 'FLANNEL_SUBNET is not an IPv4' mk -f "$TMP/evil.env" -d "$TMP/out.env"
 	[ ! -e "$TMP/pwned" ] || fail "the subnet file was executed"
 }
 
 test_mk_usage_errors() {
-	expect_failure 'unknown option -x' "$MK" -x
-	expect_failure 'usage:' "$MK" -h
-	expect_failure 'option -f needs a value' "$MK" -f
-	expect_failure 'unexpected argument: extra' "$MK" -f "$FIXTURES/subnet.env" extra
-	expect_failure 'not a valid variable name' "$MK" -k 'BAD-NAME' -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
-	expect_failure 'directory .*/no/such/dir does not exist' "$MK" -f "$FIXTURES/subnet.env" -d "$TMP/no/such/dir/out.env"
+	expect_failure 'unknown option -x' mk -x
+	expect_failure 'usage:' mk -h
+	expect_failure 'option -f needs a value' mk -f
+	expect_failure 'unexpected argument: extra' mk -f "$FIXTURES/subnet.env" extra
+	expect_failure 'not a valid variable name' mk -k 'BAD-NAME' -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
+	expect_failure 'would be taken for one of the DOCKER_OPT_' mk -k DOCKER_OPT_ALL -f "$FIXTURES/subnet.env" -d "$TMP/out.env"
+	expect_failure 'directory .*/no/such/dir does not exist' mk -f "$FIXTURES/subnet.env" -d "$TMP/no/such/dir/out.env"
 }
 
 # --- systemd units -------------------------------------------------------------------------
@@ -310,7 +418,6 @@ test_unit_content() {
 	local u=deploy/systemd/weftd.service
 	assert_grep "$u" '^Type=notify$'
 	assert_grep "$u" '^After=etcd\.service$'
-	assert_grep "$u" '^Requires=etcd\.service$'
 	assert_grep "$u" '^Restart=on-failure$'
 	assert_grep "$u" '^EnvironmentFile=-/etc/default/weftd$'
 	assert_grep "$u" '^ExecStart=/usr/local/bin/weftd$'
@@ -320,10 +427,15 @@ test_unit_content() {
 	assert_grep "$u" '^RestrictAddressFamilies=.*AF_NETLINK'
 	assert_grep "$u" '^WantedBy=multi-user\.target$'
 	local d=deploy/systemd/docker.service.d/weft.conf
-	assert_grep "$d" '^Requires=weftd\.service$'
+	assert_grep "$d" '^Wants=weftd\.service$'
 	assert_grep "$d" '^After=weftd\.service$'
-	assert_grep "$d" '^EnvironmentFile=/run/flannel/subnet\.env$'
+	assert_grep "$d" '^ExecStartPre=.*/mk-docker-opts\.sh .*-w [0-9]+ '
 	assert_grep "$d" '^ExecStart=$'
+	# No hard chain: restarting etcd must not restart weftd, and restarting weftd must not
+	# restart docker (and its containers). Dependencies that propagate stops and restarts, or
+	# that fail a start when the other unit is missing or down, are not used.
+	! grep -n -E '^(Requires|Requisite|BindsTo|PartOf|Upholds)=' "$u" "$d" ||
+		fail "a hard dependency between etcd, weftd and docker"
 }
 
 test_units_verify() {
@@ -332,6 +444,12 @@ test_units_verify() {
 	add_etcd_unit "$r"
 	install_units "$r"
 	verify_clean "$r" weftd.service docker.service
+	# The same units on a host without a local etcd, and docker's drop-in on a host where
+	# weftd's unit is missing: neither start is refused for a missing unit.
+	rm "$r/usr/lib/systemd/system/etcd.service"
+	verify_clean "$r" weftd.service docker.service
+	rm "$r/etc/systemd/system/weftd.service"
+	verify_clean "$r" docker.service
 }
 
 test_units_verify_catches_errors() {
@@ -339,9 +457,11 @@ test_units_verify_catches_errors() {
 	local r=$TMP/root-broken
 	make_root "$r"
 	install_units "$r"
-	# No etcd.service on this system: weftd.service as shipped requires it.
+	# A unit that requires a missing unit is refused (what the shipped units no longer do).
+	sed 's/^After=etcd\.service$/Requires=etcd.service/' deploy/systemd/weftd.service \
+		>"$r/etc/systemd/system/weftd.service"
 	expect_failure 'etcd\.service not found' systemd-analyze verify --root="$r" weftd.service
-	add_etcd_unit "$r"
+	cp deploy/systemd/weftd.service "$r/etc/systemd/system/weftd.service"
 	rm "$r/usr/local/bin/weftd"
 	expect_failure '/usr/local/bin/weftd is not executable' systemd-analyze verify --root="$r" weftd.service
 	rm "$r/usr/local/libexec/weft/mk-docker-opts.sh"
@@ -390,7 +510,7 @@ test_docker_dropin_wiring() {
 		fail "no ExecStartPre/ExecStart in $d"
 	fi
 	# shellcheck disable=SC2046
-	"$r${pre%% *}" $(printf '%s\n' "${pre#* }" | sed "s| /run/| $r/run/|g")
+	PATH="$MK_BIN:$PATH" "$r${pre%% *}" $(printf '%s\n' "${pre#* }" | sed "s| /run/| $r/run/|g")
 	local envfiles
 	envfiles=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$d")
 	assert_eq "/run/flannel/subnet.env
@@ -412,8 +532,9 @@ test_env_example() {
 	local f=deploy/systemd/weftd.env.example flag var
 	# Every flag of flanneld v0.20.2 that weftd takes, and weft's own settings, are listed.
 	for flag in etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
-		etcd-password iface iface-regex public-ip subnet-file subnet-lease-renew-margin ip-masq \
-		iptables-resync iptables-forward-rules healthz-ip healthz-port v; do
+		etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+		subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+		healthz-port v; do
 		var=FLANNELD_$(echo "$flag" | tr 'a-z-' 'A-Z_')
 		assert_grep "$f" "^#?$var="
 	done
@@ -586,14 +707,9 @@ ETCD_INITIAL_CLUSTER_TOKEN=weft-core-01'
 	jq -e '. == {"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}' "$c1/etc/weft/network-config.json" >/dev/null ||
 		fail "network config is not the lab's"
 
-	# core-01 gets the unit as shipped; core-02 (remote etcd) the same without the etcd lines.
+	# Both VMs get the unit as shipped, with or without a local etcd.
 	cmp deploy/systemd/weftd.service "$c1/etc/systemd/system/weftd.service" || fail "core-01 unit differs"
-	diff deploy/systemd/weftd.service "$c2/etc/systemd/system/weftd.service" >"$TMP/unit.diff" || true
-	assert_file "$TMP/unit.diff" '17,18c17
-< After=etcd.service
-< Requires=etcd.service
----
-> # etcd runs on another host: no dependency on etcd.service here.'
+	cmp deploy/systemd/weftd.service "$c2/etc/systemd/system/weftd.service" || fail "core-02 unit differs"
 	for host in core-01 core-02; do
 		cmp deploy/systemd/docker.service.d/weft.conf "$out/$host/etc/systemd/system/docker.service.d/weft.conf"
 		cmp "$MK" "$out/$host/usr/local/libexec/weft/mk-docker-opts.sh"
@@ -601,6 +717,7 @@ ETCD_INITIAL_CLUSTER_TOKEN=weft-core-01'
 		assert_file "$out/$host/etc/modules-load.d/weft.conf" '# weftd creates its TUN device from a service that may not load kernel modules.
 tun'
 		assert_grep "$out/$host/etc/sysctl.d/60-weft.conf" '^net\.ipv4\.ip_forward = 1$'
+		assert_eq 600 "$(stat -c %a "$out/$host/etc/default/weftd")" "mode of $host's /etc/default/weftd"
 		cmp docs/operations.md "$out/$host/usr/local/share/doc/weft/operations.md"
 	done
 
@@ -624,7 +741,7 @@ test_provision_options() {
 	local r=$TMP/opts
 	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints https://10.0.0.1:2379,https://10.0.0.2:2379 \
 		--etcd-prefix /weft/network --iface 198.18.0.1 --public-ip 203.0.113.7 \
-		--subnet-file /run/lab/h1.env --healthz-port 0 --etcd remote
+		--subnet-file /run/lab/h1.env --healthz-port 0
 	assert_file "$r/etc/default/weftd" '# /etc/default/weftd for weftd.service, written by deploy/provision/install-weftd.sh.
 # All variables: /usr/local/share/doc/weft/weftd.env.example
 FLANNELD_ETCD_ENDPOINTS=https://10.0.0.1:2379,https://10.0.0.2:2379
@@ -634,6 +751,12 @@ FLANNELD_PUBLIC_IP=203.0.113.7
 FLANNELD_SUBNET_FILE=/run/lab/h1.env
 FLANNELD_IP_MASQ=false
 FLANNELD_HEALTHZ_PORT=0'
+	# It may hold the etcd password once edited: readable by root only.
+	assert_eq 600 "$(stat -c %a "$r/etc/default/weftd")" "mode of /etc/default/weftd"
+	# Rewriting a file that was readable by all leaves it readable by root only as well.
+	chmod 0644 "$r/etc/default/weftd"
+	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints http://127.0.0.1:2379 2>/dev/null
+	assert_eq 600 "$(stat -c %a "$r/etc/default/weftd")" "mode of the rewritten /etc/default/weftd"
 	deploy/provision/install-weftd.sh --root "$r" --etcd-endpoints http://127.0.0.1:2379 \
 		--subnet-file /var/lib/weft/subnet.env 2>"$TMP/err"
 	grep -q 'ReadWritePaths=/var/lib/weft' "$TMP/err" || fail "no note about ReadWritePaths"
@@ -642,10 +765,108 @@ FLANNELD_HEALTHZ_PORT=0'
 	[ -f "$r/etc/sysctl.d/60-weft.conf" ] || fail "--root DIR/ wrote elsewhere"
 }
 
+# make_activation_bin BIN LOG: stand-ins for what install-weftd.sh runs on a real host, each
+# recording its call in LOG. apt-get "installs" iptables by creating iptables-save and
+# iptables-restore in BIN; systemctl's "restart weftd.service" behaves as weftd's start does
+# on a fresh box: it fails when iptables-save is missing, else writes the subnet file.
+make_activation_bin() {
+	local bin=$1 log=$2
+	mkdir -p "$bin"
+	cat >"$bin/apt-get" <<-EOF
+		#!/bin/sh
+		echo "apt-get \$*" >>"$log"
+		case " \$* " in
+		*" install "*" iptables "*)
+			printf '#!/bin/sh\nexit 0\n' >"$bin/iptables-save"
+			printf '#!/bin/sh\nexit 0\n' >"$bin/iptables-restore"
+			chmod 0755 "$bin/iptables-save" "$bin/iptables-restore" ;;
+		esac
+	EOF
+	cat >"$bin/systemctl" <<-EOF
+		#!/bin/sh
+		echo "systemctl \$*" >>"$log"
+		[ "\$*" = "restart weftd.service" ] || exit 0
+		command -v iptables-save >/dev/null || { echo "weftd: iptables-save not found" >&2; exit 1; }
+		mkdir -p /run/flannel
+		printf 'FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n' >/run/flannel/subnet.env
+	EOF
+	printf '#!/bin/sh\necho "journalctl $*" >>"%s"\n' "$log" >"$bin/journalctl"
+	chmod 0755 "$bin/apt-get" "$bin/systemctl" "$bin/journalctl"
+}
+
+# activate_weftd BIN ARGS...: install-weftd.sh on the "real" system, in a private mount
+# namespace where /run, /usr/local, /etc/default and /etc/systemd/system are empty tmpfs
+# mounts, with PATH holding BIN and /usr/bin only (no /usr/sbin: no iptables-save).
+# Prints the mode and owner of /etc/default/weftd and the installed binary's first line.
+activate_weftd() {
+	local bin=$1
+	shift
+	# shellcheck disable=SC2016
+	unshare --mount --propagation private -- bash -c '
+		set -e
+		for d in /run /usr/local /etc/default /etc/systemd/system; do mount -t tmpfs weft-test "$d"; done
+		bin=$1
+		shift
+		PATH="$bin:/usr/bin:/bin" "$@"
+		stat -c "env file %a %U" /etc/default/weftd
+		sed -n 2p /usr/local/bin/weftd
+	' activate "$bin" "$REPO/deploy/provision/install-weftd.sh" "$@"
+}
+
+test_weftd_activation_order() {
+	# On a fresh Debian 12 iptables is missing until docker.io pulls it in, after weftd has
+	# started; install-weftd.sh must install it before it starts weftd.
+	local bin=$TMP/bin log=$TMP/calls
+	make_activation_bin "$bin" "$log"
+	printf '#!/bin/sh\necho "weftd 0.1.0"\n' >"$TMP/weftd"
+	chmod 0755 "$TMP/weftd"
+	activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --ip-masq \
+		--binary "$TMP/weftd" >"$TMP/out" 2>"$TMP/err" || { cat "$TMP/err"; fail "install-weftd.sh failed"; }
+	assert_eq "apt-get update -q
+apt-get install -y -q --no-install-recommends iptables
+systemctl daemon-reload
+systemctl enable weftd.service
+systemctl restart weftd.service" "$(cat "$log")" "commands run, in order"
+	assert_eq 'env file 600 root
+echo "weftd 0.1.0"' "$(cat "$TMP/out")" "/etc/default/weftd's mode and owner, the installed binary"
+	grep -q 'FLANNEL_SUBNET=10.1.15.1/24' "$TMP/err" || fail "the subnet file was not shown"
+
+	# iptables already there: nothing is installed.
+	: >"$log"
+	activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd" \
+		>/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "second install-weftd.sh failed"; }
+	! grep -q '^apt-get' "$log" || fail "apt-get ran although iptables was there"
+
+	# A binary that cannot run here (built against a newer glibc) stops the script before it
+	# installs or starts anything.
+	: >"$log"
+	printf '#!/bin/sh\necho "weftd: /lib/x86_64-linux-gnu/libc.so.6: version GLIBC_2.39 not found" >&2\nexit 1\n' >"$TMP/weftd"
+	expect_failure 'does not run on this host .*GLIBC_2\.39 not found' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	[ ! -s "$log" ] || { cat "$log"; fail "commands ran after the binary was found unusable"; }
+
+	# The package manager leaves iptables missing: weftd is not started.
+	: >"$log"
+	rm -f "$bin/iptables-save" "$bin/iptables-restore"
+	printf '#!/bin/sh\necho "apt-get $*" >>"%s"\n' "$log" >"$bin/apt-get"
+	printf '#!/bin/sh\necho "weftd 0.1.0"\n' >"$TMP/weftd"
+	expect_failure 'iptables-save is still missing after installing iptables' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	! grep -q '^systemctl' "$log" || fail "weftd was started without iptables"
+
+	# weftd does not start: its journal is shown and the script fails.
+	: >"$log"
+	make_activation_bin "$bin" "$log"
+	printf '#!/bin/sh\necho "systemctl $*" >>"%s"\n[ "$*" != "restart weftd.service" ]\n' "$log" >"$bin/systemctl"
+	expect_failure 'weftd.service did not start' \
+		activate_weftd "$bin" --etcd-endpoints http://192.168.56.101:2379 --binary "$TMP/weftd"
+	grep -q '^journalctl -u weftd.service' "$log" || fail "the journal was not shown"
+}
+
 test_provision_errors() {
 	local p=deploy/provision r=$TMP/errs
 	expect_failure '--etcd-endpoints is required' "$p/install-weftd.sh" --root "$r"
-	expect_failure '--etcd must be local or remote' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --etcd elsewhere
+	expect_failure 'unknown argument: --etcd' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --etcd remote
 	expect_failure '--root needs an absolute path' "$p/install-weftd.sh" --root relative --etcd-endpoints http://a:2379
 	expect_failure 'unknown argument: --bogus' "$p/install-weftd.sh" --bogus
 	expect_failure '--iface-of needs an IPv4 address' "$p/install-weftd.sh" --root "$r" --etcd-endpoints http://a:2379 --iface-of eth1
@@ -718,13 +939,72 @@ test_vagrantfile_syntax() {
 
 # --- docs ----------------------------------------------------------------------------------
 
+# weftd's own account of its flags: "FLAG ENV DEFAULT" per line (DEFAULT "-" when none),
+# from `weftd --help` run with an empty environment (a set variable would show up as a value).
+WEFTD_BIN=${WEFTD_BIN:-$REPO/target/release/weftd}
+weftd_flags() {
+	# weftd prints its help on stderr, as flanneld does.
+	env -i "$WEFTD_BIN" --help 2>&1 | awk '
+		function emit() { if (flag != "" && envvar != "") print flag, envvar, (dflt == "" ? "-" : dflt) }
+		/^ +(-[A-Za-z], )?--[a-z0-9-]+/ {
+			emit()
+			flag = $0; sub(/^ +(-[A-Za-z], )?--/, "", flag); sub(/[^a-z0-9-].*$/, "", flag)
+			envvar = ""; dflt = ""
+			next
+		}
+		/^ +\[env: [A-Z0-9_]+=/ { envvar = $0; sub(/^ +\[env: /, "", envvar); sub(/=.*$/, "", envvar) }
+		/^ +\[default: / { dflt = $0; sub(/^ +\[default: /, "", dflt); sub(/\]$/, "", dflt) }
+		END { emit() }'
+}
+
+# flanneld v0.20.2's flags that weftd takes (docs/operations.md and the README name them all).
+FLANNELD_FLAGS=" etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
+etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+healthz-port v version "
+
+test_flags_documented() {
+	local flag var dflt row shown value f=deploy/systemd/weftd.env.example n=0
+	weftd_flags >"$TMP/flags"
+	[ "$(wc -l <"$TMP/flags")" -ge 20 ] || { cat "$TMP/flags"; fail "could not read the flags from weftd --help"; }
+	while read -r flag var dflt; do
+		n=$((n + 1))
+		shown=--$flag
+		[ "$flag" != v ] || shown=-v
+		# docs/operations.md: a table row for the flag naming its variable and its default.
+		row=$(grep -F -e "| \`$shown\` |" docs/operations.md) || fail "docs/operations.md: no row for $shown"
+		[ "$flag" = version ] || [[ $row == *"\`$var\`"* ]] ||
+			fail "docs/operations.md: the row for $shown does not name $var"
+		case $flag in
+		workers | version) ;; # the default is the host's core count; --version is no setting
+		*)
+			[ "$dflt" = - ] || [[ $row == *"\`$dflt\`"* ]] ||
+				fail "docs/operations.md: the row for $shown does not give the default $dflt: $row"
+			;;
+		esac
+		# The README's flag paragraph: flanneld's flags and weft's own.
+		if [[ $var == WEFTD_* ]] || [[ $FLANNELD_FLAGS == *" $flag "* ]]; then
+			grep -q -F -e "\`$shown" README.md || fail "README.md does not name $shown"
+		fi
+		# weftd.env.example: every setting, its commented line showing the default.
+		[ "$flag" != version ] || continue
+		grep -q -E "^#?$var=" "$f" || fail "$f does not list $var"
+		if [ "$dflt" = - ] || [ "$flag" = workers ]; then
+			continue
+		fi
+		value=$(sed -n "s/^#$var=//p" "$f")
+		[ "$value" = "$dflt" ] || fail "$f: #$var=$value, but weftd's default is $dflt"
+	done <"$TMP/flags"
+	echo "$n flags documented"
+}
+
 test_operations_doc() {
 	local f=docs/operations.md flag var path
 	[ -s "$f" ] || fail "$f is missing"
 	for flag in etcd-endpoints etcd-prefix etcd-keyfile etcd-certfile etcd-cafile etcd-username \
-		etcd-password iface iface-regex public-ip subnet-file subnet-lease-renew-margin ip-masq \
-		iptables-resync iptables-forward-rules healthz-ip healthz-port version tun-name workers \
-		io allow-foreign-sources; do
+		etcd-password iface iface-regex iface-can-reach public-ip public-ipv6 subnet-file \
+		subnet-lease-renew-margin ip-masq iptables-resync iptables-forward-rules healthz-ip \
+		healthz-port version tun-name workers io allow-foreign-sources; do
 		grep -q -e "--$flag\b" "$f" || fail "$f does not document --$flag"
 	done
 	for var in FLANNELD_ETCD_ENDPOINTS FLANNELD_IFACE FLANNELD_IP_MASQ FLANNELD_HEALTHZ_PORT \
@@ -770,23 +1050,26 @@ with_tools "shell scripts: shellcheck" test_shellcheck shellcheck
 
 if [ -f "$FIXTURES/subnet.env" ]; then
 	run_test "mk-docker-opts: fixture subnet.env -> DOCKER_OPTS" test_mk_fixture_default
-	run_test "mk-docker-opts: -i -c -k -m and the kept DOCKER_OPTS" test_mk_options
 	run_test "mk-docker-opts: malformed files and bad values" test_mk_malformed
 	run_test "mk-docker-opts: usage errors" test_mk_usage_errors
 	with_tools "docker drop-in: ExecStartPre output feeds ExecStart" test_docker_dropin_wiring
 else
 	skip_or_fail "mk-docker-opts and drop-in checks on the fixture" "no $FIXTURES/subnet.env"
 fi
+run_test "mk-docker-opts: flannel's output for every option combination" test_mk_flannel_cases
+run_test "mk-docker-opts: DOCKER_OPT_* from the environment" test_mk_env_options
+run_test "mk-docker-opts: subnet already routed through a gateway" test_mk_route_check
+run_test "mk-docker-opts: -w waits for the subnet file" test_mk_wait
 run_test "mk-docker-opts: ip-masq is the inverse of FLANNEL_IPMASQ" test_mk_ipmasq_inverse
 run_test "mk-docker-opts: comments, quotes, CRLF" test_mk_lenient_syntax
 run_test "mk-docker-opts: missing subnet file" test_mk_missing_file
 run_test "mk-docker-opts: the subnet file is never executed" test_mk_not_executed
 
-run_test "systemd: unit and drop-in settings" test_unit_content
+run_test "systemd: unit and drop-in settings, no hard dependency chain" test_unit_content
 run_test "systemd: weftd.env.example lists every setting" test_env_example
 if [ -n "$UNIT_SRC" ]; then
-	with_tools "systemd: verify weftd.service and docker drop-in" test_units_verify systemd-analyze
-	with_tools "systemd: verify catches missing etcd/binaries" test_units_verify_catches_errors systemd-analyze
+	with_tools "systemd: verify the units with and without etcd and weftd units" test_units_verify systemd-analyze
+	with_tools "systemd: verify catches a hard dependency, missing binaries" test_units_verify_catches_errors systemd-analyze
 	with_tools "systemd: security exposure of weftd.service" test_unit_exposure systemd-analyze
 else
 	skip_or_fail "systemd: verify" "no systemd unit directory"
@@ -797,6 +1080,11 @@ with_tools "cni: 10-weft.conflist is the flannel chain" test_cni_conflist python
 run_test "provision: interface holding an address" test_iface_holding_ip
 run_test "provision: install-weftd.sh options -> /etc/default/weftd" test_provision_options
 run_test "provision: argument errors" test_provision_errors
+if [ "$(id -u)" -eq 0 ]; then
+	with_tools "provision: install-weftd.sh installs iptables before it starts weftd" test_weftd_activation_order unshare
+else
+	skip_or_fail "provision: install-weftd.sh installs iptables before it starts weftd" "needs root for a mount namespace"
+fi
 with_tools "vagrant: lab plan (machines and steps)" test_lab_plan ruby
 if [ -n "$UNIT_SRC" ]; then
 	with_tools "vagrant: each VM's provisioning rendered and verified" test_lab_render ruby jq systemd-analyze
@@ -810,6 +1098,11 @@ with_tools "vagrant: validate catches errors" test_vagrant_validate_catches_erro
 with_tools "vagrant: rsync filter" test_rsync_filter rsync
 
 run_test "docs: operations.md covers flags, variables, paths" test_operations_doc
+if [ -x "$WEFTD_BIN" ]; then
+	run_test "docs: every flag of weftd --help in operations.md, README, weftd.env.example" test_flags_documented
+else
+	skip_or_fail "docs: every flag of weftd --help documented" "no weftd binary at $WEFTD_BIN (cargo build --release -p weft-control)"
+fi
 
 if [ ${#failed_names[@]} -gt 0 ]; then
 	printf 'failed: %s\n' "${failed_names[@]}"

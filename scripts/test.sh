@@ -5,7 +5,8 @@
 #   3. cargo clippy --workspace --all-targets -- -D warnings
 #   4. cargo build --release -p weft-control  (weftd, used by the lab)
 #   5. the test suite: cargo nextest run --workspace (cargo test --workspace without nextest)
-#   6. fuzz/run.sh 20                         a bounded fuzz run of every target
+#   6. fuzz/run.sh 20                         a bounded fuzz run of every target (stable Rust;
+#                                             installs cargo-fuzz from crates.io if missing)
 #   7. bench/lab/test.sh                      the lab: weft, kernel VXLAN and direct modes (root)
 #   8. deploy/test.sh                         systemd units, docker options, CNI, Vagrant lab
 # Every step runs even when an earlier one failed; the summary lists each step's result and the

@@ -12,18 +12,32 @@
 # crosses hosts through the TUN device). When FLANNEL_IPMASQ is false, docker does the
 # masquerading itself. Without FLANNEL_IPMASQ in the file no ip-masq option is written.
 #
-# Same options and output format as flannel's mk-docker-opts.sh, so units written for it work
-# unchanged. Differences, all deliberate: the subnet file is parsed, never sourced (it is not
-# executed as shell); a missing file, a missing FLANNEL_SUBNET or FLANNEL_MTU, or a malformed
-# line is an error instead of an empty result; -m works; the output file is replaced
-# atomically; the combined variable has no leading space.
+# Same options and the same output as flannel's mk-docker-opts.sh (v0.20.2), byte for byte,
+# so units and scripts written for it work unchanged: the DOCKER_OPT_* variables in the
+# order of their names (BIP, IPMASQ, MTU), the combined variable last, its value built as
+# flannel's is (a leading space, and two spaces after a value taken from the environment),
+# DOCKER_OPT_* variables from the environment included in that order, and the same refusal
+# when the routing table already routes this subnet through a gateway.
+# Differences, all deliberate, all for input flannel's script mishandles:
+#   - the subnet file is parsed, never sourced (it is not executed as shell), and FLANNEL_*
+#     values come from it alone, not from the environment;
+#   - a missing file, a missing or invalid FLANNEL_SUBNET or FLANNEL_MTU, an invalid
+#     FLANNEL_IPMASQ or a malformed line is an error instead of an empty or broken result,
+#     and so is a DOCKER_OPT_* value from the environment that cannot be written unquoted;
+#   - DOCKER_OPT_BIP, DOCKER_OPT_MTU and DOCKER_OPT_IPMASQ always come from the subnet file
+#     and the options: values of them in the environment are ignored. A docker unit that
+#     reads this script's previous output as an EnvironmentFile (as the drop-in here does)
+#     passes them in, and flannel's script would then keep a stale --ip-masq despite -m;
+#   - on any error (the routing check included) the old output file is left as it was;
+#     otherwise it is replaced atomically;
+#   - -w SECONDS (not in flannel's script) waits that long for the subnet file to appear.
 set -euo pipefail
 
 prog=${0##*/}
 
 usage() {
 	cat >&2 <<EOF
-usage: $prog [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k COMBINED-KEY]
+usage: $prog [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k COMBINED-KEY] [-w SECONDS]
 
 Generate Docker daemon options from a flannel/weft subnet file.
 OPTIONS:
@@ -33,8 +47,10 @@ OPTIONS:
 	-c	Output the combined Docker options into the DOCKER_OPTS variable
 	-k	Name of the combined options variable (default DOCKER_OPTS)
 	-m	Do not output --ip-masq
+	-w	Wait up to SECONDS for the subnet file to appear (default 0: do not wait)
 Without -i and -c both kinds are written. If the combined variable is set in the environment,
-its value is kept in front of the generated options.
+its value is kept in front of the generated options; other DOCKER_OPT_* variables in the
+environment are written too.
 EOF
 	exit 1
 }
@@ -50,8 +66,9 @@ combined_key=DOCKER_OPTS
 indiv_opts=false
 combined_opts=false
 ipmasq=true
+wait_seconds=0
 
-while getopts ":f:d:icmk:h" opt; do
+while getopts ":f:d:icmk:w:h" opt; do
 	case $opt in
 	f) flannel_env=$OPTARG ;;
 	d) docker_env=$OPTARG ;;
@@ -59,6 +76,7 @@ while getopts ":f:d:icmk:h" opt; do
 	c) combined_opts=true ;;
 	m) ipmasq=false ;;
 	k) combined_key=$OPTARG ;;
+	w) wait_seconds=$OPTARG ;;
 	:) printf '%s: option -%s needs a value\n' "$prog" "$OPTARG" >&2; usage ;;
 	h) usage ;;
 	*) printf '%s: unknown option -%s\n' "$prog" "$OPTARG" >&2; usage ;;
@@ -74,8 +92,21 @@ fi
 
 [[ $combined_key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] ||
 	die "-k: not a valid variable name: $combined_key"
+[[ $combined_key != DOCKER_OPT_* ]] ||
+	die "-k: $combined_key would be taken for one of the DOCKER_OPT_* options"
+[[ $wait_seconds =~ ^[0-9]{1,5}$ ]] || die "-w: not a number of seconds: $wait_seconds"
 
-[ -e "$flannel_env" ] || die "subnet file $flannel_env does not exist (is weftd running?)"
+# weftd writes the subnet file once it holds a lease, which can take a while after boot (etcd
+# unreachable, weftd restarting): wait for it rather than fail at once.
+for ((waited = 0; waited < 10#$wait_seconds; waited++)); do
+	[ ! -e "$flannel_env" ] || break
+	sleep 1
+done
+
+if [ ! -e "$flannel_env" ]; then
+	[ "$wait_seconds" = 0 ] || die "subnet file $flannel_env did not appear within $wait_seconds s (is weftd running?)"
+	die "subnet file $flannel_env does not exist (is weftd running?)"
+fi
 [ -f "$flannel_env" ] || die "subnet file $flannel_env is not a regular file"
 [ -r "$flannel_env" ] || die "subnet file $flannel_env is not readable"
 
@@ -112,28 +143,57 @@ if ! [[ $mtu =~ ^[0-9]{2,5}$ ]] || [ "$mtu" -lt 68 ] || [ "$mtu" -gt 65535 ]; th
 	die "$flannel_env: FLANNEL_MTU is not a number from 68 to 65535: $mtu"
 fi
 
-opt_names=(DOCKER_OPT_BIP DOCKER_OPT_MTU)
-opt_values=("--bip=$subnet" "--mtu=$mtu")
+# The options, by variable name. Besides the three made here, flannel's script writes every
+# DOCKER_OPT_* variable it finds in its environment; so does this one.
+declare -A opts=([DOCKER_OPT_BIP]="--bip=$subnet" [DOCKER_OPT_MTU]="--mtu=$mtu")
 if [ "$have_ipmasq" = true ] && [ "$ipmasq" = true ]; then
 	case $ipmasq_value in
-	true) docker_ipmasq=false ;;
-	false) docker_ipmasq=true ;;
+	true) opts[DOCKER_OPT_IPMASQ]=--ip-masq=false ;;
+	false) opts[DOCKER_OPT_IPMASQ]=--ip-masq=true ;;
 	*) die "Invalid value of FLANNEL_IPMASQ: $ipmasq_value" ;;
 	esac
-	opt_names+=(DOCKER_OPT_IPMASQ)
-	opt_values+=("--ip-masq=$docker_ipmasq")
 fi
+while IFS= read -r name; do
+	case $name in
+	DOCKER_OPT_BIP | DOCKER_OPT_MTU | DOCKER_OPT_IPMASQ) continue ;;
+	DOCKER_OPT_*) ;;
+	*) continue ;;
+	esac
+	[[ ${!name} =~ ^[A-Za-z0-9_./:,@%+=-]*$ ]] ||
+		die "$name in the environment: only letters, digits and _ . / : , @ % + = - can be written: ${!name}"
+	opts[$name]=${!name}
+done < <(compgen -e)
 
+# In the order of the names, bytewise, as the shell's `set` lists them for flannel's script.
+mapfile -t names < <(printf '%s\n' "${!opts[@]}" | LC_ALL=C sort)
+
+# flannel's combined value: the environment's value and a space, then " OPTION" for each.
 combined=${!combined_key:-}
+[ -z "$combined" ] || combined+=" "
 output=""
-for i in "${!opt_names[@]}"; do
+for name in "${names[@]}"; do
 	if [ "$indiv_opts" = true ]; then
-		output+="${opt_names[$i]}=\"${opt_values[$i]}\""$'\n'
+		output+="$name=\"${opts[$name]}\""$'\n'
 	fi
-	combined+="${combined:+ }${opt_values[$i]}"
+	combined+=" ${opts[$name]}"
 done
 if [ "$combined_opts" = true ]; then
 	output+="$combined_key=\"$combined\""$'\n'
+fi
+
+# As flannel's script: refuse when the routing table already sends this host's subnet through
+# a gateway (left over from another backend, or another host's route): docker0 would take
+# addresses that are routed elsewhere. Without the ip command there is nothing to check.
+if command -v ip >/dev/null 2>&1; then
+	IFS=./ read -r a b c d len <<<"$subnet"
+	addr=$(((a << 24) | (b << 16) | (c << 8) | d))
+	net=$((addr & ~((1 << (32 - len)) - 1) & 0xffffffff))
+	network=$((net >> 24)).$(((net >> 16) & 255)).$(((net >> 8) & 255)).$((net & 255))/$len
+	while IFS= read -r route; do
+		if [[ $route == "$network "* && $route == *" via "* ]]; then
+			die "Your routing table already contains the subnet: $route"
+		fi
+	done < <(ip -4 route show 2>/dev/null || true)
 fi
 
 # Write next to the target and rename, so dockerd never reads a half-written file.

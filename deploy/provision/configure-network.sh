@@ -24,6 +24,8 @@ if ! activating; then
 	exit 0
 fi
 
+ensure_command modprobe kmod
+ensure_command sysctl procps
 modprobe tun
 sysctl -q -p /etc/sysctl.d/60-weft.conf
 log "tun loaded, IPv4 forwarding on"

@@ -4,7 +4,9 @@
 #   /etc/systemd/system/weftd.service          deploy/systemd/weftd.service
 #   /etc/default/weftd                         FLANNELD_* settings for this host
 #   /usr/local/share/doc/weft/                 operations.md and weftd.env.example
-# then enables and restarts weftd.service and shows the subnet file it wrote.
+# then checks that the binary runs on this host, installs iptables if it is missing (weftd
+# runs iptables-save and iptables-restore, which a fresh Debian 12 does not have), enables and
+# restarts weftd.service and shows the subnet file it wrote.
 # With --root DIR only the configuration files are written, under DIR (see lib.sh).
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -23,8 +25,6 @@ usage: $PROG --etcd-endpoints URLS [options]
   --ip-masq               masquerade traffic leaving the overlay (FLANNELD_IP_MASQ=true)
   --healthz-ip IP         healthz/metrics address (FLANNELD_HEALTHZ_IP)
   --healthz-port PORT     healthz/metrics port (FLANNELD_HEALTHZ_PORT; 0 = off)
-  --etcd local|remote     local (default): the unit requires etcd.service on this host;
-                          remote: etcd runs elsewhere, the unit has no etcd dependency
   --binary PATH           weftd binary to install (default: <repo>/target/release/weftd)
   --root DIR              write the configuration under DIR and change nothing else
 EOF
@@ -32,7 +32,7 @@ EOF
 }
 
 etcd_endpoints="" etcd_prefix="" iface="" iface_of="" public_ip="" ip_masq=false
-healthz_ip="" healthz_port="" etcd_mode=local binary=$REPO_DIR/target/release/weftd
+healthz_ip="" healthz_port="" binary=$REPO_DIR/target/release/weftd
 subnet_file=""
 
 while [ $# -gt 0 ]; do
@@ -46,7 +46,6 @@ while [ $# -gt 0 ]; do
 	--ip-masq) ip_masq=true; shift ;;
 	--healthz-ip) need_value "$1" $#; healthz_ip=$2; shift 2 ;;
 	--healthz-port) need_value "$1" $#; healthz_port=$2; shift 2 ;;
-	--etcd) need_value "$1" $#; etcd_mode=$2; shift 2 ;;
 	--binary) need_value "$1" $#; binary=$2; shift 2 ;;
 	--root) need_value "$1" $#; set_root "$2"; shift 2 ;;
 	-h | --help) usage ;;
@@ -55,7 +54,6 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$etcd_endpoints" ] || { log "--etcd-endpoints is required"; usage; }
-case $etcd_mode in local | remote) ;; *) die "--etcd must be local or remote, got: $etcd_mode" ;; esac
 [ -z "$iface" ] || [ -z "$iface_of" ] || die "give --iface or --iface-of, not both"
 [ -z "$iface_of" ] || is_ipv4 "$iface_of" || die "--iface-of needs an IPv4 address, got: $iface_of"
 [ -z "$public_ip" ] || is_ipv4 "$public_ip" || die "--public-ip needs an IPv4 address, got: $public_ip"
@@ -77,6 +75,7 @@ esac
 require_root_user
 
 if [ -n "$iface_of" ]; then
+	! activating || ensure_command ip iproute2
 	iface=$(ip -o -4 addr show | iface_holding_ip "$iface_of") ||
 		die "no interface on this host holds $iface_of"
 	log "interface holding $iface_of: $iface"
@@ -96,22 +95,11 @@ render_env() {
 	[ -z "$healthz_port" ] || echo "FLANNELD_HEALTHZ_PORT=$healthz_port"
 }
 
-# The unit: as shipped for a host with a local etcd; without the etcd dependency otherwise
-# (systemd drop-ins cannot remove dependencies, so this host gets its own copy).
-render_unit() {
-	local unit=$DEPLOY_DIR/systemd/weftd.service
-	if [ "$etcd_mode" = local ]; then
-		cat -- "$unit"
-		return
-	fi
-	[ "$(grep -c -x -e 'After=etcd.service' -e 'Requires=etcd.service' "$unit")" = 2 ] ||
-		die "$unit no longer has the After=/Requires=etcd.service lines this script removes"
-	sed -e '/^After=etcd\.service$/d' \
-		-e 's/^Requires=etcd\.service$/# etcd runs on another host: no dependency on etcd.service here./' "$unit"
-}
-
-render_env | write_file /etc/default/weftd 0644
-render_unit | write_file /etc/systemd/system/weftd.service 0644
+# 0600: the file may hold the etcd password (FLANNELD_ETCD_PASSWORD), added by hand later.
+render_env | write_file /etc/default/weftd 0600
+# One unit for every host, with or without a local etcd (it orders itself after etcd.service
+# but does not require it).
+copy_file "$DEPLOY_DIR/systemd/weftd.service" /etc/systemd/system/weftd.service 0644
 copy_file "$REPO_DIR/docs/operations.md" /usr/local/share/doc/weft/operations.md 0644
 copy_file "$DEPLOY_DIR/systemd/weftd.env.example" /usr/local/share/doc/weft/weftd.env.example 0644
 
@@ -122,15 +110,30 @@ fi
 
 [ -x "$binary" ] ||
 	die "weftd binary $binary not found; build it first: cargo build --release -p weft-control"
+# A binary built against a newer C library than this host's cannot run here: say so now,
+# before it replaces a working one and systemd reports only a failed start.
+version=$("$binary" --version 2>&1) ||
+	die "$binary does not run on this host (built for a newer glibc? build it on the same or an older distribution): $version"
+
+# What weftd runs besides itself, on a fresh Debian 12 (which has neither): iptables-save and
+# iptables-restore for the ip-masq and FORWARD rules. docker.io would pull iptables in, but
+# docker is installed after weftd has started.
+ensure_command iptables-save iptables
+ensure_command iptables-restore iptables
+
 # Copy, then rename over the old binary: a running weftd keeps its file.
+mkdir -p /usr/local/bin
 install -m 0755 -- "$binary" /usr/local/bin/.weftd.new
 mv -f -- /usr/local/bin/.weftd.new /usr/local/bin/weftd
-log "installed /usr/local/bin/weftd ($(/usr/local/bin/weftd --version 2>&1 || true))"
+log "installed /usr/local/bin/weftd ($version)"
 
 systemctl daemon-reload
 systemctl enable weftd.service
 # Type=notify: this returns once weftd has written the subnet file and reported READY=1.
-systemctl restart weftd.service
+if ! systemctl restart weftd.service; then
+	journalctl -u weftd.service -n 30 --no-pager >&2 || true
+	die "weftd.service did not start (its log is above; full log: journalctl -u weftd)"
+fi
 
 subnet_file=${subnet_file:-/run/flannel/subnet.env}
 [ -f "$subnet_file" ] || die "weftd started but $subnet_file is missing; see journalctl -u weftd"

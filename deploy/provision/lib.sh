@@ -89,6 +89,22 @@ copy_file() {
 	write_file "$2" "$3" <"$1"
 }
 
+# ensure_command COMMAND PACKAGE: install the Debian PACKAGE unless COMMAND is already
+# there, and fail unless it is there afterwards. A fresh Debian box lacks packages that a
+# later step takes for granted (iptables before docker.io pulls it in), so each step installs
+# what it needs itself instead of relying on the order of the steps.
+ensure_command() {
+	local cmd=$1 pkg=$2
+	command -v "$cmd" >/dev/null 2>&1 && return 0
+	command -v apt-get >/dev/null 2>&1 ||
+		die "$cmd is missing and there is no apt-get to install it: install $pkg first"
+	log "$cmd is missing: installing $pkg"
+	DEBIAN_FRONTEND=noninteractive apt-get update -q || die "apt-get update failed"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" ||
+		die "apt-get install $pkg failed"
+	command -v "$cmd" >/dev/null 2>&1 || die "$cmd is still missing after installing $pkg"
+}
+
 # is_ipv4 ADDR: a dotted-quad IPv4 address.
 is_ipv4() {
 	local octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'
