@@ -114,16 +114,9 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool, logs
     }
 }
 
-fn fixture(name: &str) -> String {
-    let path = support::shared_dir()
-        .join("fixtures/flannel-v0.20.2")
-        .join(name);
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
 /// `KEY => VALUE` lines of the fixture keyspace.
 fn fixture_keyspace() -> Vec<(String, String)> {
-    fixture("etcd-after-two-hosts.txt")
+    support::fixture("etcd-after-two-hosts.txt")
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains(" => "))
         .map(|l| {
@@ -292,7 +285,7 @@ fn flanneld_command_line_gives_flanneld_state() {
     // subnet.env: byte-identical to flanneld's for host 1.
     assert_eq!(
         fs::read_to_string(&*h1_file).unwrap(),
-        fixture("subnet.env")
+        support::fixture("subnet.env")
     );
     let h2_env = fs::read_to_string(&*h2_file).unwrap();
     assert!(h2_env.contains("FLANNEL_SUBNET=10.1.81.1/24\n"), "{h2_env}");
@@ -374,7 +367,7 @@ fn flanneld_command_line_gives_flanneld_state() {
     );
     assert_eq!(
         fs::read_to_string(&*h1_file).unwrap(),
-        fixture("subnet.env")
+        support::fixture("subnet.env")
     );
     assert_eq!(
         etcdctl(
