@@ -13,8 +13,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
 use weft_engine::{Policy, RouteTable, Routes};
@@ -25,7 +26,8 @@ use crate::http::{Health, HttpServer, MetricsFn};
 use crate::iface::{find_external, ExternalInterface, IfaceSelection};
 use crate::iptables::{Iptables, IptablesKeeper, RuleSet};
 use crate::lease::{self, Backoff, Lease};
-use crate::netconf::{configure_tun, disable_ipv6, Netlink, TunConfig};
+use crate::netconf::{configure_tun, disable_ipv6, TunConfig};
+use crate::netlink::Netlink;
 use crate::notify::Notifier;
 use crate::registry::{EtcdRegistry, EtcdSettings, TlsFiles};
 use crate::subnet::KeyPrefix;
@@ -42,7 +44,7 @@ pub enum DaemonError {
     Settings(String),
     /// Netlink could not be opened or queried.
     #[error(transparent)]
-    Netconf(#[from] crate::netconf::NetconfError),
+    Netconf(#[from] crate::netlink::NetconfError),
     /// No usable external interface.
     #[error(transparent)]
     Iface(#[from] crate::iface::IfaceError),
@@ -156,7 +158,7 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
 /// The parts that follow the lease: TUN address, subnet.env, iptables.
 struct LeaseFollowers<'a> {
     flags: &'a Flags,
-    netlink: &'a Netlink,
+    netlink: Netlink,
     network: ipnet::Ipv4Net,
     tun_mtu: u32,
     iptables: Option<IptablesKeeper>,
@@ -165,7 +167,7 @@ struct LeaseFollowers<'a> {
 impl LeaseFollowers<'_> {
     async fn configure_tun(&self, lease: &Lease) -> Result<(), DaemonError> {
         let changes = configure_tun(
-            self.netlink,
+            &self.netlink,
             &TunConfig {
                 name: self.flags.tun_name.clone(),
                 subnet: lease.subnet,
@@ -222,6 +224,45 @@ impl LeaseFollowers<'_> {
     }
 }
 
+/// Where the metrics page finds the engine once it runs.
+type EngineSlot = Arc<std::sync::Mutex<Option<Arc<Engine>>>>;
+
+/// SIGTERM and SIGINT (Ctrl-C), the two ways to stop weftd.
+struct StopSignals {
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self, DaemonError> {
+        Ok(StopSignals {
+            sigterm: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
+            sigint: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
+        })
+    }
+
+    /// Waits for either signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.sigterm.recv() => "SIGTERM",
+            _ = self.sigint.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Everything start-up brought up: what [`supervise`] runs and [`stop`] takes down.
+struct Running<'a> {
+    notifier: Option<Notifier>,
+    health: Arc<Health>,
+    http_task: Option<JoinHandle<()>>,
+    engine_slot: EngineSlot,
+    membership_task: JoinHandle<()>,
+    leases: watch::Receiver<Option<Lease>>,
+    current: Lease,
+    followers: LeaseFollowers<'a>,
+    engine: Arc<Engine>,
+}
+
 /// Run weftd until SIGTERM/SIGINT or a fatal error.
 pub async fn run(flags: Flags) -> Result<(), DaemonError> {
     let notifier = match Notifier::from_env() {
@@ -231,11 +272,17 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
             None
         }
     };
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut signals = StopSignals::install()?;
+    let mut running = start(&flags, notifier).await?;
+    let outcome = supervise(&mut running, &flags, &mut signals).await;
+    stop(running).await;
+    outcome
+}
 
+/// Brings weftd up in flanneld's order, up to READY=1.
+async fn start(flags: &Flags, notifier: Option<Notifier>) -> Result<Running<'_>, DaemonError> {
     let netlink = Netlink::connect()?;
-    let ext = find_external(&netlink, &IfaceSelection::from_flags(&flags)).await?;
+    let ext = find_external(&netlink, &IfaceSelection::from_flags(flags)).await?;
     info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using external interface");
     let tun_mtu = ext.mtu.saturating_sub(ENCAP_OVERHEAD);
     if tun_mtu < 576 {
@@ -245,39 +292,21 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
         )));
     }
 
-    let registry = EtcdRegistry::new(&etcd_settings(&flags))?;
+    let registry = EtcdRegistry::new(&etcd_settings(flags))?;
     let config: NetworkConfig = lease::wait_for_config(&registry, Backoff::default()).await;
     let overlay = config.overlay()?;
     let network = overlay.network();
     info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
 
     let routes = Routes::new(RouteTable::empty(overlay, config.port()));
-    let settings = lease_settings(&flags, ext.public_ip)?;
+    let settings = lease_settings(flags, ext.public_ip)?;
     let (mut membership, membership_task) =
         lease::run_membership(registry, &config, settings, routes.clone())?;
     let health = Arc::new(Health::new());
 
     // Health and metrics are served from the start so that probes see why weftd is not ready.
-    let engine_slot: Arc<std::sync::Mutex<Option<Arc<Engine>>>> = Arc::default();
-    let http_task = if flags.healthz_port != 0 {
-        let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-        let metrics_engine = engine_slot.clone();
-        let metrics: MetricsFn = Arc::new(move || {
-            let mut text = String::new();
-            let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
-            if let Some(engine) = engine {
-                engine.counters().render_prometheus(&mut text);
-            }
-            text
-        });
-        let server = HttpServer::bind(addr, health.clone(), metrics)
-            .await
-            .map_err(|source| DaemonError::Healthz { addr, source })?;
-        info!(%addr, "serving /healthz and /metrics");
-        Some(tokio::spawn(server.run()))
-    } else {
-        None
-    };
+    let engine_slot = EngineSlot::default();
+    let http_task = serve_health(flags, &health, &engine_slot).await?;
 
     info!("waiting for a subnet lease");
     let Some(first) = membership.acquired().await else {
@@ -297,15 +326,15 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
         warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
     }
     let mut followers = LeaseFollowers {
-        flags: &flags,
-        netlink: &netlink,
+        flags,
+        netlink,
         network,
         tun_mtu,
         iptables: None,
     };
     followers.configure_tun(&first).await?;
     let engine = Arc::new(Engine::start(
-        engine_config(&flags, &ext, config.port(), tun_mtu),
+        engine_config(flags, &ext, config.port(), tun_mtu),
         queues,
         routes.clone(),
     )?);
@@ -321,19 +350,106 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
             warn!(error = %e, "cannot notify systemd");
         }
     }
+    Ok(Running {
+        notifier,
+        health,
+        http_task,
+        engine_slot,
+        membership_task,
+        leases: membership.lease(),
+        current: first,
+        followers,
+        engine,
+    })
+}
 
-    let outcome = supervise(
-        &mut followers,
-        &mut membership.lease(),
-        first,
-        &engine,
-        &health,
-        flags.verbosity,
-        flags.stats_interval,
-        (&mut sigterm, &mut sigint),
-    )
-    .await;
+/// Serves /healthz and /metrics when `--healthz-port` is set.
+async fn serve_health(
+    flags: &Flags,
+    health: &Arc<Health>,
+    engine_slot: &EngineSlot,
+) -> Result<Option<JoinHandle<()>>, DaemonError> {
+    if flags.healthz_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
+    let metrics_engine = engine_slot.clone();
+    let metrics: MetricsFn = Arc::new(move || {
+        let mut text = String::new();
+        let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
+        if let Some(engine) = engine {
+            engine.counters().render_prometheus(&mut text);
+        }
+        text
+    });
+    let server = HttpServer::bind(addr, health.clone(), metrics)
+        .await
+        .map_err(|source| DaemonError::Healthz { addr, source })?;
+    info!(%addr, "serving /healthz and /metrics");
+    Ok(Some(tokio::spawn(server.run())))
+}
 
+/// The running daemon's loop: returns on a signal (Ok) or a fatal error.
+async fn supervise(
+    running: &mut Running<'_>,
+    flags: &Flags,
+    signals: &mut StopSignals,
+) -> Result<(), DaemonError> {
+    let mut engine_check = tokio::time::interval(Duration::from_secs(1));
+    let mut stats = tokio::time::interval(flags.stats_interval.max(Duration::from_secs(1)));
+    stats.tick().await;
+    loop {
+        tokio::select! {
+            signal = signals.recv() => { info!("{signal}: shutting down"); return Ok(()); }
+            changed = running.leases.changed() => {
+                if changed.is_err() {
+                    running.health.set_lease_held(false);
+                    return Err(DaemonError::MembershipEnded);
+                }
+                let lease = *running.leases.borrow_and_update();
+                match lease {
+                    Some(lease) if lease.subnet != running.current.subnet => {
+                        running.followers.subnet_changed(&lease).await?;
+                        running.current = lease;
+                        running.health.set_lease_held(true);
+                    }
+                    Some(lease) => {
+                        running.current = lease;
+                        running.health.set_lease_held(true);
+                    }
+                    None => running.health.set_lease_held(false),
+                }
+            }
+            _ = engine_check.tick() => {
+                // A lost lease stays published until it is replaced; its expiry tells.
+                let held = running.current.expires.is_none_or(|at| at > std::time::SystemTime::now());
+                running.health.set_lease_held(held);
+                let engine_running = running.engine.is_running();
+                running.health.set_engine_running(engine_running);
+                if !engine_running {
+                    error!("a data-plane worker stopped");
+                    return Err(DaemonError::EngineStopped);
+                }
+            }
+            _ = stats.tick(), if flags.verbosity >= 1 => {
+                info!(counters = %running.engine.counters().summary(), "data plane");
+            }
+        }
+    }
+}
+
+/// Takes the running daemon down: systemd told, workers stopped and their counters logged,
+/// iptables rules removed. The lease stays in etcd for the next start.
+async fn stop(running: Running<'_>) {
+    let Running {
+        notifier,
+        http_task,
+        engine_slot,
+        membership_task,
+        mut followers,
+        engine,
+        ..
+    } = running;
     if let Some(notifier) = &notifier {
         let _ = notifier.stopping();
     }
@@ -351,67 +467,6 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
     if let Some(keeper) = followers.iptables.take() {
         if let Err(e) = keeper.shutdown().await {
             warn!(error = %e, "cannot remove iptables rules");
-        }
-    }
-    outcome
-}
-
-/// The running daemon's loop: returns on a signal (Ok) or a fatal error.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    followers: &mut LeaseFollowers<'_>,
-    leases: &mut watch::Receiver<Option<Lease>>,
-    mut current: Lease,
-    engine: &Engine,
-    health: &Health,
-    verbosity: u32,
-    stats_interval: Duration,
-    signals: (
-        &mut tokio::signal::unix::Signal,
-        &mut tokio::signal::unix::Signal,
-    ),
-) -> Result<(), DaemonError> {
-    let (sigterm, sigint) = signals;
-    let mut engine_check = tokio::time::interval(Duration::from_secs(1));
-    let mut stats = tokio::time::interval(stats_interval.max(Duration::from_secs(1)));
-    stats.tick().await;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
-            changed = leases.changed() => {
-                if changed.is_err() {
-                    health.set_lease_held(false);
-                    return Err(DaemonError::MembershipEnded);
-                }
-                let lease = *leases.borrow_and_update();
-                match lease {
-                    Some(lease) if lease.subnet != current.subnet => {
-                        followers.subnet_changed(&lease).await?;
-                        current = lease;
-                        health.set_lease_held(true);
-                    }
-                    Some(lease) => {
-                        current = lease;
-                        health.set_lease_held(true);
-                    }
-                    None => health.set_lease_held(false),
-                }
-            }
-            _ = engine_check.tick() => {
-                // A lost lease stays published until it is replaced; its expiry tells.
-                let held = current.expires.is_none_or(|at| at > std::time::SystemTime::now());
-                health.set_lease_held(held);
-                let running = engine.is_running();
-                health.set_engine_running(running);
-                if !running {
-                    error!("a data-plane worker stopped");
-                    return Err(DaemonError::EngineStopped);
-                }
-            }
-            _ = stats.tick(), if verbosity >= 1 => {
-                info!(counters = %engine.counters().summary(), "data plane");
-            }
         }
     }
 }

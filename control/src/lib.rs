@@ -17,6 +17,7 @@ pub mod iface;
 pub mod iptables;
 pub mod lease;
 pub mod netconf;
+pub mod netlink;
 pub mod notify;
 pub mod registry;
 pub mod subnet;

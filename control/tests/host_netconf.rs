@@ -5,7 +5,8 @@ mod support;
 
 use support::netns::{veth, NetNs};
 use weft_control::iface::{find_external, IfaceSelection};
-use weft_control::netconf::{configure_tun, NetconfError, Netlink, TunChanges, TunConfig};
+use weft_control::netconf::{configure_tun, TunChanges, TunConfig};
+use weft_control::netlink::{NetconfError, Netlink};
 
 fn fixture() -> String {
     support::fixture("host-network.txt")
