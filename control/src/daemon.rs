@@ -20,7 +20,6 @@ use tracing::{error, info, warn};
 use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
 use weft_engine::{Policy, RouteTable, Routes};
 
-use crate::config::NetworkConfig;
 use crate::flags::{Flags, IoMode};
 use crate::http::{Health, HttpServer, MetricsFn};
 use crate::iface::{find_external, ExternalInterface, IfaceSelection};
@@ -250,21 +249,46 @@ impl StopSignals {
     }
 }
 
+/// A task that is aborted when this handle is dropped, so that an early return or a stop
+/// during start-up leaves nothing running.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What weftd says on `/healthz` while it starts, step by step.
+mod phase {
+    pub const INTERFACE: &str = "starting: looking for the external interface";
+    pub const CONFIG: &str = "starting: waiting for the network config in etcd";
+    pub const LEASE: &str = "starting: waiting for a subnet lease";
+    pub const DATA_PLANE: &str = "starting: bringing up the TUN device and the data plane";
+    pub const STOPPING: &str = "stopping";
+}
+
 /// Everything start-up brought up: what [`supervise`] runs and [`stop`] takes down.
 struct Running<'a> {
-    notifier: Option<Notifier>,
-    health: Arc<Health>,
-    http_task: Option<JoinHandle<()>>,
-    engine_slot: EngineSlot,
-    membership_task: JoinHandle<()>,
+    _membership: AbortOnDrop,
     leases: watch::Receiver<Option<Lease>>,
     current: Lease,
     followers: LeaseFollowers<'a>,
     engine: Arc<Engine>,
 }
 
-/// Run weftd until SIGTERM/SIGINT or a fatal error.
+/// What lives for the whole run, from before start-up to the end of the stop.
+struct Daemon<'a> {
+    flags: &'a Flags,
+    notifier: Option<Notifier>,
+    health: Arc<Health>,
+    engine_slot: EngineSlot,
+}
+
+/// Run weftd until SIGTERM/SIGINT or a fatal error. The signal handlers are installed and
+/// `/healthz` served first, so that weftd can be stopped, and is observable, in every phase.
 pub async fn run(flags: Flags) -> Result<(), DaemonError> {
+    let mut signals = StopSignals::install()?;
     let notifier = match Notifier::from_env() {
         Ok(notifier) => notifier,
         Err(e) => {
@@ -272,95 +296,150 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
             None
         }
     };
-    let mut signals = StopSignals::install()?;
-    let mut running = start(&flags, notifier).await?;
-    let outcome = supervise(&mut running, &flags, &mut signals).await;
-    stop(running).await;
+    let daemon = Daemon {
+        flags: &flags,
+        notifier,
+        health: Arc::new(Health::new()),
+        engine_slot: EngineSlot::default(),
+    };
+    daemon.health.set_phase(Some(phase::INTERFACE));
+    let _http = serve_health(&flags, &daemon.health, &daemon.engine_slot).await?;
+
+    let outcome = match daemon.start(&mut signals).await {
+        Ok(Some(mut running)) => {
+            let outcome = daemon.supervise(&mut running, &mut signals).await;
+            daemon.stop(running).await;
+            outcome
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Some(notifier) = &daemon.notifier {
+        let _ = notifier.stopping();
+    }
     outcome
 }
 
-/// Brings weftd up in flanneld's order, up to READY=1.
-async fn start(flags: &Flags, notifier: Option<Notifier>) -> Result<Running<'_>, DaemonError> {
-    let netlink = Netlink::connect()?;
-    let ext = find_external(&netlink, &IfaceSelection::from_flags(flags)).await?;
-    info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using external interface");
-    let tun_mtu = ext.mtu.saturating_sub(ENCAP_OVERHEAD);
-    if tun_mtu < 576 {
-        return Err(DaemonError::Settings(format!(
-            "the MTU of {} ({}) leaves {} bytes for the overlay; at least 576 are needed",
-            ext.name, ext.mtu, tun_mtu
-        )));
-    }
-
-    let registry = EtcdRegistry::new(&etcd_settings(flags))?;
-    let config: NetworkConfig = lease::wait_for_config(&registry, Backoff::default()).await;
-    let overlay = config.overlay()?;
-    let network = overlay.network();
-    info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
-
-    let routes = Routes::new(RouteTable::empty(overlay, config.port()));
-    let settings = lease_settings(flags, ext.public_ip)?;
-    let (mut membership, membership_task) =
-        lease::run_membership(registry, &config, settings, routes.clone())?;
-    let health = Arc::new(Health::new());
-
-    // Health and metrics are served from the start so that probes see why weftd is not ready.
-    let engine_slot = EngineSlot::default();
-    let http_task = serve_health(flags, &health, &engine_slot).await?;
-
-    info!("waiting for a subnet lease");
-    let Some(first) = membership.acquired().await else {
-        return Err(DaemonError::MembershipEnded);
-    };
-    health.set_lease_held(true);
-    info!(subnet = %first.subnet, public_ip = %first.public_ip, "acquired lease");
-
-    // With TUN offloads the queues carry a virtio-net header; without, bare packets as
-    // flanneld's device does.
-    let queues = weft_engine::tun::open_queues_with(
-        &flags.tun_name,
-        flags.workers.max(1),
-        !flags.no_tun_offload,
-    )?;
-    if let Err(e) = disable_ipv6(&flags.tun_name) {
-        warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
-    }
-    let mut followers = LeaseFollowers {
-        flags,
-        netlink,
-        network,
-        tun_mtu,
-        iptables: None,
-    };
-    followers.configure_tun(&first).await?;
-    let engine = Arc::new(Engine::start(
-        engine_config(flags, &ext, config.port(), tun_mtu),
-        queues,
-        routes.clone(),
-    )?);
-    if let Ok(mut slot) = engine_slot.lock() {
-        *slot = Some(engine.clone());
-    }
-    health.set_engine_running(true);
-    info!(workers = flags.workers.max(1), io = ?flags.io, bind = %SocketAddrV4::new(ext.addr, config.port()), "data plane running");
-    followers.write_subnet_env(&first)?;
-    followers.start_iptables(&first).await?;
-    if let Some(notifier) = &notifier {
-        if let Err(e) = notifier.ready() {
-            warn!(error = %e, "cannot notify systemd");
+/// `wait`, unless SIGTERM or SIGINT comes first: then `None`, and the signal is logged.
+async fn unless_stopped<T>(
+    signals: &mut StopSignals,
+    waiting_for: &str,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = wait => Some(done),
+        signal = signals.recv() => {
+            info!("{signal} while {waiting_for}: shutting down");
+            None
         }
     }
-    Ok(Running {
-        notifier,
-        health,
-        http_task,
-        engine_slot,
-        membership_task,
-        leases: membership.lease(),
-        current: first,
-        followers,
-        engine,
-    })
+}
+
+impl Daemon<'_> {
+    /// Brings weftd up in flanneld's order, up to READY=1; `None` when a signal stopped it.
+    async fn start(&self, signals: &mut StopSignals) -> Result<Option<Running<'_>>, DaemonError> {
+        let flags = self.flags;
+        let health = &self.health;
+        let netlink = Netlink::connect()?;
+        let selection = IfaceSelection::from_flags(flags);
+        let Some(ext) = unless_stopped(
+            signals,
+            "looking for the external interface",
+            find_external(&netlink, &selection),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let ext = ext?;
+        info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using external interface");
+        let tun_mtu = ext.mtu.saturating_sub(ENCAP_OVERHEAD);
+        if tun_mtu < 576 {
+            return Err(DaemonError::Settings(format!(
+                "the MTU of {} ({}) leaves {} bytes for the overlay; at least 576 are needed",
+                ext.name, ext.mtu, tun_mtu
+            )));
+        }
+
+        let registry = EtcdRegistry::new(&etcd_settings(flags))?;
+        health.set_phase(Some(phase::CONFIG));
+        let Some(config) = unless_stopped(
+            signals,
+            "waiting for the network config",
+            lease::wait_for_config(&registry, Backoff::default()),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let overlay = config.overlay()?;
+        let network = overlay.network();
+        info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
+
+        let routes = Routes::new(RouteTable::empty(overlay, config.port()));
+        let settings = lease_settings(flags, ext.public_ip)?;
+        let (mut membership, membership_task) =
+            lease::run_membership(registry, &config, settings, routes.clone())?;
+        let membership_task = AbortOnDrop(membership_task);
+
+        info!("waiting for a subnet lease");
+        health.set_phase(Some(phase::LEASE));
+        let Some(first) =
+            unless_stopped(signals, "waiting for a subnet lease", membership.acquired()).await
+        else {
+            return Ok(None);
+        };
+        let Some(first) = first else {
+            return Err(DaemonError::MembershipEnded);
+        };
+        health.set_lease_held(true);
+        health.set_phase(Some(phase::DATA_PLANE));
+        info!(subnet = %first.subnet, public_ip = %first.public_ip, "acquired lease");
+
+        // With TUN offloads the queues carry a virtio-net header; without, bare packets as
+        // flanneld's device does.
+        let queues = weft_engine::tun::open_queues_with(
+            &flags.tun_name,
+            flags.workers.max(1),
+            !flags.no_tun_offload,
+        )?;
+        if let Err(e) = disable_ipv6(&flags.tun_name) {
+            warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
+        }
+        let mut followers = LeaseFollowers {
+            flags,
+            netlink,
+            network,
+            tun_mtu,
+            iptables: None,
+        };
+        followers.configure_tun(&first).await?;
+        let engine = Arc::new(Engine::start(
+            engine_config(flags, &ext, config.port(), tun_mtu),
+            queues,
+            routes.clone(),
+        )?);
+        if let Ok(mut slot) = self.engine_slot.lock() {
+            *slot = Some(engine.clone());
+        }
+        health.set_engine_running(true);
+        info!(workers = flags.workers.max(1), io = ?flags.io, bind = %SocketAddrV4::new(ext.addr, config.port()), "data plane running");
+        followers.write_subnet_env(&first)?;
+        followers.start_iptables(&first).await?;
+        health.set_phase(None);
+        if let Some(notifier) = &self.notifier {
+            if let Err(e) = notifier.ready() {
+                warn!(error = %e, "cannot notify systemd");
+            }
+        }
+        Ok(Some(Running {
+            _membership: membership_task,
+            leases: membership.lease(),
+            current: first,
+            followers,
+            engine,
+        }))
+    }
 }
 
 /// Serves /healthz and /metrics when `--healthz-port` is set.
@@ -368,7 +447,7 @@ async fn serve_health(
     flags: &Flags,
     health: &Arc<Health>,
     engine_slot: &EngineSlot,
-) -> Result<Option<JoinHandle<()>>, DaemonError> {
+) -> Result<Option<AbortOnDrop>, DaemonError> {
     if flags.healthz_port == 0 {
         return Ok(None);
     }
@@ -386,87 +465,85 @@ async fn serve_health(
         .await
         .map_err(|source| DaemonError::Healthz { addr, source })?;
     info!(%addr, "serving /healthz and /metrics");
-    Ok(Some(tokio::spawn(server.run())))
+    Ok(Some(AbortOnDrop(tokio::spawn(server.run()))))
 }
 
-/// The running daemon's loop: returns on a signal (Ok) or a fatal error.
-async fn supervise(
-    running: &mut Running<'_>,
-    flags: &Flags,
-    signals: &mut StopSignals,
-) -> Result<(), DaemonError> {
-    let mut engine_check = tokio::time::interval(Duration::from_secs(1));
-    let mut stats = tokio::time::interval(flags.stats_interval.max(Duration::from_secs(1)));
-    stats.tick().await;
-    loop {
-        tokio::select! {
-            signal = signals.recv() => { info!("{signal}: shutting down"); return Ok(()); }
-            changed = running.leases.changed() => {
-                if changed.is_err() {
-                    running.health.set_lease_held(false);
-                    return Err(DaemonError::MembershipEnded);
-                }
-                let lease = *running.leases.borrow_and_update();
-                match lease {
-                    Some(lease) if lease.subnet != running.current.subnet => {
-                        running.followers.subnet_changed(&lease).await?;
-                        running.current = lease;
-                        running.health.set_lease_held(true);
+impl Daemon<'_> {
+    /// The running daemon's loop: returns on a signal (Ok) or a fatal error.
+    async fn supervise(
+        &self,
+        running: &mut Running<'_>,
+        signals: &mut StopSignals,
+    ) -> Result<(), DaemonError> {
+        let flags = self.flags;
+        let health = &self.health;
+        let mut engine_check = tokio::time::interval(Duration::from_secs(1));
+        let mut stats = tokio::time::interval(flags.stats_interval.max(Duration::from_secs(1)));
+        stats.tick().await;
+        loop {
+            tokio::select! {
+                signal = signals.recv() => { info!("{signal}: shutting down"); return Ok(()); }
+                changed = running.leases.changed() => {
+                    if changed.is_err() {
+                        health.set_lease_held(false);
+                        return Err(DaemonError::MembershipEnded);
                     }
-                    Some(lease) => {
-                        running.current = lease;
-                        running.health.set_lease_held(true);
+                    let lease = *running.leases.borrow_and_update();
+                    match lease {
+                        Some(lease) if lease.subnet != running.current.subnet => {
+                            running.followers.subnet_changed(&lease).await?;
+                            running.current = lease;
+                            health.set_lease_held(true);
+                        }
+                        Some(lease) => {
+                            running.current = lease;
+                            health.set_lease_held(true);
+                        }
+                        None => health.set_lease_held(false),
                     }
-                    None => running.health.set_lease_held(false),
                 }
-            }
-            _ = engine_check.tick() => {
-                // A lost lease stays published until it is replaced; its expiry tells.
-                let held = running.current.expires.is_none_or(|at| at > std::time::SystemTime::now());
-                running.health.set_lease_held(held);
-                let engine_running = running.engine.is_running();
-                running.health.set_engine_running(engine_running);
-                if !engine_running {
-                    error!("a data-plane worker stopped");
-                    return Err(DaemonError::EngineStopped);
+                _ = engine_check.tick() => {
+                    // A lost lease stays published until it is replaced; its expiry tells.
+                    let held = running.current.expires.is_none_or(|at| at > std::time::SystemTime::now());
+                    health.set_lease_held(held);
+                    let engine_running = running.engine.is_running();
+                    health.set_engine_running(engine_running);
+                    if !engine_running {
+                        error!("a data-plane worker stopped");
+                        return Err(DaemonError::EngineStopped);
+                    }
                 }
-            }
-            _ = stats.tick(), if flags.verbosity >= 1 => {
-                info!(counters = %running.engine.counters().summary(), "data plane");
+                _ = stats.tick(), if flags.verbosity >= 1 => {
+                    info!(counters = %running.engine.counters().summary(), "data plane");
+                }
             }
         }
     }
-}
 
-/// Takes the running daemon down: systemd told, workers stopped and their counters logged,
-/// iptables rules removed. The lease stays in etcd for the next start.
-async fn stop(running: Running<'_>) {
-    let Running {
-        notifier,
-        http_task,
-        engine_slot,
-        membership_task,
-        mut followers,
-        engine,
-        ..
-    } = running;
-    if let Some(notifier) = &notifier {
-        let _ = notifier.stopping();
-    }
-    membership_task.abort();
-    if let Some(task) = http_task {
-        task.abort();
-    }
-    if let Ok(mut slot) = engine_slot.lock() {
-        slot.take();
-    }
-    match Arc::try_unwrap(engine) {
-        Ok(engine) => info!(counters = %engine.shutdown().summary(), "data plane stopped"),
-        Err(engine) => info!(counters = %engine.counters().summary(), "data plane left running"),
-    }
-    if let Some(keeper) = followers.iptables.take() {
-        if let Err(e) = keeper.shutdown().await {
-            warn!(error = %e, "cannot remove iptables rules");
+    /// Takes the running daemon down: workers stopped and their counters logged, iptables
+    /// rules removed. The lease stays in etcd for the next start.
+    async fn stop(&self, running: Running<'_>) {
+        self.health.set_phase(Some(phase::STOPPING));
+        let Running {
+            _membership,
+            mut followers,
+            engine,
+            ..
+        } = running;
+        drop(_membership);
+        if let Ok(mut slot) = self.engine_slot.lock() {
+            slot.take();
+        }
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => info!(counters = %engine.shutdown().summary(), "data plane stopped"),
+            Err(engine) => {
+                info!(counters = %engine.counters().summary(), "data plane left running")
+            }
+        }
+        if let Some(keeper) = followers.iptables.take() {
+            if let Err(e) = keeper.shutdown().await {
+                warn!(error = %e, "cannot remove iptables rules");
+            }
         }
     }
 }

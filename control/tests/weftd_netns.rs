@@ -500,3 +500,99 @@ fn etcd_outage_and_a_deleted_lease_are_survived() {
         assert!(!log.contains("panicked"), "{log}");
     }
 }
+
+/// Sends SIGTERM and returns the exit status and how long weftd took to exit.
+fn terminate_timed(p: &mut Proc) -> (Option<i32>, Duration) {
+    let sent = Instant::now();
+    let status = p.terminate();
+    (status, sent.elapsed())
+}
+
+/// weftd on host 1 with its etcd at `etcd` and healthz on 198.18.0.1:8286.
+fn start_weftd(ns: &NetNs, dir: &Path, etcd: &str) -> Proc {
+    let file = subnet_file(dir, "h1");
+    Proc::spawn(
+        ns,
+        dir.join("w1.log"),
+        env!("CARGO_BIN_EXE_weftd"),
+        &[
+            "--etcd-endpoints",
+            etcd,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &file.to_string_lossy(),
+            "--healthz-port",
+            "8286",
+        ],
+        &[],
+    )
+}
+
+const STARTING_CONFIG: &str = "starting: waiting for the network config in etcd";
+
+#[test]
+fn sigterm_stops_weftd_at_once_while_etcd_is_unreachable() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    // Nobody has 198.18.0.9: connecting to it hangs until the client gives up.
+    let mut w1 = start_weftd(&h1, &dir.0, "http://198.18.0.9:2379");
+    wait_for(
+        "healthz to report the wait for etcd",
+        Duration::from_secs(20),
+        || http_get(&h1, "http://198.18.0.1:8286/healthz") == (503, STARTING_CONFIG.to_string()),
+        &[&w1],
+    );
+    let (status, took) = terminate_timed(&mut w1);
+    assert_eq!(status, Some(0), "{}", w1.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "weftd took {took:?} to stop:\n{}",
+        w1.log()
+    );
+    assert!(w1
+        .log()
+        .contains("SIGTERM while waiting for the network config"));
+}
+
+#[test]
+fn healthz_answers_and_sigterm_works_while_the_config_is_missing() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
+    wait_for(
+        "healthz to report the wait for the config",
+        Duration::from_secs(20),
+        || http_get(&h1, "http://198.18.0.1:8286/healthz") == (503, STARTING_CONFIG.to_string()),
+        &[&w1, &etcd],
+    );
+
+    // 100 clients connect and say nothing; a probe still gets its answer at once.
+    let idle: Vec<std::net::TcpStream> = h1.enter(|| {
+        (0..100)
+            .map(|_| std::net::TcpStream::connect("198.18.0.1:8286").expect("connect"))
+            .collect()
+    });
+    let asked = Instant::now();
+    let answer = http_get(&h1, "http://198.18.0.1:8286/healthz");
+    assert_eq!(answer, (503, STARTING_CONFIG.to_string()), "{}", w1.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(idle);
+
+    let (status, took) = terminate_timed(&mut w1);
+    assert_eq!(status, Some(0), "{}", w1.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "weftd took {took:?} to stop:\n{}",
+        w1.log()
+    );
+}
