@@ -13,6 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
+
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,6 +32,7 @@ use crate::netlink::Netlink;
 use crate::notify::Notifier;
 use crate::registry::{EtcdRegistry, EtcdSettings, TlsFiles};
 use crate::subnet::KeyPrefix;
+use crate::subnet_change::{stray_addresses, SubnetChanges};
 use crate::subnet_env::SubnetEnv;
 
 /// IPv4 header (20) + UDP header (8): what encapsulation costs per packet.
@@ -158,9 +161,10 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
 struct LeaseFollowers<'a> {
     flags: &'a Flags,
     netlink: Netlink,
-    network: ipnet::Ipv4Net,
+    network: Ipv4Net,
     tun_mtu: u32,
     iptables: Option<IptablesKeeper>,
+    subnet_changes: Arc<SubnetChanges>,
 }
 
 impl LeaseFollowers<'_> {
@@ -212,14 +216,74 @@ impl LeaseFollowers<'_> {
     }
 
     /// A new subnet (re-acquired elsewhere after the old one was lost).
-    async fn subnet_changed(&self, lease: &Lease) -> Result<(), DaemonError> {
-        warn!(subnet = %lease.subnet, "this host's subnet changed; containers must be restarted to use it");
+    async fn subnet_changed(&self, old: Ipv4Net, lease: &Lease) -> Result<(), DaemonError> {
+        self.report_subnet_change(old, lease.subnet);
         self.configure_tun(lease).await?;
         self.write_subnet_env(lease)?;
         if let Some(keeper) = &self.iptables {
             keeper.update(self.rules(lease)).await?;
         }
         Ok(())
+    }
+
+    /// The one thing weftd cannot fix itself: docker must be restarted to take the new
+    /// subnet.env. Said as an error, counted, and checked by [`LeaseFollowers::check_stale`].
+    fn report_subnet_change(&self, old: Ipv4Net, new: Ipv4Net) {
+        self.subnet_changes.record();
+        error!(
+            old = %old,
+            new = %new,
+            subnet_file = %self.flags.subnet_file.display(),
+            "this host's subnet changed from {old} to {new}: the TUN device and the subnet file \
+             now use {new}, but docker keeps its bridge on {old} and peers drop its containers' \
+             traffic; restart docker (e.g. systemctl restart docker) so that it reads the new \
+             subnet file. /healthz answers 503 until no host interface uses an address outside {new}"
+        );
+    }
+
+    /// Whether a host interface other than the TUN still carries an address in the overlay
+    /// outside `subnet` (docker's bridge on an old subnet); logs when that starts and ends.
+    async fn check_stale(&self, subnet: Ipv4Net, health: &Health) {
+        let (links, addrs) = match (
+            self.netlink.links().await,
+            self.netlink.ipv4_addrs(None).await,
+        ) {
+            (Ok(links), Ok(addrs)) => (links, addrs),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(error = %e, "cannot list host addresses to check for a stale docker subnet");
+                return;
+            }
+        };
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map_or_else(|| index.to_string(), |l| l.name.clone())
+        };
+        let tun_index = links
+            .iter()
+            .find(|l| l.name == self.flags.tun_name)
+            .map(|l| l.index);
+        let strays = stray_addresses(&addrs, tun_index, self.network, subnet);
+        let was_stale = health.subnet_stale();
+        if let Some(stray) = strays.first() {
+            if !was_stale {
+                error!(
+                    iface = %name_of(stray.index),
+                    addr = %format!("{}/{}", stray.addr, stray.prefix_len),
+                    subnet = %subnet,
+                    "{} has {}/{}, outside this host's subnet {subnet}: docker still uses an old \
+                     subnet; restart docker so that it reads {}",
+                    name_of(stray.index),
+                    stray.addr,
+                    stray.prefix_len,
+                    self.flags.subnet_file.display()
+                );
+            }
+        } else if was_stale {
+            info!(subnet = %subnet, "no host interface uses an old subnet any more");
+        }
+        health.set_subnet_stale(!strays.is_empty());
     }
 }
 
@@ -283,6 +347,7 @@ struct Daemon<'a> {
     notifier: Option<Notifier>,
     health: Arc<Health>,
     engine_slot: EngineSlot,
+    subnet_changes: Arc<SubnetChanges>,
 }
 
 /// Run weftd until SIGTERM/SIGINT or a fatal error. The signal handlers are installed and
@@ -301,9 +366,10 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
         notifier,
         health: Arc::new(Health::new()),
         engine_slot: EngineSlot::default(),
+        subnet_changes: Arc::default(),
     };
     daemon.health.set_phase(Some(phase::INTERFACE));
-    let _http = serve_health(&flags, &daemon.health, &daemon.engine_slot).await?;
+    let _http = serve_health(&daemon).await?;
 
     let outcome = match daemon.start(&mut signals).await {
         Ok(Some(mut running)) => {
@@ -378,6 +444,7 @@ impl Daemon<'_> {
 
         let routes = Routes::new(RouteTable::empty(overlay, config.port()));
         let settings = lease_settings(flags, ext.public_ip)?;
+        let previous_subnet = settings.previous_subnet;
         let (mut membership, membership_task) =
             lease::run_membership(registry, &config, settings, routes.clone())?;
         let membership_task = AbortOnDrop(membership_task);
@@ -412,7 +479,11 @@ impl Daemon<'_> {
             network,
             tun_mtu,
             iptables: None,
+            subnet_changes: self.subnet_changes.clone(),
         };
+        if let Some(previous) = previous_subnet.filter(|p| *p != first.subnet) {
+            followers.report_subnet_change(previous, first.subnet);
+        }
         followers.configure_tun(&first).await?;
         let engine = Arc::new(Engine::start(
             engine_config(flags, &ext, config.port(), tun_mtu),
@@ -426,6 +497,7 @@ impl Daemon<'_> {
         info!(workers = flags.workers.max(1), io = ?flags.io, bind = %SocketAddrV4::new(ext.addr, config.port()), "data plane running");
         followers.write_subnet_env(&first)?;
         followers.start_iptables(&first).await?;
+        followers.check_stale(first.subnet, health).await;
         health.set_phase(None);
         if let Some(notifier) = &self.notifier {
             if let Err(e) = notifier.ready() {
@@ -443,25 +515,25 @@ impl Daemon<'_> {
 }
 
 /// Serves /healthz and /metrics when `--healthz-port` is set.
-async fn serve_health(
-    flags: &Flags,
-    health: &Arc<Health>,
-    engine_slot: &EngineSlot,
-) -> Result<Option<AbortOnDrop>, DaemonError> {
+async fn serve_health(daemon: &Daemon<'_>) -> Result<Option<AbortOnDrop>, DaemonError> {
+    let flags = daemon.flags;
     if flags.healthz_port == 0 {
         return Ok(None);
     }
     let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-    let metrics_engine = engine_slot.clone();
+    let metrics_engine = daemon.engine_slot.clone();
+    let metrics_health = daemon.health.clone();
+    let subnet_changes = daemon.subnet_changes.clone();
     let metrics: MetricsFn = Arc::new(move || {
         let mut text = String::new();
         let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
         if let Some(engine) = engine {
             engine.counters().render_prometheus(&mut text);
         }
+        subnet_changes.render_prometheus(metrics_health.subnet_stale(), &mut text);
         text
     });
-    let server = HttpServer::bind(addr, health.clone(), metrics)
+    let server = HttpServer::bind(addr, daemon.health.clone(), metrics)
         .await
         .map_err(|source| DaemonError::Healthz { addr, source })?;
     info!(%addr, "serving /healthz and /metrics");
@@ -491,7 +563,8 @@ impl Daemon<'_> {
                     let lease = *running.leases.borrow_and_update();
                     match lease {
                         Some(lease) if lease.subnet != running.current.subnet => {
-                            running.followers.subnet_changed(&lease).await?;
+                            running.followers.subnet_changed(running.current.subnet, &lease).await?;
+                            running.followers.check_stale(lease.subnet, health).await;
                             running.current = lease;
                             health.set_lease_held(true);
                         }
@@ -512,6 +585,7 @@ impl Daemon<'_> {
                         error!("a data-plane worker stopped");
                         return Err(DaemonError::EngineStopped);
                     }
+                    running.followers.check_stale(running.current.subnet, health).await;
                 }
                 _ = stats.tick(), if flags.verbosity >= 1 => {
                     info!(counters = %running.engine.counters().summary(), "data plane");

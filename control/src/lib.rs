@@ -21,5 +21,6 @@ pub mod netlink;
 pub mod notify;
 pub mod registry;
 pub mod subnet;
+pub mod subnet_change;
 pub mod subnet_env;
 pub mod watch;

@@ -596,3 +596,100 @@ fn healthz_answers_and_sigterm_works_while_the_config_is_missing() {
         w1.log()
     );
 }
+
+/// The value of one metric line (`name value`) on weftd's /metrics page.
+fn metric(ns: &NetNs, url: &str, name: &str) -> Option<String> {
+    let (code, text) = http_get(ns, url);
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+}
+
+#[test]
+fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.1.0.0/16"}"#,
+        ],
+    );
+    // Host 1 ran on 10.1.15.0/24 and docker's bridge still has that subnet's first address.
+    let file = subnet_file(&dir.0, "h1");
+    fs::create_dir_all(file.parent().unwrap()).unwrap();
+    fs::write(
+        &file,
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    h1.ip(&["link", "add", "docker0", "type", "bridge"]);
+    h1.ip(&["addr", "add", "10.1.15.1/24", "dev", "docker0"]);
+    h1.ip(&["link", "set", "docker0", "up"]);
+    // While it was away, host 2 took that subnet (a reservation: it never expires).
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.1.15.0-24",
+            r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+        ],
+    );
+
+    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
+    let healthz = "http://198.18.0.1:8286/healthz";
+    let metrics = "http://198.18.0.1:8286/metrics";
+    wait_for(
+        "weftd to lease a new subnet",
+        Duration::from_secs(30),
+        || {
+            fs::read_to_string(&file).is_ok_and(|t| !t.contains("FLANNEL_SUBNET=10.1.15.1/24"))
+                && metric(&h1, metrics, "weft_subnet_stale").as_deref() == Some("1")
+        },
+        &[&w1, &etcd],
+    );
+    let (code, body) = http_get(&h1, healthz);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("restart docker"), "{body}");
+    assert_eq!(
+        metric(&h1, metrics, "weft_subnet_changes_total").as_deref(),
+        Some("1")
+    );
+    let log = w1.log();
+    assert!(
+        log.contains("ERROR")
+            && log.contains("subnet changed from 10.1.15.0/24")
+            && log.contains("restart docker"),
+        "{log}"
+    );
+    assert!(log.contains("docker0 has 10.1.15.1/24"), "{log}");
+
+    // "Restarting docker": the bridge takes the first address of the new subnet.
+    let text = fs::read_to_string(&file).unwrap();
+    let new_bip = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .expect("FLANNEL_SUBNET")
+        .to_string();
+    h1.ip(&["addr", "flush", "dev", "docker0"]);
+    h1.ip(&["addr", "add", &new_bip, "dev", "docker0"]);
+    wait_for(
+        "healthz to turn 200 once docker moved",
+        Duration::from_secs(10),
+        || http_get(&h1, healthz).0 == 200,
+        &[&w1],
+    );
+    assert_eq!(
+        metric(&h1, metrics, "weft_subnet_stale").as_deref(),
+        Some("0")
+    );
+    assert!(w1
+        .log()
+        .contains("no host interface uses an old subnet any more"));
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+}
