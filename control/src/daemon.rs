@@ -31,6 +31,7 @@ use crate::netconf::{configure_tun, disable_ipv6, TunConfig};
 use crate::netlink::Netlink;
 use crate::notify::Notifier;
 use crate::registry::{EtcdRegistry, EtcdSettings, TlsFiles};
+use crate::secret::Secret;
 use crate::subnet::KeyPrefix;
 use crate::subnet_change::{stray_addresses, SubnetChanges};
 use crate::subnet_env::SubnetEnv;
@@ -115,7 +116,7 @@ fn lease_settings(flags: &Flags, public_ip: Ipv4Addr) -> Result<lease::Settings,
     Ok(settings)
 }
 
-fn etcd_settings(flags: &Flags) -> EtcdSettings {
+fn etcd_settings(flags: &Flags) -> Result<EtcdSettings, DaemonError> {
     let mut settings = EtcdSettings::new(flags.etcd_endpoints.clone());
     settings.prefix = KeyPrefix::new(&flags.etcd_prefix);
     if flags.etcd_cafile.is_some() || flags.etcd_certfile.is_some() || flags.etcd_keyfile.is_some()
@@ -126,13 +127,23 @@ fn etcd_settings(flags: &Flags) -> EtcdSettings {
             key: flags.etcd_keyfile.clone(),
         });
     }
-    if let Some(user) = &flags.etcd_username {
-        settings.credentials = Some((
-            user.clone(),
-            flags.etcd_password.clone().unwrap_or_default(),
-        ));
+    let password = match &flags.etcd_password_file {
+        Some(path) => Some(
+            Secret::read_file(path)
+                .map_err(|e| DaemonError::Settings(format!("--etcd-password-file: {e}")))?,
+        ),
+        None => flags.etcd_password.clone(),
+    };
+    match (&flags.etcd_username, password) {
+        (Some(user), password) => {
+            settings.credentials = Some((user.clone(), password.unwrap_or_default()));
+        }
+        (None, Some(_)) => {
+            warn!("an etcd password is given without --etcd-username; it is not used")
+        }
+        (None, None) => {}
     }
-    settings
+    Ok(settings)
 }
 
 /// The engine configuration from the flags, the external interface and the network config.
@@ -427,7 +438,7 @@ impl Daemon<'_> {
             )));
         }
 
-        let registry = EtcdRegistry::new(&etcd_settings(flags))?;
+        let registry = EtcdRegistry::new(&etcd_settings(flags)?)?;
         health.set_phase(Some(phase::CONFIG));
         let Some(config) = unless_stopped(
             signals,

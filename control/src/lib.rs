@@ -20,6 +20,7 @@ pub mod netconf;
 pub mod netlink;
 pub mod notify;
 pub mod registry;
+pub mod secret;
 pub mod subnet;
 pub mod subnet_change;
 pub mod subnet_env;

@@ -25,6 +25,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use crate::secret::Secret;
 use crate::subnet::KeyPrefix;
 
 /// One lease as stored: its key name, raw value and etcd bookkeeping.
@@ -205,7 +206,7 @@ pub struct EtcdSettings {
     /// TLS files; `None` for plain connections.
     pub tls: Option<TlsFiles>,
     /// User name and password for etcd's authentication.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, Secret)>,
     /// How long one request (or connection attempt) may take.
     pub request_timeout: Duration,
 }
@@ -268,7 +269,7 @@ impl EtcdRegistry {
             .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
         if let Some((user, password)) = &settings.credentials {
             options = options
-                .with_user(user.clone(), password.clone())
+                .with_user(user.clone(), password.expose())
                 .with_auto_token_refresh(true);
         }
         if let Some(files) = &settings.tls {

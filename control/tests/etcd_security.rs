@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd::Etcd;
 use weft_control::lease::{self, Backoff, Settings};
 use weft_control::registry::{EtcdRegistry, EtcdSettings, Registry, TlsFiles};
+use weft_control::secret::Secret;
 use weft_engine::{RouteTable, Routes};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -95,10 +96,10 @@ async fn user_name_and_password() {
     client.auth_enable().await.unwrap();
 
     let mut with_password = settings(etcd.endpoint());
-    with_password.credentials = Some(("root".to_owned(), "root-secret".to_owned()));
+    with_password.credentials = Some(("root".to_owned(), Secret::new("root-secret")));
     acquires(EtcdRegistry::new(&with_password).unwrap()).await;
 
-    for credentials in [None, Some(("root".to_owned(), "wrong".to_owned()))] {
+    for credentials in [None, Some(("root".to_owned(), Secret::new("wrong")))] {
         let mut refused = settings(etcd.endpoint());
         refused.credentials = credentials.clone();
         let reg = EtcdRegistry::new(&refused).unwrap();

@@ -693,3 +693,60 @@ fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
         .contains("no host interface uses an old subnet any more"));
     assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
 }
+
+#[test]
+fn a_password_file_authenticates_and_the_password_is_never_logged() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.1.0.0/16"}"#,
+        ],
+    );
+    let password = "pw-7f3a9c-in-a-file";
+    etcdctl(&h1, &["user", "add", &format!("root:{password}")]);
+    etcdctl(&h1, &["user", "grant-role", "root", "root"]);
+    etcdctl(&h1, &["auth", "enable"]);
+    let password_file = dir.0.join("etcd-password");
+    fs::write(&password_file, format!("{password}\n")).unwrap();
+
+    let file = subnet_file(&dir.0, "h1");
+    let mut w1 = Proc::spawn(
+        &h1,
+        dir.0.join("w1.log"),
+        env!("CARGO_BIN_EXE_weftd"),
+        &[
+            "--etcd-endpoints",
+            ETCD,
+            "--etcd-username=root",
+            "--iface=eth0",
+            "--subnet-file",
+            &file.to_string_lossy(),
+            "--healthz-port=8286",
+            "-v=4",
+        ],
+        // flanneld's environment mechanism carries the file's path.
+        &[(
+            "FLANNELD_ETCD_PASSWORD_FILE",
+            &password_file.to_string_lossy(),
+        )],
+    );
+    wait_for(
+        "weftd healthy with etcd authentication",
+        Duration::from_secs(30),
+        || http_get(&h1, "http://198.18.0.1:8286/healthz").0 == 200,
+        &[&w1, &etcd],
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    let log = w1.log();
+    assert!(
+        !log.contains(password),
+        "the password is in the log:\n{log}"
+    );
+}
