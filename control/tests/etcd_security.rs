@@ -106,3 +106,45 @@ async fn user_name_and_password() {
         assert!(reg.config().await.is_err(), "{credentials:?} accepted");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_without_a_ca_file_trusts_the_system_roots() {
+    let mut etcd = Etcd::prepare_tls();
+    etcd.run().await;
+    let mut client = etcd.client().await;
+    client
+        .put("/coreos.com/network/config", CONFIG, None)
+        .await
+        .unwrap();
+    let certs = etcd.certs().unwrap().clone();
+    // The system's roots, as rustls-native-certs finds them, are here the test CA alone
+    // (SSL_CERT_FILE is honoured as OpenSSL and Go honour it). nextest runs each test in a
+    // process of its own, so no other test sees the variable.
+    std::env::set_var("SSL_CERT_FILE", &certs.ca);
+    let mut secured = settings(etcd.endpoint());
+    assert!(secured.endpoints[0].starts_with("https://"));
+    secured.tls = Some(TlsFiles {
+        ca: None,
+        cert: Some(certs.client_cert.clone()),
+        key: Some(certs.client_key.clone()),
+    });
+    acquires(EtcdRegistry::new(&secured).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_are_ignored_for_http_endpoints() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    client
+        .put("/coreos.com/network/config", CONFIG, None)
+        .await
+        .unwrap();
+    let mut plain = settings(etcd.endpoint());
+    assert!(plain.endpoints[0].starts_with("http://"));
+    plain.tls = Some(TlsFiles {
+        ca: Some("/nonexistent/ca.pem".into()),
+        cert: Some("/nonexistent/cert.pem".into()),
+        key: Some("/nonexistent/key.pem".into()),
+    });
+    acquires(EtcdRegistry::new(&plain).unwrap()).await;
+}
