@@ -72,6 +72,9 @@ pub enum DaemonError {
     /// iptables rules could not be applied.
     #[error(transparent)]
     Iptables(#[from] crate::iptables::IptablesError),
+    /// The masquerade rules `--ip-masq` asks for could not be applied.
+    #[error("--ip-masq: cannot apply the masquerade rules")]
+    Masquerade(#[source] crate::iptables::IptablesError),
     /// The health/metrics listener could not be bound.
     #[error("cannot listen for healthz on {addr}: {source}")]
     Healthz {
@@ -220,9 +223,13 @@ impl LeaseFollowers<'_> {
         if rules.is_empty() {
             return Ok(());
         }
-        let keeper =
-            IptablesKeeper::start(Iptables::new(), rules, self.flags.iptables_resync).await?;
-        self.iptables = Some(keeper);
+        self.iptables = IptablesKeeper::start_or_skip_optional(
+            Iptables::new(),
+            rules,
+            self.flags.iptables_resync,
+        )
+        .await
+        .map_err(DaemonError::Masquerade)?;
         Ok(())
     }
 

@@ -750,3 +750,70 @@ fn a_password_file_authenticates_and_the_password_is_never_logged() {
         "the password is in the log:\n{log}"
     );
 }
+
+#[test]
+fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.1.0.0/16"}"#,
+        ],
+    );
+    let file = subnet_file(&dir.0, "h1");
+    let file = file.to_string_lossy();
+    // A PATH with no iptables programs on it.
+    let spawn = |log: &str, extra: &[&str]| {
+        let mut args = vec![
+            "PATH=/nonexistent",
+            env!("CARGO_BIN_EXE_weftd"),
+            "--etcd-endpoints",
+            ETCD,
+            "--iface=eth0",
+            "--subnet-file",
+            &file,
+            "--healthz-port=8286",
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(&h1, dir.0.join(log), "env", &args, &[])
+    };
+
+    // The default FORWARD accept rules cannot be applied: weftd says so and forwards.
+    let mut w1 = spawn("w1.log", &[]);
+    wait_for(
+        "weftd healthy without iptables",
+        Duration::from_secs(30),
+        || http_get(&h1, "http://198.18.0.1:8286/healthz").0 == 200,
+        &[&w1, &etcd],
+    );
+    assert!(
+        w1.log().contains("cannot apply the FORWARD accept rules"),
+        "{}",
+        w1.log()
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+
+    // --ip-masq asked for masquerading, which cannot be done: weftd stops with the reason.
+    let mut w2 = spawn("w2.log", &["--ip-masq"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = w2.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "weftd still runs:\n{}", w2.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1), "{}", w2.log());
+    assert!(
+        w2.log()
+            .contains("--ip-masq: cannot apply the masquerade rules"),
+        "{}",
+        w2.log()
+    );
+}
