@@ -817,3 +817,55 @@ fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
         w2.log()
     );
 }
+
+#[test]
+fn sigterm_stops_weftd_at_once_while_no_subnet_is_free() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    // A /28 network has three leasable /30 subnets; other hosts hold all of them.
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.1.0.0/28"}"#,
+        ],
+    );
+    for (subnet, owner) in [
+        ("4", "198.18.0.4"),
+        ("8", "198.18.0.8"),
+        ("12", "198.18.0.12"),
+    ] {
+        etcdctl(
+            &h1,
+            &[
+                "put",
+                &format!("/coreos.com/network/subnets/10.1.0.{subnet}-30"),
+                &format!(r#"{{"PublicIP":"{owner}","PublicIPv6":null}}"#),
+            ],
+        );
+    }
+    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
+    wait_for(
+        "healthz to report the wait for a lease",
+        Duration::from_secs(20),
+        || {
+            http_get(&h1, "http://198.18.0.1:8286/healthz")
+                == (503, "starting: waiting for a subnet lease".to_string())
+        },
+        &[&w1, &etcd],
+    );
+    let (status, took) = terminate_timed(&mut w1);
+    assert_eq!(status, Some(0), "{}", w1.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "weftd took {took:?} to stop:\n{}",
+        w1.log()
+    );
+    assert!(w1
+        .log()
+        .contains("SIGTERM while waiting for a subnet lease"));
+}
