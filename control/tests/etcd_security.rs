@@ -46,16 +46,28 @@ async fn acquires(reg: EtcdRegistry) {
     task.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_client_certificates() {
-    let mut etcd = Etcd::prepare_tls();
-    etcd.run().await;
+/// Writes the network config into `etcd`; returns the client that wrote it.
+async fn with_config(etcd: &Etcd) -> etcd_client::Client {
     let mut client = etcd.client().await;
     client
         .put("/coreos.com/network/config", CONFIG, None)
         .await
         .unwrap();
+    client
+}
+
+/// An etcd that requires TLS client certificates, with the network config written.
+async fn tls_etcd_with_config() -> (Etcd, etcd::TlsCerts) {
+    let mut etcd = Etcd::prepare_tls();
+    etcd.run().await;
+    with_config(&etcd).await;
     let certs = etcd.certs().unwrap().clone();
+    (etcd, certs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let (etcd, certs) = tls_etcd_with_config().await;
 
     let mut secured = settings(etcd.endpoint());
     secured.tls = Some(TlsFiles {
@@ -86,11 +98,7 @@ async fn tls_with_client_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_name_and_password() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    client
-        .put("/coreos.com/network/config", CONFIG, None)
-        .await
-        .unwrap();
+    let mut client = with_config(&etcd).await;
     client.user_add("root", "root-secret", None).await.unwrap();
     client.user_grant_role("root", "root").await.unwrap();
     client.auth_enable().await.unwrap();
@@ -109,14 +117,7 @@ async fn user_name_and_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_without_a_ca_file_trusts_the_system_roots() {
-    let mut etcd = Etcd::prepare_tls();
-    etcd.run().await;
-    let mut client = etcd.client().await;
-    client
-        .put("/coreos.com/network/config", CONFIG, None)
-        .await
-        .unwrap();
-    let certs = etcd.certs().unwrap().clone();
+    let (etcd, certs) = tls_etcd_with_config().await;
     // The system's roots, as rustls-native-certs finds them, are here the test CA alone
     // (SSL_CERT_FILE is honoured as OpenSSL and Go honour it). nextest runs each test in a
     // process of its own, so no other test sees the variable.
@@ -134,11 +135,7 @@ async fn https_without_a_ca_file_trusts_the_system_roots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_files_are_ignored_for_http_endpoints() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await;
-    client
-        .put("/coreos.com/network/config", CONFIG, None)
-        .await
-        .unwrap();
+    with_config(&etcd).await;
     let mut plain = settings(etcd.endpoint());
     assert!(plain.endpoints[0].starts_with("http://"));
     plain.tls = Some(TlsFiles {

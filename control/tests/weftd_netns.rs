@@ -501,105 +501,166 @@ fn etcd_outage_and_a_deleted_lease_are_survived() {
     }
 }
 
-/// Sends SIGTERM and returns the exit status and how long weftd took to exit.
-fn terminate_timed(p: &mut Proc) -> (Option<i32>, Duration) {
-    let sent = Instant::now();
-    let status = p.terminate();
-    (status, sent.elapsed())
+/// Two namespaces joined by a veth on 198.18.0.0/24 (h1 .1, h2 .2) and a directory for files
+/// and logs; everything is removed when dropped.
+struct TwoHosts {
+    h1: NetNs,
+    _h2: NetNs,
+    dir: TempDir,
 }
 
-/// weftd on host 1 with its etcd at `etcd` and healthz on 198.18.0.1:8286.
-fn start_weftd(ns: &NetNs, dir: &Path, etcd: &str) -> Proc {
-    let file = subnet_file(dir, "h1");
-    Proc::spawn(
-        ns,
-        dir.join("w1.log"),
-        env!("CARGO_BIN_EXE_weftd"),
-        &[
+impl TwoHosts {
+    fn new() -> Self {
+        let dir = TempDir::new();
+        let h1 = NetNs::new("h1");
+        let h2 = NetNs::new("h2");
+        veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+        TwoHosts { h1, _h2: h2, dir }
+    }
+
+    /// etcd on host 1, with `config` (if any) at `<prefix>/config`.
+    fn etcd(&self, config: Option<&str>) -> Proc {
+        let etcd = start_etcd(&self.h1, &self.dir.0);
+        if let Some(config) = config {
+            etcdctl(&self.h1, &["put", "/coreos.com/network/config", config]);
+        }
+        etcd
+    }
+
+    /// weftd on host 1 (healthz on 198.18.0.1:8286, log in `log`) with its etcd at `etcd`,
+    /// run through `wrapper` (e.g. `env VAR=…`) when that is not empty.
+    fn weftd(
+        &self,
+        log: &str,
+        etcd: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let file = subnet_file(&self.dir.0, "h1");
+        let file = file.to_string_lossy();
+        let weftd = env!("CARGO_BIN_EXE_weftd");
+        let mut argv: Vec<&str> = wrapper.to_vec();
+        argv.extend([
+            weftd,
             "--etcd-endpoints",
             etcd,
-            "--iface",
-            "eth0",
+            "--iface=eth0",
             "--subnet-file",
-            &file.to_string_lossy(),
-            "--healthz-port",
-            "8286",
-        ],
-        &[],
-    )
+            &file,
+            "--healthz-port=8286",
+        ]);
+        argv.extend_from_slice(extra);
+        Proc::spawn(&self.h1, self.dir.0.join(log), argv[0], &argv[1..], env)
+    }
+
+    fn healthz(&self) -> (u16, String) {
+        http_get(&self.h1, "http://198.18.0.1:8286/healthz")
+    }
+}
+
+const NETWORK_16: &str = r#"{"Network":"10.1.0.0/16"}"#;
+
+/// Sends SIGTERM; weftd must exit 0 within a second, logging `SIGTERM while <waiting_for>`.
+fn assert_stops_at_once(p: &mut Proc, waiting_for: &str) {
+    let sent = Instant::now();
+    let status = p.terminate();
+    let took = sent.elapsed();
+    assert_eq!(status, Some(0), "{}", p.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "weftd took {took:?} to stop:\n{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains(&format!("SIGTERM while {waiting_for}")),
+        "{}",
+        p.log()
+    );
 }
 
 const STARTING_CONFIG: &str = "starting: waiting for the network config in etcd";
 
 #[test]
 fn sigterm_stops_weftd_at_once_while_etcd_is_unreachable() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let hosts = TwoHosts::new();
     // Nobody has 198.18.0.9: connecting to it hangs until the client gives up.
-    let mut w1 = start_weftd(&h1, &dir.0, "http://198.18.0.9:2379");
+    let mut w1 = hosts.weftd("w1.log", "http://198.18.0.9:2379", &[], &[], &[]);
     wait_for(
         "healthz to report the wait for etcd",
         Duration::from_secs(20),
-        || http_get(&h1, "http://198.18.0.1:8286/healthz") == (503, STARTING_CONFIG.to_string()),
+        || hosts.healthz() == (503, STARTING_CONFIG.to_string()),
         &[&w1],
     );
-    let (status, took) = terminate_timed(&mut w1);
-    assert_eq!(status, Some(0), "{}", w1.log());
-    assert!(
-        took < Duration::from_secs(1),
-        "weftd took {took:?} to stop:\n{}",
-        w1.log()
-    );
-    assert!(w1
-        .log()
-        .contains("SIGTERM while waiting for the network config"));
+    assert_stops_at_once(&mut w1, "waiting for the network config");
 }
 
 #[test]
 fn healthz_answers_and_sigterm_works_while_the_config_is_missing() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-    let etcd = start_etcd(&h1, &dir.0);
-    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(None);
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
     wait_for(
         "healthz to report the wait for the config",
         Duration::from_secs(20),
-        || http_get(&h1, "http://198.18.0.1:8286/healthz") == (503, STARTING_CONFIG.to_string()),
+        || hosts.healthz() == (503, STARTING_CONFIG.to_string()),
         &[&w1, &etcd],
     );
 
     // 100 clients connect and say nothing; a probe still gets its answer at once.
-    let idle: Vec<std::net::TcpStream> = h1.enter(|| {
+    let idle: Vec<std::net::TcpStream> = hosts.h1.enter(|| {
         (0..100)
             .map(|_| std::net::TcpStream::connect("198.18.0.1:8286").expect("connect"))
             .collect()
     });
     let asked = Instant::now();
-    let answer = http_get(&h1, "http://198.18.0.1:8286/healthz");
-    assert_eq!(answer, (503, STARTING_CONFIG.to_string()), "{}", w1.log());
+    assert_eq!(
+        hosts.healthz(),
+        (503, STARTING_CONFIG.to_string()),
+        "{}",
+        w1.log()
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(2),
         "{:?}",
         asked.elapsed()
     );
     drop(idle);
+    assert_stops_at_once(&mut w1, "waiting for the network config");
+}
 
-    let (status, took) = terminate_timed(&mut w1);
-    assert_eq!(status, Some(0), "{}", w1.log());
-    assert!(
-        took < Duration::from_secs(1),
-        "weftd took {took:?} to stop:\n{}",
-        w1.log()
+#[test]
+fn sigterm_stops_weftd_at_once_while_no_subnet_is_free() {
+    let hosts = TwoHosts::new();
+    // A /28 network has three leasable /30 subnets; other hosts hold all of them.
+    let etcd = hosts.etcd(Some(r#"{"Network":"10.1.0.0/28"}"#));
+    for (subnet, owner) in [
+        ("4", "198.18.0.4"),
+        ("8", "198.18.0.8"),
+        ("12", "198.18.0.12"),
+    ] {
+        etcdctl(
+            &hosts.h1,
+            &[
+                "put",
+                &format!("/coreos.com/network/subnets/10.1.0.{subnet}-30"),
+                &format!(r#"{{"PublicIP":"{owner}","PublicIPv6":null}}"#),
+            ],
+        );
+    }
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "healthz to report the wait for a lease",
+        Duration::from_secs(20),
+        || hosts.healthz() == (503, "starting: waiting for a subnet lease".to_string()),
+        &[&w1, &etcd],
     );
+    assert_stops_at_once(&mut w1, "waiting for a subnet lease");
 }
 
 /// The value of one metric line (`name value`) on weftd's /metrics page.
-fn metric(ns: &NetNs, url: &str, name: &str) -> Option<String> {
-    let (code, text) = http_get(ns, url);
+fn metric(ns: &NetNs, name: &str) -> Option<String> {
+    let (code, text) = http_get(ns, "http://198.18.0.1:8286/metrics");
     assert_eq!(code, 200, "{text}");
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
@@ -607,21 +668,11 @@ fn metric(ns: &NetNs, url: &str, name: &str) -> Option<String> {
 
 #[test]
 fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-    let etcd = start_etcd(&h1, &dir.0);
-    etcdctl(
-        &h1,
-        &[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.1.0.0/16"}"#,
-        ],
-    );
+    let hosts = TwoHosts::new();
+    let h1 = &hosts.h1;
+    let etcd = hosts.etcd(Some(NETWORK_16));
     // Host 1 ran on 10.1.15.0/24 and docker's bridge still has that subnet's first address.
-    let file = subnet_file(&dir.0, "h1");
+    let file = subnet_file(&hosts.dir.0, "h1");
     fs::create_dir_all(file.parent().unwrap()).unwrap();
     fs::write(
         &file,
@@ -633,7 +684,7 @@ fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
     h1.ip(&["link", "set", "docker0", "up"]);
     // While it was away, host 2 took that subnet (a reservation: it never expires).
     etcdctl(
-        &h1,
+        h1,
         &[
             "put",
             "/coreos.com/network/subnets/10.1.15.0-24",
@@ -641,23 +692,21 @@ fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
         ],
     );
 
-    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
-    let healthz = "http://198.18.0.1:8286/healthz";
-    let metrics = "http://198.18.0.1:8286/metrics";
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
     wait_for(
         "weftd to lease a new subnet",
         Duration::from_secs(30),
         || {
             fs::read_to_string(&file).is_ok_and(|t| !t.contains("FLANNEL_SUBNET=10.1.15.1/24"))
-                && metric(&h1, metrics, "weft_subnet_stale").as_deref() == Some("1")
+                && metric(h1, "weft_subnet_stale").as_deref() == Some("1")
         },
         &[&w1, &etcd],
     );
-    let (code, body) = http_get(&h1, healthz);
+    let (code, body) = hosts.healthz();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("restart docker"), "{body}");
     assert_eq!(
-        metric(&h1, metrics, "weft_subnet_changes_total").as_deref(),
+        metric(h1, "weft_subnet_changes_total").as_deref(),
         Some("1")
     );
     let log = w1.log();
@@ -681,13 +730,10 @@ fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
     wait_for(
         "healthz to turn 200 once docker moved",
         Duration::from_secs(10),
-        || http_get(&h1, healthz).0 == 200,
+        || hosts.healthz().0 == 200,
         &[&w1],
     );
-    assert_eq!(
-        metric(&h1, metrics, "weft_subnet_stale").as_deref(),
-        Some("0")
-    );
+    assert_eq!(metric(h1, "weft_subnet_stale").as_deref(), Some("0"));
     assert!(w1
         .log()
         .contains("no host interface uses an old subnet any more"));
@@ -696,41 +742,20 @@ fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
 
 #[test]
 fn a_password_file_authenticates_and_the_password_is_never_logged() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-    let etcd = start_etcd(&h1, &dir.0);
-    etcdctl(
-        &h1,
-        &[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.1.0.0/16"}"#,
-        ],
-    );
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(Some(NETWORK_16));
     let password = "pw-7f3a9c-in-a-file";
-    etcdctl(&h1, &["user", "add", &format!("root:{password}")]);
-    etcdctl(&h1, &["user", "grant-role", "root", "root"]);
-    etcdctl(&h1, &["auth", "enable"]);
-    let password_file = dir.0.join("etcd-password");
+    etcdctl(&hosts.h1, &["user", "add", &format!("root:{password}")]);
+    etcdctl(&hosts.h1, &["user", "grant-role", "root", "root"]);
+    etcdctl(&hosts.h1, &["auth", "enable"]);
+    let password_file = hosts.dir.0.join("etcd-password");
     fs::write(&password_file, format!("{password}\n")).unwrap();
 
-    let file = subnet_file(&dir.0, "h1");
-    let mut w1 = Proc::spawn(
-        &h1,
-        dir.0.join("w1.log"),
-        env!("CARGO_BIN_EXE_weftd"),
-        &[
-            "--etcd-endpoints",
-            ETCD,
-            "--etcd-username=root",
-            "--iface=eth0",
-            "--subnet-file",
-            &file.to_string_lossy(),
-            "--healthz-port=8286",
-            "-v=4",
-        ],
+    let mut w1 = hosts.weftd(
+        "w1.log",
+        ETCD,
+        &[],
+        &["--etcd-username=root", "-v=4"],
         // flanneld's environment mechanism carries the file's path.
         &[(
             "FLANNELD_ETCD_PASSWORD_FILE",
@@ -740,7 +765,7 @@ fn a_password_file_authenticates_and_the_password_is_never_logged() {
     wait_for(
         "weftd healthy with etcd authentication",
         Duration::from_secs(30),
-        || http_get(&h1, "http://198.18.0.1:8286/healthz").0 == 200,
+        || hosts.healthz().0 == 200,
         &[&w1, &etcd],
     );
     assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
@@ -753,43 +778,17 @@ fn a_password_file_authenticates_and_the_password_is_never_logged() {
 
 #[test]
 fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-    let etcd = start_etcd(&h1, &dir.0);
-    etcdctl(
-        &h1,
-        &[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.1.0.0/16"}"#,
-        ],
-    );
-    let file = subnet_file(&dir.0, "h1");
-    let file = file.to_string_lossy();
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(Some(NETWORK_16));
     // A PATH with no iptables programs on it.
-    let spawn = |log: &str, extra: &[&str]| {
-        let mut args = vec![
-            "PATH=/nonexistent",
-            env!("CARGO_BIN_EXE_weftd"),
-            "--etcd-endpoints",
-            ETCD,
-            "--iface=eth0",
-            "--subnet-file",
-            &file,
-            "--healthz-port=8286",
-        ];
-        args.extend_from_slice(extra);
-        Proc::spawn(&h1, dir.0.join(log), "env", &args, &[])
-    };
+    let no_iptables = ["env", "PATH=/nonexistent"];
 
     // The default FORWARD accept rules cannot be applied: weftd says so and forwards.
-    let mut w1 = spawn("w1.log", &[]);
+    let mut w1 = hosts.weftd("w1.log", ETCD, &no_iptables, &[], &[]);
     wait_for(
         "weftd healthy without iptables",
         Duration::from_secs(30),
-        || http_get(&h1, "http://198.18.0.1:8286/healthz").0 == 200,
+        || hosts.healthz().0 == 200,
         &[&w1, &etcd],
     );
     assert!(
@@ -800,7 +799,7 @@ fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
     assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
 
     // --ip-masq asked for masquerading, which cannot be done: weftd stops with the reason.
-    let mut w2 = spawn("w2.log", &["--ip-masq"]);
+    let mut w2 = hosts.weftd("w2.log", ETCD, &no_iptables, &["--ip-masq"], &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = w2.child.try_wait().expect("wait") {
@@ -816,56 +815,4 @@ fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
         "{}",
         w2.log()
     );
-}
-
-#[test]
-fn sigterm_stops_weftd_at_once_while_no_subnet_is_free() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-    let etcd = start_etcd(&h1, &dir.0);
-    // A /28 network has three leasable /30 subnets; other hosts hold all of them.
-    etcdctl(
-        &h1,
-        &[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.1.0.0/28"}"#,
-        ],
-    );
-    for (subnet, owner) in [
-        ("4", "198.18.0.4"),
-        ("8", "198.18.0.8"),
-        ("12", "198.18.0.12"),
-    ] {
-        etcdctl(
-            &h1,
-            &[
-                "put",
-                &format!("/coreos.com/network/subnets/10.1.0.{subnet}-30"),
-                &format!(r#"{{"PublicIP":"{owner}","PublicIPv6":null}}"#),
-            ],
-        );
-    }
-    let mut w1 = start_weftd(&h1, &dir.0, ETCD);
-    wait_for(
-        "healthz to report the wait for a lease",
-        Duration::from_secs(20),
-        || {
-            http_get(&h1, "http://198.18.0.1:8286/healthz")
-                == (503, "starting: waiting for a subnet lease".to_string())
-        },
-        &[&w1, &etcd],
-    );
-    let (status, took) = terminate_timed(&mut w1);
-    assert_eq!(status, Some(0), "{}", w1.log());
-    assert!(
-        took < Duration::from_secs(1),
-        "weftd took {took:?} to stop:\n{}",
-        w1.log()
-    );
-    assert!(w1
-        .log()
-        .contains("SIGTERM while waiting for a subnet lease"));
 }
