@@ -1,13 +1,17 @@
 //! weftd's life cycle: the order in which the parts start, what it does while running, and how
 //! it stops.
 //!
-//! Start order (as flanneld's, so that docker, started after weftd, finds a working overlay):
+//! Before anything else the SIGTERM/SIGINT handlers are installed and `/healthz` is served, so
+//! that weftd can be stopped, and says what it waits for, in every phase. Start order ([`run`]
+//! → `start`; as flanneld's, so that docker, started after weftd, finds a working overlay):
 //! external interface → etcd config → lease → TUN configured → workers running → subnet.env
-//! written → READY=1. While running, the control thread (this tokio runtime) follows lease
-//! changes (re-addressing the TUN and rewriting subnet.env), keeps iptables rules in place,
-//! serves health and metrics, watches the workers, and logs counters. SIGTERM or SIGINT stops
-//! the workers, logs the final counters, removes the iptables rules and leaves the lease in
-//! etcd for the next start.
+//! written → iptables → READY=1. Each wait (the interface, etcd, the config, a lease) races the
+//! signals, so a stop during start-up exits at once. While running (`supervise`), the control
+//! thread (this tokio runtime) follows lease changes (re-addressing the TUN and rewriting
+//! subnet.env), keeps iptables rules in place, serves health and metrics, watches the workers,
+//! checks that no host interface still uses an old subnet of this host, and logs counters.
+//! SIGTERM or SIGINT (`stop`) stops the workers, logs the final counters, removes the iptables
+//! rules and leaves the lease in etcd for the next start.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -350,7 +354,7 @@ mod phase {
     pub const STOPPING: &str = "stopping";
 }
 
-/// Everything start-up brought up: what [`supervise`] runs and [`stop`] takes down.
+/// Everything start-up brought up: what `Daemon::supervise` runs and `Daemon::stop` takes down.
 struct Running<'a> {
     _membership: AbortOnDrop,
     leases: watch::Receiver<Option<Lease>>,
@@ -395,8 +399,7 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
             daemon.stop(running).await;
             outcome
         }
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
+        stopped_or_failed => stopped_or_failed.map(drop),
     };
     if let Some(notifier) = &daemon.notifier {
         let _ = notifier.stopping();
