@@ -816,3 +816,64 @@ fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
         w2.log()
     );
 }
+
+#[test]
+fn a_subnet_taken_over_while_running_is_loud_too() {
+    let hosts = TwoHosts::new();
+    let h1 = &hosts.h1;
+    let etcd = hosts.etcd(Some(NETWORK_16));
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "weftd healthy",
+        Duration::from_secs(30),
+        || hosts.healthz().0 == 200,
+        &[&w1, &etcd],
+    );
+    // docker started after weftd and put its bridge on FLANNEL_SUBNET: all is well.
+    let file = subnet_file(&hosts.dir.0, "h1");
+    let key = lease_key_of(&file);
+    let bip = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET=").map(str::to_string))
+        .expect("FLANNEL_SUBNET");
+    h1.ip(&["link", "add", "docker0", "type", "bridge"]);
+    h1.ip(&["addr", "add", &bip, "dev", "docker0"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(hosts.healthz(), (200, "ok".to_string()));
+    assert_eq!(metric(h1, "weft_subnet_stale").as_deref(), Some("0"));
+
+    // Another host takes the subnet over: weftd moves to a new one, docker stays behind.
+    etcdctl(
+        h1,
+        &[
+            "put",
+            &key,
+            r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+        ],
+    );
+    wait_for(
+        "weftd to report the stale bridge",
+        Duration::from_secs(30),
+        || {
+            metric(h1, "weft_subnet_changes_total").as_deref() == Some("1")
+                && metric(h1, "weft_subnet_stale").as_deref() == Some("1")
+        },
+        &[&w1, &etcd],
+    );
+    assert_ne!(
+        lease_key_of(&file),
+        key,
+        "subnet.env still names the old subnet"
+    );
+    let (code, body) = hosts.healthz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("restart docker"), "{body}");
+    let log = w1.log();
+    let old = key.rsplit('/').next().unwrap().replace('-', "/");
+    assert!(
+        log.contains(&format!("subnet changed from {old}")) && log.contains("restart docker"),
+        "{log}"
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+}
