@@ -1117,6 +1117,17 @@ mod tests {
     }
 
     #[test]
+    fn etcd_settings_never_show_the_password() {
+        let mut settings = EtcdSettings::new(vec!["https://127.0.0.1:2379".to_owned()]);
+        settings.credentials = Some(("flannel".to_owned(), Secret::new("s3cret-pw")));
+        let shown = format!("{settings:?}");
+        assert!(
+            shown.contains("flannel") && !shown.contains("s3cret-pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn etcd_settings_are_checked_before_connecting() {
         let mut settings = EtcdSettings::new(vec![]);
         assert!(matches!(
