@@ -115,21 +115,31 @@ async fn user_name_and_password() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_without_a_ca_file_trusts_the_system_roots() {
-    let (etcd, certs) = tls_etcd_with_config().await;
+#[test]
+fn https_without_a_ca_file_trusts_the_system_roots() {
+    let mut etcd = Etcd::prepare_tls();
+    let certs = etcd.certs().unwrap().clone();
     // The system's roots, as rustls-native-certs finds them, are here the test CA alone
-    // (SSL_CERT_FILE is honoured as OpenSSL and Go honour it). nextest runs each test in a
-    // process of its own, so no other test sees the variable.
+    // (SSL_CERT_FILE is honoured as OpenSSL and Go honour it). Set before any other thread
+    // exists; nextest runs each test in a process of its own, so no other test sees it.
     std::env::set_var("SSL_CERT_FILE", &certs.ca);
-    let mut secured = settings(etcd.endpoint());
-    assert!(secured.endpoints[0].starts_with("https://"));
-    secured.tls = Some(TlsFiles {
-        ca: None,
-        cert: Some(certs.client_cert.clone()),
-        key: Some(certs.client_key.clone()),
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        etcd.run().await;
+        with_config(&etcd).await;
+        let mut secured = settings(etcd.endpoint());
+        assert!(secured.endpoints[0].starts_with("https://"));
+        secured.tls = Some(TlsFiles {
+            ca: None,
+            cert: Some(certs.client_cert.clone()),
+            key: Some(certs.client_key.clone()),
+        });
+        acquires(EtcdRegistry::new(&secured).unwrap()).await;
     });
-    acquires(EtcdRegistry::new(&secured).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
