@@ -16,8 +16,8 @@
 set -uo pipefail
 
 REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-# The shared fixtures live beside the repository (WEFT_SHARED_DIR overrides that).
-FIXTURES=${WEFT_SHARED_DIR:-$REPO/../shared}/fixtures/flannel-v0.20.2
+# Files written by a real flanneld, kept with the control plane's integration tests.
+FIXTURES=$REPO/control/tests/fixtures/flannel-v0.20.2
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weft-deploy-test.XXXXXX")
 trap 'rm -rf -- "$WORK"' EXIT
 # The running check's own temporary directory (set by run_test).

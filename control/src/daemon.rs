@@ -1,34 +1,43 @@
 //! weftd's life cycle: the order in which the parts start, what it does while running, and how
 //! it stops.
 //!
-//! Start order (as flanneld's, so that docker, started after weftd, finds a working overlay):
+//! Before anything else the SIGTERM/SIGINT handlers are installed and `/healthz` is served, so
+//! that weftd can be stopped, and says what it waits for, in every phase. Start order ([`run`]
+//! → `start`; as flanneld's, so that docker, started after weftd, finds a working overlay):
 //! external interface → etcd config → lease → TUN configured → workers running → subnet.env
-//! written → READY=1. While running, the control thread (this tokio runtime) follows lease
-//! changes (re-addressing the TUN and rewriting subnet.env), keeps iptables rules in place,
-//! serves health and metrics, watches the workers, and logs counters. SIGTERM or SIGINT stops
-//! the workers, logs the final counters, removes the iptables rules and leaves the lease in
-//! etcd for the next start.
+//! written → iptables → READY=1. Each wait (the interface, etcd, the config, a lease) races the
+//! signals, so a stop during start-up exits at once. While running (`supervise`), the control
+//! thread (this tokio runtime) follows lease changes (re-addressing the TUN and rewriting
+//! subnet.env), keeps iptables rules in place, serves health and metrics, watches the workers,
+//! checks that no host interface still uses an old subnet of this host, and logs counters.
+//! SIGTERM or SIGINT (`stop`) stops the workers, logs the final counters, removes the iptables
+//! rules and leaves the lease in etcd for the next start.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use ipnet::Ipv4Net;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
 use weft_engine::{Policy, RouteTable, Routes};
 
-use crate::config::NetworkConfig;
 use crate::flags::{Flags, IoMode};
 use crate::http::{Health, HttpServer, MetricsFn};
 use crate::iface::{find_external, ExternalInterface, IfaceSelection};
 use crate::iptables::{Iptables, IptablesKeeper, RuleSet};
 use crate::lease::{self, Backoff, Lease};
-use crate::netconf::{configure_tun, disable_ipv6, Netlink, TunConfig};
+use crate::netconf::{configure_tun, disable_ipv6, TunConfig};
+use crate::netlink::Netlink;
 use crate::notify::Notifier;
 use crate::registry::{EtcdRegistry, EtcdSettings, TlsFiles};
+use crate::secret::Secret;
 use crate::subnet::KeyPrefix;
+use crate::subnet_change::{stray_addresses, SubnetChanges};
 use crate::subnet_env::SubnetEnv;
 
 /// IPv4 header (20) + UDP header (8): what encapsulation costs per packet.
@@ -42,7 +51,7 @@ pub enum DaemonError {
     Settings(String),
     /// Netlink could not be opened or queried.
     #[error(transparent)]
-    Netconf(#[from] crate::netconf::NetconfError),
+    Netconf(#[from] crate::netlink::NetconfError),
     /// No usable external interface.
     #[error(transparent)]
     Iface(#[from] crate::iface::IfaceError),
@@ -67,6 +76,9 @@ pub enum DaemonError {
     /// iptables rules could not be applied.
     #[error(transparent)]
     Iptables(#[from] crate::iptables::IptablesError),
+    /// The masquerade rules `--ip-masq` asks for could not be applied.
+    #[error("--ip-masq: cannot apply the masquerade rules")]
+    Masquerade(#[source] crate::iptables::IptablesError),
     /// The health/metrics listener could not be bound.
     #[error("cannot listen for healthz on {addr}: {source}")]
     Healthz {
@@ -111,7 +123,7 @@ fn lease_settings(flags: &Flags, public_ip: Ipv4Addr) -> Result<lease::Settings,
     Ok(settings)
 }
 
-fn etcd_settings(flags: &Flags) -> EtcdSettings {
+fn etcd_settings(flags: &Flags) -> Result<EtcdSettings, DaemonError> {
     let mut settings = EtcdSettings::new(flags.etcd_endpoints.clone());
     settings.prefix = KeyPrefix::new(&flags.etcd_prefix);
     if flags.etcd_cafile.is_some() || flags.etcd_certfile.is_some() || flags.etcd_keyfile.is_some()
@@ -122,13 +134,23 @@ fn etcd_settings(flags: &Flags) -> EtcdSettings {
             key: flags.etcd_keyfile.clone(),
         });
     }
-    if let Some(user) = &flags.etcd_username {
-        settings.credentials = Some((
-            user.clone(),
-            flags.etcd_password.clone().unwrap_or_default(),
-        ));
+    let password = match &flags.etcd_password_file {
+        Some(path) => Some(
+            Secret::read_file(path)
+                .map_err(|e| DaemonError::Settings(format!("--etcd-password-file: {e}")))?,
+        ),
+        None => flags.etcd_password.clone(),
+    };
+    match (&flags.etcd_username, password) {
+        (Some(user), password) => {
+            settings.credentials = Some((user.clone(), password.unwrap_or_default()));
+        }
+        (None, Some(_)) => {
+            warn!("an etcd password is given without --etcd-username; it is not used")
+        }
+        (None, None) => {}
     }
-    settings
+    Ok(settings)
 }
 
 /// The engine configuration from the flags, the external interface and the network config.
@@ -156,16 +178,17 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
 /// The parts that follow the lease: TUN address, subnet.env, iptables.
 struct LeaseFollowers<'a> {
     flags: &'a Flags,
-    netlink: &'a Netlink,
-    network: ipnet::Ipv4Net,
+    netlink: Netlink,
+    network: Ipv4Net,
     tun_mtu: u32,
     iptables: Option<IptablesKeeper>,
+    subnet_changes: Arc<SubnetChanges>,
 }
 
 impl LeaseFollowers<'_> {
     async fn configure_tun(&self, lease: &Lease) -> Result<(), DaemonError> {
         let changes = configure_tun(
-            self.netlink,
+            &self.netlink,
             &TunConfig {
                 name: self.flags.tun_name.clone(),
                 subnet: lease.subnet,
@@ -204,15 +227,19 @@ impl LeaseFollowers<'_> {
         if rules.is_empty() {
             return Ok(());
         }
-        let keeper =
-            IptablesKeeper::start(Iptables::new(), rules, self.flags.iptables_resync).await?;
-        self.iptables = Some(keeper);
+        self.iptables = IptablesKeeper::start_or_skip_optional(
+            Iptables::new(),
+            rules,
+            self.flags.iptables_resync,
+        )
+        .await
+        .map_err(DaemonError::Masquerade)?;
         Ok(())
     }
 
     /// A new subnet (re-acquired elsewhere after the old one was lost).
-    async fn subnet_changed(&self, lease: &Lease) -> Result<(), DaemonError> {
-        warn!(subnet = %lease.subnet, "this host's subnet changed; containers must be restarted to use it");
+    async fn subnet_changed(&self, old: Ipv4Net, lease: &Lease) -> Result<(), DaemonError> {
+        self.report_subnet_change(old, lease.subnet);
         self.configure_tun(lease).await?;
         self.write_subnet_env(lease)?;
         if let Some(keeper) = &self.iptables {
@@ -220,10 +247,135 @@ impl LeaseFollowers<'_> {
         }
         Ok(())
     }
+
+    /// The one thing weftd cannot fix itself: docker must be restarted to take the new
+    /// subnet.env. Said as an error, counted, and checked by [`LeaseFollowers::check_stale`].
+    fn report_subnet_change(&self, old: Ipv4Net, new: Ipv4Net) {
+        self.subnet_changes.record();
+        error!(
+            old = %old,
+            new = %new,
+            subnet_file = %self.flags.subnet_file.display(),
+            "this host's subnet changed from {old} to {new}: the TUN device and the subnet file \
+             now use {new}, but docker keeps its bridge on {old} and peers drop its containers' \
+             traffic; restart docker (e.g. systemctl restart docker) so that it reads the new \
+             subnet file. /healthz answers 503 until no host interface uses an address outside {new}"
+        );
+    }
+
+    /// Whether a host interface other than the TUN still carries an address in the overlay
+    /// outside `subnet` (docker's bridge on an old subnet); logs when that starts and ends.
+    async fn check_stale(&self, subnet: Ipv4Net, health: &Health) {
+        let (links, addrs) = match (
+            self.netlink.links().await,
+            self.netlink.ipv4_addrs(None).await,
+        ) {
+            (Ok(links), Ok(addrs)) => (links, addrs),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(error = %e, "cannot list host addresses to check for a stale docker subnet");
+                return;
+            }
+        };
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map_or_else(|| index.to_string(), |l| l.name.clone())
+        };
+        let tun_index = links
+            .iter()
+            .find(|l| l.name == self.flags.tun_name)
+            .map(|l| l.index);
+        let strays = stray_addresses(&addrs, tun_index, self.network, subnet);
+        let was_stale = health.subnet_stale();
+        if let Some(stray) = strays.first() {
+            if !was_stale {
+                error!(
+                    iface = %name_of(stray.index),
+                    addr = %format!("{}/{}", stray.addr, stray.prefix_len),
+                    subnet = %subnet,
+                    "{} has {}/{}, outside this host's subnet {subnet}: docker still uses an old \
+                     subnet; restart docker so that it reads {}",
+                    name_of(stray.index),
+                    stray.addr,
+                    stray.prefix_len,
+                    self.flags.subnet_file.display()
+                );
+            }
+        } else if was_stale {
+            info!(subnet = %subnet, "no host interface uses an old subnet any more");
+        }
+        health.set_subnet_stale(!strays.is_empty());
+    }
 }
 
-/// Run weftd until SIGTERM/SIGINT or a fatal error.
+/// Where the metrics page finds the engine once it runs.
+type EngineSlot = Arc<std::sync::Mutex<Option<Arc<Engine>>>>;
+
+/// SIGTERM and SIGINT (Ctrl-C), the two ways to stop weftd.
+struct StopSignals {
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self, DaemonError> {
+        Ok(StopSignals {
+            sigterm: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
+            sigint: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
+        })
+    }
+
+    /// Waits for either signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.sigterm.recv() => "SIGTERM",
+            _ = self.sigint.recv() => "SIGINT",
+        }
+    }
+}
+
+/// A task that is aborted when this handle is dropped, so that an early return or a stop
+/// during start-up leaves nothing running.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What weftd says on `/healthz` while it starts, step by step.
+mod phase {
+    pub const INTERFACE: &str = "starting: looking for the external interface";
+    pub const CONFIG: &str = "starting: waiting for the network config in etcd";
+    pub const LEASE: &str = "starting: waiting for a subnet lease";
+    pub const DATA_PLANE: &str = "starting: bringing up the TUN device and the data plane";
+    pub const STOPPING: &str = "stopping";
+}
+
+/// Everything start-up brought up: what `Daemon::supervise` runs and `Daemon::stop` takes down.
+struct Running<'a> {
+    _membership: AbortOnDrop,
+    leases: watch::Receiver<Option<Lease>>,
+    current: Lease,
+    followers: LeaseFollowers<'a>,
+    engine: Arc<Engine>,
+}
+
+/// What lives for the whole run, from before start-up to the end of the stop.
+struct Daemon<'a> {
+    flags: &'a Flags,
+    notifier: Option<Notifier>,
+    health: Arc<Health>,
+    engine_slot: EngineSlot,
+    subnet_changes: Arc<SubnetChanges>,
+}
+
+/// Run weftd until SIGTERM/SIGINT or a fatal error. The signal handlers are installed and
+/// `/healthz` served first, so that weftd can be stopped, and is observable, in every phase.
 pub async fn run(flags: Flags) -> Result<(), DaemonError> {
+    let mut signals = StopSignals::install()?;
     let notifier = match Notifier::from_env() {
         Ok(notifier) => notifier,
         Err(e) => {
@@ -231,186 +383,261 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
             None
         }
     };
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-
-    let netlink = Netlink::connect()?;
-    let ext = find_external(&netlink, &IfaceSelection::from_flags(&flags)).await?;
-    info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using external interface");
-    let tun_mtu = ext.mtu.saturating_sub(ENCAP_OVERHEAD);
-    if tun_mtu < 576 {
-        return Err(DaemonError::Settings(format!(
-            "the MTU of {} ({}) leaves {} bytes for the overlay; at least 576 are needed",
-            ext.name, ext.mtu, tun_mtu
-        )));
-    }
-
-    let registry = EtcdRegistry::new(&etcd_settings(&flags))?;
-    let config: NetworkConfig = lease::wait_for_config(&registry, Backoff::default()).await;
-    let overlay = config.overlay()?;
-    let network = overlay.network();
-    info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
-
-    let routes = Routes::new(RouteTable::empty(overlay, config.port()));
-    let settings = lease_settings(&flags, ext.public_ip)?;
-    let (mut membership, membership_task) =
-        lease::run_membership(registry, &config, settings, routes.clone())?;
-    let health = Arc::new(Health::new());
-
-    // Health and metrics are served from the start so that probes see why weftd is not ready.
-    let engine_slot: Arc<std::sync::Mutex<Option<Arc<Engine>>>> = Arc::default();
-    let http_task = if flags.healthz_port != 0 {
-        let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-        let metrics_engine = engine_slot.clone();
-        let metrics: MetricsFn = Arc::new(move || {
-            let mut text = String::new();
-            let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
-            if let Some(engine) = engine {
-                engine.counters().render_prometheus(&mut text);
-            }
-            text
-        });
-        let server = HttpServer::bind(addr, health.clone(), metrics)
-            .await
-            .map_err(|source| DaemonError::Healthz { addr, source })?;
-        info!(%addr, "serving /healthz and /metrics");
-        Some(tokio::spawn(server.run()))
-    } else {
-        None
-    };
-
-    info!("waiting for a subnet lease");
-    let Some(first) = membership.acquired().await else {
-        return Err(DaemonError::MembershipEnded);
-    };
-    health.set_lease_held(true);
-    info!(subnet = %first.subnet, public_ip = %first.public_ip, "acquired lease");
-
-    // With TUN offloads the queues carry a virtio-net header; without, bare packets as
-    // flanneld's device does.
-    let queues = weft_engine::tun::open_queues_with(
-        &flags.tun_name,
-        flags.workers.max(1),
-        !flags.no_tun_offload,
-    )?;
-    if let Err(e) = disable_ipv6(&flags.tun_name) {
-        warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
-    }
-    let mut followers = LeaseFollowers {
+    let daemon = Daemon {
         flags: &flags,
-        netlink: &netlink,
-        network,
-        tun_mtu,
-        iptables: None,
+        notifier,
+        health: Arc::new(Health::new()),
+        engine_slot: EngineSlot::default(),
+        subnet_changes: Arc::default(),
     };
-    followers.configure_tun(&first).await?;
-    let engine = Arc::new(Engine::start(
-        engine_config(&flags, &ext, config.port(), tun_mtu),
-        queues,
-        routes.clone(),
-    )?);
-    if let Ok(mut slot) = engine_slot.lock() {
-        *slot = Some(engine.clone());
-    }
-    health.set_engine_running(true);
-    info!(workers = flags.workers.max(1), io = ?flags.io, bind = %SocketAddrV4::new(ext.addr, config.port()), "data plane running");
-    followers.write_subnet_env(&first)?;
-    followers.start_iptables(&first).await?;
-    if let Some(notifier) = &notifier {
-        if let Err(e) = notifier.ready() {
-            warn!(error = %e, "cannot notify systemd");
+    daemon.health.set_phase(Some(phase::INTERFACE));
+    let _http = serve_health(&daemon).await?;
+
+    let outcome = match daemon.start(&mut signals).await {
+        Ok(Some(mut running)) => {
+            let outcome = daemon.supervise(&mut running, &mut signals).await;
+            daemon.stop(running).await;
+            outcome
         }
-    }
-
-    let outcome = supervise(
-        &mut followers,
-        &mut membership.lease(),
-        first,
-        &engine,
-        &health,
-        flags.verbosity,
-        flags.stats_interval,
-        (&mut sigterm, &mut sigint),
-    )
-    .await;
-
-    if let Some(notifier) = &notifier {
+        stopped_or_failed => stopped_or_failed.map(drop),
+    };
+    if let Some(notifier) = &daemon.notifier {
         let _ = notifier.stopping();
-    }
-    membership_task.abort();
-    if let Some(task) = http_task {
-        task.abort();
-    }
-    if let Ok(mut slot) = engine_slot.lock() {
-        slot.take();
-    }
-    match Arc::try_unwrap(engine) {
-        Ok(engine) => info!(counters = %engine.shutdown().summary(), "data plane stopped"),
-        Err(engine) => info!(counters = %engine.counters().summary(), "data plane left running"),
-    }
-    if let Some(keeper) = followers.iptables.take() {
-        if let Err(e) = keeper.shutdown().await {
-            warn!(error = %e, "cannot remove iptables rules");
-        }
     }
     outcome
 }
 
-/// The running daemon's loop: returns on a signal (Ok) or a fatal error.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    followers: &mut LeaseFollowers<'_>,
-    leases: &mut watch::Receiver<Option<Lease>>,
-    mut current: Lease,
-    engine: &Engine,
-    health: &Health,
-    verbosity: u32,
-    stats_interval: Duration,
-    signals: (
-        &mut tokio::signal::unix::Signal,
-        &mut tokio::signal::unix::Signal,
-    ),
-) -> Result<(), DaemonError> {
-    let (sigterm, sigint) = signals;
-    let mut engine_check = tokio::time::interval(Duration::from_secs(1));
-    let mut stats = tokio::time::interval(stats_interval.max(Duration::from_secs(1)));
-    stats.tick().await;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
-            changed = leases.changed() => {
-                if changed.is_err() {
-                    health.set_lease_held(false);
-                    return Err(DaemonError::MembershipEnded);
+/// `wait`, unless SIGTERM or SIGINT comes first: then `None`, and the signal is logged.
+async fn unless_stopped<T>(
+    signals: &mut StopSignals,
+    waiting_for: &str,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = wait => Some(done),
+        signal = signals.recv() => {
+            info!("{signal} while {waiting_for}: shutting down");
+            None
+        }
+    }
+}
+
+impl Daemon<'_> {
+    /// Brings weftd up in flanneld's order, up to READY=1; `None` when a signal stopped it.
+    async fn start(&self, signals: &mut StopSignals) -> Result<Option<Running<'_>>, DaemonError> {
+        let flags = self.flags;
+        let health = &self.health;
+        let netlink = Netlink::connect()?;
+        let selection = IfaceSelection::from_flags(flags);
+        let Some(ext) = unless_stopped(
+            signals,
+            "looking for the external interface",
+            find_external(&netlink, &selection),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let ext = ext?;
+        info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using external interface");
+        let tun_mtu = ext.mtu.saturating_sub(ENCAP_OVERHEAD);
+        if tun_mtu < 576 {
+            return Err(DaemonError::Settings(format!(
+                "the MTU of {} ({}) leaves {} bytes for the overlay; at least 576 are needed",
+                ext.name, ext.mtu, tun_mtu
+            )));
+        }
+
+        let registry = EtcdRegistry::new(&etcd_settings(flags)?)?;
+        health.set_phase(Some(phase::CONFIG));
+        let Some(config) = unless_stopped(
+            signals,
+            "waiting for the network config",
+            lease::wait_for_config(&registry, Backoff::default()),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let overlay = config.overlay()?;
+        let network = overlay.network();
+        info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
+
+        let routes = Routes::new(RouteTable::empty(overlay, config.port()));
+        let settings = lease_settings(flags, ext.public_ip)?;
+        let previous_subnet = settings.previous_subnet;
+        let (mut membership, membership_task) =
+            lease::run_membership(registry, &config, settings, routes.clone())?;
+        let membership_task = AbortOnDrop(membership_task);
+
+        info!("waiting for a subnet lease");
+        health.set_phase(Some(phase::LEASE));
+        let Some(first) =
+            unless_stopped(signals, "waiting for a subnet lease", membership.acquired()).await
+        else {
+            return Ok(None);
+        };
+        let Some(first) = first else {
+            return Err(DaemonError::MembershipEnded);
+        };
+        health.set_lease_held(true);
+        health.set_phase(Some(phase::DATA_PLANE));
+        info!(subnet = %first.subnet, public_ip = %first.public_ip, "acquired lease");
+
+        // With TUN offloads the queues carry a virtio-net header; without, bare packets as
+        // flanneld's device does.
+        let queues = weft_engine::tun::open_queues_with(
+            &flags.tun_name,
+            flags.workers.max(1),
+            !flags.no_tun_offload,
+        )?;
+        if let Err(e) = disable_ipv6(&flags.tun_name) {
+            warn!(tun = %flags.tun_name, error = %e, "cannot disable IPv6 on the TUN device");
+        }
+        let mut followers = LeaseFollowers {
+            flags,
+            netlink,
+            network,
+            tun_mtu,
+            iptables: None,
+            subnet_changes: self.subnet_changes.clone(),
+        };
+        if let Some(previous) = previous_subnet.filter(|p| *p != first.subnet) {
+            followers.report_subnet_change(previous, first.subnet);
+        }
+        followers.configure_tun(&first).await?;
+        let engine = Arc::new(Engine::start(
+            engine_config(flags, &ext, config.port(), tun_mtu),
+            queues,
+            routes.clone(),
+        )?);
+        if let Ok(mut slot) = self.engine_slot.lock() {
+            *slot = Some(engine.clone());
+        }
+        health.set_engine_running(true);
+        info!(workers = flags.workers.max(1), io = ?flags.io, bind = %SocketAddrV4::new(ext.addr, config.port()), "data plane running");
+        followers.write_subnet_env(&first)?;
+        followers.start_iptables(&first).await?;
+        followers.check_stale(first.subnet, health).await;
+        health.set_phase(None);
+        if let Some(notifier) = &self.notifier {
+            if let Err(e) = notifier.ready() {
+                warn!(error = %e, "cannot notify systemd");
+            }
+        }
+        Ok(Some(Running {
+            _membership: membership_task,
+            leases: membership.lease(),
+            current: first,
+            followers,
+            engine,
+        }))
+    }
+}
+
+/// Serves /healthz and /metrics when `--healthz-port` is set.
+async fn serve_health(daemon: &Daemon<'_>) -> Result<Option<AbortOnDrop>, DaemonError> {
+    let flags = daemon.flags;
+    if flags.healthz_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
+    let metrics_engine = daemon.engine_slot.clone();
+    let metrics_health = daemon.health.clone();
+    let subnet_changes = daemon.subnet_changes.clone();
+    let metrics: MetricsFn = Arc::new(move || {
+        let mut text = String::new();
+        let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
+        if let Some(engine) = engine {
+            engine.counters().render_prometheus(&mut text);
+        }
+        subnet_changes.render_prometheus(metrics_health.subnet_stale(), &mut text);
+        text
+    });
+    let server = HttpServer::bind(addr, daemon.health.clone(), metrics)
+        .await
+        .map_err(|source| DaemonError::Healthz { addr, source })?;
+    info!(%addr, "serving /healthz and /metrics");
+    Ok(Some(AbortOnDrop(tokio::spawn(server.run()))))
+}
+
+impl Daemon<'_> {
+    /// The running daemon's loop: returns on a signal (Ok) or a fatal error.
+    async fn supervise(
+        &self,
+        running: &mut Running<'_>,
+        signals: &mut StopSignals,
+    ) -> Result<(), DaemonError> {
+        let flags = self.flags;
+        let health = &self.health;
+        let mut engine_check = tokio::time::interval(Duration::from_secs(1));
+        let mut stats = tokio::time::interval(flags.stats_interval.max(Duration::from_secs(1)));
+        stats.tick().await;
+        loop {
+            tokio::select! {
+                signal = signals.recv() => { info!("{signal}: shutting down"); return Ok(()); }
+                changed = running.leases.changed() => {
+                    if changed.is_err() {
+                        health.set_lease_held(false);
+                        return Err(DaemonError::MembershipEnded);
+                    }
+                    let lease = *running.leases.borrow_and_update();
+                    match lease {
+                        Some(lease) if lease.subnet != running.current.subnet => {
+                            running.followers.subnet_changed(running.current.subnet, &lease).await?;
+                            running.followers.check_stale(lease.subnet, health).await;
+                            running.current = lease;
+                            health.set_lease_held(true);
+                        }
+                        Some(lease) => {
+                            running.current = lease;
+                            health.set_lease_held(true);
+                        }
+                        None => health.set_lease_held(false),
+                    }
                 }
-                let lease = *leases.borrow_and_update();
-                match lease {
-                    Some(lease) if lease.subnet != current.subnet => {
-                        followers.subnet_changed(&lease).await?;
-                        current = lease;
-                        health.set_lease_held(true);
+                _ = engine_check.tick() => {
+                    // A lost lease stays published until it is replaced; its expiry tells.
+                    let held = running.current.expires.is_none_or(|at| at > std::time::SystemTime::now());
+                    health.set_lease_held(held);
+                    let engine_running = running.engine.is_running();
+                    health.set_engine_running(engine_running);
+                    if !engine_running {
+                        error!("a data-plane worker stopped");
+                        return Err(DaemonError::EngineStopped);
                     }
-                    Some(lease) => {
-                        current = lease;
-                        health.set_lease_held(true);
-                    }
-                    None => health.set_lease_held(false),
+                    running.followers.check_stale(running.current.subnet, health).await;
+                }
+                _ = stats.tick(), if flags.verbosity >= 1 => {
+                    info!(counters = %running.engine.counters().summary(), "data plane");
                 }
             }
-            _ = engine_check.tick() => {
-                // A lost lease stays published until it is replaced; its expiry tells.
-                let held = current.expires.is_none_or(|at| at > std::time::SystemTime::now());
-                health.set_lease_held(held);
-                let running = engine.is_running();
-                health.set_engine_running(running);
-                if !running {
-                    error!("a data-plane worker stopped");
-                    return Err(DaemonError::EngineStopped);
-                }
+        }
+    }
+
+    /// Takes the running daemon down: workers stopped and their counters logged, iptables
+    /// rules removed. The lease stays in etcd for the next start.
+    async fn stop(&self, running: Running<'_>) {
+        self.health.set_phase(Some(phase::STOPPING));
+        let Running {
+            _membership,
+            mut followers,
+            engine,
+            ..
+        } = running;
+        drop(_membership);
+        if let Ok(mut slot) = self.engine_slot.lock() {
+            slot.take();
+        }
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => info!(counters = %engine.shutdown().summary(), "data plane stopped"),
+            Err(engine) => {
+                info!(counters = %engine.counters().summary(), "data plane left running")
             }
-            _ = stats.tick(), if verbosity >= 1 => {
-                info!(counters = %engine.counters().summary(), "data plane");
+        }
+        if let Some(keeper) = followers.iptables.take() {
+            if let Err(e) = keeper.shutdown().await {
+                warn!(error = %e, "cannot remove iptables rules");
             }
         }
     }

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Command, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::secret::Secret;
+
 /// flanneld's default `--etcd-endpoints`.
 pub const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1:2379";
 
@@ -89,9 +91,20 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_ETCD_USERNAME", value_name = "NAME")]
     pub etcd_username: Option<String>,
 
-    /// Password for BasicAuth to etcd.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", value_name = "PASSWORD")]
-    pub etcd_password: Option<String>,
+    /// Password for BasicAuth to etcd. Visible in the process list; prefer
+    /// --etcd-password-file.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        value_name = "PASSWORD",
+        value_parser = parse_secret,
+        conflicts_with = "etcd_password_file",
+    )]
+    pub etcd_password: Option<Secret>,
+
+    /// File holding the password for BasicAuth to etcd (one trailing line end is dropped).
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD_FILE", value_name = "PATH")]
+    pub etcd_password_file: Option<PathBuf>,
 
     /// Interface to use (IP or name) for inter-host communication. Can be given several
     /// times; the first one found is used.
@@ -691,6 +704,10 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     parse_int_in(s, 1, 365 * 24 * 3600).map(|v| Duration::from_secs(v as u64))
 }
 
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
 fn parse_regex(s: &str) -> Result<String, String> {
     regex_lite::Regex::new(s)
         .map(|_| s.to_string())
@@ -815,7 +832,10 @@ mod tests {
         assert_eq!(f.etcd_certfile, Some("/etc/ssl/etcd/cert.pem".into()));
         assert_eq!(f.etcd_cafile, Some("/etc/ssl/etcd/ca.pem".into()));
         assert_eq!(f.etcd_username.as_deref(), Some("flannel"));
-        assert_eq!(f.etcd_password.as_deref(), Some("s3cret=-x"));
+        assert_eq!(
+            f.etcd_password.as_ref().map(Secret::expose),
+            Some("s3cret=-x")
+        );
         assert_eq!(f.iface, vec!["eth1", "192.168.0.2"]);
         assert_eq!(f.iface_regex, vec!["^en", "^192\\.168\\."]);
         assert_eq!(f.iface_can_reach, Some(Ipv4Addr::new(192, 168, 0, 1)));
@@ -866,7 +886,7 @@ mod tests {
     fn value_flags_take_the_next_argument_even_with_a_dash() {
         let f = parse(&["--etcd-prefix", "-odd", "-etcd-password", "--x"]).unwrap();
         assert_eq!(f.etcd_prefix, "-odd");
-        assert_eq!(f.etcd_password.as_deref(), Some("--x"));
+        assert_eq!(f.etcd_password.as_ref().map(Secret::expose), Some("--x"));
     }
 
     #[test]
@@ -932,6 +952,34 @@ mod tests {
         assert_eq!(f.stats_interval, Duration::from_secs(7));
         assert_eq!(f.lease_ttl, Some(Duration::from_secs(30)));
         assert_eq!(f.renew_retry, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn passwords_come_from_a_flag_or_a_file_and_never_show() {
+        let f = parse(&["--etcd-username=flannel", "--etcd-password=s3cret"]).unwrap();
+        assert!(!format!("{f:?}").contains("s3cret"), "{f:?}");
+        let f = parse(&["-etcd-password-file", "/etc/weft/etcd-password"]).unwrap();
+        assert_eq!(
+            f.etcd_password_file,
+            Some(PathBuf::from("/etc/weft/etcd-password"))
+        );
+        let f = parse_env(
+            &[],
+            &[
+                ("FLANNELD_ETCD_USERNAME", "flannel"),
+                ("FLANNELD_ETCD_PASSWORD_FILE", "/run/secrets/etcd"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            f.etcd_password_file,
+            Some(PathBuf::from("/run/secrets/etcd"))
+        );
+        assert_eq!(f.etcd_password, None);
+        let f = parse_env(&[], &[("FLANNELD_ETCD_PASSWORD", "from-env")]).unwrap();
+        assert!(!format!("{f:?}").contains("from-env"), "{f:?}");
+        let err = parse(&["--etcd-password=a", "--etcd-password-file=/p"]).unwrap_err();
+        assert!(err.to_string().contains("--etcd-password-file"), "{err}");
     }
 
     #[test]

@@ -1,21 +1,25 @@
 //! The health and metrics endpoint (`--healthz-ip`, `--healthz-port`): a deliberately small
 //! HTTP/1.1 server on a tokio `TcpListener`.
 //!
-//! `GET /healthz` answers 200 `ok` while this host holds its lease and the packet engine is
-//! running, else 503 with the reason; `GET /metrics` answers the Prometheus text a callback
-//! renders. One request per connection (`Connection: close`). The request head is bounded in
-//! size and time and anything malformed gets a 4xx, so a port scanner or a confused client
-//! costs a few bytes and never a panic.
+//! `GET /healthz` answers 200 `ok` while this host holds its lease, the packet engine is
+//! running and no host interface still uses an old subnet of this host; else 503 with a short
+//! reason (while starting: which step weftd waits for). `GET /metrics` answers the Prometheus
+//! text a callback renders. One request per connection (`Connection: close`). The request head
+//! is bounded in size and time and anything malformed gets a 4xx, so a port scanner or a
+//! confused client costs a few bytes and never a panic. The number of open connections is
+//! bounded too; when all slots are taken the oldest connection is closed to make room, so
+//! idle clients cannot keep a health probe out.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 
 /// Content type of the Prometheus text exposition format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -26,8 +30,10 @@ pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
 /// What `/healthz` reports: flipped by the daemon as the lease and the engine come and go.
 #[derive(Debug, Default)]
 pub struct Health {
+    phase: Mutex<Option<&'static str>>,
     lease_held: AtomicBool,
     engine_running: AtomicBool,
+    subnet_stale: AtomicBool,
 }
 
 impl Health {
@@ -46,8 +52,34 @@ impl Health {
         self.engine_running.store(running, Ordering::Relaxed);
     }
 
+    /// Names the step weftd is in while it is not (yet, or any more) forwarding, e.g.
+    /// "starting: waiting for the network config in etcd"; `None` once it runs. While set, it
+    /// is the reason `/healthz` gives.
+    pub fn set_phase(&self, phase: Option<&'static str>) {
+        if let Ok(mut current) = self.phase.lock() {
+            *current = phase;
+        }
+    }
+
+    /// Records whether a host interface (docker's bridge) may still use a subnet this host
+    /// no longer holds.
+    pub fn set_subnet_stale(&self, stale: bool) {
+        self.subnet_stale.store(stale, Ordering::Relaxed);
+    }
+
+    /// Whether a host interface may still use a subnet this host no longer holds.
+    pub fn subnet_stale(&self) -> bool {
+        self.subnet_stale.load(Ordering::Relaxed)
+    }
+
     /// `Ok` when healthy, else why not.
     pub fn check(&self) -> Result<(), &'static str> {
+        if let Some(phase) = self.phase.lock().ok().and_then(|phase| *phase) {
+            return Err(phase);
+        }
+        if self.subnet_stale() {
+            return Err("this host's subnet changed and a host interface still uses the old one: restart docker");
+        }
         match (
             self.lease_held.load(Ordering::Relaxed),
             self.engine_running.load(Ordering::Relaxed),
@@ -67,7 +99,7 @@ pub struct Limits {
     pub max_head: usize,
     /// Time a client has to send its request head, and to take the response.
     pub io_timeout: Duration,
-    /// Connections served at once; further ones are closed at once.
+    /// Connections open at once; a new one beyond this closes the oldest.
     pub max_connections: usize,
 }
 
@@ -247,9 +279,11 @@ impl HttpServer {
     }
 
     /// Accepts and serves connections until the future is dropped; each connection is its
-    /// own task.
+    /// own task. When `max_connections` are open, the oldest is closed to make room: a slow
+    /// or idle client can hold a slot only until newer clients need it.
     pub async fn run(self) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let open = Arc::new(OpenConnections::default());
+        let mut next_id = 0u64;
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(conn) => conn,
@@ -260,19 +294,58 @@ impl HttpServer {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!("healthz: too many connections, closing one from {peer}");
-                continue;
-            };
+            let id = next_id;
+            next_id += 1;
             let health = self.health.clone();
             let metrics = self.metrics.clone();
             let limits = self.limits;
-            tokio::spawn(async move {
-                if let Err(e) = serve_connection(stream, &health, &*metrics, limits).await {
-                    tracing::debug!("healthz: connection from {peer}: {e}");
+            let registry = open.clone();
+            let mut evicted = Vec::new();
+            {
+                // Held across the spawn so that the task cannot deregister before it is
+                // registered; the evicted are aborted after it is released, since an aborted
+                // task deregisters itself.
+                let Ok(mut tasks) = open.tasks.lock() else {
+                    return;
+                };
+                while tasks.len() >= limits.max_connections.max(1) {
+                    let Some((_, oldest)) = tasks.pop_first() else {
+                        break;
+                    };
+                    evicted.push(oldest);
                 }
-                drop(slot);
-            });
+                let task = tokio::spawn(async move {
+                    let _registered = Registered { open: registry, id };
+                    if let Err(e) = serve_connection(stream, &health, &*metrics, limits).await {
+                        tracing::debug!("healthz: connection from {peer}: {e}");
+                    }
+                });
+                tasks.insert(id, task.abort_handle());
+            }
+            for oldest in evicted {
+                tracing::debug!("healthz: too many connections, closing the oldest");
+                oldest.abort();
+            }
+        }
+    }
+}
+
+/// The connections being served, by age (ids increase).
+#[derive(Default)]
+struct OpenConnections {
+    tasks: Mutex<BTreeMap<u64, AbortHandle>>,
+}
+
+/// Removes a connection from [`OpenConnections`] when its task ends or is aborted.
+struct Registered {
+    open: Arc<OpenConnections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut tasks) = self.open.tasks.lock() {
+            tasks.remove(&self.id);
         }
     }
 }
@@ -373,6 +446,21 @@ mod tests {
         assert_eq!(h.check(), Ok(()));
         h.set_lease_held(false);
         assert_eq!(h.check(), Err("no subnet lease held"));
+    }
+
+    #[test]
+    fn phase_and_stale_subnet_come_first() {
+        let h = healthy();
+        h.set_phase(Some("starting: waiting for a subnet lease"));
+        assert_eq!(h.check(), Err("starting: waiting for a subnet lease"));
+        h.set_phase(None);
+        h.set_subnet_stale(true);
+        assert!(h
+            .check()
+            .is_err_and(|reason| reason.contains("restart docker")));
+        assert!(h.subnet_stale());
+        h.set_subnet_stale(false);
+        assert_eq!(h.check(), Ok(()));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::netconf::{Link, LinkAddr, NetconfError, Netlink, RouteToHost};
+use crate::netlink::{Link, LinkAddr, NetconfError, Netlink, RouteToHost};
 
 /// The interface weftd sends and receives on.
 #[derive(Debug, Clone, PartialEq, Eq)]

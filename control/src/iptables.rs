@@ -23,6 +23,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::{watch, Mutex};
 
+/// flanneld's masquerade chain in the nat table.
+const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
+
 /// kube-proxy's masquerade mark; flanneld leaves marked packets to kube-proxy.
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 
@@ -68,7 +71,7 @@ pub fn masq_rules(network: Ipv4Net, subnet: Ipv4Net) -> ChainRules {
     ChainRules {
         table: Table::Nat,
         parent: "POSTROUTING",
-        chain: "FLANNEL-POSTRTG",
+        chain: MASQ_CHAIN,
         jump: format!("{c} -j FLANNEL-POSTRTG"),
         rules: vec![
             // Leave packets kube-proxy marked for masquerading to kube-proxy.
@@ -125,6 +128,11 @@ impl RuleSet {
     /// No rules at all.
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()
+    }
+
+    /// Whether the masquerade rules (`--ip-masq`) are among them.
+    pub fn has_masquerade(&self) -> bool {
+        self.chains.iter().any(|c| c.chain == MASQ_CHAIN)
     }
 }
 
@@ -409,6 +417,31 @@ impl IptablesKeeper {
             stop,
             task,
         })
+    }
+
+    /// Like [`IptablesKeeper::start`], with the failure policy weftd uses: the masquerade
+    /// rules are what `--ip-masq` asked for, so failing to apply them is an error; the
+    /// FORWARD accept rules are a default the host may not need, so without them (iptables
+    /// missing or refusing) weftd logs why and goes on: `Ok(None)`, as flanneld only logs.
+    pub async fn start_or_skip_optional(
+        iptables: Iptables,
+        rules: RuleSet,
+        resync: Duration,
+    ) -> Result<Option<Self>, IptablesError> {
+        let required = rules.has_masquerade();
+        match IptablesKeeper::start(iptables, rules, resync).await {
+            Ok(keeper) => Ok(Some(keeper)),
+            Err(e) if required => Err(e),
+            Err(e) => {
+                tracing::error!(
+                    "iptables: cannot apply the FORWARD accept rules ({e}); going on without \
+                     them. Traffic to and from containers on other hosts is dropped where the \
+                     FORWARD policy is DROP (docker sets it): install iptables, or accept the \
+                     overlay network in FORWARD yourself and pass --iptables-forward-rules=false"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Replaces the rules (removing chains no longer wanted) and applies the new ones now.

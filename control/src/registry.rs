@@ -23,8 +23,9 @@ use etcd_client::{
     WatchOptions,
 };
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::secret::Secret;
 use crate::subnet::KeyPrefix;
 
 /// One lease as stored: its key name, raw value and etcd bookkeeping.
@@ -205,7 +206,7 @@ pub struct EtcdSettings {
     /// TLS files; `None` for plain connections.
     pub tls: Option<TlsFiles>,
     /// User name and password for etcd's authentication.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, Secret)>,
     /// How long one request (or connection attempt) may take.
     pub request_timeout: Duration,
 }
@@ -233,7 +234,10 @@ impl EtcdSettings {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     endpoints: Arc<[String]>,
+    /// For http:// endpoints.
     options: ConnectOptions,
+    /// For https:// endpoints: the same with TLS.
+    tls_options: Option<ConnectOptions>,
     prefix: KeyPrefix,
     request_timeout: Duration,
     /// One client per endpoint, connected on first use.
@@ -268,20 +272,26 @@ impl EtcdRegistry {
             .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
         if let Some((user, password)) = &settings.credentials {
             options = options
-                .with_user(user.clone(), password.clone())
+                .with_user(user.clone(), password.expose())
                 .with_auto_token_refresh(true);
         }
-        if let Some(files) = &settings.tls {
-            if let Some(plain) = settings.endpoints.iter().find(|e| e.starts_with("http://")) {
-                return Err(RegistryError::Settings(format!(
-                    "TLS files are given but endpoint {plain} is not https://"
-                )));
+        let any_https = settings.endpoints.iter().any(|e| is_https(e));
+        let tls_options = match &settings.tls {
+            Some(_) if !any_https => {
+                warn!(
+                    "--etcd-cafile, --etcd-certfile and --etcd-keyfile are ignored: no etcd \
+                     endpoint is https://"
+                );
+                None
             }
-            options = options.with_tls(tls_options(files)?);
-        }
+            Some(files) => Some(options.clone().with_tls(tls_options(files)?)),
+            None if any_https => Some(options.clone().with_tls(tls_options(&TlsFiles::default())?)),
+            None => None,
+        };
         Ok(Self {
             endpoints: settings.endpoints.clone().into(),
             options,
+            tls_options,
             prefix: settings.prefix.clone(),
             request_timeout: settings.request_timeout,
             clients: Arc::new(tokio::sync::Mutex::new(vec![
@@ -302,7 +312,11 @@ impl EtcdRegistry {
             .get(index)
             .map(String::as_str)
             .unwrap_or_default();
-        let client = Client::connect([endpoint], Some(self.options.clone())).await?;
+        let options = match &self.tls_options {
+            Some(tls) if is_https(endpoint) => tls.clone(),
+            _ => self.options.clone(),
+        };
+        let client = Client::connect([endpoint], Some(options)).await?;
         if let Some(slot) = clients.get_mut(index) {
             *slot = Some(client.clone());
         }
@@ -363,15 +377,24 @@ impl EtcdRegistry {
     }
 }
 
+fn is_https(endpoint: &str) -> bool {
+    endpoint
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
+
+/// TLS as flanneld sets it up: etcd's certificate is checked against `--etcd-cafile` when
+/// given, else against the system's root certificates (as Go's TLS does).
 fn tls_options(files: &TlsFiles) -> Result<etcd_client::TlsOptions, RegistryError> {
     let read = |path: &PathBuf| {
         std::fs::read(path)
             .map_err(|e| RegistryError::Settings(format!("cannot read {}: {e}", path.display())))
     };
     let mut tls = etcd_client::TlsOptions::new();
-    if let Some(ca) = &files.ca {
-        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
-    }
+    tls = match &files.ca {
+        Some(ca) => tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?)),
+        None => tls.with_native_roots(),
+    };
     match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => {
             tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
@@ -1094,6 +1117,17 @@ mod tests {
     }
 
     #[test]
+    fn etcd_settings_never_show_the_password() {
+        let mut settings = EtcdSettings::new(vec!["https://127.0.0.1:2379".to_owned()]);
+        settings.credentials = Some(("flannel".to_owned(), Secret::new("s3cret-pw")));
+        let shown = format!("{settings:?}");
+        assert!(
+            shown.contains("flannel") && !shown.contains("s3cret-pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn etcd_settings_are_checked_before_connecting() {
         let mut settings = EtcdSettings::new(vec![]);
         assert!(matches!(
@@ -1102,9 +1136,12 @@ mod tests {
         ));
         settings.endpoints = vec!["http://127.0.0.1:2379".to_owned()];
         assert!(EtcdRegistry::new(&settings).is_ok());
-        settings.tls = Some(TlsFiles::default());
-        let err = EtcdRegistry::new(&settings).unwrap_err().to_string();
-        assert!(err.contains("not https://"), "{err}");
+        // As with flanneld, TLS files are ignored (with a warning) when no endpoint is https.
+        settings.tls = Some(TlsFiles {
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..TlsFiles::default()
+        });
+        assert!(EtcdRegistry::new(&settings).is_ok());
         settings.endpoints = vec!["https://127.0.0.1:2379".to_owned()];
         settings.tls = Some(TlsFiles {
             ca: Some("/nonexistent/ca.pem".into()),

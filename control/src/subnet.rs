@@ -264,23 +264,13 @@ impl LeaseAttrs {
     }
 }
 
-/// The text of a flanneld fixture file. The fixtures live in `shared/` beside the repository;
-/// the nearest ancestor of the crate that has one is used, so that checkouts nested one level
-/// deeper (worktrees) find it too.
+/// The text of a flanneld fixture file, from the copies kept with the integration tests
+/// (`control/tests/fixtures/flannel-v0.20.2/`).
 #[cfg(test)]
 pub(crate) fn fixture(name: &str) -> String {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = manifest
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/flannel-v0.20.2"))
-        .find(|d| d.is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "fixtures not found: expected shared/fixtures/flannel-v0.20.2 beside the repository above {}",
-                manifest.display()
-            )
-        });
-    let path = dir.join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flannel-v0.20.2")
+        .join(name);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }

@@ -1,5 +1,5 @@
 //! Conformance with what a real flanneld v0.20.2 (udp backend) wrote to etcd and subnet.env
-//! (`shared/fixtures/flannel-v0.20.2/`), against a real etcd started by each test: weft writes
+//! (`control/tests/fixtures/flannel-v0.20.2/`), against a real etcd started by each test: weft writes
 //! the same keys, values, TTLs and subnet.env, and reads flanneld's leases as its own.
 
 #[path = "support/etcd.rs"]
@@ -22,17 +22,8 @@ use weft_engine::{RouteTable, Routes};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn fixture_path(name: &str) -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/flannel-v0.20.2"))
-        .find(|d| d.is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "fixtures not found: expected shared/fixtures/flannel-v0.20.2 beside the repository above {}",
-                manifest.display()
-            )
-        })
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flannel-v0.20.2")
         .join(name)
 }
 

@@ -187,3 +187,38 @@ async fn garbage_never_breaks_the_server() {
     assert!(!s.task.is_finished());
     s.task.abort();
 }
+
+#[tokio::test]
+async fn idle_connections_cannot_keep_a_probe_out() {
+    let s = serve(Limits::default()).await;
+    s.health.set_lease_held(true);
+    s.health.set_engine_running(true);
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(s.addr).await.expect("connect"));
+    }
+    // Far less than the per-connection timeout: the probe got a slot at once.
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        exchange(s.addr, b"GET /healthz HTTP/1.1\r\n\r\n", false),
+    )
+    .await
+    .expect("healthz answered while 100 clients idled");
+    assert_eq!((status(&r), body(&r)), (200, "ok"));
+
+    // The oldest idle clients were closed to make room; the newest still wait for a timeout.
+    let mut closed = 0;
+    for conn in &mut idle {
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(20), conn.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 100 + 1 - Limits::default().max_connections,
+        "{closed} closed"
+    );
+    s.task.abort();
+}

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use support::netns::{veth, NetNs};
 use weft_control::flags::Flags;
 use weft_control::iface::{find_external, ExternalInterface, IfaceError, IfaceSelection};
-use weft_control::netconf::Netlink;
+use weft_control::netlink::Netlink;
 
 /// A host namespace with two underlays to two peer namespaces:
 /// eth0 198.18.0.1/24 (MTU 1500, default route via 198.18.0.2) and

@@ -218,3 +218,42 @@ fn removal_takes_duplicate_jumps_and_tolerates_absence() {
     assert_eq!(saved(&ns, "nat"), Vec::<String>::new());
     assert_eq!(saved(&ns, "filter"), Vec::<String>::new());
 }
+
+#[test]
+fn missing_iptables_is_fatal_only_for_masquerade() {
+    let ns = NetNs::new("iptmiss");
+    ns.block_on(|| async {
+        let missing = || {
+            Iptables::with_programs(
+                "/nonexistent/iptables-save",
+                "/nonexistent/iptables-restore",
+            )
+        };
+        let resync = Duration::from_secs(5);
+        // The default: forward rules only. weftd goes on without them.
+        let forward_only = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), false, true);
+        let keeper = IptablesKeeper::start_or_skip_optional(missing(), forward_only, resync)
+            .await
+            .expect("forward rules alone are optional");
+        assert!(keeper.is_none());
+        // --ip-masq: the user asked for these rules.
+        for (masq, forward) in [(true, false), (true, true)] {
+            let rules = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), masq, forward);
+            let err = IptablesKeeper::start_or_skip_optional(missing(), rules, resync)
+                .await
+                .err()
+                .expect("masquerade rules are required");
+            assert!(
+                err.to_string().contains("/nonexistent/iptables-save"),
+                "{err}"
+            );
+        }
+        // With iptables present the rules are applied as before.
+        let forward_only = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), false, true);
+        let keeper = IptablesKeeper::start_or_skip_optional(Iptables::new(), forward_only, resync)
+            .await
+            .expect("iptables present")
+            .expect("rules kept");
+        keeper.shutdown().await.expect("removed");
+    });
+}

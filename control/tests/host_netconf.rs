@@ -5,12 +5,11 @@ mod support;
 
 use support::netns::{veth, NetNs};
 use weft_control::iface::{find_external, IfaceSelection};
-use weft_control::netconf::{configure_tun, NetconfError, Netlink, TunChanges, TunConfig};
+use weft_control::netconf::{configure_tun, TunChanges, TunConfig};
+use weft_control::netlink::{NetconfError, Netlink};
 
 fn fixture() -> String {
-    let path = support::shared_dir().join("fixtures/flannel-v0.20.2/host-network.txt");
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()))
+    support::fixture("host-network.txt")
 }
 
 /// The lines of the fixture's output for one command.

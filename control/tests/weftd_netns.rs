@@ -114,16 +114,9 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool, logs
     }
 }
 
-fn fixture(name: &str) -> String {
-    let path = support::shared_dir()
-        .join("fixtures/flannel-v0.20.2")
-        .join(name);
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
 /// `KEY => VALUE` lines of the fixture keyspace.
 fn fixture_keyspace() -> Vec<(String, String)> {
-    fixture("etcd-after-two-hosts.txt")
+    support::fixture("etcd-after-two-hosts.txt")
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains(" => "))
         .map(|l| {
@@ -292,7 +285,7 @@ fn flanneld_command_line_gives_flanneld_state() {
     // subnet.env: byte-identical to flanneld's for host 1.
     assert_eq!(
         fs::read_to_string(&*h1_file).unwrap(),
-        fixture("subnet.env")
+        support::fixture("subnet.env")
     );
     let h2_env = fs::read_to_string(&*h2_file).unwrap();
     assert!(h2_env.contains("FLANNEL_SUBNET=10.1.81.1/24\n"), "{h2_env}");
@@ -374,7 +367,7 @@ fn flanneld_command_line_gives_flanneld_state() {
     );
     assert_eq!(
         fs::read_to_string(&*h1_file).unwrap(),
-        fixture("subnet.env")
+        support::fixture("subnet.env")
     );
     assert_eq!(
         etcdctl(
@@ -506,4 +499,381 @@ fn etcd_outage_and_a_deleted_lease_are_survived() {
     for log in [w1.log(), w2.log()] {
         assert!(!log.contains("panicked"), "{log}");
     }
+}
+
+/// Two namespaces joined by a veth on 198.18.0.0/24 (h1 .1, h2 .2) and a directory for files
+/// and logs; everything is removed when dropped.
+struct TwoHosts {
+    h1: NetNs,
+    _h2: NetNs,
+    dir: TempDir,
+}
+
+impl TwoHosts {
+    fn new() -> Self {
+        let dir = TempDir::new();
+        let h1 = NetNs::new("h1");
+        let h2 = NetNs::new("h2");
+        veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+        TwoHosts { h1, _h2: h2, dir }
+    }
+
+    /// etcd on host 1, with `config` (if any) at `<prefix>/config`.
+    fn etcd(&self, config: Option<&str>) -> Proc {
+        let etcd = start_etcd(&self.h1, &self.dir.0);
+        if let Some(config) = config {
+            etcdctl(&self.h1, &["put", "/coreos.com/network/config", config]);
+        }
+        etcd
+    }
+
+    /// weftd on host 1 (healthz on 198.18.0.1:8286, log in `log`) with its etcd at `etcd`,
+    /// run through `wrapper` (e.g. `env VAR=…`) when that is not empty.
+    fn weftd(
+        &self,
+        log: &str,
+        etcd: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let file = subnet_file(&self.dir.0, "h1");
+        let file = file.to_string_lossy();
+        let weftd = env!("CARGO_BIN_EXE_weftd");
+        let mut argv: Vec<&str> = wrapper.to_vec();
+        argv.extend([
+            weftd,
+            "--etcd-endpoints",
+            etcd,
+            "--iface=eth0",
+            "--subnet-file",
+            &file,
+            "--healthz-port=8286",
+        ]);
+        argv.extend_from_slice(extra);
+        Proc::spawn(&self.h1, self.dir.0.join(log), argv[0], &argv[1..], env)
+    }
+
+    fn healthz(&self) -> (u16, String) {
+        http_get(&self.h1, "http://198.18.0.1:8286/healthz")
+    }
+}
+
+const NETWORK_16: &str = r#"{"Network":"10.1.0.0/16"}"#;
+
+/// Sends SIGTERM; weftd must exit 0 within a second, logging `SIGTERM while <waiting_for>`.
+fn assert_stops_at_once(p: &mut Proc, waiting_for: &str) {
+    let sent = Instant::now();
+    let status = p.terminate();
+    let took = sent.elapsed();
+    assert_eq!(status, Some(0), "{}", p.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "weftd took {took:?} to stop:\n{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains(&format!("SIGTERM while {waiting_for}")),
+        "{}",
+        p.log()
+    );
+}
+
+const STARTING_CONFIG: &str = "starting: waiting for the network config in etcd";
+
+#[test]
+fn sigterm_stops_weftd_at_once_while_etcd_is_unreachable() {
+    let hosts = TwoHosts::new();
+    // Nobody has 198.18.0.9: connecting to it hangs until the client gives up.
+    let mut w1 = hosts.weftd("w1.log", "http://198.18.0.9:2379", &[], &[], &[]);
+    wait_for(
+        "healthz to report the wait for etcd",
+        Duration::from_secs(20),
+        || hosts.healthz() == (503, STARTING_CONFIG.to_string()),
+        &[&w1],
+    );
+    assert_stops_at_once(&mut w1, "waiting for the network config");
+}
+
+#[test]
+fn healthz_answers_and_sigterm_works_while_the_config_is_missing() {
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(None);
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "healthz to report the wait for the config",
+        Duration::from_secs(20),
+        || hosts.healthz() == (503, STARTING_CONFIG.to_string()),
+        &[&w1, &etcd],
+    );
+
+    // 100 clients connect and say nothing; a probe still gets its answer at once.
+    let idle: Vec<std::net::TcpStream> = hosts.h1.enter(|| {
+        (0..100)
+            .map(|_| std::net::TcpStream::connect("198.18.0.1:8286").expect("connect"))
+            .collect()
+    });
+    let asked = Instant::now();
+    assert_eq!(
+        hosts.healthz(),
+        (503, STARTING_CONFIG.to_string()),
+        "{}",
+        w1.log()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(idle);
+    assert_stops_at_once(&mut w1, "waiting for the network config");
+}
+
+#[test]
+fn sigterm_stops_weftd_at_once_while_no_subnet_is_free() {
+    let hosts = TwoHosts::new();
+    // A /28 network has three leasable /30 subnets; other hosts hold all of them.
+    let etcd = hosts.etcd(Some(r#"{"Network":"10.1.0.0/28"}"#));
+    for (subnet, owner) in [
+        ("4", "198.18.0.4"),
+        ("8", "198.18.0.8"),
+        ("12", "198.18.0.12"),
+    ] {
+        etcdctl(
+            &hosts.h1,
+            &[
+                "put",
+                &format!("/coreos.com/network/subnets/10.1.0.{subnet}-30"),
+                &format!(r#"{{"PublicIP":"{owner}","PublicIPv6":null}}"#),
+            ],
+        );
+    }
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "healthz to report the wait for a lease",
+        Duration::from_secs(20),
+        || hosts.healthz() == (503, "starting: waiting for a subnet lease".to_string()),
+        &[&w1, &etcd],
+    );
+    assert_stops_at_once(&mut w1, "waiting for a subnet lease");
+}
+
+/// The value of one metric line (`name value`) on weftd's /metrics page.
+fn metric(ns: &NetNs, name: &str) -> Option<String> {
+    let (code, text) = http_get(ns, "http://198.18.0.1:8286/metrics");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+}
+
+#[test]
+fn a_subnet_taken_while_away_is_loud_until_docker_moves() {
+    let hosts = TwoHosts::new();
+    let h1 = &hosts.h1;
+    let etcd = hosts.etcd(Some(NETWORK_16));
+    // Host 1 ran on 10.1.15.0/24 and docker's bridge still has that subnet's first address.
+    let file = subnet_file(&hosts.dir.0, "h1");
+    fs::create_dir_all(file.parent().unwrap()).unwrap();
+    fs::write(
+        &file,
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.15.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    h1.ip(&["link", "add", "docker0", "type", "bridge"]);
+    h1.ip(&["addr", "add", "10.1.15.1/24", "dev", "docker0"]);
+    h1.ip(&["link", "set", "docker0", "up"]);
+    // While it was away, host 2 took that subnet (a reservation: it never expires).
+    etcdctl(
+        h1,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.1.15.0-24",
+            r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+        ],
+    );
+
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "weftd to lease a new subnet",
+        Duration::from_secs(30),
+        || {
+            fs::read_to_string(&file).is_ok_and(|t| !t.contains("FLANNEL_SUBNET=10.1.15.1/24"))
+                && metric(h1, "weft_subnet_stale").as_deref() == Some("1")
+        },
+        &[&w1, &etcd],
+    );
+    let (code, body) = hosts.healthz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("restart docker"), "{body}");
+    assert_eq!(
+        metric(h1, "weft_subnet_changes_total").as_deref(),
+        Some("1")
+    );
+    let log = w1.log();
+    assert!(
+        log.contains("ERROR")
+            && log.contains("subnet changed from 10.1.15.0/24")
+            && log.contains("restart docker"),
+        "{log}"
+    );
+    assert!(log.contains("docker0 has 10.1.15.1/24"), "{log}");
+
+    // "Restarting docker": the bridge takes the first address of the new subnet.
+    let text = fs::read_to_string(&file).unwrap();
+    let new_bip = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .expect("FLANNEL_SUBNET")
+        .to_string();
+    h1.ip(&["addr", "flush", "dev", "docker0"]);
+    h1.ip(&["addr", "add", &new_bip, "dev", "docker0"]);
+    wait_for(
+        "healthz to turn 200 once docker moved",
+        Duration::from_secs(10),
+        || hosts.healthz().0 == 200,
+        &[&w1],
+    );
+    assert_eq!(metric(h1, "weft_subnet_stale").as_deref(), Some("0"));
+    assert!(w1
+        .log()
+        .contains("no host interface uses an old subnet any more"));
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+}
+
+#[test]
+fn a_password_file_authenticates_and_the_password_is_never_logged() {
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(Some(NETWORK_16));
+    let password = "pw-7f3a9c-in-a-file";
+    etcdctl(&hosts.h1, &["user", "add", &format!("root:{password}")]);
+    etcdctl(&hosts.h1, &["user", "grant-role", "root", "root"]);
+    etcdctl(&hosts.h1, &["auth", "enable"]);
+    let password_file = hosts.dir.0.join("etcd-password");
+    fs::write(&password_file, format!("{password}\n")).unwrap();
+
+    let mut w1 = hosts.weftd(
+        "w1.log",
+        ETCD,
+        &[],
+        &["--etcd-username=root", "-v=4"],
+        // flanneld's environment mechanism carries the file's path.
+        &[(
+            "FLANNELD_ETCD_PASSWORD_FILE",
+            &password_file.to_string_lossy(),
+        )],
+    );
+    wait_for(
+        "weftd healthy with etcd authentication",
+        Duration::from_secs(30),
+        || hosts.healthz().0 == 200,
+        &[&w1, &etcd],
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    let log = w1.log();
+    assert!(
+        !log.contains(password),
+        "the password is in the log:\n{log}"
+    );
+}
+
+#[test]
+fn without_iptables_weftd_runs_unless_masquerading_was_asked_for() {
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(Some(NETWORK_16));
+    // A PATH with no iptables programs on it.
+    let no_iptables = ["env", "PATH=/nonexistent"];
+
+    // The default FORWARD accept rules cannot be applied: weftd says so and forwards.
+    let mut w1 = hosts.weftd("w1.log", ETCD, &no_iptables, &[], &[]);
+    wait_for(
+        "weftd healthy without iptables",
+        Duration::from_secs(30),
+        || hosts.healthz().0 == 200,
+        &[&w1, &etcd],
+    );
+    assert!(
+        w1.log().contains("cannot apply the FORWARD accept rules"),
+        "{}",
+        w1.log()
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+
+    // --ip-masq asked for masquerading, which cannot be done: weftd stops with the reason.
+    let mut w2 = hosts.weftd("w2.log", ETCD, &no_iptables, &["--ip-masq"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = w2.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "weftd still runs:\n{}", w2.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1), "{}", w2.log());
+    assert!(
+        w2.log()
+            .contains("--ip-masq: cannot apply the masquerade rules"),
+        "{}",
+        w2.log()
+    );
+}
+
+#[test]
+fn a_subnet_taken_over_while_running_is_loud_too() {
+    let hosts = TwoHosts::new();
+    let h1 = &hosts.h1;
+    let etcd = hosts.etcd(Some(NETWORK_16));
+    let mut w1 = hosts.weftd("w1.log", ETCD, &[], &[], &[]);
+    wait_for(
+        "weftd healthy",
+        Duration::from_secs(30),
+        || hosts.healthz().0 == 200,
+        &[&w1, &etcd],
+    );
+    // docker started after weftd and put its bridge on FLANNEL_SUBNET: all is well.
+    let file = subnet_file(&hosts.dir.0, "h1");
+    let key = lease_key_of(&file);
+    let bip = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET=").map(str::to_string))
+        .expect("FLANNEL_SUBNET");
+    h1.ip(&["link", "add", "docker0", "type", "bridge"]);
+    h1.ip(&["addr", "add", &bip, "dev", "docker0"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(hosts.healthz(), (200, "ok".to_string()));
+    assert_eq!(metric(h1, "weft_subnet_stale").as_deref(), Some("0"));
+
+    // Another host takes the subnet over: weftd moves to a new one, docker stays behind.
+    etcdctl(
+        h1,
+        &[
+            "put",
+            &key,
+            r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+        ],
+    );
+    wait_for(
+        "weftd to report the stale bridge",
+        Duration::from_secs(30),
+        || {
+            metric(h1, "weft_subnet_changes_total").as_deref() == Some("1")
+                && metric(h1, "weft_subnet_stale").as_deref() == Some("1")
+        },
+        &[&w1, &etcd],
+    );
+    assert_ne!(
+        lease_key_of(&file),
+        key,
+        "subnet.env still names the old subnet"
+    );
+    let (code, body) = hosts.healthz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("restart docker"), "{body}");
+    let log = w1.log();
+    let old = key.rsplit('/').next().unwrap().replace('-', "/");
+    assert!(
+        log.contains(&format!("subnet changed from {old}")) && log.contains("restart docker"),
+        "{log}"
+    );
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
 }

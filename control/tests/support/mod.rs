@@ -4,26 +4,19 @@ pub mod netns;
 
 use std::path::PathBuf;
 
-/// The project's `shared/` directory (specs and fixtures), which lives beside the
-/// repository: the nearest `shared/fixtures` found walking up from the repository root.
-/// `WEFT_SHARED_DIR` overrides the search.
+/// The path of a file written by a real flanneld v0.20.2, kept in
+/// `control/tests/fixtures/flannel-v0.20.2/` (its README says how each was captured).
 #[allow(dead_code)]
-pub fn shared_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("WEFT_SHARED_DIR") {
-        return PathBuf::from(dir);
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    repo.ancestors()
-        .skip(1)
-        .map(|dir| dir.join("shared"))
-        .find(|shared| shared.join("fixtures").is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "no shared/fixtures beside {} or above it; set WEFT_SHARED_DIR",
-                repo.display()
-            )
-        })
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flannel-v0.20.2")
+        .join(name)
+}
+
+/// The text of a flanneld fixture file.
+#[allow(dead_code)]
+pub fn fixture(name: &str) -> String {
+    let path = fixture_path(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
