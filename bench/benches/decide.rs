@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ipnet::Ipv4Net;
 use weft_engine::decide::{from_peer, from_tun, Decision, Policy, REPLY_BUF_LEN};
-use weft_engine::packet::checksum;
 use weft_engine::route::{Overlay, RouteTable};
+use weft_engine::wire::ipv4::checksum;
 
 const PACKET_LEN: usize = 1400;
 const PORT: u16 = 8285;

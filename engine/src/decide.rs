@@ -44,9 +44,9 @@
 use std::net::SocketAddrV4;
 
 use crate::counters::DropReason;
-use crate::icmp::{self, IcmpError};
-use crate::packet::{Ipv4Packet, PacketError};
 use crate::route::RouteTable;
+use crate::wire::icmp::{self, IcmpError};
+use crate::wire::ipv4::{Ipv4Packet, PacketError};
 
 /// The smallest reply buffer the decision functions accept.
 pub const REPLY_BUF_LEN: usize = 576;
@@ -258,8 +258,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::packet::testing::{random_packet, Rng, Spec};
     use crate::route::Overlay;
+    use crate::wire::ipv4::testing::{random_packet, Rng, Spec};
     use etherparse::{
         icmpv4::{DestUnreachableHeader, TimeExceededCode},
         Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice,

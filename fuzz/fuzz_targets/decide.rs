@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use weft_engine::counters::DropReason;
 use weft_engine::decide::{from_peer, from_tun, Decision, Policy, REPLY_BUF_LEN};
-use weft_engine::packet::Ipv4Packet;
+use weft_engine::wire::ipv4::Ipv4Packet;
 use weft_engine::route::RouteTable;
 use weft_fuzz::{table, DecideInput, TUN_MTU};
 

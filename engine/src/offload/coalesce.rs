@@ -30,9 +30,9 @@
 //! their first packets, and a flow's later packets always land in a later group. Packets of
 //! different flows may pass each other, as they may in any router.
 
-use super::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
-use super::{be16, be32, pseudo_header_sum, put16, tcp, udp};
-use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::ipv4::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
+use crate::wire::{be16, be32, pseudo_header_sum, put16, tcp, udp};
 
 /// The most segments one super-packet carries.
 pub const MAX_SEGMENTS: usize = 64;
@@ -525,7 +525,7 @@ mod tests {
     use super::*;
     use crate::offload::segment::{Plan, Segmenter, MAX_HEADER_LEN};
     use crate::offload::testing::{assert_valid, Tcp};
-    use crate::packet::testing::{Rng, Spec};
+    use crate::wire::ipv4::testing::{Rng, Spec};
 
     /// Run `packets` through a coalescer and return each write as the TUN would receive it:
     /// the virtio-net header and the bytes.

@@ -15,10 +15,10 @@
 
 use std::ops::Range;
 
-use super::vnet::{VnetHeader, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
-use super::{be16, be32, pseudo_header_sum, put16, put32, tcp, udp};
 use crate::counters::DropReason;
-use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::ipv4::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::vnet::{VnetHeader, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+use crate::wire::{be16, be32, pseudo_header_sum, put16, put32, tcp, udp};
 
 /// The longest headers a segment can carry: a 60-byte IPv4 header and a 60-byte TCP header.
 pub const MAX_HEADER_LEN: usize = 120;
@@ -334,7 +334,7 @@ impl Segmenter {
 mod tests {
     use super::*;
     use crate::offload::testing::{assert_valid, udp, Tcp};
-    use crate::offload::vnet::{GSO_ECN, NEEDS_CSUM};
+    use crate::wire::vnet::{GSO_ECN, NEEDS_CSUM};
     use etherparse::{SlicedPacket, TransportSlice};
 
     /// Cut `packet` and return each segment as its own buffer, each checked by etherparse.

@@ -17,20 +17,22 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
+use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction, WriteCount};
+use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
-use crate::engine::ActiveOffloads;
+use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
+use crate::io::context::WorkerContext;
+use crate::io::error::{
+    read_error_is_fatal, write_error_is_fatal, WorkerError, MAX_READ_FAILURES_IN_A_ROW,
+};
+use crate::io::execute::{count_send, count_write, for_each_tun_write, queue_segments, Written};
+use crate::io::stop::StopSignal;
+use crate::io::tun::{write_packet, TunQueue};
+use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::{Coalescer, VnetHeader};
 use crate::route::RouteTable;
-use crate::tun::{write_packet, TunQueue};
-use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
-use crate::worker::{
-    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
-    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WriteCount, Written, BATCH, MAX_READ_FAILURES_IN_A_ROW,
-    PACKET_BUF_LEN,
-};
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
 const SEND_WAIT_MS: libc::c_int = 1000;
@@ -42,6 +44,9 @@ const UDP_BASE: usize = BATCH;
 const SEND_MESSAGES: usize = 256;
 const SEND_PIECES: usize = 4096;
 const SEND_HEADERS: usize = 2048;
+
+/// How many packets a worker moves per batch in each direction.
+pub(crate) const BATCH: usize = 64;
 
 /// A worker's descriptors, buffers and the message arrays of one batch.
 pub(crate) struct SyscallWorker {
@@ -129,7 +134,7 @@ impl SyscallWorker {
         socket
             .set_nonblocking(true)
             .map_err(|e| WorkerError::setup("nonblocking UDP socket", e))?;
-        crate::tun::set_nonblocking(tun.as_fd(), true)
+        crate::io::tun::set_nonblocking(tun.as_fd(), true)
             .map_err(|e| WorkerError::setup("nonblocking TUN queue", e))?;
         Ok(Self {
             tun,

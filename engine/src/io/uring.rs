@@ -36,20 +36,24 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
+use crate::batch::{
+    decide_datagrams, decide_tun_read, Source, TunAction, WriteCount, MAX_RX_DATAGRAMS,
+};
+use crate::config::ActiveOffloads;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
-use crate::engine::ActiveOffloads;
+use crate::io::buffers::{PacketBuffers, HEADROOM, PACKET_BUF_LEN};
+use crate::io::context::WorkerContext;
+use crate::io::error::{
+    read_error_is_fatal, write_error_is_fatal, WorkerError, MAX_READ_FAILURES_IN_A_ROW,
+};
+use crate::io::execute::{count_send, count_write, for_each_tun_write, queue_segments, Written};
+use crate::io::stop::StopSignal;
+use crate::io::tun::{write_packet, TunQueue, WriteList};
+use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::{Coalescer, Segmenter, VnetHeader};
 use crate::route::RouteTable;
-use crate::tun::{write_packet, TunQueue, WriteList};
-use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
-use crate::worker::{
-    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
-    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WriteCount, Written, MAX_READ_FAILURES_IN_A_ROW, MAX_RX_DATAGRAMS,
-    PACKET_BUF_LEN,
-};
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
 pub const TUN_SLOTS: usize = 64;
@@ -87,8 +91,8 @@ const RECVMSG_OUT_LEN: usize = 16;
 const NAME_LEN: usize = SOCKADDR_IN_LEN as usize;
 
 // What the kernel writes before a packet fits in the headroom every buffer has.
-const _: () = assert!(RECVMSG_OUT_LEN + NAME_LEN + CONTROL_LEN <= crate::worker::HEADROOM);
-const _: () = assert!(crate::offload::VNET_HDR_LEN <= crate::worker::HEADROOM);
+const _: () = assert!(RECVMSG_OUT_LEN + NAME_LEN + CONTROL_LEN <= HEADROOM);
+const _: () = assert!(crate::wire::vnet::VNET_HDR_LEN <= HEADROOM);
 
 /// How long shutdown waits for cancelled operations to complete.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1126,7 +1130,7 @@ fn build_ring(entries: u32, completions: u32) -> io::Result<IoUring> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::udp::to_sockaddr;
+    use crate::io::udp::to_sockaddr;
     use std::net::Ipv4Addr;
 
     #[test]

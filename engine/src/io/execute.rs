@@ -1,0 +1,416 @@
+//! Executing a batch's results, shared by both back ends: a super-packet's datagrams queued
+//! for the socket ([`queue_segments`]), the packets accepted for the TUN sorted into (coalesced)
+//! writes ([`for_each_tun_write`]), and the counting of what the kernel made of each.
+
+use std::net::SocketAddrV4;
+
+use crate::batch::{Source, WriteCount};
+use crate::config::ActiveOffloads;
+use crate::counters::BatchCounts;
+use crate::io::udp::{MessageInfo, SendBatch};
+use crate::offload::coalesce::MAX_SEGMENTS;
+use crate::offload::{Coalescer, Segmenter};
+use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
+
+/// Queue the datagrams of a decided super-packet for `to` into `batch`, from segment `*next`
+/// on, advancing `*next`. Returns whether every segment is queued (`false`: the batch is full,
+/// send it and call again). Each datagram is the segment's headers, written into the batch,
+/// and its payload, left in `packet`.
+pub(crate) fn queue_segments(
+    batch: &mut SendBatch,
+    to: SocketAddrV4,
+    packet: &[u8],
+    segmenter: &Segmenter,
+    next: &mut usize,
+    gso: bool,
+) -> bool {
+    let header_len = segmenter.header_len();
+    while *next < segmenter.segments() {
+        if !batch.has_room(2, header_len) {
+            return false;
+        }
+        let Some(space) = batch.header_space(header_len) else {
+            return false;
+        };
+        let header = space.as_ptr();
+        let Some(segment) = segmenter.write_header(packet, *next, space) else {
+            // The segmenter was made from this packet, so this cannot happen; give up the
+            // rest rather than loop.
+            *next = segmenter.segments();
+            return true;
+        };
+        let payload = packet[segment.payload.clone()].as_ptr();
+        let pieces = [(header, header_len), (payload, segment.payload.len())];
+        if !batch.push(to, Source::Packet, &pieces, gso) {
+            return false;
+        }
+        *next += 1;
+    }
+    true
+}
+
+/// What became of a TUN write handed to the I/O back end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Written: the kernel's byte count or a negative errno.
+    Done(i64),
+    /// Queued; its completion is counted later.
+    Queued,
+}
+
+/// Sort the packets accepted for the TUN (`packets`: start and length in the worker's
+/// buffers, in arrival order) into writes — with coalescing, runs of segments merged into
+/// super-packets — and hand each to `write`: its virtio-net header (when the TUN takes one),
+/// its pieces, and what it carries. What `write` reports is counted here, except queued writes.
+///
+/// # Safety
+/// Every packet must be live memory that nothing else reads or writes until the writes are
+/// done; a super-packet's first packet is edited in place.
+pub(crate) unsafe fn for_each_tun_write(
+    coalescer: &mut Coalescer,
+    packets: &[(*mut u8, usize)],
+    offloads: &ActiveOffloads,
+    counts: &mut BatchCounts,
+    mut write: impl FnMut(Option<[u8; VNET_HDR_LEN]>, &[libc::iovec], WriteCount) -> Written,
+) {
+    let record = |counts: &mut BatchCounts, written: Written, count: WriteCount| match written {
+        Written::Done(result) => count_write(counts, Source::Packet, count, result),
+        Written::Queued => {}
+    };
+    let iov = |base: *mut u8, len: usize| libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    };
+    let plain = offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
+    if !offloads.coalesce {
+        for &(base, len) in packets {
+            let count = WriteCount {
+                packets: 1,
+                bytes: len as u32,
+            };
+            let written = write(plain, &[iov(base, len)], count);
+            record(counts, written, count);
+        }
+        return;
+    }
+    coalescer.clear();
+    coalescer.set_udp(offloads.coalesce_udp);
+    for &(base, len) in packets {
+        // SAFETY: the caller guarantees the packet is live and unshared.
+        coalescer.push(unsafe { std::slice::from_raw_parts(base, len) });
+    }
+    let mut pieces = [iov(std::ptr::null_mut(), 0); MAX_SEGMENTS];
+    for group in coalescer.groups() {
+        let (head, head_len) = packets[group.head()];
+        // SAFETY: as above; no other slice of this packet is alive.
+        let header = group.finish(unsafe { std::slice::from_raw_parts_mut(head, head_len) });
+        let skip = group.header_len();
+        let mut count = WriteCount::default();
+        let mut used = 0;
+        for member in coalescer.members(group) {
+            let (base, len) = packets[member];
+            pieces[used] = if used == 0 {
+                iov(base, len)
+            } else {
+                // SAFETY: a member after the first is a segment at least `skip` bytes long
+                // (the coalescer checked its headers).
+                iov(unsafe { base.add(skip) }, len - skip)
+            };
+            used += 1;
+            count.packets += 1;
+            count.bytes += len as u32;
+        }
+        let vnet = offloads.vnet_hdr.then(|| header.to_bytes());
+        let written = write(vnet, &pieces[..used], count);
+        record(counts, written, count);
+    }
+}
+
+/// Count the outcome of sending `info`'s datagrams: `result` is the kernel's byte count or a
+/// negative errno.
+pub(crate) fn count_send(counts: &mut BatchCounts, info: &MessageInfo, result: i64) {
+    let segments = u64::from(info.segments);
+    if result < 0 {
+        counts.io_errors += segments;
+        return;
+    }
+    match info.source {
+        Source::Reply => counts.icmp_sent += 1,
+        Source::Packet => {
+            counts.udp_sends += 1;
+            counts.udp_tx_packets += segments;
+            counts.udp_tx_bytes += result as u64;
+        }
+    }
+}
+
+/// Count the outcome of a TUN write of `count`; ICMP errors (`Source::Reply`) count as sent
+/// messages.
+pub(crate) fn count_write(
+    counts: &mut BatchCounts,
+    source: Source,
+    count: WriteCount,
+    result: i64,
+) {
+    if result < 0 {
+        counts.io_errors += u64::from(count.packets);
+        return;
+    }
+    match source {
+        Source::Reply => counts.icmp_sent += 1,
+        Source::Packet => {
+            counts.tun_writes += 1;
+            counts.tun_tx_packets += u64::from(count.packets);
+            counts.tun_tx_bytes += u64::from(count.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offload::testing::{assert_valid, Tcp};
+    use crate::wire::vnet::{GSO_TCPV4, NEEDS_CSUM};
+    use std::net::Ipv4Addr;
+
+    fn peer() -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285)
+    }
+
+    /// The bytes a message of `batch` would put on the wire, datagram by datagram.
+    fn datagrams(batch: &SendBatch, i: usize, iovs: &[libc::iovec]) -> Vec<Vec<u8>> {
+        let info = batch.info(i).unwrap();
+        let mut flat = Vec::new();
+        for iov in iovs {
+            // SAFETY: the iovecs point into live test buffers.
+            flat.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+            });
+        }
+        assert_eq!(flat.len(), info.bytes as usize);
+        let size = flat.len().div_ceil(info.segments as usize);
+        let size = if info.segments > 1 {
+            // Every datagram but the last has the first one's length.
+            u16::from_be_bytes([flat[2], flat[3]]) as usize
+        } else {
+            size
+        };
+        flat.chunks(size).map(<[u8]>::to_vec).collect()
+    }
+
+    fn message_iovs(batch: &mut SendBatch, i: usize) -> Vec<libc::iovec> {
+        let msg = batch.prepare(i).unwrap();
+        // SAFETY: `prepare` pointed the header at the batch's own live iovecs.
+        unsafe { std::slice::from_raw_parts((*msg).msg_iov, (*msg).msg_iovlen).to_vec() }
+    }
+
+    #[test]
+    fn segments_leave_in_gso_runs_or_one_by_one() {
+        let (header, packet) = Tcp::new(7, 64_000).super_packet(1420);
+        let segmenter = Segmenter::new(&header, &packet).unwrap();
+        let mut expected = vec![0u8; 70_000];
+        let total = segmenter.segment_into(&packet, &mut expected).unwrap();
+        let expected: Vec<Vec<u8>> = expected[..total].chunks(1472).map(<[u8]>::to_vec).collect();
+        assert_eq!(expected.len(), 46);
+
+        // With GSO: 44 datagrams fit the 65 493-byte limit, the rest go in a second run.
+        let mut batch = SendBatch::new(80, 256, 128 * 120);
+        let mut next = 0;
+        assert!(queue_segments(
+            &mut batch,
+            peer(),
+            &packet,
+            &segmenter,
+            &mut next,
+            true
+        ));
+        assert_eq!(next, 46);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.info(0).unwrap().segments, 44);
+        assert_eq!(batch.info(1).unwrap().segments, 2);
+        let mut got = Vec::new();
+        for i in 0..batch.len() {
+            let iovs = message_iovs(&mut batch, i);
+            got.extend(datagrams(&batch, i, &iovs));
+        }
+        assert_eq!(got, expected);
+        for datagram in &got {
+            assert_valid(datagram);
+        }
+
+        // Without: one message per datagram; a small batch fills and is resumed.
+        let mut batch = SendBatch::new(20, 256, 128 * 120);
+        let mut next = 0;
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        loop {
+            let done = queue_segments(&mut batch, peer(), &packet, &segmenter, &mut next, false);
+            for i in 0..batch.len() {
+                assert_eq!(batch.info(i).unwrap().segments, 1);
+                let iovs = message_iovs(&mut batch, i);
+                got.extend(datagrams(&batch, i, &iovs));
+            }
+            batch.clear();
+            rounds += 1;
+            if done {
+                break;
+            }
+        }
+        assert_eq!(rounds, 3);
+        assert_eq!(got, expected);
+    }
+
+    /// Gather a write's pieces.
+    fn gather(pieces: &[libc::iovec]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for iov in pieces {
+            // SAFETY: the pieces point into live test buffers.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn accepted_segments_are_written_as_super_packets() {
+        let spec = Tcp::new(0, 1420 * 5);
+        let (header, original) = spec.super_packet(1420);
+        let segmenter = Segmenter::new(&header, &original).unwrap();
+        let mut flat = vec![0u8; 10_000];
+        let total = segmenter.segment_into(&original, &mut flat).unwrap();
+        let mut icmp =
+            crate::wire::ipv4::testing::Spec::icmp("10.1.1.2", "10.1.2.2", 8, 84).bytes();
+        flat.truncate(total);
+        let base = flat.as_mut_ptr();
+        let mut packets: Vec<(*mut u8, usize)> = (0..5)
+            .map(|i| (unsafe { base.add(i * 1472) }, 1472))
+            .collect();
+        packets.insert(2, (icmp.as_mut_ptr(), icmp.len()));
+        let mut coalescer = Coalescer::new();
+        let mut counts = BatchCounts::default();
+        let all = ActiveOffloads {
+            vnet_hdr: true,
+            coalesce: true,
+            coalesce_udp: true,
+            udp_gso: true,
+            udp_gro: true,
+            ..ActiveOffloads::default()
+        };
+        let mut writes = Vec::new();
+        // SAFETY: the packets are live and used by nothing else.
+        unsafe {
+            for_each_tun_write(
+                &mut coalescer,
+                &packets,
+                &all,
+                &mut counts,
+                |vnet, pieces, count| {
+                    writes.push((vnet, gather(pieces), count));
+                    Written::Queued
+                },
+            );
+        }
+        assert_eq!(
+            writes.len(),
+            2,
+            "the ICMP packet is written beside the super-packet"
+        );
+        let (vnet, bytes, count) = &writes[0];
+        let vnet = VnetHeader::parse(&vnet.unwrap()).unwrap();
+        assert_eq!(vnet.flags, NEEDS_CSUM);
+        assert_eq!(vnet.gso_type, GSO_TCPV4);
+        assert_eq!(vnet.gso_size, 1420);
+        assert_eq!(bytes, &original);
+        assert_eq!(
+            *count,
+            WriteCount {
+                packets: 5,
+                bytes: 5 * 1472
+            }
+        );
+        assert_eq!(writes[1].0, Some(VnetHeader::PLAIN.to_bytes()));
+        assert_eq!(
+            writes[1].1,
+            crate::wire::ipv4::testing::Spec::icmp("10.1.1.2", "10.1.2.2", 8, 84).bytes()
+        );
+
+        // Without coalescing, each packet is its own write; without the header, bare.
+        for vnet_hdr in [true, false] {
+            let offloads = ActiveOffloads {
+                vnet_hdr,
+                coalesce: false,
+                coalesce_udp: false,
+                ..all
+            };
+            let mut writes = Vec::new();
+            let mut counts = BatchCounts::default();
+            // SAFETY: as above.
+            unsafe {
+                for_each_tun_write(
+                    &mut coalescer,
+                    &packets,
+                    &offloads,
+                    &mut counts,
+                    |vnet, pieces, count| {
+                        writes.push((vnet, pieces.len(), count));
+                        Written::Done(count.bytes as i64)
+                    },
+                );
+            }
+            assert_eq!(writes.len(), 6);
+            let header = vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
+            assert!(writes
+                .iter()
+                .all(|(v, n, c)| *v == header && *n == 1 && c.packets == 1));
+            assert_eq!(counts.tun_tx_packets, 6);
+            assert_eq!(counts.tun_tx_bytes, 5 * 1472 + 84);
+        }
+        // Failed writes are counted per packet.
+        let mut counts = BatchCounts::default();
+        // SAFETY: as above.
+        unsafe {
+            for_each_tun_write(&mut coalescer, &packets, &all, &mut counts, |_, _, _| {
+                Written::Done(-i64::from(libc::EINVAL))
+            });
+        }
+        assert_eq!(counts.io_errors, 6);
+    }
+
+    #[test]
+    fn sends_and_writes_are_counted_by_datagram() {
+        let mut batch = SendBatch::new(4, 8, 0);
+        let data = [0u8; 3000];
+        for _ in 0..3 {
+            assert!(batch.push(peer(), Source::Packet, &[(data.as_ptr(), 1000)], true));
+        }
+        assert!(batch.push(peer(), Source::Reply, &[(data.as_ptr(), 56)], true));
+        let run = *batch.info(0).unwrap();
+        let mut counts = BatchCounts::default();
+        count_send(&mut counts, &run, 3000);
+        count_send(&mut counts, batch.info(1).unwrap(), 56);
+        count_send(&mut counts, &run, -i64::from(libc::ENOBUFS));
+        assert_eq!((counts.udp_tx_packets, counts.udp_tx_bytes), (3, 3000));
+        assert_eq!(counts.icmp_sent, 1);
+        assert_eq!(counts.io_errors, 3);
+        let count = WriteCount {
+            packets: 4,
+            bytes: 4000,
+        };
+        let mut counts = BatchCounts::default();
+        count_write(&mut counts, Source::Packet, count, 4010);
+        count_write(
+            &mut counts,
+            Source::Reply,
+            WriteCount {
+                packets: 1,
+                bytes: 56,
+            },
+            66,
+        );
+        count_write(&mut counts, Source::Packet, count, -i64::from(libc::EINVAL));
+        assert_eq!((counts.tun_tx_packets, counts.tun_tx_bytes), (4, 4000));
+        assert_eq!(counts.icmp_sent, 1);
+        assert_eq!(counts.io_errors, 4);
+    }
+}
