@@ -68,6 +68,35 @@ pub(crate) fn write_error_is_fatal(errno: i32) -> bool {
 /// concludes the descriptor is broken rather than busy-looping on it.
 pub(crate) const MAX_READ_FAILURES_IN_A_ROW: u32 = 100_000;
 
+/// The read failures of one worker since its last successful read or receive.
+#[derive(Debug, Default)]
+pub(crate) struct ReadFailures(u32);
+
+impl ReadFailures {
+    /// A read or receive succeeded.
+    pub(crate) fn reset(&mut self) {
+        self.0 = 0;
+    }
+
+    /// A read or receive (`what`) failed with `errno`. Nothing to read (`EAGAIN`), an
+    /// interrupted call (`EINTR`) and no free buffer (`ENOBUFS`) are not failures; a broken
+    /// descriptor ends the worker at once, anything else after
+    /// [`MAX_READ_FAILURES_IN_A_ROW`] in a row.
+    pub(crate) fn failed(&mut self, what: &'static str, errno: i32) -> Result<(), WorkerError> {
+        if matches!(errno, libc::ENOBUFS | libc::EAGAIN | libc::EINTR) {
+            return Ok(());
+        }
+        if read_error_is_fatal(errno) {
+            return Err(WorkerError::fatal(what, errno));
+        }
+        self.0 += 1;
+        if self.0 > MAX_READ_FAILURES_IN_A_ROW {
+            return Err(WorkerError::fatal(what, errno));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,10 +3,14 @@
 //! writes ([`for_each_tun_write`]), and the counting of what the kernel made of each.
 
 use std::net::SocketAddrV4;
+use std::ops::Range;
+use std::os::fd::RawFd;
 
 use crate::batch::{Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
+use crate::io::error::{write_error_is_fatal, WorkerError};
+use crate::io::tun::write_packet;
 use crate::io::udp::{MessageInfo, SendBatch};
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{Coalescer, Segmenter};
@@ -81,7 +85,7 @@ pub(crate) unsafe fn for_each_tun_write(
         iov_base: base.cast(),
         iov_len: len,
     };
-    let plain = offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
+    let plain = plain_header(offloads);
     if !offloads.coalesce {
         for &(base, len) in packets {
             let count = WriteCount {
@@ -124,6 +128,105 @@ pub(crate) unsafe fn for_each_tun_write(
         let written = write(vnet, &pieces[..used], count);
         record(counts, written, count);
     }
+}
+
+/// What the worker does after the kernel answered a send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SendOutcome {
+    /// Nothing more: the message is counted, sent or refused.
+    Counted,
+    /// The message, a GSO run the kernel would not send as one, was split into the plain
+    /// messages `Range` at the end of the batch: send those.
+    Resend(Range<usize>),
+}
+
+/// Handle the kernel's answer to message `i` of `sends` (`result`: bytes sent or a negative
+/// errno). A broken socket ends the worker. A GSO run refused as a whole (`EIO`: no checksum
+/// offload on the way out; `EINVAL`, `EMSGSIZE`: too large for the path) is split into plain
+/// datagrams, and after `EIO` GSO stays off for good (`udp_gso` is cleared). Anything else is
+/// counted: sent, or one refused message in `io_errors`.
+pub(crate) fn handle_send_result(
+    sends: &mut SendBatch,
+    i: usize,
+    result: i64,
+    udp_gso: &mut bool,
+    counts: &mut BatchCounts,
+) -> Result<SendOutcome, WorkerError> {
+    let Some(info) = sends.info(i).copied() else {
+        return Ok(SendOutcome::Counted);
+    };
+    let errno = i32::try_from(-result).unwrap_or(libc::EIO);
+    if result < 0 && write_error_is_fatal(errno) {
+        return Err(WorkerError::fatal("UDP send", errno));
+    }
+    let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
+    if result < 0 && gso_refused && info.segments > 1 {
+        if errno == libc::EIO && *udp_gso {
+            *udp_gso = false;
+            tracing::warn!("the kernel refused a UDP GSO send (EIO): sending plain datagrams");
+        }
+        let before = sends.len();
+        if sends.split(i) {
+            return Ok(SendOutcome::Resend(before..sends.len()));
+        }
+    }
+    count_send(counts, &info, result);
+    Ok(SendOutcome::Counted)
+}
+
+/// TUN writes made at once rather than queued, and the first error among them that leaves the
+/// queue unusable: the worker goes on with the batch and then stops.
+#[derive(Debug, Default)]
+pub(crate) struct DirectWrites {
+    fatal: Option<i32>,
+}
+
+impl DirectWrites {
+    /// Write `pieces` behind `vnet` to the TUN queue `fd`: the byte count or a negative errno.
+    pub(crate) fn write(
+        &mut self,
+        fd: RawFd,
+        vnet: Option<&[u8; VNET_HDR_LEN]>,
+        pieces: &[libc::iovec],
+    ) -> i64 {
+        let result = write_packet(fd, vnet, pieces);
+        let errno = i32::try_from(-result).unwrap_or(libc::EIO);
+        if result < 0 && write_error_is_fatal(errno) {
+            self.fatal.get_or_insert(errno);
+        }
+        result
+    }
+
+    /// The error that ends the worker, if a write met one.
+    pub(crate) fn finish(self) -> Result<(), WorkerError> {
+        match self.fatal {
+            Some(errno) => Err(WorkerError::fatal("TUN write", errno)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The TUN write of an ICMP error of `len` bytes at `buf`: the header of a plain packet (when
+/// the TUN takes one), the piece, and what it carries.
+pub(crate) fn reply_write(
+    offloads: &ActiveOffloads,
+    buf: *mut u8,
+    len: usize,
+) -> (Option<[u8; VNET_HDR_LEN]>, libc::iovec, WriteCount) {
+    let piece = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: len,
+    };
+    let count = WriteCount {
+        packets: 1,
+        bytes: len as u32,
+    };
+    (plain_header(offloads), piece, count)
+}
+
+/// The virtio-net header of a packet written whole, when the TUN takes one.
+fn plain_header(offloads: &ActiveOffloads) -> Option<[u8; VNET_HDR_LEN]> {
+    offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes())
 }
 
 /// Count the outcome of sending `info`'s datagrams: `result` is the kernel's byte count or a

@@ -17,21 +17,22 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
-use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction, WriteCount};
+use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
 use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
-use crate::io::error::{
-    read_error_is_fatal, write_error_is_fatal, WorkerError, MAX_READ_FAILURES_IN_A_ROW,
+use crate::io::error::{ReadFailures, WorkerError};
+use crate::io::execute::{
+    count_send, count_write, for_each_tun_write, handle_send_result, queue_segments, reply_write,
+    DirectWrites, SendOutcome, Written,
 };
-use crate::io::execute::{count_send, count_write, for_each_tun_write, queue_segments, Written};
 use crate::io::stop::StopSignal;
-use crate::io::tun::{write_packet, TunQueue};
+use crate::io::tun::TunQueue;
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::{Coalescer, VnetHeader};
+use crate::offload::Coalescer;
 use crate::route::RouteTable;
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
@@ -60,7 +61,7 @@ pub(crate) struct SyscallWorker {
     sends: SendBatch,
     accepted: Vec<(*mut u8, usize)>,
     coalescer: Coalescer,
-    read_failures: u32,
+    read_failures: ReadFailures,
 }
 
 /// `mmsghdr`s for `recvmmsg`, with their `iovec`s, sender addresses and control buffers.
@@ -147,7 +148,7 @@ impl SyscallWorker {
             sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
             accepted: Vec::with_capacity(BATCH),
             coalescer: Coalescer::new(),
-            read_failures: 0,
+            read_failures: ReadFailures::default(),
         })
     }
 
@@ -254,12 +255,12 @@ impl SyscallWorker {
                     libc::EINTR => continue,
                     libc::EAGAIN => break,
                     _ => {
-                        self.read_failed("TUN read", errno)?;
+                        self.read_failures.failed("TUN read", errno)?;
                         break;
                     }
                 }
             }
-            self.read_failures = 0;
+            self.read_failures.reset();
             self.tun_lens[read] = rc as usize;
             read += 1;
         }
@@ -274,10 +275,7 @@ impl SyscallWorker {
             let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, total) };
             match decide_tun_read(&header, packet, table, policy, reply, counts) {
                 TunAction::Recycle => {}
-                TunAction::WriteReply { len } => {
-                    let reply = self.buffers.reply_ptr(slot);
-                    self.write_tun(reply, len, Source::Reply, counts)?;
-                }
+                TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
                 TunAction::Send {
                     to,
                     len,
@@ -344,12 +342,12 @@ impl SyscallWorker {
                 libc::EINTR => continue,
                 libc::EAGAIN => return Ok(false),
                 _ => {
-                    self.read_failed("UDP receive", errno)?;
+                    self.read_failures.failed("UDP receive", errno)?;
                     return Ok(false);
                 }
             }
         };
-        self.read_failures = 0;
+        self.read_failures.reset();
         self.accepted.clear();
         for i in 0..received.min(BATCH) {
             let header = &self.recv.headers[i];
@@ -381,7 +379,7 @@ impl SyscallWorker {
             }
         }
         let fd = self.tun.as_raw_fd();
-        let mut fatal = None;
+        let mut direct = DirectWrites::default();
         // SAFETY: the accepted packets lie in this batch's buffers, which no I/O uses now.
         unsafe {
             for_each_tun_write(
@@ -389,18 +387,10 @@ impl SyscallWorker {
                 &self.accepted,
                 &self.offloads,
                 counts,
-                |vnet, pieces, _| {
-                    let result = write_packet(fd, vnet.as_ref(), pieces);
-                    if result < 0 && write_error_is_fatal(-result as i32) {
-                        fatal.get_or_insert(-result as i32);
-                    }
-                    Written::Done(result)
-                },
+                |vnet, pieces, _| Written::Done(direct.write(fd, vnet.as_ref(), pieces)),
             );
         }
-        if let Some(errno) = fatal {
-            return Err(WorkerError::fatal("TUN write", errno));
-        }
+        direct.finish()?;
         self.flush_sends(counts)?;
         Ok(received >= BATCH)
     }
@@ -423,28 +413,18 @@ impl SyscallWorker {
         Ok(())
     }
 
-    /// Write one packet from `buf` to the TUN.
-    fn write_tun(
+    /// Write the `len`-byte ICMP error in `slot`'s reply buffer to the TUN.
+    fn write_reply(
         &mut self,
-        buf: *mut u8,
+        slot: usize,
         len: usize,
-        source: Source,
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
-        let piece = libc::iovec {
-            iov_base: buf.cast(),
-            iov_len: len,
-        };
-        let result = write_packet(self.tun.as_raw_fd(), vnet.as_ref(), &[piece]);
-        if result < 0 && write_error_is_fatal(-result as i32) {
-            return Err(WorkerError::fatal("TUN write", -result as i32));
-        }
-        let count = WriteCount {
-            packets: 1,
-            bytes: len as u32,
-        };
-        count_write(counts, source, count, result);
+        let (vnet, piece, count) = reply_write(&self.offloads, self.buffers.reply_ptr(slot), len);
+        let mut direct = DirectWrites::default();
+        let result = direct.write(self.tun.as_raw_fd(), vnet.as_ref(), &[piece]);
+        direct.finish()?;
+        count_write(counts, Source::Reply, count, result);
         Ok(())
     }
 
@@ -467,9 +447,8 @@ impl SyscallWorker {
             if rc > 0 {
                 let sent = (rc as usize).min(count);
                 for i in next..next + sent {
-                    if let Some(info) = self.sends.info(i) {
-                        count_send(counts, info, i64::from(self.sends.sent_len(i)));
-                    }
+                    let len = i64::from(self.sends.sent_len(i));
+                    self.send_result(i, len, counts)?;
                 }
                 next += sent;
                 continue;
@@ -488,11 +467,9 @@ impl SyscallWorker {
                         break;
                     }
                 }
-                errno if write_error_is_fatal(errno) => {
-                    return Err(WorkerError::fatal("UDP send", errno));
-                }
                 errno => {
-                    self.refused(next, errno, counts);
+                    // A run split into plain messages is sent with the rest of the batch.
+                    self.send_result(next, -i64::from(errno), counts)?;
                     next += 1;
                 }
             }
@@ -501,24 +478,21 @@ impl SyscallWorker {
         Ok(())
     }
 
-    /// The kernel refused message `i`: a GSO run it cannot send as one (no checksum offload on
-    /// the way out: `EIO`, which turns GSO off for good; or too large for the path) is split
-    /// into plain datagrams, sent after the rest; anything else is counted and skipped.
-    fn refused(&mut self, i: usize, errno: i32, counts: &mut BatchCounts) {
-        let Some(info) = self.sends.info(i).copied() else {
-            return;
-        };
-        let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
-        if gso_refused && info.segments > 1 {
-            if errno == libc::EIO && self.offloads.udp_gso {
-                self.offloads.udp_gso = false;
-                tracing::warn!("the kernel refused a UDP GSO send (EIO): sending plain datagrams");
-            }
-            if self.sends.split(i) {
-                return;
-            }
-        }
-        count_send(counts, &info, -i64::from(errno));
+    /// Count what became of message `i`; a GSO run split into plain messages is left at the
+    /// end of the batch, where the flush sends it.
+    fn send_result(
+        &mut self,
+        i: usize,
+        result: i64,
+        counts: &mut BatchCounts,
+    ) -> Result<SendOutcome, WorkerError> {
+        handle_send_result(
+            &mut self.sends,
+            i,
+            result,
+            &mut self.offloads.udp_gso,
+            counts,
+        )
     }
 
     /// Wait for room in the socket's send buffer; `false` on timeout or a stop request.
@@ -541,17 +515,6 @@ impl SyscallWorker {
         }
         let [socket, stop] = fds;
         Ok(stop.revents == 0 && socket.revents & libc::POLLOUT != 0)
-    }
-
-    fn read_failed(&mut self, what: &'static str, errno: i32) -> Result<(), WorkerError> {
-        if read_error_is_fatal(errno) {
-            return Err(WorkerError::fatal(what, errno));
-        }
-        self.read_failures += 1;
-        if self.read_failures > MAX_READ_FAILURES_IN_A_ROW {
-            return Err(WorkerError::fatal(what, errno));
-        }
-        Ok(())
     }
 }
 

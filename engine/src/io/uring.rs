@@ -36,23 +36,22 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
-use crate::batch::{
-    decide_datagrams, decide_tun_read, Source, TunAction, WriteCount, MAX_RX_DATAGRAMS,
-};
+use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction, MAX_RX_DATAGRAMS};
 use crate::config::ActiveOffloads;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
 use crate::io::buffers::{PacketBuffers, HEADROOM, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
-use crate::io::error::{
-    read_error_is_fatal, write_error_is_fatal, WorkerError, MAX_READ_FAILURES_IN_A_ROW,
+use crate::io::error::{write_error_is_fatal, ReadFailures, WorkerError};
+use crate::io::execute::{
+    count_write, for_each_tun_write, handle_send_result, queue_segments, reply_write, DirectWrites,
+    SendOutcome, Written,
 };
-use crate::io::execute::{count_send, count_write, for_each_tun_write, queue_segments, Written};
 use crate::io::stop::StopSignal;
-use crate::io::tun::{write_packet, TunQueue, WriteList};
+use crate::io::tun::{TunQueue, WriteList};
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::{Coalescer, Segmenter, VnetHeader};
+use crate::offload::{Coalescer, Segmenter};
 use crate::route::RouteTable;
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
@@ -305,7 +304,7 @@ pub(crate) struct UringWorker {
     held: Vec<usize>,
     queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
-    read_failures: u32,
+    read_failures: ReadFailures,
     completions: Vec<(u64, i32, u32)>,
     // Registered with the ring; kept open until the ring is gone.
     _tun: TunQueue,
@@ -362,7 +361,7 @@ impl UringWorker {
             held: Vec::with_capacity(UDP_SLOTS),
             queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
-            read_failures: 0,
+            read_failures: ReadFailures::default(),
             completions,
             _tun: tun,
             _socket: socket,
@@ -449,7 +448,7 @@ impl UringWorker {
                         self.read_failed(op, -result)?;
                         continue;
                     }
-                    self.read_failures = 0;
+                    self.read_failures.reset();
                     reads += 1;
                     if op == Op::TunRead {
                         self.tun_read(slot, result as usize, &table, policy, counts)?;
@@ -495,15 +494,8 @@ impl UringWorker {
                 Ok(())
             }
             TunAction::WriteReply { len } => {
-                let piece = libc::iovec {
-                    iov_base: self.buffers.reply_ptr(slot).cast(),
-                    iov_len: len,
-                };
-                let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
-                let count = WriteCount {
-                    packets: 1,
-                    bytes: len as u32,
-                };
+                let (vnet, piece, count) =
+                    reply_write(&self.offloads, self.buffers.reply_ptr(slot), len);
                 io.writes.push(vnet, &[piece], count, Source::Reply);
                 self.submit(slot)
             }
@@ -627,7 +619,7 @@ impl UringWorker {
         let io = &mut **self.io;
         let queued = &mut self.queued_writes;
         let fd = self._tun.as_raw_fd();
-        let mut fatal = None;
+        let mut direct = DirectWrites::default();
         // SAFETY: the accepted packets lie in slots held by this batch, which no I/O uses
         // until the writes are submitted; each write then holds the slots it points into.
         unsafe {
@@ -651,18 +643,12 @@ impl UringWorker {
                             return Written::Queued;
                         }
                     }
-                    let result = write_packet(fd, vnet.as_ref(), pieces);
-                    if result < 0 && write_error_is_fatal(-result as i32) {
-                        fatal.get_or_insert(-result as i32);
-                    }
-                    Written::Done(result)
+                    Written::Done(direct.write(fd, vnet.as_ref(), pieces))
                 },
             );
         }
         self.accepted.clear();
-        if let Some(errno) = fatal {
-            return Err(WorkerError::fatal(Op::Write.what(), errno));
-        }
+        direct.finish()?;
         for index in 0..self.queued_writes.len() {
             let (slot, i) = self.queued_writes[index];
             let Some((iovs, count, _)) = self.io[slot].writes.get(i) else {
@@ -739,33 +725,17 @@ impl UringWorker {
             return Ok(());
         };
         io.pending = io.pending.saturating_sub(1);
-        if let Some(info) = io.sends.info(i).copied() {
-            let errno = -result;
-            if result < 0 && write_error_is_fatal(errno) {
-                return Err(WorkerError::fatal(Op::Send.what(), errno));
-            }
-            let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
-            if result < 0 && gso_refused && info.segments > 1 {
-                // The kernel cannot send this run as one: resend its datagrams one by one,
-                // and after EIO (no checksum offload on the way out) never try GSO again.
-                if errno == libc::EIO && self.offloads.udp_gso {
-                    self.offloads.udp_gso = false;
-                    tracing::warn!(
-                        "the kernel refused a UDP GSO send (EIO): sending plain datagrams"
-                    );
-                }
-                let before = io.sends.len();
-                if io.sends.split(i) {
-                    let after = io.sends.len();
-                    for j in before..after {
-                        let submitted = self.submit_send(slot, j)?;
-                        self.io[slot].pending += submitted;
-                    }
-                } else {
-                    count_send(counts, &info, i64::from(result));
-                }
-            } else {
-                count_send(counts, &info, i64::from(result));
+        let outcome = handle_send_result(
+            &mut io.sends,
+            i,
+            i64::from(result),
+            &mut self.offloads.udp_gso,
+            counts,
+        )?;
+        if let SendOutcome::Resend(split) = outcome {
+            for j in split {
+                let submitted = self.submit_send(slot, j)?;
+                self.io[slot].pending += submitted;
             }
         }
         self.slot_progressed(slot)
@@ -864,18 +834,8 @@ impl UringWorker {
     }
 
     fn read_failed(&mut self, op: Op, errno: i32) -> Result<(), WorkerError> {
-        // No free buffer: the request ended and is re-armed once buffers come back.
-        if errno == libc::ENOBUFS || errno == libc::EAGAIN || errno == libc::EINTR {
-            return Ok(());
-        }
-        if read_error_is_fatal(errno) {
-            return Err(WorkerError::fatal(op.what(), errno));
-        }
-        self.read_failures += 1;
-        if self.read_failures > MAX_READ_FAILURES_IN_A_ROW {
-            return Err(WorkerError::fatal(op.what(), errno));
-        }
-        Ok(())
+        // Without a free buffer the request has ended; it is re-armed once buffers come back.
+        self.read_failures.failed(op.what(), errno)
     }
 
     /// Queue `entry`; it goes to the kernel with the next wait.
