@@ -9,7 +9,7 @@
 use std::net::SocketAddrV4;
 
 use crate::counters::{BatchCounts, DropReason};
-use crate::decide::{self, Decision, Policy, REPLY_BUF_LEN};
+use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
 use crate::wire::vnet::VnetHeader;
@@ -94,7 +94,7 @@ pub(crate) fn decide_tun_read(
         Plan::Whole | Plan::Checksum { .. } => decide::from_tun(packet, table, policy, reply),
     };
     match decision {
-        Decision::SendToPeer(to) => match offload {
+        TunDecision::SendToPeer(to) => match offload {
             Plan::Whole => TunAction::Send {
                 to,
                 len,
@@ -117,7 +117,7 @@ pub(crate) fn decide_tun_read(
                 segments: Some(segmenter),
             },
         },
-        Decision::ReplyToTun { len, reason } => {
+        TunDecision::ReplyToTun { len, reason } => {
             drop(counts, reason);
             if len > 0 && len <= REPLY_BUF_LEN {
                 TunAction::WriteReply { len }
@@ -125,12 +125,10 @@ pub(crate) fn decide_tun_read(
                 TunAction::Recycle
             }
         }
-        // From the TUN there is no peer to answer; never decided, but counted if it were.
-        Decision::ReplyToPeer { reason, .. } | Decision::Drop(reason) => {
+        TunDecision::Drop(reason) => {
             drop(counts, reason);
             TunAction::Recycle
         }
-        Decision::WriteToTun => TunAction::Recycle,
     }
 }
 
@@ -182,16 +180,15 @@ pub(crate) fn decide_datagrams(
             None => &mut [],
         };
         match decide::from_peer(from, datagram, table, policy, out) {
-            Decision::WriteToTun => accept(start, end - start),
-            Decision::ReplyToPeer { to, len, reason } => {
+            PeerDecision::WriteToTun => accept(start, end - start),
+            PeerDecision::ReplyToPeer { to, len, reason } => {
                 counts.drop(reason);
                 if len > 0 && len <= REPLY_BUF_LEN && reply.is_some() {
                     reply = None;
                     answer = Some((to, len));
                 }
             }
-            Decision::ReplyToTun { reason, .. } | Decision::Drop(reason) => counts.drop(reason),
-            Decision::SendToPeer(_) => {}
+            PeerDecision::Drop(reason) => counts.drop(reason),
         }
     }
     answer

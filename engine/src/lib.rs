@@ -37,7 +37,7 @@ pub use io::{engine, tun, udp};
 
 pub use config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend};
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
-pub use decide::{Decision, Policy};
+pub use decide::{PeerDecision, Policy, TunDecision};
 pub use io::engine::{Engine, EngineError};
 pub use io::error::WorkerError;
 pub use io::tun::{open_queues, open_queues_with, TunError, TunQueue};
