@@ -6,14 +6,17 @@ use std::net::SocketAddrV4;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use crate::batch::{Source, WriteCount};
+use crate::batch::{decide_datagrams, Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
+use crate::decide::Policy;
+use crate::io::buffers::PacketBuffers;
 use crate::io::error::{write_error_is_fatal, WorkerError};
 use crate::io::tun::write_packet;
 use crate::io::udp::{MessageInfo, SendBatch};
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{Coalescer, Segmenter};
+use crate::route::RouteTable;
 use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
 
 /// Queue the datagrams of a decided super-packet for `to` into `batch`, from segment `*next`
@@ -51,6 +54,83 @@ pub(crate) fn queue_segments(
         *next += 1;
     }
     true
+}
+
+/// The packets of a batch accepted for the TUN, where they lie in the worker's buffers and in
+/// arrival order, and the coalescer that sorts them into writes.
+pub(crate) struct Accepted {
+    packets: Vec<(*mut u8, usize)>,
+    coalescer: Coalescer,
+}
+
+/// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
+/// the slot's reply buffer that holds it.
+pub(crate) type ReplyToSender = (SocketAddrV4, (*const u8, usize));
+
+impl Accepted {
+    /// Room for `packets` packets before the list grows.
+    pub(crate) fn with_capacity(packets: usize) -> Self {
+        Self {
+            packets: Vec::with_capacity(packets),
+            coalescer: Coalescer::new(),
+        }
+    }
+
+    /// Decide on the datagrams a receive from `from` left in `slot` (`len` bytes; a GRO run
+    /// of `segment`-byte datagrams; `truncated` if the kernel cut it) and keep the accepted
+    /// ones for the batch's writes.
+    ///
+    /// # Safety
+    /// The receive has completed, and nothing else reads or writes the slot until the batch's
+    /// writes are done.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn receive(
+        &mut self,
+        buffers: &mut PacketBuffers,
+        slot: usize,
+        len: usize,
+        from: Option<SocketAddrV4>,
+        segment: Option<usize>,
+        truncated: bool,
+        table: &RouteTable,
+        policy: &Policy,
+        counts: &mut BatchCounts,
+    ) -> Option<ReplyToSender> {
+        let base = buffers.packet_ptr(slot);
+        let reply_ptr = buffers.reply_ptr(slot).cast_const();
+        // SAFETY: the caller guarantees nothing else uses the slot meanwhile.
+        let (buf, reply) = unsafe { buffers.slot(slot, len) };
+        let packets = &mut self.packets;
+        let answer = decide_datagrams(
+            from,
+            buf,
+            segment,
+            truncated,
+            table,
+            policy,
+            reply,
+            counts,
+            // SAFETY: offset + len lies inside the slot's buffer.
+            |offset, len| packets.push((unsafe { base.add(offset) }, len)),
+        );
+        answer.map(|(to, len)| (to, (reply_ptr, len)))
+    }
+
+    /// Sort the accepted packets into writes and hand each to `write`, as
+    /// [`for_each_tun_write`] does; the list is empty afterwards.
+    ///
+    /// # Safety
+    /// As for [`for_each_tun_write`]: every accepted packet is still live and unshared.
+    pub(crate) unsafe fn write(
+        &mut self,
+        offloads: &ActiveOffloads,
+        counts: &mut BatchCounts,
+        write: impl FnMut(Option<[u8; VNET_HDR_LEN]>, &[libc::iovec], WriteCount) -> Written,
+    ) {
+        // SAFETY: the caller's guarantee.
+        unsafe { for_each_tun_write(&mut self.coalescer, &self.packets, offloads, counts, write) };
+        self.packets.clear();
+    }
 }
 
 /// What became of a TUN write handed to the I/O back end.

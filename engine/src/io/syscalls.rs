@@ -17,7 +17,7 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
-use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction};
+use crate::batch::{decide_tun_read, Source, TunAction};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
@@ -25,14 +25,13 @@ use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
 use crate::io::error::{ReadFailures, WorkerError};
 use crate::io::execute::{
-    count_send, count_write, for_each_tun_write, handle_send_result, queue_segments, reply_write,
+    count_send, count_write, handle_send_result, queue_segments, reply_write, Accepted,
     DirectWrites, SendOutcome, Written,
 };
 use crate::io::stop::StopSignal;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::Coalescer;
 use crate::route::RouteTable;
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
@@ -59,8 +58,7 @@ pub(crate) struct SyscallWorker {
     tun_lens: [usize; BATCH],
     recv: RecvArray,
     sends: SendBatch,
-    accepted: Vec<(*mut u8, usize)>,
-    coalescer: Coalescer,
+    accepted: Accepted,
     read_failures: ReadFailures,
 }
 
@@ -146,8 +144,7 @@ impl SyscallWorker {
             tun_lens: [0; BATCH],
             recv: RecvArray::new(),
             sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
-            accepted: Vec::with_capacity(BATCH),
-            coalescer: Coalescer::new(),
+            accepted: Accepted::with_capacity(BATCH),
             read_failures: ReadFailures::default(),
         })
     }
@@ -348,7 +345,6 @@ impl SyscallWorker {
             }
         };
         self.read_failures.reset();
-        self.accepted.clear();
         for i in 0..received.min(BATCH) {
             let header = &self.recv.headers[i];
             let len = (header.msg_len as usize).min(PACKET_BUF_LEN);
@@ -356,25 +352,22 @@ impl SyscallWorker {
             let from = from_sockaddr(&self.recv.addrs[i], header.msg_hdr.msg_namelen);
             let segment = gro_segment_size(self.recv.control(i));
             let slot = UDP_BASE + i;
-            let base = self.buffers.packet_ptr(slot);
             // SAFETY: the recvmmsg call has returned; nothing else uses the slot until the
             // batch's writes are done.
-            let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
-            let accepted = &mut self.accepted;
-            let answer = decide_datagrams(
-                from,
-                buf,
-                segment,
-                truncated,
-                table,
-                policy,
-                reply,
-                counts,
-                // SAFETY: offset + len lies inside the slot's buffer.
-                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
-            );
-            if let Some((to, len)) = answer {
-                let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+            let answer = unsafe {
+                self.accepted.receive(
+                    &mut self.buffers,
+                    slot,
+                    len,
+                    from,
+                    segment,
+                    truncated,
+                    table,
+                    policy,
+                    counts,
+                )
+            };
+            if let Some((to, piece)) = answer {
                 self.queue(to, Source::Reply, piece, counts)?;
             }
         }
@@ -382,13 +375,10 @@ impl SyscallWorker {
         let mut direct = DirectWrites::default();
         // SAFETY: the accepted packets lie in this batch's buffers, which no I/O uses now.
         unsafe {
-            for_each_tun_write(
-                &mut self.coalescer,
-                &self.accepted,
-                &self.offloads,
-                counts,
-                |vnet, pieces, _| Written::Done(direct.write(fd, vnet.as_ref(), pieces)),
-            );
+            self.accepted
+                .write(&self.offloads, counts, |vnet, pieces, _| {
+                    Written::Done(direct.write(fd, vnet.as_ref(), pieces))
+                });
         }
         direct.finish()?;
         self.flush_sends(counts)?;

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
-use crate::batch::{decide_datagrams, decide_tun_read, Source, TunAction, MAX_RX_DATAGRAMS};
+use crate::batch::{decide_tun_read, Source, TunAction, MAX_RX_DATAGRAMS};
 use crate::config::ActiveOffloads;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
@@ -44,14 +44,14 @@ use crate::io::buffers::{PacketBuffers, HEADROOM, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
 use crate::io::error::{write_error_is_fatal, ReadFailures, WorkerError};
 use crate::io::execute::{
-    count_write, for_each_tun_write, handle_send_result, queue_segments, reply_write, DirectWrites,
+    count_write, handle_send_result, queue_segments, reply_write, Accepted, DirectWrites,
     SendOutcome, Written,
 };
 use crate::io::stop::StopSignal;
 use crate::io::tun::{TunQueue, WriteList};
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::{Coalescer, Segmenter};
+use crate::offload::Segmenter;
 use crate::route::RouteTable;
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
@@ -298,9 +298,8 @@ pub(crate) struct UringWorker {
     /// Bytes of control data room in that prefix (nonzero with GRO).
     control_len: usize,
     offloads: ActiveOffloads,
-    coalescer: Coalescer,
-    /// The packets of the batch's receives accepted for the TUN, and the slots they hold.
-    accepted: Vec<(*mut u8, usize)>,
+    /// The packets of the batch's receives accepted for the TUN.
+    accepted: Accepted,
     held: Vec<usize>,
     queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
@@ -356,8 +355,7 @@ impl UringWorker {
             recv_prefix: RECVMSG_OUT_LEN + NAME_LEN + control_len,
             control_len,
             offloads,
-            coalescer: Coalescer::new(),
-            accepted: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
+            accepted: Accepted::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             held: Vec::with_capacity(UDP_SLOTS),
             queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
@@ -572,11 +570,6 @@ impl UringWorker {
         // packet buffer, and handed the slot over with the completion.
         let prefix = unsafe { self.buffers.with_headroom(slot, self.recv_prefix, result) };
         let received = parse_recvmsg_out(prefix, self.control_len);
-        let len = received.map_or(0, |r| r.len);
-        let base = self.buffers.packet_ptr(slot);
-        // SAFETY: as above.
-        let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
-        let accepted = &mut self.accepted;
         let answer = match received {
             None => {
                 counts.udp_receives += 1;
@@ -584,18 +577,20 @@ impl UringWorker {
                 counts.drop(DropReason::BadPacket);
                 None
             }
-            Some(received) => decide_datagrams(
-                received.from,
-                buf,
-                received.segment,
-                received.truncated,
-                table,
-                policy,
-                reply,
-                counts,
-                // SAFETY: offset + len lies inside the slot's buffer.
-                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
-            ),
+            // SAFETY: as above; the slot is held until the batch's writes are prepared.
+            Some(received) => unsafe {
+                self.accepted.receive(
+                    &mut self.buffers,
+                    slot,
+                    received.len,
+                    received.from,
+                    received.segment,
+                    received.truncated,
+                    table,
+                    policy,
+                    counts,
+                )
+            },
         };
         let io = &mut self.io[slot];
         io.sends.clear();
@@ -603,8 +598,7 @@ impl UringWorker {
         // Held until the batch's writes are prepared (see `write_accepted`).
         io.pending += 1;
         self.held.push(slot);
-        if let Some((to, len)) = answer {
-            let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+        if let Some((to, piece)) = answer {
             io.sends.push(to, Source::Reply, &[piece], false);
         }
         self.submit(slot)
@@ -623,12 +617,8 @@ impl UringWorker {
         // SAFETY: the accepted packets lie in slots held by this batch, which no I/O uses
         // until the writes are submitted; each write then holds the slots it points into.
         unsafe {
-            for_each_tun_write(
-                &mut self.coalescer,
-                &self.accepted,
-                &self.offloads,
-                counts,
-                |vnet, pieces, count| {
+            self.accepted
+                .write(&self.offloads, counts, |vnet, pieces, count| {
                     let head = pieces
                         .first()
                         .and_then(|p| buffers.slot_of(p.iov_base.cast()));
@@ -644,10 +634,8 @@ impl UringWorker {
                         }
                     }
                     Written::Done(direct.write(fd, vnet.as_ref(), pieces))
-                },
-            );
+                });
         }
-        self.accepted.clear();
         direct.finish()?;
         for index in 0..self.queued_writes.len() {
             let (slot, i) = self.queued_writes[index];
