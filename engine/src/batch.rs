@@ -12,6 +12,7 @@ use crate::counters::{BatchCounts, DropReason};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
+use crate::wire::ipv4::Ipv4Packet;
 use crate::wire::vnet::VnetHeader;
 
 /// Which buffer an outgoing packet is in: the packet's own (forwarded as is, zero copy) or the
@@ -66,7 +67,18 @@ pub(crate) fn decide_tun_read(
     counts: &mut BatchCounts,
 ) -> TunAction {
     let len = packet.len();
-    let offload = Plan::new(header, packet);
+    // The one parse of the packet: the plan and the decision both read this view.
+    let mut ip = match Ipv4Packet::new_checked(packet) {
+        Ok(ip) => ip,
+        Err(error) => {
+            counts.tun_reads += 1;
+            counts.tun_rx_packets += 1;
+            counts.tun_rx_bytes += len as u64;
+            counts.drop(decide::malformed(error));
+            return TunAction::Recycle;
+        }
+    };
+    let offload = Plan::for_packet(header, &ip);
     let (packets, bytes) = match &offload {
         Ok(Plan::Segment(segmenter)) => {
             let n = segmenter.segments();
@@ -87,12 +99,12 @@ pub(crate) fn decide_tun_read(
             return TunAction::Recycle;
         }
     };
-    let decision = match &offload {
-        Plan::Segment(segmenter) => {
-            decide::from_tun_super_packet(packet, segmenter.largest_segment(), table, policy, reply)
-        }
-        Plan::Whole | Plan::Checksum { .. } => decide::from_tun(packet, table, policy, reply),
+    let largest = match &offload {
+        Plan::Segment(segmenter) => Some(segmenter.largest_segment()),
+        Plan::Whole | Plan::Checksum { .. } => None,
     };
+    let decision = decide::from_tun_checked(&mut ip, largest, table, policy, reply);
+    let packet = ip.into_inner();
     match decision {
         TunDecision::SendToPeer(to) => match offload {
             Plan::Whole => TunAction::Send {

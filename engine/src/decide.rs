@@ -136,10 +136,22 @@ fn from_tun_sized(
     policy: &Policy,
     reply: &mut [u8],
 ) -> TunDecision {
-    let mut ip = match Ipv4Packet::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(error) => return TunDecision::Drop(malformed(error)),
-    };
+    match Ipv4Packet::new_checked(packet) {
+        Ok(mut ip) => from_tun_checked(&mut ip, largest, routes, policy, reply),
+        Err(error) => TunDecision::Drop(malformed(error)),
+    }
+}
+
+/// Decide the fate of a packet read from the TUN that the caller has already checked, so that
+/// it is parsed once: as [`from_tun`], or with `largest` as [`from_tun_super_packet`].
+#[inline(always)]
+pub fn from_tun_checked(
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    largest: Option<usize>,
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> TunDecision {
     let dst = ip.dst();
     if dst.is_multicast() || dst.is_broadcast() {
         return TunDecision::Drop(DropReason::Multicast);
@@ -148,15 +160,15 @@ fn from_tun_sized(
         return TunDecision::Drop(DropReason::Loop);
     }
     let Some(peer) = routes.peer_for(dst) else {
-        return reply_to_tun(IcmpError::NetUnreachable, DropReason::NoRoute, &ip, reply);
+        return reply_to_tun(IcmpError::NetUnreachable, DropReason::NoRoute, ip, reply);
     };
     if ip.ttl() <= 1 {
-        return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, &ip, reply);
+        return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, ip, reply);
     }
     if largest.unwrap_or_else(|| ip.total_len()) > policy.tun_mtu && ip.dont_frag() {
         let mtu = u16::try_from(policy.tun_mtu).unwrap_or(u16::MAX);
         let error = IcmpError::FragmentationNeeded { mtu };
-        return reply_to_tun(error, DropReason::TooBig, &ip, reply);
+        return reply_to_tun(error, DropReason::TooBig, ip, reply);
     }
     ip.decrement_ttl();
     TunDecision::SendToPeer(peer)
@@ -219,7 +231,7 @@ fn refuse(from: SocketAddrV4, routes: &RouteTable, reason: DropReason) -> PeerDe
 }
 
 /// The drop reason for a buffer that failed to parse.
-fn malformed(error: PacketError) -> DropReason {
+pub fn malformed(error: PacketError) -> DropReason {
     match error {
         PacketError::NotIpv4 { version: 6 } => DropReason::NotIpv4,
         _ => DropReason::BadPacket,
