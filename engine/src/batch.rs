@@ -146,7 +146,8 @@ pub(crate) fn decide_tun_read(
 
 /// Split a received buffer into the datagrams it holds — one, or with GRO (`segment`) a run
 /// of `segment`-byte datagrams, the last possibly shorter — decide on each, count them, and
-/// call `accept(offset, len)` for each one to write to the TUN. Returns the ICMP error to send
+/// call `accept(offset, packet)` for each one to write to the TUN, with the checked view the
+/// decision read (so that the coalescer need not parse it again). Returns the ICMP error to send
 /// back, if any: the first one, as the slot has one reply buffer (later ones count as drops).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_datagrams(
@@ -158,7 +159,7 @@ pub(crate) fn decide_datagrams(
     policy: &Policy,
     reply: &mut [u8],
     counts: &mut BatchCounts,
-    mut accept: impl FnMut(usize, usize),
+    mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
     let len = buf.len();
     let step = segment.unwrap_or(len).max(1);
@@ -191,8 +192,20 @@ pub(crate) fn decide_datagrams(
             Some(out) => out,
             None => &mut [],
         };
-        match decide::from_peer(from, datagram, table, policy, out) {
-            PeerDecision::WriteToTun => accept(start, end - start),
+        // The one parse of the datagram: the decision and the coalescer both read this view.
+        let (decision, ip) = match Ipv4Packet::new_checked(datagram) {
+            Ok(mut ip) => (
+                decide::from_peer_checked(from, &mut ip, table, policy, out),
+                Some(ip),
+            ),
+            Err(error) => (decide::from_peer_malformed(from, table, error), None),
+        };
+        match decision {
+            PeerDecision::WriteToTun => {
+                if let Some(ip) = &ip {
+                    accept(start, ip);
+                }
+            }
             PeerDecision::ReplyToPeer { to, len, reason } => {
                 counts.drop(reason);
                 if len > 0 && len <= REPLY_BUF_LEN && reply.is_some() {
@@ -349,7 +362,7 @@ mod tests {
             &POLICY,
             &mut reply,
             &mut counts,
-            |offset, len| accepted.push((offset, len)),
+            |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
         assert_eq!(accepted, vec![(0, 1472), (1472, 1472), (3 * 1472, 152)]);
         assert!(matches!(answer, Some((to, _)) if to == from));
@@ -380,7 +393,7 @@ mod tests {
                 &POLICY,
                 &mut reply,
                 &mut counts,
-                |_, _| panic!("nothing is accepted"),
+                |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             assert_eq!(answer, None);
             assert_eq!(counts.drops[reason as usize], 2, "{reason:?}");
@@ -400,7 +413,7 @@ mod tests {
             &POLICY,
             &mut reply,
             &mut counts,
-            |_, _| seen += 1,
+            |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
         assert_eq!(seen, MAX_RX_DATAGRAMS);
         assert_eq!(counts.drops[DropReason::TooBig as usize], 3);
@@ -415,7 +428,7 @@ mod tests {
             &POLICY,
             &mut reply,
             &mut counts,
-            |_, _| {},
+            |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
         assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
     }

@@ -194,10 +194,22 @@ pub fn from_peer(
     // The sender is the first check in the documented order, but the search of the peer set
     // is deferred: on the common path `sender_owns` proves the sender holds a lease in O(1)
     // (a subnet's holder is always in the peer set), and every refusal asks `is_peer` first.
-    let mut ip = match Ipv4Packet::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(error) => return refuse(from, routes, malformed(error)),
-    };
+    match Ipv4Packet::new_checked(packet) {
+        Ok(mut ip) => from_peer_checked(from, &mut ip, routes, policy, reply),
+        Err(error) => from_peer_malformed(from, routes, error),
+    }
+}
+
+/// Decide the fate of a datagram from `from` that the caller has already checked, so that it
+/// is parsed once (see [`from_peer`]).
+#[inline(always)]
+pub fn from_peer_checked(
+    from: SocketAddrV4,
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> PeerDecision {
     if ip.total_len() > policy.tun_mtu {
         return refuse(from, routes, DropReason::TooBig);
     }
@@ -213,10 +225,20 @@ pub fn from_peer(
         return refuse(from, routes, DropReason::ForeignSource);
     }
     if ip.ttl() <= 1 {
-        return reply_to_peer(from, &ip, routes, reply);
+        return reply_to_peer(from, ip, routes, reply);
     }
     ip.decrement_ttl();
     PeerDecision::WriteToTun
+}
+
+/// The decision on a datagram from `from` that is not a well-formed IPv4 packet.
+#[cold]
+pub fn from_peer_malformed(
+    from: SocketAddrV4,
+    routes: &RouteTable,
+    error: PacketError,
+) -> PeerDecision {
+    refuse(from, routes, malformed(error))
 }
 
 /// Drop a datagram for `reason`, unless its sender holds no lease: that comes first.

@@ -1,6 +1,6 @@
 //! Executing a batch's results, shared by both back ends: a super-packet's datagrams queued
 //! for the socket ([`queue_segments`]), the packets accepted for the TUN sorted into (coalesced)
-//! writes ([`for_each_tun_write`]), and the counting of what the kernel made of each.
+//! writes ([`Accepted`], [`write_sorted`]), and the counting of what the kernel made of each.
 
 use std::net::SocketAddrV4;
 use std::ops::Range;
@@ -57,10 +57,12 @@ pub(crate) fn queue_segments(
 }
 
 /// The packets of a batch accepted for the TUN, where they lie in the worker's buffers and in
-/// arrival order, and the coalescer that sorts them into writes.
+/// arrival order, and (with coalescing) the coalescer that sorts them into writes, fed with
+/// the checked views the decisions read.
 pub(crate) struct Accepted {
     packets: Vec<(*mut u8, usize)>,
     coalescer: Coalescer,
+    coalesce: bool,
 }
 
 /// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
@@ -68,11 +70,14 @@ pub(crate) struct Accepted {
 pub(crate) type ReplyToSender = (SocketAddrV4, (*const u8, usize));
 
 impl Accepted {
-    /// Room for `packets` packets before the list grows.
-    pub(crate) fn with_capacity(packets: usize) -> Self {
+    /// Room for `packets` packets before the list grows; coalesced as `offloads` allow.
+    pub(crate) fn new(packets: usize, offloads: &ActiveOffloads) -> Self {
+        let mut coalescer = Coalescer::new();
+        coalescer.set_udp(offloads.coalesce_udp);
         Self {
             packets: Vec::with_capacity(packets),
-            coalescer: Coalescer::new(),
+            coalescer,
+            coalesce: offloads.coalesce,
         }
     }
 
@@ -101,6 +106,7 @@ impl Accepted {
         // SAFETY: the caller guarantees nothing else uses the slot meanwhile.
         let (buf, reply) = unsafe { buffers.slot(slot, len) };
         let packets = &mut self.packets;
+        let mut coalescer = self.coalesce.then_some(&mut self.coalescer);
         let answer = decide_datagrams(
             from,
             buf,
@@ -110,17 +116,22 @@ impl Accepted {
             policy,
             reply,
             counts,
-            // SAFETY: offset + len lies inside the slot's buffer.
-            |offset, len| packets.push((unsafe { base.add(offset) }, len)),
+            |offset, ip| {
+                // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
+                packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));
+                if let Some(coalescer) = coalescer.as_deref_mut() {
+                    coalescer.push_checked(ip);
+                }
+            },
         );
         answer.map(|(to, len)| (to, (reply_ptr, len)))
     }
 
-    /// Sort the accepted packets into writes and hand each to `write`, as
-    /// [`for_each_tun_write`] does; the list is empty afterwards.
+    /// Sort the accepted packets into writes and hand each to `write`, as [`write_sorted`]
+    /// does; the list is empty afterwards.
     ///
     /// # Safety
-    /// As for [`for_each_tun_write`]: every accepted packet is still live and unshared.
+    /// As for [`write_sorted`]: every accepted packet is still live and unshared.
     pub(crate) unsafe fn write(
         &mut self,
         offloads: &ActiveOffloads,
@@ -128,8 +139,9 @@ impl Accepted {
         write: impl FnMut(Option<[u8; VNET_HDR_LEN]>, &[libc::iovec], WriteCount) -> Written,
     ) {
         // SAFETY: the caller's guarantee.
-        unsafe { for_each_tun_write(&mut self.coalescer, &self.packets, offloads, counts, write) };
+        unsafe { write_sorted(&mut self.coalescer, &self.packets, offloads, counts, write) };
         self.packets.clear();
+        self.coalescer.clear();
     }
 }
 
@@ -143,14 +155,41 @@ pub(crate) enum Written {
 }
 
 /// Sort the packets accepted for the TUN (`packets`: start and length in the worker's
-/// buffers, in arrival order) into writes — with coalescing, runs of segments merged into
+/// buffers, in arrival order) into writes, as [`write_sorted`] does, after pushing them into
+/// the coalescer (which checks each again; the workers push the views their decisions read).
+///
+/// # Safety
+/// As for [`write_sorted`].
+#[cfg(test)]
+pub(crate) unsafe fn for_each_tun_write(
+    coalescer: &mut Coalescer,
+    packets: &[(*mut u8, usize)],
+    offloads: &ActiveOffloads,
+    counts: &mut BatchCounts,
+    write: impl FnMut(Option<[u8; VNET_HDR_LEN]>, &[libc::iovec], WriteCount) -> Written,
+) {
+    coalescer.clear();
+    coalescer.set_udp(offloads.coalesce_udp);
+    if offloads.coalesce {
+        for &(base, len) in packets {
+            // SAFETY: the caller guarantees the packet is live and unshared.
+            coalescer.push(unsafe { std::slice::from_raw_parts(base, len) });
+        }
+    }
+    // SAFETY: the caller's guarantee.
+    unsafe { write_sorted(coalescer, packets, offloads, counts, write) }
+}
+
+/// Sort the packets accepted for the TUN (`packets`: start and length in the worker's
+/// buffers, in arrival order; with coalescing, already pushed into `coalescer` in that order)
+/// into writes — with coalescing, runs of segments merged into
 /// super-packets — and hand each to `write`: its virtio-net header (when the TUN takes one),
 /// its pieces, and what it carries. What `write` reports is counted here, except queued writes.
 ///
 /// # Safety
 /// Every packet must be live memory that nothing else reads or writes until the writes are
 /// done; a super-packet's first packet is edited in place.
-pub(crate) unsafe fn for_each_tun_write(
+pub(crate) unsafe fn write_sorted(
     coalescer: &mut Coalescer,
     packets: &[(*mut u8, usize)],
     offloads: &ActiveOffloads,
@@ -176,12 +215,6 @@ pub(crate) unsafe fn for_each_tun_write(
             record(counts, written, count);
         }
         return;
-    }
-    coalescer.clear();
-    coalescer.set_udp(offloads.coalesce_udp);
-    for &(base, len) in packets {
-        // SAFETY: the caller guarantees the packet is live and unshared.
-        coalescer.push(unsafe { std::slice::from_raw_parts(base, len) });
     }
     let mut pieces = [iov(std::ptr::null_mut(), 0); MAX_SEGMENTS];
     for group in coalescer.groups() {
@@ -467,6 +500,7 @@ mod tests {
         flat.truncate(total);
         let base = flat.as_mut_ptr();
         let mut packets: Vec<(*mut u8, usize)> = (0..5)
+            // SAFETY: five 1472-byte segments lie one after another in `flat`.
             .map(|i| (unsafe { base.add(i * 1472) }, 1472))
             .collect();
         packets.insert(2, (icmp.as_mut_ptr(), icmp.len()));

@@ -144,7 +144,7 @@ impl SyscallWorker {
             tun_lens: [0; BATCH],
             recv: RecvArray::new(),
             sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
-            accepted: Accepted::with_capacity(BATCH),
+            accepted: Accepted::new(BATCH, &offloads),
             read_failures: ReadFailures::default(),
         })
     }

@@ -355,7 +355,7 @@ impl UringWorker {
             recv_prefix: RECVMSG_OUT_LEN + NAME_LEN + control_len,
             control_len,
             offloads,
-            accepted: Accepted::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
+            accepted: Accepted::new(UDP_SLOTS * MAX_RX_DATAGRAMS, &offloads),
             held: Vec::with_capacity(UDP_SLOTS),
             queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,

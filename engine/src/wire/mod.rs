@@ -3,7 +3,10 @@
 //! TCP and UDP header fields the offloads touch ([`tcp`], [`udp`]), and the virtio-net header
 //! in front of every TUN packet with offloads ([`vnet`]).
 //!
-//! Every parser of the engine lives here; nothing in this layer does I/O or uses `unsafe`.
+//! IPv4 is parsed only here ([`ipv4::Ipv4Packet::new_checked`]), once per packet: the
+//! decisions, the segmenter and the coalescer all read the same checked view. The TCP and UDP
+//! fields behind it are read by the offloads through the layouts defined here. Nothing in this
+//! layer does I/O or uses `unsafe`.
 
 pub mod icmp;
 pub mod ipv4;
