@@ -10,6 +10,7 @@ use std::net::SocketAddrV4;
 
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
+use crate::icmp_limit::IcmpGate;
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
 use crate::wire::ipv4::Ipv4Packet;
@@ -64,6 +65,7 @@ pub(crate) fn decide_tun_read(
     table: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
+    icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
 ) -> TunAction {
     let len = packet.len();
@@ -131,9 +133,12 @@ pub(crate) fn decide_tun_read(
         },
         TunDecision::ReplyToTun { len, reason } => {
             drop(counts, reason);
-            if len > 0 && len <= REPLY_BUF_LEN {
+            if len == 0 || len > REPLY_BUF_LEN {
+                TunAction::Recycle
+            } else if icmp.admit() {
                 TunAction::WriteReply { len }
             } else {
+                counts.icmp_suppressed += 1;
                 TunAction::Recycle
             }
         }
@@ -158,6 +163,7 @@ pub(crate) fn decide_datagrams(
     table: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
+    icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
@@ -209,8 +215,12 @@ pub(crate) fn decide_datagrams(
             PeerDecision::ReplyToPeer { to, len, reason } => {
                 counts.drop(reason);
                 if len > 0 && len <= REPLY_BUF_LEN && reply.is_some() {
-                    reply = None;
-                    answer = Some((to, len));
+                    if icmp.admit() {
+                        reply = None;
+                        answer = Some((to, len));
+                    } else {
+                        counts.icmp_suppressed += 1;
+                    }
                 }
             }
             PeerDecision::Drop(reason) => counts.drop(reason),
@@ -266,6 +276,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
         );
         let TunAction::Send {
@@ -294,6 +305,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
         );
         assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
@@ -309,6 +321,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
         );
         assert_eq!(action, TunAction::Recycle);
@@ -329,6 +342,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
         );
         assert!(matches!(action, TunAction::Send { segments: None, .. }));
@@ -361,6 +375,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
             |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
@@ -392,6 +407,7 @@ mod tests {
                 &routes,
                 &POLICY,
                 &mut reply,
+                &mut IcmpGate::unlimited(),
                 &mut counts,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
@@ -412,6 +428,7 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
             |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
@@ -427,9 +444,89 @@ mod tests {
             &routes,
             &POLICY,
             &mut reply,
+            &mut IcmpGate::unlimited(),
             &mut counts,
             |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
         assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
+    }
+
+    #[test]
+    fn icmp_errors_over_the_rate_are_suppressed_and_counted() {
+        use crate::icmp_limit::IcmpRateLimit;
+        use crate::wire::ipv4::testing::Spec;
+        let limit = IcmpRateLimit {
+            per_second: 1,
+            burst: 2,
+        };
+        // From the TUN: five packets nobody leases a route for.
+        let routes = table("10.1.1.0/24");
+        let mut gate = IcmpGate::new(limit);
+        gate.set_time(5_000_000_000);
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let mut counts = BatchCounts::default();
+        let actions: Vec<TunAction> = (0..5)
+            .map(|_| {
+                let mut packet = Spec::udp("10.1.1.2", "10.1.9.9", 100).bytes();
+                decide_tun_read(
+                    &VnetHeader::PLAIN,
+                    &mut packet,
+                    &routes,
+                    &POLICY,
+                    &mut reply,
+                    &mut gate,
+                    &mut counts,
+                )
+            })
+            .collect();
+        let replies = actions
+            .iter()
+            .filter(|a| matches!(a, TunAction::WriteReply { .. }))
+            .count();
+        assert_eq!(replies, 2);
+        assert_eq!(counts.icmp_suppressed, 3);
+        assert_eq!(counts.drops[DropReason::NoRoute as usize], 5);
+        // A second later the bucket holds one more.
+        gate.set_time(6_000_000_000);
+        let mut packet = Spec::udp("10.1.1.2", "10.1.9.9", 100).bytes();
+        let action = decide_tun_read(
+            &VnetHeader::PLAIN,
+            &mut packet,
+            &routes,
+            &POLICY,
+            &mut reply,
+            &mut gate,
+            &mut counts,
+        );
+        assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
+
+        // From a peer: datagrams whose TTL runs out, one per receive.
+        let routes = table("10.1.2.0/24");
+        let from = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8285);
+        let mut gate = IcmpGate::new(limit);
+        gate.set_time(5_000_000_000);
+        let mut counts = BatchCounts::default();
+        let mut answers = 0;
+        for _ in 0..4 {
+            let mut expiring = Tcp::new(0, 100);
+            expiring.ttl = 1;
+            let mut buf = expiring.bytes();
+            let answer = decide_datagrams(
+                Some(from),
+                &mut buf,
+                None,
+                false,
+                &routes,
+                &POLICY,
+                &mut reply,
+                &mut gate,
+                &mut counts,
+                |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
+            );
+            answers += usize::from(answer.is_some());
+        }
+        assert_eq!(answers, 2);
+        assert_eq!(counts.icmp_suppressed, 2);
+        assert_eq!(counts.drops[DropReason::TtlExpired as usize], 4);
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddrV4;
 use std::str::FromStr;
 
 use crate::decide::Policy;
+use crate::icmp_limit::IcmpRateLimit;
 use crate::wire::vnet::VNET_HDR_LEN;
 
 /// How workers talk to the kernel. With offloads, the batched system calls measured faster
@@ -136,6 +137,8 @@ pub struct EngineConfig {
     pub pin_cores: bool,
     /// The offloads to use where the kernel supports them.
     pub offloads: Offloads,
+    /// How many ICMP errors each worker may send.
+    pub icmp_rate_limit: IcmpRateLimit,
 }
 
 /// The offloads a TUN device was set up with (`TUNSETOFFLOAD`).

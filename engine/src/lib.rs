@@ -7,7 +7,8 @@
 //! - [`wire`]: checked views and field layouts of the packets (IPv4, ICMP, TCP, UDP, the
 //!   virtio-net header); the one IPv4 parser lives here;
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
-//!   decisions ([`decide`]), segmentation and coalescing ([`offload`]) and what a batch does
+//!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
+//!   coalescing ([`offload`]) and what a batch does
 //!   with each packet ([`batch`]) — no I/O, tested deterministically;
 //! - [`io`]: the shell that talks to the kernel (TUN, UDP sockets, io_uring and batched system
 //!   calls, the worker threads, the [`engine`]) and executes the core's results in batches.
@@ -25,6 +26,8 @@ pub mod config;
 pub mod counters;
 #[forbid(unsafe_code)]
 pub mod decide;
+#[forbid(unsafe_code)]
+pub mod icmp_limit;
 pub mod io;
 #[forbid(unsafe_code)]
 pub mod offload;
@@ -38,6 +41,7 @@ pub use io::{engine, tun, udp};
 pub use config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend};
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{PeerDecision, Policy, TunDecision};
+pub use icmp_limit::IcmpRateLimit;
 pub use io::engine::{Engine, EngineError};
 pub use io::error::WorkerError;
 pub use io::tun::{open_queues, open_queues_with, TunError, TunQueue};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::counters::WorkerCounters;
 use crate::decide::Policy;
+use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
 use crate::route::Routes;
 
@@ -13,4 +14,5 @@ pub(crate) struct WorkerContext {
     pub(crate) policy: Policy,
     pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) stop: Arc<StopSignal>,
+    pub(crate) icmp_rate_limit: IcmpRateLimit,
 }

@@ -118,6 +118,7 @@ impl Engine {
             let context = WorkerContext {
                 routes: routes.clone(),
                 policy: config.policy,
+                icmp_rate_limit: config.icmp_rate_limit,
                 counters: Arc::new(WorkerCounters::default()),
                 stop: Arc::new(stop),
             };
@@ -225,6 +226,7 @@ mod tests {
             },
             pin_cores: false,
             offloads: Offloads::default(),
+            icmp_rate_limit: crate::icmp_limit::IcmpRateLimit::DEFAULT,
         };
         assert!(matches!(
             Engine::start(config, Vec::new(), routes.clone()),

@@ -10,6 +10,7 @@ use crate::batch::{decide_datagrams, Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
+use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::PacketBuffers;
 use crate::io::error::{write_error_is_fatal, WorkerError};
 use crate::io::tun::write_packet;
@@ -99,6 +100,7 @@ impl Accepted {
         truncated: bool,
         table: &RouteTable,
         policy: &Policy,
+        icmp: &mut IcmpGate,
         counts: &mut BatchCounts,
     ) -> Option<ReplyToSender> {
         let base = buffers.packet_ptr(slot);
@@ -115,6 +117,7 @@ impl Accepted {
             table,
             policy,
             reply,
+            icmp,
             counts,
             |offset, ip| {
                 // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.

@@ -16,11 +16,13 @@ use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::batch::{decide_tun_read, Source, TunAction};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
+use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
 use crate::io::error::{ReadFailures, WorkerError};
@@ -60,6 +62,10 @@ pub(crate) struct SyscallWorker {
     sends: SendBatch,
     accepted: Accepted,
     read_failures: ReadFailures,
+    /// The ICMP errors this worker may still send.
+    icmp: IcmpGate,
+    /// The worker's clock origin, for the ICMP rate limit.
+    origin: Instant,
 }
 
 /// `mmsghdr`s for `recvmmsg`, with their `iovec`s, sender addresses and control buffers.
@@ -146,11 +152,14 @@ impl SyscallWorker {
             sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
             accepted: Accepted::new(BATCH, &offloads),
             read_failures: ReadFailures::default(),
+            icmp: IcmpGate::unlimited(),
+            origin: Instant::now(),
         })
     }
 
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
+        self.icmp = IcmpGate::new(context.icmp_rate_limit);
         let mut tun_more = false;
         let mut udp_more = false;
         loop {
@@ -163,6 +172,7 @@ impl SyscallWorker {
             let run_udp = udp_more || ready.udp;
             let mut counts = BatchCounts::default();
             let table = context.routes.snapshot();
+            self.icmp.set_time(self.clock());
             let result = self
                 .tun_batch(
                     run_tun,
@@ -184,6 +194,11 @@ impl SyscallWorker {
             context.counters.add(&counts);
             result?;
         }
+    }
+
+    /// Nanoseconds since the worker started: the ICMP rate limit's time, read once per batch.
+    fn clock(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Wait up to `timeout_ms` for the TUN or the socket to become readable; `None` when the
@@ -270,7 +285,15 @@ impl SyscallWorker {
             // SAFETY: the read has returned, no I/O is in flight on any buffer between
             // system calls, and the slices end before the next use of the slot.
             let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, total) };
-            match decide_tun_read(&header, packet, table, policy, reply, counts) {
+            match decide_tun_read(
+                &header,
+                packet,
+                table,
+                policy,
+                reply,
+                &mut self.icmp,
+                counts,
+            ) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
                 TunAction::Send {
@@ -364,6 +387,7 @@ impl SyscallWorker {
                     truncated,
                     table,
                     policy,
+                    &mut self.icmp,
                     counts,
                 )
             };

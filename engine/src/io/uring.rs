@@ -40,6 +40,7 @@ use crate::batch::{decide_tun_read, Source, TunAction, MAX_RX_DATAGRAMS};
 use crate::config::ActiveOffloads;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
+use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::{PacketBuffers, HEADROOM, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
 use crate::io::error::{write_error_is_fatal, ReadFailures, WorkerError};
@@ -304,6 +305,10 @@ pub(crate) struct UringWorker {
     queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
     read_failures: ReadFailures,
+    /// The ICMP errors this worker may still send.
+    icmp: IcmpGate,
+    /// The worker's clock origin, for the ICMP rate limit.
+    origin: Instant,
     completions: Vec<(u64, i32, u32)>,
     // Registered with the ring; kept open until the ring is gone.
     _tun: TunQueue,
@@ -360,6 +365,8 @@ impl UringWorker {
             queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
             read_failures: ReadFailures::default(),
+            icmp: IcmpGate::unlimited(),
+            origin: Instant::now(),
             completions,
             _tun: tun,
             _socket: socket,
@@ -390,6 +397,7 @@ impl UringWorker {
 
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
+        self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()
@@ -418,6 +426,9 @@ impl UringWorker {
         counts: &mut BatchCounts,
     ) -> Result<Flow, WorkerError> {
         let table = context.routes.snapshot();
+        // The ICMP rate limit's time, read once per batch of completions.
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.icmp.set_time(now);
         let policy = &context.policy;
         let mut flow = Flow::Continue;
         let packets_before = counts.tun_rx_packets + counts.udp_rx_packets;
@@ -482,7 +493,15 @@ impl UringWorker {
         // SAFETY: the kernel filled this buffer and handed it over with the completion; it is
         // lent to nobody else until given back.
         let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, result) };
-        let action = decide_tun_read(&header, packet, table, policy, reply, counts);
+        let action = decide_tun_read(
+            &header,
+            packet,
+            table,
+            policy,
+            reply,
+            &mut self.icmp,
+            counts,
+        );
         let io = &mut self.io[slot];
         io.sends.clear();
         io.writes.clear();
@@ -588,6 +607,7 @@ impl UringWorker {
                     received.truncated,
                     table,
                     policy,
+                    &mut self.icmp,
                     counts,
                 )
             },
