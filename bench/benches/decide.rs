@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ipnet::Ipv4Net;
-use weft_engine::decide::{from_peer, from_tun, Decision, Policy, REPLY_BUF_LEN};
-use weft_engine::packet::checksum;
+use weft_engine::decide::{from_peer, from_tun, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use weft_engine::route::{Overlay, RouteTable};
+use weft_engine::wire::ipv4::checksum;
 
 const PACKET_LEN: usize = 1400;
 const PORT: u16 = 8285;
@@ -56,12 +56,12 @@ fn decisions(c: &mut Criterion) {
     let mut reply = [0u8; REPLY_BUF_LEN];
     assert_eq!(
         from_tun(&mut buf, &routes, &policy, &mut reply),
-        Decision::SendToPeer(peer)
+        TunDecision::SendToPeer(peer)
     );
     let mut buf = inbound.clone();
     assert_eq!(
         from_peer(peer, &mut buf, &routes, &policy, &mut reply),
-        Decision::WriteToTun
+        PeerDecision::WriteToTun
     );
 
     let throughputs = [

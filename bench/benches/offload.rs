@@ -14,9 +14,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use weft_engine::offload::segment::MAX_HEADER_LEN;
-use weft_engine::offload::vnet::{GSO_TCPV4, NEEDS_CSUM};
 use weft_engine::offload::{Coalescer, Segmenter, VnetHeader};
-use weft_engine::packet::checksum;
+use weft_engine::wire::ipv4::checksum;
+use weft_engine::wire::vnet::{GSO_TCPV4, NEEDS_CSUM};
 
 const PAYLOAD: usize = 64_000;
 const GSO_SIZE: u16 = 1420;

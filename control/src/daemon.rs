@@ -172,6 +172,7 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
             udp_gso: !flags.no_udp_gso,
             udp_gro: !flags.no_udp_gro,
         },
+        icmp_rate_limit: weft_engine::IcmpRateLimit::per_second(flags.icmp_rate_limit),
     }
 }
 

@@ -264,6 +264,17 @@ pub struct Flags {
     )]
     pub io: IoMode,
 
+    /// ICMP errors each packet worker may send per second (RFC 1812's rate limit, in bursts
+    /// of up to 50); 0 for no limit.
+    #[arg(
+        long,
+        env = "WEFTD_ICMP_RATE_LIMIT",
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = parse_icmp_rate_limit,
+    )]
+    pub icmp_rate_limit: u32,
+
     /// Accept packets from a peer whose inner source lies outside the whole overlay network
     /// (traffic the peer forwards from beyond the overlay).
     #[arg(
@@ -700,6 +711,10 @@ fn parse_workers(s: &str) -> Result<usize, String> {
     parse_int_in(s, 1, 1024).map(|v| v as usize)
 }
 
+fn parse_icmp_rate_limit(s: &str) -> Result<u32, String> {
+    parse_int_in(s, 0, 1_000_000).map(|v| v as u32)
+}
+
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     parse_int_in(s, 1, 365 * 24 * 3600).map(|v| Duration::from_secs(v as u64))
 }
@@ -990,6 +1005,16 @@ mod tests {
         assert!(!f.no_tun_offload && f.no_udp_gso && f.no_udp_gro);
         let f = parse_env(&["--no-udp-gso=false"], &[("WEFTD_NO_UDP_GSO", "true")]).unwrap();
         assert!(!f.no_udp_gso, "the flag wins over the variable");
+    }
+
+    #[test]
+    fn icmp_errors_are_limited_per_worker_unless_zero() {
+        assert_eq!(parse(&[]).unwrap().icmp_rate_limit, 1000);
+        assert_eq!(parse(&["--icmp-rate-limit=0"]).unwrap().icmp_rate_limit, 0);
+        let f = parse_env(&[], &[("WEFTD_ICMP_RATE_LIMIT", "250")]).unwrap();
+        assert_eq!(f.icmp_rate_limit, 250);
+        assert!(parse(&["--icmp-rate-limit=-1"]).is_err());
+        assert!(parse(&["--icmp-rate-limit=many"]).is_err());
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub struct BatchCounts {
     pub tun_writes: u64,
     /// ICMP errors generated.
     pub icmp_sent: u64,
+    /// ICMP errors not sent: over the worker's rate limit.
+    pub icmp_suppressed: u64,
     /// Sends or writes the kernel refused.
     pub io_errors: u64,
     /// Batches handled.
@@ -139,6 +141,7 @@ macro_rules! counter_fields {
             udp_receives,
             tun_writes,
             icmp_sent,
+            icmp_suppressed,
             io_errors,
             batches,
             batch_packets
@@ -247,7 +250,7 @@ impl CounterSnapshot {
     /// The counters in Prometheus' text exposition format.
     pub fn render_prometheus(&self, out: &mut String) {
         let t = &self.total;
-        let counters: [MetricFamily; 7] = [
+        let counters: [MetricFamily; 8] = [
             (
                 "weft_packets_total",
                 "Packets moved, by path.",
@@ -283,6 +286,11 @@ impl CounterSnapshot {
                 "weft_icmp_sent_total",
                 "ICMP errors generated.",
                 &[("", t.icmp_sent)],
+            ),
+            (
+                "weft_icmp_suppressed_total",
+                "ICMP errors not sent because of the per-worker rate limit.",
+                &[("", t.icmp_suppressed)],
             ),
             (
                 "weft_io_errors_total",
@@ -337,7 +345,7 @@ impl CounterSnapshot {
         };
         let mut line = format!(
             "tun_rx={} ({:.1}/read) udp_tx={} ({:.1}/send) udp_rx={} ({:.1}/receive) tun_tx={} \
-             ({:.1}/write) icmp={} io_errors={} mean_batch={:.1} drops={}",
+             ({:.1}/write) icmp={} icmp_suppressed={} io_errors={} mean_batch={:.1} drops={}",
             t.tun_rx_packets,
             per_op(t.tun_rx_packets, t.tun_reads),
             t.udp_tx_packets,
@@ -347,6 +355,7 @@ impl CounterSnapshot {
             t.tun_tx_packets,
             per_op(t.tun_tx_packets, t.tun_writes),
             t.icmp_sent,
+            t.icmp_suppressed,
             t.io_errors,
             self.mean_batch(),
             self.total_drops()
@@ -421,5 +430,6 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", reason.name())));
         }
         assert!(text.contains("weft_workers 1\n"));
+        assert!(text.contains("weft_icmp_suppressed_total 0\n"));
     }
 }

@@ -1,7 +1,7 @@
 //! What to do with each packet, decided by pure functions over caller-owned buffers.
 //!
 //! The I/O loops never look inside a packet: they hand each one to [`from_tun`] or
-//! [`from_peer`] with the batch's route-table snapshot and execute the [`Decision`] that comes
+//! [`from_peer`] with the batch's route-table snapshot and execute the [`TunDecision`] or [`PeerDecision`] that comes
 //! back. Header edits (the TTL) happen in place; ICMP errors are written into a caller-owned
 //! reply buffer of at least [`REPLY_BUF_LEN`] bytes.
 //!
@@ -44,20 +44,18 @@
 use std::net::SocketAddrV4;
 
 use crate::counters::DropReason;
-use crate::icmp::{self, IcmpError};
-use crate::packet::{Ipv4Packet, PacketError};
 use crate::route::RouteTable;
+use crate::wire::icmp::{self, IcmpError};
+use crate::wire::ipv4::{Ipv4Packet, PacketError};
 
 /// The smallest reply buffer the decision functions accept.
 pub const REPLY_BUF_LEN: usize = 576;
 
-/// What the I/O loop must do with one packet.
+/// What to do with a packet read from the TUN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum TunDecision {
     /// Send the (edited) packet as one datagram to this peer.
     SendToPeer(SocketAddrV4),
-    /// Write the (edited) packet to the TUN.
-    WriteToTun,
     /// Drop the packet for `reason` and write the `len`-byte ICMP error in the reply buffer
     /// to the TUN.
     ReplyToTun {
@@ -66,6 +64,15 @@ pub enum Decision {
         /// Why the original packet was dropped.
         reason: DropReason,
     },
+    /// Drop the packet and count it.
+    Drop(DropReason),
+}
+
+/// What to do with a datagram received from a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerDecision {
+    /// Write the (edited) packet to the TUN.
+    WriteToTun,
     /// Drop the packet for `reason` and send the `len`-byte ICMP error in the reply buffer to
     /// the peer `to` (whose container sent the packet).
     ReplyToPeer {
@@ -100,7 +107,7 @@ pub fn from_tun(
     routes: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
-) -> Decision {
+) -> TunDecision {
     from_tun_sized(packet, None, routes, policy, reply)
 }
 
@@ -109,7 +116,7 @@ pub fn from_tun(
 /// size rule differs, and it applies to `largest`, the length of the longest segment (see
 /// [`crate::offload::Plan::largest_packet`]), not to the super-packet.
 ///
-/// On [`Decision::SendToPeer`] the TTL is lowered in the super-packet's header, from which
+/// On [`TunDecision::SendToPeer`] the TTL is lowered in the super-packet's header, from which
 /// every segment's header is then copied. An ICMP error quotes the super-packet's header.
 pub fn from_tun_super_packet(
     packet: &mut [u8],
@@ -117,7 +124,7 @@ pub fn from_tun_super_packet(
     routes: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
-) -> Decision {
+) -> TunDecision {
     from_tun_sized(packet, Some(largest), routes, policy, reply)
 }
 
@@ -128,31 +135,43 @@ fn from_tun_sized(
     routes: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
-) -> Decision {
-    let mut ip = match Ipv4Packet::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(error) => return Decision::Drop(malformed(error)),
-    };
+) -> TunDecision {
+    match Ipv4Packet::new_checked(packet) {
+        Ok(mut ip) => from_tun_checked(&mut ip, largest, routes, policy, reply),
+        Err(error) => TunDecision::Drop(malformed(error)),
+    }
+}
+
+/// Decide the fate of a packet read from the TUN that the caller has already checked, so that
+/// it is parsed once: as [`from_tun`], or with `largest` as [`from_tun_super_packet`].
+#[inline(always)]
+pub fn from_tun_checked(
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    largest: Option<usize>,
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> TunDecision {
     let dst = ip.dst();
     if dst.is_multicast() || dst.is_broadcast() {
-        return Decision::Drop(DropReason::Multicast);
+        return TunDecision::Drop(DropReason::Multicast);
     }
     if routes.is_local(dst) {
-        return Decision::Drop(DropReason::Loop);
+        return TunDecision::Drop(DropReason::Loop);
     }
     let Some(peer) = routes.peer_for(dst) else {
-        return reply_to_tun(IcmpError::NetUnreachable, DropReason::NoRoute, &ip, reply);
+        return reply_to_tun(IcmpError::NetUnreachable, DropReason::NoRoute, ip, reply);
     };
     if ip.ttl() <= 1 {
-        return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, &ip, reply);
+        return reply_to_tun(IcmpError::TimeExceeded, DropReason::TtlExpired, ip, reply);
     }
     if largest.unwrap_or_else(|| ip.total_len()) > policy.tun_mtu && ip.dont_frag() {
         let mtu = u16::try_from(policy.tun_mtu).unwrap_or(u16::MAX);
         let error = IcmpError::FragmentationNeeded { mtu };
-        return reply_to_tun(error, DropReason::TooBig, &ip, reply);
+        return reply_to_tun(error, DropReason::TooBig, ip, reply);
     }
     ip.decrement_ttl();
-    Decision::SendToPeer(peer)
+    TunDecision::SendToPeer(peer)
 }
 
 /// Decide the fate of a datagram received from `from`, lowering its TTL in place when it is
@@ -171,14 +190,26 @@ pub fn from_peer(
     routes: &RouteTable,
     policy: &Policy,
     reply: &mut [u8],
-) -> Decision {
+) -> PeerDecision {
     // The sender is the first check in the documented order, but the search of the peer set
     // is deferred: on the common path `sender_owns` proves the sender holds a lease in O(1)
     // (a subnet's holder is always in the peer set), and every refusal asks `is_peer` first.
-    let mut ip = match Ipv4Packet::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(error) => return refuse(from, routes, malformed(error)),
-    };
+    match Ipv4Packet::new_checked(packet) {
+        Ok(mut ip) => from_peer_checked(from, &mut ip, routes, policy, reply),
+        Err(error) => from_peer_malformed(from, routes, error),
+    }
+}
+
+/// Decide the fate of a datagram from `from` that the caller has already checked, so that it
+/// is parsed once (see [`from_peer`]).
+#[inline(always)]
+pub fn from_peer_checked(
+    from: SocketAddrV4,
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    routes: &RouteTable,
+    policy: &Policy,
+    reply: &mut [u8],
+) -> PeerDecision {
     if ip.total_len() > policy.tun_mtu {
         return refuse(from, routes, DropReason::TooBig);
     }
@@ -194,25 +225,35 @@ pub fn from_peer(
         return refuse(from, routes, DropReason::ForeignSource);
     }
     if ip.ttl() <= 1 {
-        return reply_to_peer(from, &ip, routes, reply);
+        return reply_to_peer(from, ip, routes, reply);
     }
     ip.decrement_ttl();
-    Decision::WriteToTun
+    PeerDecision::WriteToTun
+}
+
+/// The decision on a datagram from `from` that is not a well-formed IPv4 packet.
+#[cold]
+pub fn from_peer_malformed(
+    from: SocketAddrV4,
+    routes: &RouteTable,
+    error: PacketError,
+) -> PeerDecision {
+    refuse(from, routes, malformed(error))
 }
 
 /// Drop a datagram for `reason`, unless its sender holds no lease: that comes first.
 #[cold]
 #[inline(never)]
-fn refuse(from: SocketAddrV4, routes: &RouteTable, reason: DropReason) -> Decision {
+fn refuse(from: SocketAddrV4, routes: &RouteTable, reason: DropReason) -> PeerDecision {
     if routes.is_peer(from) {
-        Decision::Drop(reason)
+        PeerDecision::Drop(reason)
     } else {
-        Decision::Drop(DropReason::UnknownPeer)
+        PeerDecision::Drop(DropReason::UnknownPeer)
     }
 }
 
 /// The drop reason for a buffer that failed to parse.
-fn malformed(error: PacketError) -> DropReason {
+pub fn malformed(error: PacketError) -> DropReason {
     match error {
         PacketError::NotIpv4 { version: 6 } => DropReason::NotIpv4,
         _ => DropReason::BadPacket,
@@ -226,14 +267,14 @@ fn reply_to_tun(
     reason: DropReason,
     offending: &Ipv4Packet<&mut [u8]>,
     reply: &mut [u8],
-) -> Decision {
+) -> TunDecision {
     // An error written to the TUN must not come from the TUN's own address: the host would
     // take a packet arriving with one of its own addresses as source for a martian and drop
     // it. The offending packet's destination answers instead (as flanneld does), which also
     // passes reverse-path filtering, since that destination is routed through the TUN.
     match icmp::write_error(error, offending, None, reply) {
-        Some(len) => Decision::ReplyToTun { len, reason },
-        None => Decision::Drop(reason),
+        Some(len) => TunDecision::ReplyToTun { len, reason },
+        None => TunDecision::Drop(reason),
     }
 }
 
@@ -244,12 +285,12 @@ fn reply_to_peer(
     offending: &Ipv4Packet<&mut [u8]>,
     routes: &RouteTable,
     reply: &mut [u8],
-) -> Decision {
+) -> PeerDecision {
     let reason = DropReason::TtlExpired;
     let router = routes.local_subnet().map(|subnet| subnet.network());
     match icmp::write_error(IcmpError::TimeExceeded, offending, router, reply) {
-        Some(len) => Decision::ReplyToPeer { to, len, reason },
-        None => Decision::Drop(reason),
+        Some(len) => PeerDecision::ReplyToPeer { to, len, reason },
+        None => PeerDecision::Drop(reason),
     }
 }
 
@@ -258,8 +299,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::packet::testing::{random_packet, Rng, Spec};
     use crate::route::Overlay;
+    use crate::wire::ipv4::testing::{random_packet, Rng, Spec};
     use etherparse::{
         icmpv4::{DestUnreachableHeader, TimeExceededCode},
         Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice,
@@ -309,6 +350,45 @@ mod tests {
         .unwrap()
     }
 
+    /// Either direction's decision, so that expectations read alike in both.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Decision {
+        SendToPeer(SocketAddrV4),
+        WriteToTun,
+        ReplyToTun {
+            len: usize,
+            reason: DropReason,
+        },
+        ReplyToPeer {
+            to: SocketAddrV4,
+            len: usize,
+            reason: DropReason,
+        },
+        Drop(DropReason),
+    }
+
+    impl From<TunDecision> for Decision {
+        fn from(decision: TunDecision) -> Self {
+            match decision {
+                TunDecision::SendToPeer(to) => Decision::SendToPeer(to),
+                TunDecision::ReplyToTun { len, reason } => Decision::ReplyToTun { len, reason },
+                TunDecision::Drop(reason) => Decision::Drop(reason),
+            }
+        }
+    }
+
+    impl From<PeerDecision> for Decision {
+        fn from(decision: PeerDecision) -> Self {
+            match decision {
+                PeerDecision::WriteToTun => Decision::WriteToTun,
+                PeerDecision::ReplyToPeer { to, len, reason } => {
+                    Decision::ReplyToPeer { to, len, reason }
+                }
+                PeerDecision::Drop(reason) => Decision::Drop(reason),
+            }
+        }
+    }
+
     struct Outcome {
         decision: Decision,
         packet: Vec<u8>,
@@ -341,7 +421,7 @@ mod tests {
     fn tun_with(bytes: &[u8], routes: &RouteTable, policy: &Policy) -> Outcome {
         let mut packet = bytes.to_vec();
         let mut reply = vec![0u8; REPLY_BUF_LEN];
-        let decision = from_tun(&mut packet, routes, policy, &mut reply);
+        let decision = from_tun(&mut packet, routes, policy, &mut reply).into();
         Outcome {
             decision,
             packet,
@@ -361,7 +441,7 @@ mod tests {
     ) -> Outcome {
         let mut packet = bytes.to_vec();
         let mut reply = vec![0u8; REPLY_BUF_LEN];
-        let decision = from_peer(from, &mut packet, routes, policy, &mut reply);
+        let decision = from_peer(from, &mut packet, routes, policy, &mut reply).into();
         Outcome {
             decision,
             packet,
@@ -643,7 +723,7 @@ mod tests {
             let mut reply = vec![0u8; REPLY_BUF_LEN];
             let decision =
                 from_tun_super_packet(&mut packet, largest, &routes, &POLICY, &mut reply);
-            (decision, packet)
+            (Decision::from(decision), packet)
         };
         // A 60 000-byte TCP super-packet whose segments fit the MTU goes to the peer once,
         // with its TTL lowered.
@@ -722,7 +802,7 @@ mod tests {
         let mut packet = bytes.clone();
         let mut reply = [0u8; 40];
         assert_eq!(
-            from_tun(&mut packet, &table(), &POLICY, &mut reply),
+            Decision::from(from_tun(&mut packet, &table(), &POLICY, &mut reply)),
             Decision::Drop(DropReason::NoRoute)
         );
     }
@@ -1108,7 +1188,7 @@ mod tests {
             }
 
             let mut tun_copy = bytes.clone();
-            match from_tun(&mut tun_copy, table, policy, &mut reply) {
+            match Decision::from(from_tun(&mut tun_copy, table, policy, &mut reply)) {
                 Decision::SendToPeer(_) => {
                     let packet = Ipv4Packet::new_checked(&tun_copy[..]).unwrap();
                     assert_eq!(packet.ttl() + 1, bytes[8]);
@@ -1130,7 +1210,7 @@ mod tests {
 
             let sender = senders[rng.below(senders.len())];
             let mut peer_copy = bytes.clone();
-            match from_peer(sender, &mut peer_copy, table, policy, &mut reply) {
+            match Decision::from(from_peer(sender, &mut peer_copy, table, policy, &mut reply)) {
                 Decision::WriteToTun => {
                     let packet = Ipv4Packet::new_checked(&peer_copy[..]).unwrap();
                     assert!(packet.total_len() <= policy.tun_mtu);

@@ -2,32 +2,48 @@
 //!
 //! A thread-per-core packet engine that carries IPv4 packets between a TUN device and peers'
 //! UDP sockets in flannel's udp-backend wire format (one inner packet per datagram, nothing
-//! before it). The pure core — packet views, ICMP, the route table, per-packet decisions,
-//! counters — does no I/O and is tested deterministically; the I/O shell (TUN, UDP sockets,
-//! io_uring and batched system calls, the workers) executes its decisions in batches.
+//! before it). The layers, from the bottom up:
+//!
+//! - [`wire`]: checked views and field layouts of the packets (IPv4, ICMP, TCP, UDP, the
+//!   virtio-net header); the one IPv4 parser lives here;
+//! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
+//!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
+//!   coalescing ([`offload`]) and what a batch does
+//!   with each packet ([`batch`]) — no I/O, tested deterministically;
+//! - [`io`]: the shell that talks to the kernel (TUN, UDP sockets, io_uring and batched system
+//!   calls, the worker threads, the [`engine`]) and executes the core's results in batches.
+//!
+//! `unsafe` is forbidden everywhere but in [`io`].
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[forbid(unsafe_code)]
+pub mod batch;
+#[forbid(unsafe_code)]
+pub mod config;
+#[forbid(unsafe_code)]
 pub mod counters;
+#[forbid(unsafe_code)]
 pub mod decide;
-pub mod engine;
-pub mod icmp;
+#[forbid(unsafe_code)]
+pub mod icmp_limit;
+pub mod io;
+#[forbid(unsafe_code)]
 pub mod offload;
-pub mod packet;
+#[forbid(unsafe_code)]
 pub mod route;
-mod syscalls;
-pub mod tun;
-pub mod udp;
-mod uring;
-pub mod worker;
+#[forbid(unsafe_code)]
+pub mod wire;
 
+pub use io::{engine, tun, udp};
+
+pub use config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend};
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
-pub use decide::{Decision, Policy};
-pub use engine::{
-    ActiveOffloads, Engine, EngineConfig, EngineError, IoBackend, Offloads, UnknownIoBackend,
-};
-pub use packet::{Ipv4Packet, PacketError};
+pub use decide::{PeerDecision, Policy, TunDecision};
+pub use icmp_limit::IcmpRateLimit;
+pub use io::engine::{Engine, EngineError};
+pub use io::error::WorkerError;
+pub use io::tun::{open_queues, open_queues_with, TunError, TunQueue};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
-pub use tun::{open_queues, open_queues_with, TunError, TunOffload, TunQueue};
-pub use worker::WorkerError;
+pub use wire::ipv4::{Ipv4Packet, PacketError};

@@ -9,7 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use weft_engine::offload::segment::MAX_HEADER_LEN;
 use weft_engine::offload::{complete_checksum, Coalescer, Plan};
-use weft_engine::packet::{checksum, Ipv4Packet};
+use weft_engine::wire::ipv4::{checksum, Ipv4Packet};
 
 /// A TCP/IPv4 segment of flow `flow` with the given fields and a correct checksum (unless
 /// `corrupt`).

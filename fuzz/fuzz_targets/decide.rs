@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use weft_engine::counters::DropReason;
-use weft_engine::decide::{from_peer, from_tun, Decision, Policy, REPLY_BUF_LEN};
-use weft_engine::packet::Ipv4Packet;
+use weft_engine::decide::{from_peer, from_tun, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
+use weft_engine::wire::ipv4::Ipv4Packet;
 use weft_engine::route::RouteTable;
 use weft_fuzz::{table, DecideInput, TUN_MTU};
 
@@ -25,25 +25,24 @@ fuzz_target!(|data: &[u8]| {
 
     let mut packet = input.packet.to_vec();
     match from_tun(&mut packet, routes, &policy, &mut reply) {
-        Decision::SendToPeer(peer) => {
+        TunDecision::SendToPeer(peer) => {
             let sent = Ipv4Packet::new_checked(&packet[..]).unwrap();
             assert_eq!(sent.ttl() + 1, input.packet[8]);
             assert_eq!(routes.peer_for(sent.dst()), Some(peer));
         }
-        Decision::ReplyToTun { len, .. } => {
+        TunDecision::ReplyToTun { len, .. } => {
             assert!(len <= REPLY_BUF_LEN);
             let answer = Ipv4Packet::new_checked(&reply[..len]).unwrap();
             let original = Ipv4Packet::new_checked(input.packet).unwrap();
             assert_eq!(answer.dst(), original.src());
             assert_eq!(packet, input.packet);
         }
-        Decision::Drop(_) => assert_eq!(packet, input.packet),
-        other => panic!("from_tun gave {other:?}"),
+        TunDecision::Drop(_) => assert_eq!(packet, input.packet),
     }
 
     let mut packet = input.packet.to_vec();
     match from_peer(input.from, &mut packet, routes, &policy, &mut reply) {
-        Decision::WriteToTun => {
+        PeerDecision::WriteToTun => {
             let written = Ipv4Packet::new_checked(&packet[..]).unwrap();
             assert_eq!(written.ttl() + 1, input.packet[8]);
             assert!(written.total_len() <= policy.tun_mtu);
@@ -56,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(policy.allow_foreign_sources);
             }
         }
-        Decision::ReplyToPeer { to, len, .. } => {
+        PeerDecision::ReplyToPeer { to, len, .. } => {
             assert_eq!(to, input.from);
             assert!(routes.is_peer(input.from));
             let answer = Ipv4Packet::new_checked(&reply[..len]).unwrap();
@@ -64,12 +63,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(answer.dst(), original.src());
             assert_eq!(packet, input.packet);
         }
-        Decision::Drop(reason) => {
+        PeerDecision::Drop(reason) => {
             assert_eq!(packet, input.packet);
             if !routes.is_peer(input.from) {
                 assert_eq!(reason, DropReason::UnknownPeer);
             }
         }
-        other => panic!("from_peer gave {other:?}"),
     }
 });

@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
 use weft_engine::decide::REPLY_BUF_LEN;
-use weft_engine::icmp::{self, IcmpError};
-use weft_engine::packet::{checksum, Ipv4Packet};
+use weft_engine::wire::icmp::{self, IcmpError};
+use weft_engine::wire::ipv4::{checksum, Ipv4Packet};
 
 /// RFC 1071 one 16-bit word at a time, to check the wide implementation against.
 fn reference_sum(data: &[u8]) -> u16 {

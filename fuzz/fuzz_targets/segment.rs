@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use weft_engine::offload::segment::MAX_HEADER_LEN;
 use weft_engine::offload::{complete_checksum, Plan, VnetHeader, VNET_HDR_LEN};
-use weft_engine::packet::{checksum, Ipv4Packet};
+use weft_engine::wire::ipv4::{checksum, Ipv4Packet};
 
 /// The folded sum of the IPv4 pseudo-header of `segment` (an IPv4 packet).
 fn pseudo_sum(segment: &[u8], ip_len: usize) -> u16 {

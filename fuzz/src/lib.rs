@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use weft_engine::packet::checksum;
+use weft_engine::wire::ipv4::checksum;
 use weft_engine::route::{Overlay, RouteTable};
 
 /// The overlay UDP port in the fixed table.

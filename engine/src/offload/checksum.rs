@@ -1,14 +1,14 @@
 //! A faster Internet checksum for bulk payloads: the segmenter and the coalescer read every
 //! payload byte once to checksum it, so this loop is the offload paths' main cost.
 //!
-//! [`crate::packet::checksum::sum`] adds 64-bit words with an end-around carry, one
+//! [`crate::wire::ipv4::checksum::sum`] adds 64-bit words with an end-around carry, one
 //! dependent addition after another. Here 32-bit words are added into four independent 64-bit
 //! lanes, which cannot overflow for any packet (a lane would need 2^32 words) and which the
 //! compiler turns into vector additions; the lanes are folded at the end (four lanes measured
 //! faster than eight or sixteen on MSS-sized payloads, whose tails take the plain path). The result is the
 //! same folded sum, in the same representation, as `packet::checksum::sum`.
 
-use crate::packet::checksum;
+use crate::wire::ipv4::checksum;
 
 /// Bytes taken per step: four 32-bit words.
 const STEP: usize = 16;
@@ -42,7 +42,7 @@ pub fn sum(data: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::testing::Rng;
+    use crate::wire::ipv4::testing::Rng;
 
     #[test]
     fn agrees_with_the_plain_sum() {

@@ -30,9 +30,9 @@
 //! their first packets, and a flow's later packets always land in a later group. Packets of
 //! different flows may pass each other, as they may in any router.
 
-use super::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
-use super::{be16, be32, pseudo_header_sum, put16, tcp, udp};
-use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::ipv4::{checksum, protocol, Ipv4Packet, MIN_HEADER_LEN};
+use crate::wire::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
+use crate::wire::{be16, be32, pseudo_header_sum, put16, tcp, udp};
 
 /// The most segments one super-packet carries.
 pub const MAX_SEGMENTS: usize = 64;
@@ -170,13 +170,30 @@ impl Coalescer {
         self.next.is_empty()
     }
 
-    /// Add the next packet of the batch (one whole IPv4 packet, already checked by
-    /// [`crate::decide::from_peer`]); it is known from now on by its position in the batch,
-    /// counting from 0.
+    /// Add the next packet of the batch, checking it first. One that is not a well-formed
+    /// IPv4 packet is written alone and, since its flow is unknown, ends every open run, so
+    /// that nothing passes it. It is known from now on by its position in the batch, counting
+    /// from 0.
     pub fn push(&mut self, packet: &[u8]) {
+        match Ipv4Packet::new_checked(packet) {
+            Ok(ip) => self.push_checked(&ip),
+            Err(_) => {
+                self.open.clear();
+                self.push_kind(Kind::Other);
+            }
+        }
+    }
+
+    /// Add the next packet of the batch, already checked (by the receive decision, so that it
+    /// is parsed once).
+    pub fn push_checked<T: AsRef<[u8]>>(&mut self, ip: &Ipv4Packet<T>) {
+        self.push_kind(classify(ip, self.udp));
+    }
+
+    fn push_kind(&mut self, kind: Kind) {
         let index = self.next.len() as u32;
         self.next.push(NONE);
-        match classify(packet, self.udp) {
+        match kind {
             Kind::Segment(segment) => {
                 if let Some(slot) = self.open_slot(&segment.flow) {
                     let group = self.open[slot] as usize;
@@ -414,40 +431,32 @@ impl Run {
     }
 }
 
-/// Read what the coalescer needs from a packet; UDP datagrams are segments only when `udp`.
-fn classify(packet: &[u8], udp: bool) -> Kind {
-    let Some(ip) = packet.first_chunk::<MIN_HEADER_LEN>() else {
-        return Kind::Other;
-    };
-    let protocol = ip[9];
+/// Read what the coalescer needs from a checked packet; UDP datagrams are segments only when
+/// `udp`.
+fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
+    let protocol = ip.protocol();
     let is_udp = protocol == protocol::UDP && udp;
-    if ip[0] >> 4 != 4 || (protocol != protocol::TCP && !is_udp) {
+    if protocol != protocol::TCP && !is_udp {
         return Kind::Other;
     }
-    let ip_len = usize::from(ip[0] & 0x0f) * 4;
-    let Some(ports) = packet
-        .get(ip_len..ip_len + 4)
-        .and_then(|p| <[u8; 4]>::try_from(p).ok())
-    else {
+    let ip_len = ip.header_len();
+    let transport = ip.payload();
+    let Some(&ports) = transport.first_chunk::<4>() else {
         return Kind::Other;
     };
     let flow = Flow {
         protocol,
-        src: [ip[12], ip[13], ip[14], ip[15]],
-        dst: [ip[16], ip[17], ip[18], ip[19]],
+        src: ip.src().octets(),
+        dst: ip.dst().octets(),
         ports,
     };
     let alone = Kind::Alone(flow);
     // DF alone: not a fragment, and no reserved bit, which the kernel would copy from the
     // first packet to every one it cuts.
-    if ip_len != MIN_HEADER_LEN || ip[6..8] != [0x40, 0] {
+    if ip_len != MIN_HEADER_LEN || ip.flags_and_offset() != 0x4000 {
         return alone;
     }
-    let ident = u16::from_be_bytes([ip[4], ip[5]]);
-    if be16(packet, 2) != u16::try_from(packet.len()).ok() {
-        return alone;
-    }
-    let transport = &packet[ip_len..];
+    let ident = ip.ident();
     // Only segments that verify may hide inside a super-packet.
     let Ok(transport_len) = u16::try_from(transport.len()) else {
         return alone;
@@ -462,7 +471,7 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
         // hop, so that each gets its own ICMP time exceeded.
         let payload = transport.len().saturating_sub(udp::HEADER_LEN);
         if payload == 0
-            || ip[8] <= 1
+            || ip.ttl() <= 1
             || be16(transport, udp::LENGTH) != Some(transport_len)
             || be16(transport, udp::CHECKSUM) == Some(0)
             || !verifies()
@@ -473,8 +482,8 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
             flow,
             header_len: (ip_len + udp::HEADER_LEN) as u16,
             payload: payload as u32,
-            tos: ip[1],
-            ttl: ip[8],
+            tos: ip.tos(),
+            ttl: ip.ttl(),
             ident,
             flags: 0,
             tcp: None,
@@ -507,8 +516,8 @@ fn classify(packet: &[u8], udp: bool) -> Kind {
         flow,
         header_len: (ip_len + tcp_len) as u16,
         payload: payload as u32,
-        tos: ip[1],
-        ttl: ip[8],
+        tos: ip.tos(),
+        ttl: ip.ttl(),
         ident,
         flags,
         tcp: Some(TcpFields {
@@ -525,7 +534,7 @@ mod tests {
     use super::*;
     use crate::offload::segment::{Plan, Segmenter, MAX_HEADER_LEN};
     use crate::offload::testing::{assert_valid, Tcp};
-    use crate::packet::testing::{Rng, Spec};
+    use crate::wire::ipv4::testing::{Rng, Spec};
 
     /// Run `packets` through a coalescer and return each write as the TUN would receive it:
     /// the virtio-net header and the bytes.

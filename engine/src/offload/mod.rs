@@ -1,7 +1,7 @@
 //! Segmentation and coalescing offloads, as pure functions over caller-owned buffers.
 //!
 //! With offloads on, the TUN hands the engine 64 KiB TCP (and UDP) super-packets behind a
-//! [`vnet::VnetHeader`], and accepts them back the same way. [`segment`] cuts a super-packet
+//! [`VnetHeader`], and accepts them back the same way. [`segment`] cuts a super-packet
 //! into the IPv4 packets that go on the wire (one per datagram, as flannel's wire format
 //! demands); [`coalesce`] merges consecutive TCP segments (and, where the TUN takes USO, UDP
 //! datagrams) of one flow that arrive from a peer into one super-packet for the TUN, as Linux
@@ -13,84 +13,10 @@
 pub mod checksum;
 pub mod coalesce;
 pub mod segment;
-pub mod vnet;
 
+pub use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
 pub use coalesce::{Coalescer, Group};
 pub use segment::{complete_checksum, Plan, SegmentError, Segmenter};
-pub use vnet::{VnetHeader, VNET_HDR_LEN};
-
-/// TCP header fields and flags weft touches.
-pub(crate) mod tcp {
-    /// Length of a TCP header without options.
-    pub const MIN_HEADER_LEN: usize = 20;
-    /// Offset of the sequence number.
-    pub const SEQ: usize = 4;
-    /// Offset of the acknowledgment number.
-    pub const ACK: usize = 8;
-    /// Offset of the data-offset byte.
-    pub const DATA_OFFSET: usize = 12;
-    /// Offset of the flags byte.
-    pub const FLAGS: usize = 13;
-    /// Offset of the checksum.
-    pub const CHECKSUM: usize = 16;
-
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const URG: u8 = 0x20;
-    pub const CWR: u8 = 0x80;
-}
-
-/// UDP header fields.
-pub(crate) mod udp {
-    /// Length of a UDP header.
-    pub const HEADER_LEN: usize = 8;
-    /// Offset of the length field.
-    pub const LENGTH: usize = 4;
-    /// Offset of the checksum.
-    pub const CHECKSUM: usize = 6;
-}
-
-/// The folded sum of the IPv4 pseudo-header for a transport segment of `len` bytes (not
-/// inverted: the value a `NEEDS_CSUM` checksum field holds).
-pub(crate) fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], protocol: u8, len: u16) -> u16 {
-    let [len_hi, len_lo] = len.to_be_bytes();
-    let bytes = [
-        src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, protocol, len_hi, len_lo,
-    ];
-    crate::packet::checksum::sum(&bytes)
-}
-
-/// Read a big-endian `u16` at `at`; `None` past the end.
-#[inline]
-pub(crate) fn be16(bytes: &[u8], at: usize) -> Option<u16> {
-    let raw = bytes.get(at..at + 2)?;
-    Some(u16::from_be_bytes([raw[0], raw[1]]))
-}
-
-/// Read a big-endian `u32` at `at`; `None` past the end.
-#[inline]
-pub(crate) fn be32(bytes: &[u8], at: usize) -> Option<u32> {
-    let raw = bytes.get(at..at + 4)?;
-    Some(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]))
-}
-
-/// Write a big-endian `u16` at `at`; does nothing past the end.
-#[inline]
-pub(crate) fn put16(bytes: &mut [u8], at: usize, value: u16) {
-    if let Some(raw) = bytes.get_mut(at..at + 2) {
-        raw.copy_from_slice(&value.to_be_bytes());
-    }
-}
-
-/// Write a big-endian `u32` at `at`; does nothing past the end.
-#[inline]
-pub(crate) fn put32(bytes: &mut [u8], at: usize, value: u32) {
-    if let Some(raw) = bytes.get_mut(at..at + 4) {
-        raw.copy_from_slice(&value.to_be_bytes());
-    }
-}
 
 /// Test packets: TCP and UDP super-packets and segments built by etherparse, an encoder that
 /// shares no code with the engine, and checks of their checksums by etherparse too.
@@ -98,8 +24,8 @@ pub(crate) fn put32(bytes: &mut [u8], at: usize, value: u32) {
 pub(crate) mod testing {
     use etherparse::{IpNumber, Ipv4Header, TcpHeader, TcpOptionElement, UdpHeader};
 
-    use super::pseudo_header_sum;
-    use super::vnet::{VnetHeader, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
+    use crate::wire::pseudo_header_sum;
+    use crate::wire::vnet::{VnetHeader, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
 
     /// The fields of a TCP test packet.
     #[derive(Clone, Debug)]
@@ -217,7 +143,12 @@ pub(crate) mod testing {
             out.extend_from_slice(&self.payload);
             let header = VnetHeader {
                 flags: NEEDS_CSUM,
-                gso_type: GSO_TCPV4 | if self.cwr { super::vnet::GSO_ECN } else { 0 },
+                gso_type: GSO_TCPV4
+                    | if self.cwr {
+                        crate::wire::vnet::GSO_ECN
+                    } else {
+                        0
+                    },
                 hdr_len: (ip_len + tcp.header_len()) as u16,
                 gso_size,
                 csum_start: ip_len as u16,

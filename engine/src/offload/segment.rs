@@ -1,7 +1,7 @@
 //! Cutting a super-packet read from the TUN into the IPv4 packets that go on the wire.
 //!
-//! [`Plan::new`] reads the virtio-net header and the packet's headers once and says what the
-//! packet needs: nothing, a checksum completed ([`complete_checksum`]), or segmentation by a
+//! [`Plan::for_packet`] reads the virtio-net header and the headers of a packet already checked
+//! by [`Ipv4Packet::new_checked`] (the only IPv4 parser) and says what the packet needs: nothing, a checksum completed ([`complete_checksum`]), or segmentation by a
 //! [`Segmenter`]. Segment `i` of a TCP super-packet carries payload bytes
 //! `i * gso_size .. (i + 1) * gso_size` (the last may be shorter) behind a copy of the headers
 //! in which the IP identification is the first one plus `i`, the total length, the sequence
@@ -15,10 +15,10 @@
 
 use std::ops::Range;
 
-use super::vnet::{VnetHeader, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
-use super::{be16, be32, pseudo_header_sum, put16, put32, tcp, udp};
 use crate::counters::DropReason;
-use crate::packet::{checksum, protocol, MIN_HEADER_LEN};
+use crate::wire::ipv4::{checksum, protocol, Ipv4Packet, PacketError};
+use crate::wire::vnet::{VnetHeader, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+use crate::wire::{be16, be32, pseudo_header_sum, put16, put32, tcp, udp};
 
 /// The longest headers a segment can carry: a 60-byte IPv4 header and a 60-byte TCP header.
 pub const MAX_HEADER_LEN: usize = 120;
@@ -35,6 +35,15 @@ pub enum SegmentError {
     /// A segmentation type weft does not implement.
     #[error("unsupported segmentation type {0:#04x}")]
     UnsupportedGso(u8),
+}
+
+impl From<PacketError> for SegmentError {
+    fn from(error: PacketError) -> Self {
+        match error {
+            PacketError::NotIpv4 { version } => SegmentError::NotIpv4(version),
+            _ => SegmentError::Malformed("not a well-formed IPv4 packet"),
+        }
+    }
 }
 
 impl SegmentError {
@@ -65,17 +74,34 @@ pub enum Plan {
 }
 
 impl Plan {
-    /// Read what `packet` (which followed `header` out of the TUN) needs.
+    /// Read what `packet` (which followed `header` out of the TUN) needs; a super-packet is
+    /// checked as an IPv4 packet first.
     pub fn new(header: &VnetHeader, packet: &[u8]) -> Result<Plan, SegmentError> {
         if header.is_gso() {
             return Segmenter::new(header, packet).map(Plan::Segment);
         }
+        Self::for_plain(header, packet.len())
+    }
+
+    /// Read what the checked packet `ip` (which followed `header` out of the TUN) needs.
+    pub fn for_packet<T: AsRef<[u8]>>(
+        header: &VnetHeader,
+        ip: &Ipv4Packet<T>,
+    ) -> Result<Plan, SegmentError> {
+        if header.is_gso() {
+            return Segmenter::for_packet(header, ip).map(Plan::Segment);
+        }
+        Self::for_plain(header, ip.as_bytes().len())
+    }
+
+    /// The plan for a packet of `len` bytes that is not a super-packet.
+    fn for_plain(header: &VnetHeader, len: usize) -> Result<Plan, SegmentError> {
         if !header.needs_csum() {
             return Ok(Plan::Whole);
         }
         let start = usize::from(header.csum_start);
         let field = start + usize::from(header.csum_offset);
-        check_checksum_field(packet.len(), start, field)?;
+        check_checksum_field(len, start, field)?;
         Ok(Plan::Checksum { start, field })
     }
 
@@ -147,35 +173,26 @@ impl Segmenter {
     /// Check that `packet` is a super-packet `header` can cut: IPv4, not a fragment, the
     /// transport the segmentation type names, complete headers, a nonzero segment size.
     pub fn new(header: &VnetHeader, packet: &[u8]) -> Result<Segmenter, SegmentError> {
-        let Some(&first) = packet.first() else {
-            return Err(SegmentError::Malformed("empty packet"));
-        };
-        let version = first >> 4;
-        if version != 4 {
-            return Err(SegmentError::NotIpv4(version));
-        }
+        Self::for_packet(header, &Ipv4Packet::new_checked(packet)?)
+    }
+
+    /// As [`Segmenter::new`], for a packet already checked as IPv4.
+    pub fn for_packet<T: AsRef<[u8]>>(
+        header: &VnetHeader,
+        ip: &Ipv4Packet<T>,
+    ) -> Result<Segmenter, SegmentError> {
         let transport = match header.gso_kind() {
             GSO_TCPV4 => Transport::Tcp,
             GSO_UDP_L4 => Transport::Udp,
             GSO_TCPV6 => return Err(SegmentError::Malformed("IPv6 segmentation of IPv4")),
             other => return Err(SegmentError::UnsupportedGso(other)),
         };
-        if packet.len() < MIN_HEADER_LEN {
-            return Err(SegmentError::Malformed("truncated IPv4 header"));
-        }
-        let ip_header_len = usize::from(first & 0x0f) * 4;
-        if ip_header_len < MIN_HEADER_LEN || ip_header_len > packet.len() {
-            return Err(SegmentError::Malformed("bad IPv4 header length"));
-        }
-        if be16(packet, 2) != u16::try_from(packet.len()).ok() {
-            return Err(SegmentError::Malformed(
-                "total length differs from the packet",
-            ));
-        }
-        if be16(packet, 6).unwrap_or(0) & 0x3fff != 0 {
+        let packet = ip.as_bytes();
+        let ip_header_len = ip.header_len();
+        if ip.is_fragment() {
             return Err(SegmentError::Malformed("a fragment cannot be segmented"));
         }
-        let proto = packet[9];
+        let proto = ip.protocol();
         let transport_header_len = match transport {
             Transport::Tcp => {
                 if proto != protocol::TCP {
@@ -183,8 +200,9 @@ impl Segmenter {
                         "TCP segmentation of another protocol",
                     ));
                 }
-                let offset = packet
-                    .get(ip_header_len + tcp::DATA_OFFSET)
+                let offset = ip
+                    .payload()
+                    .get(tcp::DATA_OFFSET)
                     .ok_or(SegmentError::Malformed("truncated TCP header"))?;
                 usize::from(offset >> 4) * 4
             }
@@ -334,7 +352,7 @@ impl Segmenter {
 mod tests {
     use super::*;
     use crate::offload::testing::{assert_valid, udp, Tcp};
-    use crate::offload::vnet::{GSO_ECN, NEEDS_CSUM};
+    use crate::wire::vnet::{GSO_ECN, NEEDS_CSUM};
     use etherparse::{SlicedPacket, TransportSlice};
 
     /// Cut `packet` and return each segment as its own buffer, each checked by etherparse.

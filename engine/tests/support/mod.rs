@@ -26,8 +26,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_engine::{
-    open_queues_with, Engine, EngineConfig, IoBackend, Offloads, Overlay, Policy, RouteTable,
-    Routes,
+    open_queues_with, Engine, EngineConfig, IcmpRateLimit, IoBackend, Offloads, Overlay, Policy,
+    RouteTable, Routes,
 };
 
 /// The overlay every lab uses: flannel's example Network cut into /24 subnets.
@@ -217,6 +217,19 @@ impl Lab {
         workers: usize,
         offloads: Offloads,
     ) -> RunningEngine {
+        self.start_engine_limited(host, backend, workers, offloads, IcmpRateLimit::DEFAULT)
+    }
+
+    /// Like [`Lab::start_engine_with`], with ICMP errors limited to `icmp_rate_limit` per
+    /// worker.
+    pub fn start_engine_limited(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        workers: usize,
+        offloads: Offloads,
+        icmp_rate_limit: IcmpRateLimit,
+    ) -> RunningEngine {
         let routes = self.routes_for(host);
         let ns = host.ns.clone();
         let subnet = host.subnet;
@@ -236,6 +249,7 @@ impl Lab {
                 },
                 pin_cores: false,
                 offloads,
+                icmp_rate_limit,
             };
             let engine = Engine::start(config, queues, routes).expect("start engine");
             RunningEngine { engine, tun }

@@ -210,6 +210,12 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         self.word(FLAGS_FRAG) & 0x3fff != 0
     }
 
+    /// The flags and fragment offset word: `0x4000` is DF alone, not a fragment.
+    #[inline]
+    pub fn flags_and_offset(&self) -> u16 {
+        self.word(FLAGS_FRAG)
+    }
+
     /// The time to live.
     #[inline]
     pub fn ttl(&self) -> u8 {

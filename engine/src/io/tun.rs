@@ -12,9 +12,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use crate::batch::{Source, WriteCount};
+pub use crate::config::TunOffload;
 use crate::offload::coalesce::MAX_SEGMENTS;
-use crate::offload::VNET_HDR_LEN;
-use crate::worker::{Source, WriteCount};
+use crate::wire::vnet::VNET_HDR_LEN;
 
 /// The character device through which TUN interfaces are created.
 const CLONE_DEVICE: &str = "/dev/net/tun";
@@ -194,32 +195,19 @@ fn set_vnet_hdr_len(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The offloads a TUN device was set up with (`TUNSETOFFLOAD`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TunOffload {
-    /// The kernel may hand over packets whose transport checksum is still to be completed.
-    pub csum: bool,
-    /// TCP super-packets (TSO, IPv4 and IPv6), ECN's CWR included.
-    pub tso: bool,
-    /// UDP super-packets (USO, Linux 6.2 and later).
-    pub uso: bool,
-}
-
-impl TunOffload {
-    /// The `TUN_F_*` flags for this set.
-    fn flags(self) -> libc::c_uint {
-        let mut flags = 0;
-        if self.csum {
-            flags |= libc::TUN_F_CSUM;
-        }
-        if self.tso {
-            flags |= libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
-        }
-        if self.uso {
-            flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
-        }
-        flags
+/// The `TUN_F_*` flags for `offload`.
+fn offload_flags(offload: TunOffload) -> libc::c_uint {
+    let mut flags = 0;
+    if offload.csum {
+        flags |= libc::TUN_F_CSUM;
     }
+    if offload.tso {
+        flags |= libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+    }
+    if offload.uso {
+        flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    }
+    flags
 }
 
 /// Turn the device's offloads on (`wanted`) or off, through queue `queue` (the setting is the
@@ -257,7 +245,7 @@ pub fn set_offload(queue: &TunQueue, wanted: bool) -> io::Result<TunOffload> {
             libc::ioctl(
                 queue.as_raw_fd(),
                 libc::TUNSETOFFLOAD,
-                offload.flags() as libc::c_ulong,
+                offload_flags(*offload) as libc::c_ulong,
             )
         };
         if rc == 0 {

@@ -36,20 +36,24 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
+use crate::batch::{decide_tun_read, Source, TunAction, MAX_RX_DATAGRAMS};
+use crate::config::ActiveOffloads;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::Policy;
-use crate::engine::ActiveOffloads;
-use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::{Coalescer, Segmenter, VnetHeader};
-use crate::route::RouteTable;
-use crate::tun::{write_packet, TunQueue, WriteList};
-use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
-use crate::worker::{
-    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
-    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WriteCount, Written, MAX_READ_FAILURES_IN_A_ROW, MAX_RX_DATAGRAMS,
-    PACKET_BUF_LEN,
+use crate::icmp_limit::IcmpGate;
+use crate::io::buffers::{PacketBuffers, HEADROOM, PACKET_BUF_LEN};
+use crate::io::context::WorkerContext;
+use crate::io::error::{write_error_is_fatal, ReadFailures, WorkerError};
+use crate::io::execute::{
+    count_write, handle_send_result, queue_segments, reply_write, Accepted, DirectWrites,
+    SendOutcome, Written,
 };
+use crate::io::stop::StopSignal;
+use crate::io::tun::{TunQueue, WriteList};
+use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
+use crate::offload::segment::MAX_HEADER_LEN;
+use crate::offload::Segmenter;
+use crate::route::RouteTable;
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
 pub const TUN_SLOTS: usize = 64;
@@ -87,8 +91,8 @@ const RECVMSG_OUT_LEN: usize = 16;
 const NAME_LEN: usize = SOCKADDR_IN_LEN as usize;
 
 // What the kernel writes before a packet fits in the headroom every buffer has.
-const _: () = assert!(RECVMSG_OUT_LEN + NAME_LEN + CONTROL_LEN <= crate::worker::HEADROOM);
-const _: () = assert!(crate::offload::VNET_HDR_LEN <= crate::worker::HEADROOM);
+const _: () = assert!(RECVMSG_OUT_LEN + NAME_LEN + CONTROL_LEN <= HEADROOM);
+const _: () = assert!(crate::wire::vnet::VNET_HDR_LEN <= HEADROOM);
 
 /// How long shutdown waits for cancelled operations to complete.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -295,13 +299,16 @@ pub(crate) struct UringWorker {
     /// Bytes of control data room in that prefix (nonzero with GRO).
     control_len: usize,
     offloads: ActiveOffloads,
-    coalescer: Coalescer,
-    /// The packets of the batch's receives accepted for the TUN, and the slots they hold.
-    accepted: Vec<(*mut u8, usize)>,
+    /// The packets of the batch's receives accepted for the TUN.
+    accepted: Accepted,
     held: Vec<usize>,
     queued_writes: Vec<(usize, usize)>,
     in_flight: usize,
-    read_failures: u32,
+    read_failures: ReadFailures,
+    /// The ICMP errors this worker may still send.
+    icmp: IcmpGate,
+    /// The worker's clock origin, for the ICMP rate limit.
+    origin: Instant,
     completions: Vec<(u64, i32, u32)>,
     // Registered with the ring; kept open until the ring is gone.
     _tun: TunQueue,
@@ -353,12 +360,13 @@ impl UringWorker {
             recv_prefix: RECVMSG_OUT_LEN + NAME_LEN + control_len,
             control_len,
             offloads,
-            coalescer: Coalescer::new(),
-            accepted: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
+            accepted: Accepted::new(UDP_SLOTS * MAX_RX_DATAGRAMS, &offloads),
             held: Vec::with_capacity(UDP_SLOTS),
             queued_writes: Vec::with_capacity(UDP_SLOTS * MAX_RX_DATAGRAMS),
             in_flight: 0,
-            read_failures: 0,
+            read_failures: ReadFailures::default(),
+            icmp: IcmpGate::unlimited(),
+            origin: Instant::now(),
             completions,
             _tun: tun,
             _socket: socket,
@@ -389,6 +397,7 @@ impl UringWorker {
 
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
+        self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()
@@ -417,6 +426,9 @@ impl UringWorker {
         counts: &mut BatchCounts,
     ) -> Result<Flow, WorkerError> {
         let table = context.routes.snapshot();
+        // The ICMP rate limit's time, read once per batch of completions.
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.icmp.set_time(now);
         let policy = &context.policy;
         let mut flow = Flow::Continue;
         let packets_before = counts.tun_rx_packets + counts.udp_rx_packets;
@@ -445,7 +457,7 @@ impl UringWorker {
                         self.read_failed(op, -result)?;
                         continue;
                     }
-                    self.read_failures = 0;
+                    self.read_failures.reset();
                     reads += 1;
                     if op == Op::TunRead {
                         self.tun_read(slot, result as usize, &table, policy, counts)?;
@@ -481,7 +493,15 @@ impl UringWorker {
         // SAFETY: the kernel filled this buffer and handed it over with the completion; it is
         // lent to nobody else until given back.
         let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, result) };
-        let action = decide_tun_read(&header, packet, table, policy, reply, counts);
+        let action = decide_tun_read(
+            &header,
+            packet,
+            table,
+            policy,
+            reply,
+            &mut self.icmp,
+            counts,
+        );
         let io = &mut self.io[slot];
         io.sends.clear();
         io.writes.clear();
@@ -491,15 +511,8 @@ impl UringWorker {
                 Ok(())
             }
             TunAction::WriteReply { len } => {
-                let piece = libc::iovec {
-                    iov_base: self.buffers.reply_ptr(slot).cast(),
-                    iov_len: len,
-                };
-                let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
-                let count = WriteCount {
-                    packets: 1,
-                    bytes: len as u32,
-                };
+                let (vnet, piece, count) =
+                    reply_write(&self.offloads, self.buffers.reply_ptr(slot), len);
                 io.writes.push(vnet, &[piece], count, Source::Reply);
                 self.submit(slot)
             }
@@ -576,11 +589,6 @@ impl UringWorker {
         // packet buffer, and handed the slot over with the completion.
         let prefix = unsafe { self.buffers.with_headroom(slot, self.recv_prefix, result) };
         let received = parse_recvmsg_out(prefix, self.control_len);
-        let len = received.map_or(0, |r| r.len);
-        let base = self.buffers.packet_ptr(slot);
-        // SAFETY: as above.
-        let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
-        let accepted = &mut self.accepted;
         let answer = match received {
             None => {
                 counts.udp_receives += 1;
@@ -588,18 +596,21 @@ impl UringWorker {
                 counts.drop(DropReason::BadPacket);
                 None
             }
-            Some(received) => decide_datagrams(
-                received.from,
-                buf,
-                received.segment,
-                received.truncated,
-                table,
-                policy,
-                reply,
-                counts,
-                // SAFETY: offset + len lies inside the slot's buffer.
-                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
-            ),
+            // SAFETY: as above; the slot is held until the batch's writes are prepared.
+            Some(received) => unsafe {
+                self.accepted.receive(
+                    &mut self.buffers,
+                    slot,
+                    received.len,
+                    received.from,
+                    received.segment,
+                    received.truncated,
+                    table,
+                    policy,
+                    &mut self.icmp,
+                    counts,
+                )
+            },
         };
         let io = &mut self.io[slot];
         io.sends.clear();
@@ -607,8 +618,7 @@ impl UringWorker {
         // Held until the batch's writes are prepared (see `write_accepted`).
         io.pending += 1;
         self.held.push(slot);
-        if let Some((to, len)) = answer {
-            let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+        if let Some((to, piece)) = answer {
             io.sends.push(to, Source::Reply, &[piece], false);
         }
         self.submit(slot)
@@ -623,16 +633,12 @@ impl UringWorker {
         let io = &mut **self.io;
         let queued = &mut self.queued_writes;
         let fd = self._tun.as_raw_fd();
-        let mut fatal = None;
+        let mut direct = DirectWrites::default();
         // SAFETY: the accepted packets lie in slots held by this batch, which no I/O uses
         // until the writes are submitted; each write then holds the slots it points into.
         unsafe {
-            for_each_tun_write(
-                &mut self.coalescer,
-                &self.accepted,
-                &self.offloads,
-                counts,
-                |vnet, pieces, count| {
+            self.accepted
+                .write(&self.offloads, counts, |vnet, pieces, count| {
                     let head = pieces
                         .first()
                         .and_then(|p| buffers.slot_of(p.iov_base.cast()));
@@ -647,18 +653,10 @@ impl UringWorker {
                             return Written::Queued;
                         }
                     }
-                    let result = write_packet(fd, vnet.as_ref(), pieces);
-                    if result < 0 && write_error_is_fatal(-result as i32) {
-                        fatal.get_or_insert(-result as i32);
-                    }
-                    Written::Done(result)
-                },
-            );
+                    Written::Done(direct.write(fd, vnet.as_ref(), pieces))
+                });
         }
-        self.accepted.clear();
-        if let Some(errno) = fatal {
-            return Err(WorkerError::fatal(Op::Write.what(), errno));
-        }
+        direct.finish()?;
         for index in 0..self.queued_writes.len() {
             let (slot, i) = self.queued_writes[index];
             let Some((iovs, count, _)) = self.io[slot].writes.get(i) else {
@@ -735,33 +733,17 @@ impl UringWorker {
             return Ok(());
         };
         io.pending = io.pending.saturating_sub(1);
-        if let Some(info) = io.sends.info(i).copied() {
-            let errno = -result;
-            if result < 0 && write_error_is_fatal(errno) {
-                return Err(WorkerError::fatal(Op::Send.what(), errno));
-            }
-            let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
-            if result < 0 && gso_refused && info.segments > 1 {
-                // The kernel cannot send this run as one: resend its datagrams one by one,
-                // and after EIO (no checksum offload on the way out) never try GSO again.
-                if errno == libc::EIO && self.offloads.udp_gso {
-                    self.offloads.udp_gso = false;
-                    tracing::warn!(
-                        "the kernel refused a UDP GSO send (EIO): sending plain datagrams"
-                    );
-                }
-                let before = io.sends.len();
-                if io.sends.split(i) {
-                    let after = io.sends.len();
-                    for j in before..after {
-                        let submitted = self.submit_send(slot, j)?;
-                        self.io[slot].pending += submitted;
-                    }
-                } else {
-                    count_send(counts, &info, i64::from(result));
-                }
-            } else {
-                count_send(counts, &info, i64::from(result));
+        let outcome = handle_send_result(
+            &mut io.sends,
+            i,
+            i64::from(result),
+            &mut self.offloads.udp_gso,
+            counts,
+        )?;
+        if let SendOutcome::Resend(split) = outcome {
+            for j in split {
+                let submitted = self.submit_send(slot, j)?;
+                self.io[slot].pending += submitted;
             }
         }
         self.slot_progressed(slot)
@@ -860,18 +842,8 @@ impl UringWorker {
     }
 
     fn read_failed(&mut self, op: Op, errno: i32) -> Result<(), WorkerError> {
-        // No free buffer: the request ended and is re-armed once buffers come back.
-        if errno == libc::ENOBUFS || errno == libc::EAGAIN || errno == libc::EINTR {
-            return Ok(());
-        }
-        if read_error_is_fatal(errno) {
-            return Err(WorkerError::fatal(op.what(), errno));
-        }
-        self.read_failures += 1;
-        if self.read_failures > MAX_READ_FAILURES_IN_A_ROW {
-            return Err(WorkerError::fatal(op.what(), errno));
-        }
-        Ok(())
+        // Without a free buffer the request has ended; it is re-armed once buffers come back.
+        self.read_failures.failed(op.what(), errno)
     }
 
     /// Queue `entry`; it goes to the kernel with the next wait.
@@ -1126,7 +1098,7 @@ fn build_ring(entries: u32, completions: u32) -> io::Result<IoUring> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::udp::to_sockaddr;
+    use crate::io::udp::to_sockaddr;
     use std::net::Ipv4Addr;
 
     #[test]

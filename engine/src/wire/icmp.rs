@@ -9,7 +9,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::packet::{checksum, protocol, Ipv4Packet, MIN_HEADER_LEN};
+use crate::wire::ipv4::{checksum, protocol, Ipv4Packet, MIN_HEADER_LEN};
 
 /// The largest ICMP error weft writes, IP header included (RFC 1812 4.3.2.3).
 pub const MAX_ERROR_LEN: usize = 576;
@@ -184,7 +184,7 @@ fn is_query(icmp_type: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::testing::Spec;
+    use crate::wire::ipv4::testing::Spec;
     use etherparse::{
         icmpv4::{DestUnreachableHeader, TimeExceededCode},
         Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice,

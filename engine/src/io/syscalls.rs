@@ -16,21 +16,25 @@ use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
+use crate::batch::{decide_tun_read, Source, TunAction};
+use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
-use crate::engine::ActiveOffloads;
-use crate::offload::segment::MAX_HEADER_LEN;
-use crate::offload::{Coalescer, VnetHeader};
-use crate::route::RouteTable;
-use crate::tun::{write_packet, TunQueue};
-use crate::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
-use crate::worker::{
-    count_send, count_write, decide_datagrams, decide_tun_read, for_each_tun_write, queue_segments,
-    read_error_is_fatal, write_error_is_fatal, PacketBuffers, Source, StopSignal, TunAction,
-    WorkerContext, WorkerError, WriteCount, Written, BATCH, MAX_READ_FAILURES_IN_A_ROW,
-    PACKET_BUF_LEN,
+use crate::icmp_limit::IcmpGate;
+use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
+use crate::io::context::WorkerContext;
+use crate::io::error::{ReadFailures, WorkerError};
+use crate::io::execute::{
+    count_send, count_write, handle_send_result, queue_segments, reply_write, Accepted,
+    DirectWrites, SendOutcome, Written,
 };
+use crate::io::stop::StopSignal;
+use crate::io::tun::TunQueue;
+use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
+use crate::offload::segment::MAX_HEADER_LEN;
+use crate::route::RouteTable;
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
 const SEND_WAIT_MS: libc::c_int = 1000;
@@ -43,6 +47,9 @@ const SEND_MESSAGES: usize = 256;
 const SEND_PIECES: usize = 4096;
 const SEND_HEADERS: usize = 2048;
 
+/// How many packets a worker moves per batch in each direction.
+pub(crate) const BATCH: usize = 64;
+
 /// A worker's descriptors, buffers and the message arrays of one batch.
 pub(crate) struct SyscallWorker {
     tun: TunQueue,
@@ -53,9 +60,12 @@ pub(crate) struct SyscallWorker {
     tun_lens: [usize; BATCH],
     recv: RecvArray,
     sends: SendBatch,
-    accepted: Vec<(*mut u8, usize)>,
-    coalescer: Coalescer,
-    read_failures: u32,
+    accepted: Accepted,
+    read_failures: ReadFailures,
+    /// The ICMP errors this worker may still send.
+    icmp: IcmpGate,
+    /// The worker's clock origin, for the ICMP rate limit.
+    origin: Instant,
 }
 
 /// `mmsghdr`s for `recvmmsg`, with their `iovec`s, sender addresses and control buffers.
@@ -129,7 +139,7 @@ impl SyscallWorker {
         socket
             .set_nonblocking(true)
             .map_err(|e| WorkerError::setup("nonblocking UDP socket", e))?;
-        crate::tun::set_nonblocking(tun.as_fd(), true)
+        crate::io::tun::set_nonblocking(tun.as_fd(), true)
             .map_err(|e| WorkerError::setup("nonblocking TUN queue", e))?;
         Ok(Self {
             tun,
@@ -140,14 +150,16 @@ impl SyscallWorker {
             tun_lens: [0; BATCH],
             recv: RecvArray::new(),
             sends: SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEND_HEADERS * MAX_HEADER_LEN),
-            accepted: Vec::with_capacity(BATCH),
-            coalescer: Coalescer::new(),
-            read_failures: 0,
+            accepted: Accepted::new(BATCH, &offloads),
+            read_failures: ReadFailures::default(),
+            icmp: IcmpGate::unlimited(),
+            origin: Instant::now(),
         })
     }
 
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
+        self.icmp = IcmpGate::new(context.icmp_rate_limit);
         let mut tun_more = false;
         let mut udp_more = false;
         loop {
@@ -160,6 +172,7 @@ impl SyscallWorker {
             let run_udp = udp_more || ready.udp;
             let mut counts = BatchCounts::default();
             let table = context.routes.snapshot();
+            self.icmp.set_time(self.clock());
             let result = self
                 .tun_batch(
                     run_tun,
@@ -181,6 +194,11 @@ impl SyscallWorker {
             context.counters.add(&counts);
             result?;
         }
+    }
+
+    /// Nanoseconds since the worker started: the ICMP rate limit's time, read once per batch.
+    fn clock(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Wait up to `timeout_ms` for the TUN or the socket to become readable; `None` when the
@@ -249,12 +267,12 @@ impl SyscallWorker {
                     libc::EINTR => continue,
                     libc::EAGAIN => break,
                     _ => {
-                        self.read_failed("TUN read", errno)?;
+                        self.read_failures.failed("TUN read", errno)?;
                         break;
                     }
                 }
             }
-            self.read_failures = 0;
+            self.read_failures.reset();
             self.tun_lens[read] = rc as usize;
             read += 1;
         }
@@ -267,12 +285,17 @@ impl SyscallWorker {
             // SAFETY: the read has returned, no I/O is in flight on any buffer between
             // system calls, and the slices end before the next use of the slot.
             let (header, packet, reply) = unsafe { self.buffers.tun_read(slot, vnet_len, total) };
-            match decide_tun_read(&header, packet, table, policy, reply, counts) {
+            match decide_tun_read(
+                &header,
+                packet,
+                table,
+                policy,
+                reply,
+                &mut self.icmp,
+                counts,
+            ) {
                 TunAction::Recycle => {}
-                TunAction::WriteReply { len } => {
-                    let reply = self.buffers.reply_ptr(slot);
-                    self.write_tun(reply, len, Source::Reply, counts)?;
-                }
+                TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
                 TunAction::Send {
                     to,
                     len,
@@ -339,13 +362,12 @@ impl SyscallWorker {
                 libc::EINTR => continue,
                 libc::EAGAIN => return Ok(false),
                 _ => {
-                    self.read_failed("UDP receive", errno)?;
+                    self.read_failures.failed("UDP receive", errno)?;
                     return Ok(false);
                 }
             }
         };
-        self.read_failures = 0;
-        self.accepted.clear();
+        self.read_failures.reset();
         for i in 0..received.min(BATCH) {
             let header = &self.recv.headers[i];
             let len = (header.msg_len as usize).min(PACKET_BUF_LEN);
@@ -353,49 +375,36 @@ impl SyscallWorker {
             let from = from_sockaddr(&self.recv.addrs[i], header.msg_hdr.msg_namelen);
             let segment = gro_segment_size(self.recv.control(i));
             let slot = UDP_BASE + i;
-            let base = self.buffers.packet_ptr(slot);
             // SAFETY: the recvmmsg call has returned; nothing else uses the slot until the
             // batch's writes are done.
-            let (buf, reply) = unsafe { self.buffers.slot(slot, len) };
-            let accepted = &mut self.accepted;
-            let answer = decide_datagrams(
-                from,
-                buf,
-                segment,
-                truncated,
-                table,
-                policy,
-                reply,
-                counts,
-                // SAFETY: offset + len lies inside the slot's buffer.
-                |offset, len| accepted.push((unsafe { base.add(offset) }, len)),
-            );
-            if let Some((to, len)) = answer {
-                let piece = (self.buffers.reply_ptr(slot).cast_const(), len);
+            let answer = unsafe {
+                self.accepted.receive(
+                    &mut self.buffers,
+                    slot,
+                    len,
+                    from,
+                    segment,
+                    truncated,
+                    table,
+                    policy,
+                    &mut self.icmp,
+                    counts,
+                )
+            };
+            if let Some((to, piece)) = answer {
                 self.queue(to, Source::Reply, piece, counts)?;
             }
         }
         let fd = self.tun.as_raw_fd();
-        let mut fatal = None;
+        let mut direct = DirectWrites::default();
         // SAFETY: the accepted packets lie in this batch's buffers, which no I/O uses now.
         unsafe {
-            for_each_tun_write(
-                &mut self.coalescer,
-                &self.accepted,
-                &self.offloads,
-                counts,
-                |vnet, pieces, _| {
-                    let result = write_packet(fd, vnet.as_ref(), pieces);
-                    if result < 0 && write_error_is_fatal(-result as i32) {
-                        fatal.get_or_insert(-result as i32);
-                    }
-                    Written::Done(result)
-                },
-            );
+            self.accepted
+                .write(&self.offloads, counts, |vnet, pieces, _| {
+                    Written::Done(direct.write(fd, vnet.as_ref(), pieces))
+                });
         }
-        if let Some(errno) = fatal {
-            return Err(WorkerError::fatal("TUN write", errno));
-        }
+        direct.finish()?;
         self.flush_sends(counts)?;
         Ok(received >= BATCH)
     }
@@ -418,28 +427,18 @@ impl SyscallWorker {
         Ok(())
     }
 
-    /// Write one packet from `buf` to the TUN.
-    fn write_tun(
+    /// Write the `len`-byte ICMP error in `slot`'s reply buffer to the TUN.
+    fn write_reply(
         &mut self,
-        buf: *mut u8,
+        slot: usize,
         len: usize,
-        source: Source,
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        let vnet = self.offloads.vnet_hdr.then(|| VnetHeader::PLAIN.to_bytes());
-        let piece = libc::iovec {
-            iov_base: buf.cast(),
-            iov_len: len,
-        };
-        let result = write_packet(self.tun.as_raw_fd(), vnet.as_ref(), &[piece]);
-        if result < 0 && write_error_is_fatal(-result as i32) {
-            return Err(WorkerError::fatal("TUN write", -result as i32));
-        }
-        let count = WriteCount {
-            packets: 1,
-            bytes: len as u32,
-        };
-        count_write(counts, source, count, result);
+        let (vnet, piece, count) = reply_write(&self.offloads, self.buffers.reply_ptr(slot), len);
+        let mut direct = DirectWrites::default();
+        let result = direct.write(self.tun.as_raw_fd(), vnet.as_ref(), &[piece]);
+        direct.finish()?;
+        count_write(counts, Source::Reply, count, result);
         Ok(())
     }
 
@@ -462,9 +461,8 @@ impl SyscallWorker {
             if rc > 0 {
                 let sent = (rc as usize).min(count);
                 for i in next..next + sent {
-                    if let Some(info) = self.sends.info(i) {
-                        count_send(counts, info, i64::from(self.sends.sent_len(i)));
-                    }
+                    let len = i64::from(self.sends.sent_len(i));
+                    self.send_result(i, len, counts)?;
                 }
                 next += sent;
                 continue;
@@ -483,11 +481,9 @@ impl SyscallWorker {
                         break;
                     }
                 }
-                errno if write_error_is_fatal(errno) => {
-                    return Err(WorkerError::fatal("UDP send", errno));
-                }
                 errno => {
-                    self.refused(next, errno, counts);
+                    // A run split into plain messages is sent with the rest of the batch.
+                    self.send_result(next, -i64::from(errno), counts)?;
                     next += 1;
                 }
             }
@@ -496,24 +492,21 @@ impl SyscallWorker {
         Ok(())
     }
 
-    /// The kernel refused message `i`: a GSO run it cannot send as one (no checksum offload on
-    /// the way out: `EIO`, which turns GSO off for good; or too large for the path) is split
-    /// into plain datagrams, sent after the rest; anything else is counted and skipped.
-    fn refused(&mut self, i: usize, errno: i32, counts: &mut BatchCounts) {
-        let Some(info) = self.sends.info(i).copied() else {
-            return;
-        };
-        let gso_refused = matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
-        if gso_refused && info.segments > 1 {
-            if errno == libc::EIO && self.offloads.udp_gso {
-                self.offloads.udp_gso = false;
-                tracing::warn!("the kernel refused a UDP GSO send (EIO): sending plain datagrams");
-            }
-            if self.sends.split(i) {
-                return;
-            }
-        }
-        count_send(counts, &info, -i64::from(errno));
+    /// Count what became of message `i`; a GSO run split into plain messages is left at the
+    /// end of the batch, where the flush sends it.
+    fn send_result(
+        &mut self,
+        i: usize,
+        result: i64,
+        counts: &mut BatchCounts,
+    ) -> Result<SendOutcome, WorkerError> {
+        handle_send_result(
+            &mut self.sends,
+            i,
+            result,
+            &mut self.offloads.udp_gso,
+            counts,
+        )
     }
 
     /// Wait for room in the socket's send buffer; `false` on timeout or a stop request.
@@ -536,17 +529,6 @@ impl SyscallWorker {
         }
         let [socket, stop] = fds;
         Ok(stop.revents == 0 && socket.revents & libc::POLLOUT != 0)
-    }
-
-    fn read_failed(&mut self, what: &'static str, errno: i32) -> Result<(), WorkerError> {
-        if read_error_is_fatal(errno) {
-            return Err(WorkerError::fatal(what, errno));
-        }
-        self.read_failures += 1;
-        if self.read_failures > MAX_READ_FAILURES_IN_A_ROW {
-            return Err(WorkerError::fatal(what, errno));
-        }
-        Ok(())
     }
 }
 

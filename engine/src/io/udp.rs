@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::worker::Source;
+use crate::batch::Source;
 
 /// The socket buffer size asked for in each direction.
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
@@ -230,68 +230,6 @@ type ControlBuf = [u64; CONTROL_LEN / 8];
 /// Receive runs of datagrams from one sender in one buffer (`UDP_GRO`).
 pub(crate) fn enable_gro(socket: BorrowedFd<'_>) -> io::Result<()> {
     set_raw_int_option(socket, libc::SOL_UDP, libc::UDP_GRO, 1)
-}
-
-/// Whether the socket takes `UDP_SEGMENT` (Linux 4.18 and later): the option can be read.
-pub(crate) fn gso_supported(socket: BorrowedFd<'_>) -> bool {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are live and sized for an integer option.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0
-}
-
-/// Major, minor and patch of a kernel release as `uname -r` prints it (patch 0 when absent).
-fn release_version(release: &str) -> Option<(u32, u32, u32)> {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|part| part.parse::<u32>().ok());
-    let (Some(Some(major)), Some(Some(minor))) = (numbers.next(), numbers.next()) else {
-        return None;
-    };
-    Some((major, minor, numbers.next().flatten().unwrap_or(0)))
-}
-
-/// Whether a kernel release (as `uname -r` prints it) has the UDP GSO bug of Linux 7.0 to
-/// 7.1.4, which corrupts the headers of segmented datagrams.
-pub fn kernel_gso_broken(release: &str) -> bool {
-    release_version(release).is_some_and(|(major, minor, patch)| {
-        major == 7 && (minor == 0 || (minor == 1 && patch <= 4))
-    })
-}
-
-/// Whether a kernel release cuts a UDP super-packet written to a TUN correctly wherever it
-/// goes. Linux 6.2 to 6.4 take USO on a TUN, but send such an untrusted ("dodgy") packet
-/// through the old UFO path when it leaves by a device without `NETIF_F_GSO_ROBUST`, veth
-/// among them, which destroys the datagrams (fixed in 6.5 by "gso: fix dodgy bit handling for
-/// GSO_UDP_L4"). An unknown release counts as not safe.
-pub fn kernel_cuts_tun_uso_safely(release: &str) -> bool {
-    release_version(release).is_some_and(|(major, minor, _)| (major, minor) >= (6, 5))
-}
-
-/// The running kernel's release string (`uname -r`).
-pub fn kernel_release() -> Option<String> {
-    // SAFETY: `utsname` is a struct of byte arrays; all zeroes is valid.
-    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the live struct it is given.
-    if unsafe { libc::uname(&mut name) } != 0 {
-        return None;
-    }
-    let bytes: Vec<u8> = name
-        .release
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8(bytes).ok()
 }
 
 /// The datagram size of a GRO buffer, from the control data `recvmsg` returned; `None` when
@@ -777,54 +715,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn broken_gso_kernels_are_recognised() {
-        for broken in [
-            "7.0",
-            "7.0.0",
-            "7.0.12-arch1",
-            "7.1",
-            "7.1.4",
-            "7.1.4-1-default",
-        ] {
-            assert!(kernel_gso_broken(broken), "{broken}");
-        }
-        for fine in [
-            "6.18.44-fc-v669",
-            "6.1.0-13-amd64",
-            "7.1.5",
-            "7.2.0",
-            "8.0",
-            "",
-            "garbage",
-            "7",
-        ] {
-            assert!(!kernel_gso_broken(fine), "{fine}");
-        }
-        assert!(kernel_release().is_some_and(|r| !r.is_empty()));
-    }
-
-    #[test]
-    fn kernels_that_cut_tun_uso_safely_are_recognised() {
-        for safe in ["6.5", "6.5.0-rc3", "6.18.44-fc-v669", "7.0.1", "10.0"] {
-            assert!(kernel_cuts_tun_uso_safely(safe), "{safe}");
-        }
-        for unsafe_release in [
-            "6.2.0",
-            "6.3.13",
-            "6.4.16-arch1",
-            "6.1.0-13-amd64",
-            "5.15",
-            "",
-            "x",
-        ] {
-            assert!(
-                !kernel_cuts_tun_uso_safely(unsafe_release),
-                "{unsafe_release}"
-            );
-        }
-    }
-
     fn peer(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, last), 8285)
     }
@@ -994,13 +884,6 @@ mod tests {
         let mut huge = message(libc::SOL_IP, 8, 0);
         huge[..8].copy_from_slice(&usize::MAX.to_ne_bytes());
         assert_eq!(gro_segment_size(&huge), None);
-    }
-
-    #[test]
-    fn gro_and_gso_are_available_on_this_kernel() {
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-        enable_gro(socket.as_fd()).unwrap();
-        assert!(gso_supported(socket.as_fd()));
     }
 
     #[test]

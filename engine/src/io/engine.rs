@@ -4,152 +4,19 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddrV4;
-use std::str::FromStr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
+pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
-use crate::decide::Policy;
-use std::net::UdpSocket;
-use std::os::fd::AsFd;
-
-use crate::offload::VNET_HDR_LEN;
+use crate::io::context::WorkerContext;
+use crate::io::error::WorkerError;
+use crate::io::probe::probe_offloads;
+use crate::io::stop::StopSignal;
+use crate::io::tun::TunQueue;
+use crate::io::udp::{bind_worker_socket, steer_by_inner_flow};
+use crate::io::worker::{self, SpawnError, WorkerSetup};
 use crate::route::Routes;
-use crate::tun::{set_offload, TunOffload, TunQueue};
-use crate::udp::{
-    bind_worker_socket, enable_gro, gso_supported, kernel_cuts_tun_uso_safely, kernel_gso_broken,
-    kernel_release, steer_by_inner_flow,
-};
-use crate::worker::{self, SpawnError, StopSignal, WorkerContext, WorkerError, WorkerSetup};
-
-/// How workers talk to the kernel. With offloads, the batched system calls measured faster
-/// than io_uring (docs/offloads.md), so they are the default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum IoBackend {
-    /// One io_uring per worker with many reads in flight and batched submissions.
-    Uring,
-    /// `poll`, `read`/`writev` on the TUN and `recvmmsg`/`sendmmsg` on the socket.
-    #[default]
-    Syscalls,
-}
-
-impl IoBackend {
-    /// Every back end, in the order they are documented.
-    pub const ALL: [IoBackend; 2] = [IoBackend::Uring, IoBackend::Syscalls];
-
-    /// The name used on the command line and in logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            IoBackend::Uring => "uring",
-            IoBackend::Syscalls => "syscalls",
-        }
-    }
-}
-
-impl fmt::Display for IoBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A name that is not an I/O back end.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown I/O back end {0:?} (expected \"uring\" or \"syscalls\")")]
-pub struct UnknownIoBackend(pub String);
-
-impl FromStr for IoBackend {
-    type Err = UnknownIoBackend;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        IoBackend::ALL
-            .into_iter()
-            .find(|backend| backend.name() == s)
-            .ok_or_else(|| UnknownIoBackend(s.to_owned()))
-    }
-}
-
-/// Which kernel offloads the engine may use. Each is probed at start and used only where the
-/// kernel (and, for the TUN, the queues) support it; every combination carries the same
-/// packets, fewer offloads only cost more CPU per byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Offloads {
-    /// Checksum and TCP/UDP segmentation offload on the TUN: the kernel hands over 64 KiB
-    /// super-packets, which the workers cut into datagrams, and segments from peers are
-    /// merged into super-packets before they are written. Needs queues opened with a
-    /// virtio-net header ([`crate::tun::open_queues_with`]).
-    pub tun: bool,
-    /// UDP GSO: a run of equal-sized datagrams to one peer leaves in one send.
-    pub udp_gso: bool,
-    /// UDP GRO: a run of datagrams from one peer arrives in one buffer.
-    pub udp_gro: bool,
-}
-
-impl Offloads {
-    /// Every offload.
-    pub const ALL: Offloads = Offloads {
-        tun: true,
-        udp_gso: true,
-        udp_gro: true,
-    };
-    /// None: one packet per operation everywhere.
-    pub const NONE: Offloads = Offloads {
-        tun: false,
-        udp_gso: false,
-        udp_gro: false,
-    };
-}
-
-impl Default for Offloads {
-    fn default() -> Self {
-        Offloads::ALL
-    }
-}
-
-/// The offloads a running engine actually uses, after probing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ActiveOffloads {
-    /// The TUN queues carry a virtio-net header.
-    pub vnet_hdr: bool,
-    /// What the TUN device was told it may hand over.
-    pub tun: TunOffload,
-    /// Segments from peers are merged into super-packets for the TUN.
-    pub coalesce: bool,
-    /// UDP datagrams from peers are merged too (the TUN takes USO).
-    pub coalesce_udp: bool,
-    /// UDP GSO on send.
-    pub udp_gso: bool,
-    /// UDP GRO on receive (on every worker's socket).
-    pub udp_gro: bool,
-    /// Datagrams are spread across several workers' sockets by inner flow.
-    pub flow_steering: bool,
-}
-
-impl ActiveOffloads {
-    /// Bytes of virtio-net header before every packet on the TUN.
-    pub(crate) fn vnet_len(&self) -> usize {
-        if self.vnet_hdr {
-            VNET_HDR_LEN
-        } else {
-            0
-        }
-    }
-}
-
-/// How to run the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// Worker threads; must equal the number of TUN queues handed to [`Engine::start`].
-    pub workers: usize,
-    /// The public address and UDP port every worker's socket binds (with `SO_REUSEPORT`).
-    pub bind: SocketAddrV4,
-    /// How workers do their I/O.
-    pub io: IoBackend,
-    /// The per-packet rules.
-    pub policy: Policy,
-    /// Pin worker N to the N-th CPU the process may use.
-    pub pin_cores: bool,
-    /// The offloads to use where the kernel supports them.
-    pub offloads: Offloads,
-}
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +118,7 @@ impl Engine {
             let context = WorkerContext {
                 routes: routes.clone(),
                 policy: config.policy,
+                icmp_rate_limit: config.icmp_rate_limit,
                 counters: Arc::new(WorkerCounters::default()),
                 stop: Arc::new(stop),
             };
@@ -323,67 +191,6 @@ impl Engine {
     }
 }
 
-/// Turn on what `wanted` asks for and the kernel supports, and log what is on.
-fn probe_offloads(wanted: &Offloads, tun: &[TunQueue], sockets: &[UdpSocket]) -> ActiveOffloads {
-    let vnet_hdr = tun.iter().all(TunQueue::vnet_hdr);
-    let tun_offload = match tun.first() {
-        Some(queue) if vnet_hdr => match set_offload(queue, wanted.tun) {
-            Ok(offload) => offload,
-            Err(error) => {
-                tracing::warn!(%error, "cannot set the TUN offloads; reading plain packets");
-                TunOffload::default()
-            }
-        },
-        _ => TunOffload::default(),
-    };
-    if wanted.tun && !vnet_hdr {
-        tracing::info!("the TUN queues carry no virtio-net header: no TUN offloads");
-    }
-    let release = kernel_release().unwrap_or_default();
-    let udp_gso = wanted.udp_gso
-        && sockets.iter().all(|s| gso_supported(s.as_fd()))
-        && if kernel_gso_broken(&release) {
-            tracing::warn!(
-                kernel = %release,
-                "this kernel's UDP GSO corrupts headers (Linux 7.0 to 7.1.4): sending plain datagrams"
-            );
-            false
-        } else {
-            true
-        };
-    let udp_gro = wanted.udp_gro
-        && sockets.iter().all(|s| match enable_gro(s.as_fd()) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::info!(%error, "no UDP GRO");
-                false
-            }
-        });
-    let active = ActiveOffloads {
-        vnet_hdr,
-        tun: tun_offload,
-        coalesce: vnet_hdr && wanted.tun,
-        coalesce_udp: vnet_hdr
-            && wanted.tun
-            && tun_offload.uso
-            && kernel_cuts_tun_uso_safely(&release),
-        udp_gso,
-        udp_gro,
-        flow_steering: false,
-    };
-    tracing::info!(
-        tun_csum = active.tun.csum,
-        tun_tso = active.tun.tso,
-        tun_uso = active.tun.uso,
-        tun_coalesce = active.coalesce,
-        tun_coalesce_udp = active.coalesce_udp,
-        udp_gso = active.udp_gso,
-        udp_gro = active.udp_gro,
-        "offloads"
-    );
-    active
-}
-
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_and_join();
@@ -402,26 +209,7 @@ impl fmt::Debug for Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_faster_back_end_is_the_default() {
-        assert_eq!(IoBackend::default(), IoBackend::Syscalls);
-        assert_eq!(Offloads::default(), Offloads::ALL);
-    }
-
-    #[test]
-    fn backends_parse_and_print_their_names() {
-        for backend in IoBackend::ALL {
-            assert_eq!(backend.to_string().parse::<IoBackend>(), Ok(backend));
-        }
-        assert_eq!("uring".parse::<IoBackend>(), Ok(IoBackend::Uring));
-        assert_eq!("syscalls".parse::<IoBackend>(), Ok(IoBackend::Syscalls));
-        assert_eq!(
-            "epoll".parse::<IoBackend>(),
-            Err(UnknownIoBackend("epoll".into()))
-        );
-        assert!("Uring".parse::<IoBackend>().is_err());
-    }
+    use crate::decide::Policy;
 
     #[test]
     fn configurations_that_cannot_work_are_refused() {
@@ -438,6 +226,7 @@ mod tests {
             },
             pin_cores: false,
             offloads: Offloads::default(),
+            icmp_rate_limit: crate::icmp_limit::IcmpRateLimit::DEFAULT,
         };
         assert!(matches!(
             Engine::start(config, Vec::new(), routes.clone()),

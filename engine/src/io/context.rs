@@ -1,0 +1,18 @@
+//! What a worker's loop reads but does not own.
+
+use std::sync::Arc;
+
+use crate::counters::WorkerCounters;
+use crate::decide::Policy;
+use crate::icmp_limit::IcmpRateLimit;
+use crate::io::stop::StopSignal;
+use crate::route::Routes;
+
+/// Everything a worker's loop reads but does not own.
+pub(crate) struct WorkerContext {
+    pub(crate) routes: Routes,
+    pub(crate) policy: Policy,
+    pub(crate) counters: Arc<WorkerCounters>,
+    pub(crate) stop: Arc<StopSignal>,
+    pub(crate) icmp_rate_limit: IcmpRateLimit,
+}

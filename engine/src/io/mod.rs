@@ -1,0 +1,21 @@
+//! The I/O shell: everything that talks to the kernel, and the only place in the engine where
+//! `unsafe` is allowed (each block says why it is sound).
+//!
+//! From the bottom up: the packet memory ([`buffers`]), the stop signal ([`stop`]), the
+//! errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP sockets ([`udp`]),
+//! what the kernel supports ([`probe`]), the execution of a batch's results that both back ends
+//! share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the worker thread
+//! ([`worker`]) and the [`engine`] that starts and stops the workers.
+
+pub(crate) mod buffers;
+pub(crate) mod context;
+pub mod engine;
+pub(crate) mod error;
+pub(crate) mod execute;
+pub mod probe;
+pub(crate) mod stop;
+pub(crate) mod syscalls;
+pub mod tun;
+pub mod udp;
+pub(crate) mod uring;
+pub(crate) mod worker;
