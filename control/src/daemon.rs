@@ -54,7 +54,7 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     /// The membership task could not start.
     #[error(transparent)]
-    Membership(#[from] crate::lease::MembershipError),
+    Membership(#[from] crate::membership::MembershipError),
     /// The TUN device could not be opened.
     #[error(transparent)]
     Tun(#[from] weft_engine::tun::TunError),

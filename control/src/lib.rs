@@ -9,15 +9,21 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod flags;
 pub mod http;
 pub mod iface;
 pub mod iptables;
+pub mod keeper;
 pub mod lease;
+pub mod membership;
+#[cfg(any(test, feature = "test-support"))]
+pub mod memory_registry;
 pub mod netconf;
 pub mod notify;
+pub mod own_lease;
 pub mod registry;
 pub mod subnet;
 pub mod subnet_env;

@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use weft_engine::{Overlay, RouteError, RouteTable, Routes};
 
-use crate::lease::{Backoff, Lease};
+use crate::backoff::Backoff;
+use crate::own_lease::{Lease, OwnLeaseGone};
 use crate::registry::{LeaseWatch, RawLease, Registry, WatchBroken, WatchEvent, WatchItem};
 use crate::subnet::{LeaseAttrs, LeaseKey};
 
@@ -237,14 +238,6 @@ impl PeerTable {
 
 fn warn_skipped(name: &str, reason: &SkipReason) {
     warn!(lease = name, "skipping lease: {reason}");
-}
-
-/// This host's lease was seen gone at `revision`: the watcher's message to the lease keeper.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct OwnLeaseGone {
-    pub subnet: Ipv4Net,
-    pub revision: i64,
-    pub why: String,
 }
 
 /// What the watcher needs to run.
