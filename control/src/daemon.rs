@@ -262,12 +262,14 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
     let http_task = if flags.healthz_port != 0 {
         let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
         let metrics_engine = engine_slot.clone();
+        let control_metrics = membership.metrics();
         let metrics: MetricsFn = Arc::new(move || {
             let mut text = String::new();
             let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
             if let Some(engine) = engine {
                 engine.counters().render_prometheus(&mut text);
             }
+            control_metrics.render_prometheus(&mut text);
             text
         });
         let server = HttpServer::bind(addr, health.clone(), metrics)

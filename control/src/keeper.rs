@@ -10,6 +10,7 @@
 //! [`crate::own_lease`]; the membership module runs the two together.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -22,6 +23,8 @@ use tracing::{debug, error, info, warn};
 use crate::alloc::{self, Occupied, Pick};
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
+use crate::data_loss::StoreHistory;
+use crate::metrics::{ControlMetrics, EtcdOp};
 use crate::own_lease::{Lease, OwnLeaseGone};
 use crate::registry::{Expect, RawLease, Registry, RegistryError};
 use crate::subnet::{lease_key_name, LeaseAttrs, LeaseKey};
@@ -183,6 +186,16 @@ pub(crate) struct Keeper<R> {
     lease: watch::Sender<Option<Lease>>,
     gone: mpsc::UnboundedReceiver<OwnLeaseGone>,
     rng: StdRng,
+    history: StoreHistory,
+    metrics: Arc<ControlMetrics>,
+}
+
+/// What the keeper shares with the watcher besides the lease itself.
+pub(crate) struct Shared {
+    /// The newest revision seen, to notice that etcd lost its data.
+    pub history: StoreHistory,
+    /// The control plane's metrics.
+    pub metrics: Arc<ControlMetrics>,
 }
 
 impl<R: Registry> Keeper<R> {
@@ -193,6 +206,7 @@ impl<R: Registry> Keeper<R> {
         settings: Settings,
         lease: watch::Sender<Option<Lease>>,
         gone: mpsc::UnboundedReceiver<OwnLeaseGone>,
+        shared: Shared,
     ) -> Self {
         Self {
             registry,
@@ -201,6 +215,8 @@ impl<R: Registry> Keeper<R> {
             lease,
             gone,
             rng: random_source(),
+            history: shared.history,
+            metrics: shared.metrics,
         }
     }
 
@@ -210,8 +226,10 @@ impl<R: Registry> Keeper<R> {
         loop {
             let held = self.acquire(preferred).await;
             preferred = Some(held.subnet);
+            self.metrics.lease_acquired();
             self.publish(&held);
             let why = self.hold(held.clone()).await;
+            self.metrics.lease_lost();
             warn!(
                 "lease for {} lost: {why}; re-acquiring (the same subnet if it is still free) while forwarding goes on",
                 held.subnet
@@ -220,6 +238,7 @@ impl<R: Registry> Keeper<R> {
     }
 
     fn publish(&self, held: &Held) {
+        self.metrics.set_lease_expiry(held.expires.map(|e| e.at));
         self.lease.send_replace(Some(Lease {
             subnet: held.subnet,
             public_ip: self.settings.public_ip,
@@ -267,7 +286,10 @@ impl<R: Registry> Keeper<R> {
     }
 
     async fn try_acquire(&mut self, preferred: Option<Ipv4Net>) -> Result<Held, AcquireError> {
-        let snapshot = self.registry.leases().await?;
+        let snapshot = self.registry.leases().await.inspect_err(|_| {
+            self.metrics.etcd_error(EtcdOp::List);
+        })?;
+        self.history.saw(snapshot.revision);
         let mut occupied = Vec::with_capacity(snapshot.leases.len());
         let mut raws: Vec<&RawLease> = Vec::with_capacity(snapshot.leases.len());
         for raw in &snapshot.leases {
@@ -300,6 +322,7 @@ impl<R: Registry> Keeper<R> {
                 .delete_lease(&raw.name, raw.mod_revision)
                 .await
             {
+                self.metrics.etcd_error(EtcdOp::Delete);
                 warn!("cannot delete lease {}: {e}", raw.name);
             }
         }
@@ -329,10 +352,12 @@ impl<R: Registry> Keeper<R> {
         let Some(written) = self
             .registry
             .write_lease(&name, &value, ttl, expect)
-            .await?
+            .await
+            .inspect_err(|_| self.metrics.etcd_error(EtcdOp::Write))?
         else {
             return Err(AcquireError::LostRace);
         };
+        self.history.saw(written.revision);
         info!("allocated lease {subnet} to this host ({me})");
         Ok(Held {
             subnet,
@@ -357,7 +382,8 @@ impl<R: Registry> Keeper<R> {
                 expires: None,
             }));
         }
-        match self.registry.keep_alive(raw.etcd_lease).await? {
+        let renewed = self.registry.keep_alive(raw.etcd_lease).await;
+        match renewed.inspect_err(|_| self.metrics.etcd_error(EtcdOp::Renew))? {
             Some(ttl) => {
                 info!("found lease {subnet} for this host's IP {me}, reusing it");
                 Ok(Some(Held {
@@ -391,10 +417,12 @@ impl<R: Registry> Keeper<R> {
                             held.expires = Some(expires);
                             renew_at = Some(expires.renew_at);
                             debug!("renewed lease {} for {ttl:?}", held.subnet);
+                            self.metrics.lease_renewed();
                             self.publish(&held);
                         }
                         Ok(None) => return "its etcd lease expired or was revoked".to_owned(),
                         Err(e) => {
+                            self.metrics.etcd_error(EtcdOp::Renew);
                             let retry = self.settings.renew_retry;
                             warn!("cannot renew lease {}: {e}; retrying in {retry:?}", held.subnet);
                             renew_at = Some(Instant::now() + retry);
@@ -402,6 +430,9 @@ impl<R: Registry> Keeper<R> {
                     }
                 }
                 gone = self.gone.recv(), if watcher_alive => match gone {
+                    // After a data loss the revisions held before mean nothing: whatever the
+                    // news says, register again (adopting the key if it survived).
+                    Some(gone) if gone.data_loss => return gone.why,
                     Some(gone) if gone.subnet == held.subnet && gone.revision >= held.revision => {
                         return gone.why;
                     }

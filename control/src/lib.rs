@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod data_loss;
 pub mod flags;
 pub mod http;
 pub mod iface;
@@ -21,6 +22,7 @@ pub mod lease;
 pub mod membership;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory_registry;
+pub mod metrics;
 pub mod netconf;
 pub mod notify;
 pub mod own_lease;

@@ -24,6 +24,8 @@
 //! // `task.abort()`; the lease is left in etcd so that a restart finds it again.
 //! ```
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -31,7 +33,9 @@ use weft_engine::Routes;
 
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, NetworkConfig};
-use crate::keeper::{Keeper, Settings, SettingsError};
+use crate::data_loss::StoreHistory;
+use crate::keeper::{Keeper, Settings, SettingsError, Shared};
+use crate::metrics::ControlMetrics;
 use crate::own_lease::Lease;
 use crate::registry::Registry;
 use crate::watch::Watcher;
@@ -86,9 +90,15 @@ pub async fn wait_for_config<R: Registry>(registry: &R, retry: Backoff) -> Netwo
 #[derive(Clone, Debug)]
 pub struct MembershipHandle {
     lease: watch::Receiver<Option<Lease>>,
+    metrics: Arc<ControlMetrics>,
 }
 
 impl MembershipHandle {
+    /// The keeper's and the watcher's metrics, for `/metrics`.
+    pub fn metrics(&self) -> Arc<ControlMetrics> {
+        self.metrics.clone()
+    }
+
     /// A receiver of this host's lease: `None` until the first one is acquired, then always the
     /// current one (a lost lease stays published until it is replaced, so that forwarding goes
     /// on). It changes on every renewal (`expires`) and when the subnet changes.
@@ -125,6 +135,8 @@ pub fn run_membership<R: Registry>(
     let overlay = config.overlay()?;
     let (lease_tx, lease_rx) = watch::channel(None);
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    let history = StoreHistory::new();
+    let metrics = Arc::new(ControlMetrics::new());
     let watcher = Watcher {
         registry: registry.clone(),
         overlay,
@@ -134,15 +146,34 @@ pub fn run_membership<R: Registry>(
         lease: lease_rx.clone(),
         own_gone: gone_tx,
         retry: settings.retry,
+        history: history.clone(),
+        metrics: metrics.clone(),
     };
-    let keeper = Keeper::new(registry, config.clone(), settings, lease_tx, gone_rx);
+    let shared = Shared {
+        history,
+        metrics: metrics.clone(),
+    };
+    let keeper = Keeper::new(
+        registry,
+        config.clone(),
+        settings,
+        lease_tx,
+        gone_rx,
+        shared,
+    );
     let task = tokio::spawn(async move {
         tokio::select! {
             () = keeper.run() => {}
             () = watcher.run() => {}
         }
     });
-    Ok((MembershipHandle { lease: lease_rx }, task))
+    Ok((
+        MembershipHandle {
+            lease: lease_rx,
+            metrics,
+        },
+        task,
+    ))
 }
 
 #[cfg(test)]
@@ -503,5 +534,73 @@ mod tests {
             .unwrap();
         assert_eq!(got.subnet, net("10.1.0.128/26"));
         task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn etcd_data_loss_reregisters_at_once_with_the_same_subnet() {
+        let reg = MemoryRegistry::new();
+        let mut m = start(&reg, fast("198.18.0.1"));
+        let subnet = m.subnet().await;
+        reg.put(
+            "10.1.200.0-24",
+            &udp("198.18.0.2"),
+            Some(Duration::from_secs(60)),
+        );
+        for i in 0..20 {
+            reg.put("10.1.201.0-24", &udp(&format!("198.18.1.{i}")), None);
+        }
+        m.routes_until("show both peers", |t| t.peers().count() == 2)
+            .await;
+        // Wiped: every key and revision gone; the renewal is 40 s away.
+        reg.lose_data(false);
+        assert_eq!(reg.names(), Vec::<String>::new());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(reg.names(), [lease_key_name(subnet)], "re-registered");
+        assert_eq!(reg.get(&lease_key_name(subnet)), Some(udp("198.18.0.1")));
+        assert_eq!(m.handle.current().unwrap().subnet, subnet);
+        m.routes_until("match the empty store", |t| {
+            t.peers().count() == 0 && t.local_subnet() == Some(subnet)
+        })
+        .await;
+        assert_eq!(m.handle.metrics().data_loss_count(), 1);
+
+        // Another cluster whose revision has already passed ours: the cluster ID tells.
+        reg.lose_data(true);
+        for i in 0..100 {
+            reg.put("10.1.202.0-24", &udp(&format!("198.18.2.{i}")), None);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(reg.get(&lease_key_name(subnet)), Some(udp("198.18.0.1")));
+        assert_eq!(m.handle.metrics().data_loss_count(), 2);
+        m.routes_until("show the new cluster's host", |t| {
+            t.peers().eq([(net("10.1.202.0/24"), ip("198.18.2.99"))])
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_takeover_while_adopting_the_lease_is_noticed() {
+        let reg = MemoryRegistry::new();
+        // Our lease from before a restart; while the keeper renews it to adopt it, another
+        // host takes the key, and the watch shows that before the lease is published.
+        reg.put(
+            "10.1.9.0-24",
+            &udp("198.18.0.1"),
+            Some(Duration::from_secs(60)),
+        );
+        reg.take_over_during_next_keep_alive(&udp("198.18.0.7"), Duration::from_millis(500));
+        let m = start(&reg, fast("198.18.0.1"));
+        let moved = m
+            .lease_until("moved", |l| l.subnet != net("10.1.9.0/24"))
+            .await;
+        assert_eq!(
+            reg.get(&lease_key_name(moved.subnet)),
+            Some(udp("198.18.0.1"))
+        );
+        m.routes_until("route the taken subnet to its new holder", |t| {
+            t.local_subnet() == Some(moved.subnet)
+                && t.peers().eq([(net("10.1.9.0/24"), ip("198.18.0.7"))])
+        })
+        .await;
     }
 }

@@ -39,7 +39,11 @@ struct MemoryState {
     unavailable: bool,
     /// On the next "create if absent", first store this value at the same key.
     race_next_create: Option<String>,
+    /// During the next keep-alive, another host stores this value at every key of that etcd
+    /// lease (without TTL), the given time after the request and as long before the answer.
+    take_over_during_keep_alive: Option<(String, Duration)>,
     keep_alives: u64,
+    cluster_id: u64,
 }
 
 /// A key's new (value, etcd lease), or `None` for a deletion.
@@ -115,9 +119,13 @@ impl Default for MemoryRegistry {
 impl MemoryRegistry {
     /// An empty store under the default prefix.
     pub fn new() -> Self {
+        let state = MemoryState {
+            cluster_id: 1,
+            ..MemoryState::default()
+        };
         Self {
             prefix: KeyPrefix::default(),
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(state)),
         }
     }
 
@@ -196,6 +204,37 @@ impl MemoryRegistry {
         }
     }
 
+    /// Lose every key, etcd lease and revision, as a wiped or rebuilt etcd does: the revision
+    /// starts again from 0 (and, with `new_cluster`, the cluster ID changes); every watch
+    /// breaks. The network config survives, as an operator puts it back.
+    pub fn lose_data(&self, new_cluster: bool) {
+        let mut s = self.state();
+        s.break_watchers(WatchBroken::Disconnected("etcd restarted".to_owned()));
+        s.keys.clear();
+        s.leases.clear();
+        s.history.clear();
+        s.revision = 0;
+        s.compacted = 0;
+        if new_cluster {
+            s.cluster_id += 1;
+        }
+    }
+
+    /// Break every running watch, as a failed connection does.
+    pub fn break_watches(&self) {
+        self.state().break_watchers(WatchBroken::Disconnected(
+            "injected broken stream".to_owned(),
+        ));
+    }
+
+    /// During the next keep-alive, `delay` after it is asked for, another host stores `value`
+    /// at every key of that etcd lease, without TTL; the answer comes `delay` later. A keeper
+    /// adopting its old lease learns that it lives, while the watch has already shown that the
+    /// key is someone else's.
+    pub fn take_over_during_next_keep_alive(&self, value: &str, delay: Duration) {
+        self.state().take_over_during_keep_alive = Some((value.to_owned(), delay));
+    }
+
     /// Make the next "create if absent" lose a race: another host stores `value` at the same
     /// key (without TTL) just before.
     pub fn race_next_create(&self, value: &str) {
@@ -249,6 +288,7 @@ impl Registry for MemoryRegistry {
         s.check_available()?;
         Ok(LeaseSnapshot {
             revision: s.revision,
+            cluster_id: s.cluster_id,
             leases: s
                 .keys
                 .iter()
@@ -305,6 +345,27 @@ impl Registry for MemoryRegistry {
     }
 
     async fn keep_alive(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
+        let takeover = {
+            let mut s = self.state();
+            s.check_available()?;
+            s.take_over_during_keep_alive.take()
+        };
+        if let Some((value, delay)) = takeover {
+            tokio::time::sleep(delay).await;
+            {
+                let mut s = self.state();
+                let taken: Vec<_> = s
+                    .keys
+                    .iter()
+                    .filter(|(_, e)| e.etcd_lease == etcd_lease)
+                    .map(|(name, _)| (name.clone(), Some((value.clone().into_bytes(), 0))))
+                    .collect();
+                if !taken.is_empty() {
+                    s.commit(taken);
+                }
+            }
+            tokio::time::sleep(delay).await;
+        }
         let mut s = self.state();
         s.check_available()?;
         let ttl = s.leases.get(&etcd_lease).copied();

@@ -24,4 +24,7 @@ pub(crate) struct OwnLeaseGone {
     pub subnet: Ipv4Net,
     pub revision: i64,
     pub why: String,
+    /// etcd lost its data: revisions from before mean nothing, so the keeper re-registers
+    /// whatever revision it holds the lease at.
+    pub data_loss: bool,
 }

@@ -21,7 +21,8 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
-use tracing::debug;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use crate::subnet::KeyPrefix;
 
@@ -52,6 +53,9 @@ pub struct LeaseSnapshot {
     pub revision: i64,
     /// The leases, in key order.
     pub leases: Vec<RawLease>,
+    /// The ID of the etcd cluster that answered; 0 if unknown. Another ID means another
+    /// cluster, whose revisions have nothing to do with the ones seen before.
+    pub cluster_id: u64,
 }
 
 /// The condition under which [`Registry::write_lease`] writes.
@@ -98,6 +102,9 @@ pub enum WatchBroken {
     },
     /// The stream failed or was closed.
     Disconnected(String),
+    /// The stream went silent and did not answer a progress request in time: the member may
+    /// be frozen or cut off from its cluster. The next attempt goes to another member.
+    Stalled(String),
 }
 
 /// What a watch yields next.
@@ -193,6 +200,23 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
 }
 
+/// How long a watch may stay silent before weftd asks etcd for a progress report.
+pub const DEFAULT_WATCH_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How many keys one page of the lease listing asks for. A flannel lease is about 100 bytes
+/// of key and value, so a page is about half a megabyte.
+const PAGE_KEYS: i64 = 4096;
+
+/// The largest message weftd accepts from etcd (gRPC's default is 4 MiB). A page of
+/// [`PAGE_KEYS`] normal leases needs a fraction of it; a page full of junk values shrinks
+/// until it fits, and etcd refuses values over its `--max-request-bytes` (1.5 MiB by default),
+/// so even a page of one key fits. Watch responses carry one revision's events.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The largest lease value weftd reads. flannel writes 50 to 300 bytes; anything far larger
+/// is junk, logged and treated as an unusable lease (its key still occupies the subnet).
+pub const MAX_LEASE_VALUE_BYTES: usize = 64 << 10;
+
 /// How to reach etcd.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdSettings {
@@ -204,8 +228,11 @@ pub struct EtcdSettings {
     pub tls: Option<TlsFiles>,
     /// User name and password for etcd's authentication.
     pub credentials: Option<(String, String)>,
-    /// How long one request (or connection attempt) may take.
+    /// How long one request (or connection attempt) may take; also how long a silent watch
+    /// waits for the answer to a progress request before it counts as stalled.
     pub request_timeout: Duration,
+    /// After this long without a message on a watch, ask etcd for a progress report.
+    pub watch_check_interval: Duration,
 }
 
 impl EtcdSettings {
@@ -217,6 +244,7 @@ impl EtcdSettings {
             tls: None,
             credentials: None,
             request_timeout: Duration::from_secs(5),
+            watch_check_interval: DEFAULT_WATCH_CHECK_INTERVAL,
         }
     }
 }
@@ -234,6 +262,7 @@ pub struct EtcdRegistry {
     options: ConnectOptions,
     prefix: KeyPrefix,
     request_timeout: Duration,
+    watch_check_interval: Duration,
     /// One client per endpoint, connected on first use.
     clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>>,
     /// The endpoint that answered last.
@@ -263,7 +292,10 @@ impl EtcdRegistry {
         let mut options = ConnectOptions::new()
             .with_timeout(settings.request_timeout)
             .with_connect_timeout(settings.request_timeout)
-            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
+            // etcd's `hasleader`: a member cut off from its cluster refuses requests and
+            // cancels watches instead of serving stale data or going silent.
+            .with_require_leader(true);
         if let Some((user, password)) = &settings.credentials {
             options = options
                 .with_user(user.clone(), password.clone())
@@ -282,6 +314,7 @@ impl EtcdRegistry {
             options,
             prefix: settings.prefix.clone(),
             request_timeout: settings.request_timeout,
+            watch_check_interval: settings.watch_check_interval,
             clients: Arc::new(tokio::sync::Mutex::new(vec![
                 None;
                 settings.endpoints.len()
@@ -349,15 +382,122 @@ impl EtcdRegistry {
         self.prefix.subnets_dir()
     }
 
-    fn raw_lease(&self, kv: &etcd_client::KeyValue) -> Option<RawLease> {
-        let dir = self.subnets_dir();
-        let name = kv.key().strip_prefix(dir.as_bytes())?;
-        Some(RawLease {
-            name: String::from_utf8_lossy(name).into_owned(),
-            value: kv.value().to_vec(),
-            etcd_lease: kv.lease(),
-            mod_revision: kv.mod_revision(),
-        })
+    /// Stop using endpoint `index` for now (its watch stalled): the next request starts with
+    /// the following one, on a fresh connection when it comes back to this one.
+    async fn skip_endpoint(&self, index: usize) {
+        let count = self.endpoints.len();
+        if count > 1 {
+            let _ = self.current.compare_exchange(
+                index,
+                (index + 1) % count,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if let Some(slot) = self.clients.lock().await.get_mut(index) {
+            *slot = None;
+        }
+    }
+}
+
+/// The lease stored in `kv`, a key under `dir`; `None` for a key outside it. A value larger
+/// than [`MAX_LEASE_VALUE_BYTES`] is not kept: the lease is returned with an empty value,
+/// which no reader accepts, and a warning says why.
+fn raw_lease(dir: &str, kv: &etcd_client::KeyValue) -> Option<RawLease> {
+    let name = kv.key().strip_prefix(dir.as_bytes())?;
+    let name = String::from_utf8_lossy(name).into_owned();
+    let value = if kv.value().len() > MAX_LEASE_VALUE_BYTES {
+        warn!(
+            lease = %name,
+            bytes = kv.value().len(),
+            "lease value is larger than {MAX_LEASE_VALUE_BYTES} bytes; not reading it (unusable lease)"
+        );
+        Vec::new()
+    } else {
+        kv.value().to_vec()
+    };
+    Some(RawLease {
+        name,
+        value,
+        etcd_lease: kv.lease(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte is 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// Whether `e` says a response was larger than the receive limit.
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("message length too large"))
+}
+
+/// Whether `e` says the revision asked for has been compacted.
+fn compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
+}
+
+/// List every lease under `dir`, page by page, every page at the first page's revision, so
+/// that the listing is one consistent snapshot however many leases there are. A page too
+/// large for the receive limit is asked for again with fewer keys; a compaction during the
+/// listing starts it again.
+async fn list_leases(client: Client, dir: String) -> Result<LeaseSnapshot, etcd_client::Error> {
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let end = prefix_end(dir.as_bytes());
+    let mut restarts = 0;
+    'listing: loop {
+        let mut snapshot = LeaseSnapshot::default();
+        let mut from = dir.as_bytes().to_vec();
+        let mut limit = PAGE_KEYS;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if snapshot.revision > 0 {
+                options = options.with_revision(snapshot.revision);
+            }
+            let resp = match kv.get(from.clone(), Some(options)).await {
+                Ok(resp) => resp,
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit = (limit / 4).max(1);
+                    debug!(
+                        limit,
+                        "a page of leases is too large; asking for fewer keys"
+                    );
+                    continue;
+                }
+                Err(e) if compacted(&e) && snapshot.revision > 0 && restarts < 3 => {
+                    restarts += 1;
+                    debug!("the listing's revision was compacted; listing again");
+                    continue 'listing;
+                }
+                Err(e) => return Err(e),
+            };
+            if snapshot.revision == 0 {
+                snapshot.revision = header_revision(resp.header());
+                snapshot.cluster_id = resp.header().map_or(0, |h| h.cluster_id());
+            }
+            snapshot
+                .leases
+                .extend(resp.kvs().iter().filter_map(|kv| raw_lease(&dir, kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(snapshot),
+            }
+        }
     }
 }
 
@@ -415,20 +555,7 @@ impl Registry for EtcdRegistry {
 
     async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
         let dir = self.subnets_dir();
-        let resp = self
-            .call(|mut client| {
-                let dir = dir.clone();
-                async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        Ok(LeaseSnapshot {
-            revision: header_revision(resp.header()),
-            leases: resp
-                .kvs()
-                .iter()
-                .filter_map(|kv| self.raw_lease(kv))
-                .collect(),
-        })
+        self.call(|client| list_leases(client, dir.clone())).await
     }
 
     async fn write_lease(
@@ -466,18 +593,36 @@ impl Registry for EtcdRegistry {
 
     async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let dir = self.subnets_dir();
+        let timeout = self.request_timeout;
         let stream = self
-            .call(|mut client| {
+            .call(|client| {
                 let dir = dir.clone();
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(from_revision);
-                async move { client.watch(dir, Some(options)).await }
+                let mut watch_client = client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES);
+                async move {
+                    // A frozen member accepts the connection and never answers.
+                    tokio::time::timeout(timeout, watch_client.watch(dir, Some(options)))
+                        .await
+                        .map_err(|_| {
+                            etcd_client::Error::WatchError(format!(
+                                "no answer to the watch request within {timeout:?}"
+                            ))
+                        })?
+                }
             })
             .await?;
         Ok(EtcdWatch {
             stream,
             registry: self.clone(),
+            endpoint: self.current.load(Ordering::Relaxed),
+            from_revision,
+            cluster_id: 0,
+            last_heard: Instant::now(),
+            progress_asked: None,
         })
     }
 }
@@ -553,15 +698,87 @@ async fn keep_alive_once(
 }
 
 /// A watch on etcd's leases.
+///
+/// A watch that stays silent for the registry's `watch_check_interval` asks etcd for a
+/// progress report; if nothing arrives within the request timeout after that, the member is
+/// frozen or cut off, and the watch ends as [`WatchBroken::Stalled`] so that the watcher
+/// resyncs through another member. A response whose header shows a revision older than the
+/// watch's start, or another cluster, ends the watch too: etcd lost its data, and the
+/// resync's listing tells the watcher so.
 pub struct EtcdWatch {
     stream: etcd_client::WatchStream,
     registry: EtcdRegistry,
+    /// The endpoint the watch runs on.
+    endpoint: usize,
+    from_revision: i64,
+    cluster_id: u64,
+    last_heard: Instant,
+    progress_asked: Option<Instant>,
+}
+
+impl EtcdWatch {
+    fn endpoint_name(&self) -> &str {
+        self.registry
+            .endpoints
+            .get(self.endpoint)
+            .map_or("?", String::as_str)
+    }
+
+    /// Why the header of a response shows that this is not the store the watch started on.
+    fn header_mismatch(&mut self, header: Option<&etcd_client::ResponseHeader>) -> Option<String> {
+        let header = header?;
+        let cluster = header.cluster_id();
+        if cluster != 0 {
+            if self.cluster_id == 0 {
+                self.cluster_id = cluster;
+            } else if cluster != self.cluster_id {
+                return Some(format!(
+                    "etcd's cluster ID changed from {:x} to {cluster:x}",
+                    self.cluster_id
+                ));
+            }
+        }
+        let revision = header.revision();
+        // The store was at `from_revision - 1` or later when the watch began.
+        (revision > 0 && revision < self.from_revision - 1).then(|| {
+            format!(
+                "etcd's revision went back to {revision}, before the watch's start at {}",
+                self.from_revision
+            )
+        })
+    }
 }
 
 impl LeaseWatch for EtcdWatch {
     async fn next(&mut self) -> WatchItem {
+        let interval = self.registry.watch_check_interval;
+        let answer_within = self.registry.request_timeout;
         loop {
-            let resp = match self.stream.message().await {
+            let wake = match self.progress_asked {
+                Some(asked) => asked + answer_within,
+                None => self.last_heard + interval,
+            };
+            let message = tokio::select! {
+                message = self.stream.message() => message,
+                () = tokio::time::sleep_until(wake) => {
+                    if self.progress_asked.is_some() {
+                        self.registry.skip_endpoint(self.endpoint).await;
+                        return WatchItem::Broken(WatchBroken::Stalled(format!(
+                            "etcd at {} sent nothing for {:?} and did not answer a progress request within {answer_within:?}",
+                            self.endpoint_name(),
+                            self.last_heard.elapsed()
+                        )));
+                    }
+                    if let Err(e) = self.stream.request_progress().await {
+                        return WatchItem::Broken(WatchBroken::Disconnected(e.to_string()));
+                    }
+                    self.progress_asked = Some(Instant::now());
+                    continue;
+                }
+            };
+            self.last_heard = Instant::now();
+            self.progress_asked = None;
+            let resp = match message {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     return WatchItem::Broken(WatchBroken::Disconnected(
@@ -570,6 +787,9 @@ impl LeaseWatch for EtcdWatch {
                 }
                 Err(e) => return WatchItem::Broken(WatchBroken::Disconnected(e.to_string())),
             };
+            if let Some(why) = self.header_mismatch(resp.header()) {
+                return WatchItem::Broken(WatchBroken::Disconnected(why));
+            }
             if resp.compact_revision() > 0 {
                 return WatchItem::Broken(WatchBroken::Compacted {
                     compact_revision: resp.compact_revision(),
@@ -587,12 +807,13 @@ impl LeaseWatch for EtcdWatch {
                 continue;
             }
             let revision = header_revision(resp.header());
+            let dir = self.registry.subnets_dir();
             let events = resp
                 .events()
                 .iter()
                 .filter_map(|event| {
                     let kv = event.kv()?;
-                    let lease = self.registry.raw_lease(kv)?;
+                    let lease = raw_lease(&dir, kv)?;
                     Some(match event.event_type() {
                         EventType::Put => WatchEvent::Put(lease),
                         EventType::Delete => WatchEvent::Delete {
@@ -610,6 +831,16 @@ impl LeaseWatch for EtcdWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+    }
 
     #[test]
     fn etcd_settings_are_checked_before_connecting() {

@@ -13,10 +13,13 @@
 //! with a warning; it never stops the watcher.
 //!
 //! The watcher also notices when this host's own lease disappears (deleted, expired, or taken
-//! over) and tells the lease keeper, which re-acquires it.
+//! over) and tells the lease keeper, which re-acquires it. Every fresh snapshot is checked for
+//! signs that etcd lost its data (see [`crate::data_loss`]); then the keeper is told to
+//! re-register at once, since the revisions it knows no longer mean anything.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +27,8 @@ use tracing::{debug, error, info, warn};
 use weft_engine::{Overlay, RouteError, RouteTable, Routes};
 
 use crate::backoff::Backoff;
+use crate::data_loss::StoreHistory;
+use crate::metrics::{ControlMetrics, EtcdOp};
 use crate::own_lease::{Lease, OwnLeaseGone};
 use crate::registry::{LeaseWatch, RawLease, Registry, WatchBroken, WatchEvent, WatchItem};
 use crate::subnet::{LeaseAttrs, LeaseKey};
@@ -250,6 +255,8 @@ pub(crate) struct Watcher<R> {
     pub lease: watch::Receiver<Option<Lease>>,
     pub own_gone: mpsc::UnboundedSender<OwnLeaseGone>,
     pub retry: Backoff,
+    pub history: StoreHistory,
+    pub metrics: Arc<ControlMetrics>,
 }
 
 impl<R: Registry> Watcher<R> {
@@ -258,10 +265,13 @@ impl<R: Registry> Watcher<R> {
         let mut table = PeerTable::new(self.overlay);
         let mut own: Option<Ipv4Net>;
         let mut delay = self.retry.delays();
+        let mut first = true;
         loop {
+            let floor = self.history.newest();
             let snapshot = match self.registry.leases().await {
                 Ok(snapshot) => snapshot,
                 Err(e) => {
+                    self.metrics.etcd_error(EtcdOp::List);
                     let wait = delay.next_delay();
                     warn!(
                         "cannot list leases: {e}; keeping the current routes, retrying in {wait:?}"
@@ -270,6 +280,13 @@ impl<R: Registry> Watcher<R> {
                     continue;
                 }
             };
+            if !first {
+                self.metrics.watch_resynced();
+            }
+            first = false;
+            let lost = self
+                .history
+                .check_listing(floor, snapshot.revision, snapshot.cluster_id);
             let fresh = PeerTable::from_snapshot(self.overlay, &snapshot.leases);
             let diff = table.diff(&fresh);
             let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
@@ -281,12 +298,31 @@ impl<R: Registry> Watcher<R> {
             }
             table = fresh;
             own = self.own_subnet();
-            self.check_own(&table, own, snapshot.revision, "it is not in etcd");
+            let mut applied = snapshot.revision;
+            match lost {
+                Err(loss) => {
+                    self.metrics.data_lost();
+                    error!(
+                        "etcd lost its data: {loss}; {} leases are left; re-registering this host's lease at once (the same subnet if it is free)",
+                        snapshot.leases.len()
+                    );
+                    if let Some(subnet) = own {
+                        let _ = self.own_gone.send(OwnLeaseGone {
+                            subnet,
+                            revision: snapshot.revision,
+                            why: format!("etcd lost its data ({loss})"),
+                            data_loss: true,
+                        });
+                    }
+                }
+                Ok(()) => self.check_own(&table, own, applied, "it is not in etcd"),
+            }
             self.publish(&table, own);
 
             let mut stream = match self.registry.watch(snapshot.revision + 1).await {
                 Ok(stream) => stream,
                 Err(e) => {
+                    self.metrics.etcd_error(EtcdOp::Watch);
                     let wait = delay.next_delay();
                     warn!("cannot watch leases: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -299,6 +335,8 @@ impl<R: Registry> Watcher<R> {
                     item = stream.next() => match item {
                         WatchItem::Events { revision, events } => {
                             delay.reset();
+                            self.history.saw(revision);
+                            applied = applied.max(revision);
                             // The keeper may have changed our subnet since we last looked;
                             // never publish a table with a stale one.
                             own = self.own_subnet();
@@ -320,6 +358,12 @@ impl<R: Registry> Watcher<R> {
                         let now = self.own_subnet();
                         if now != own {
                             own = now;
+                            // The keeper may have adopted a key that was deleted or taken
+                            // over after it listed it, and the watch may have shown that
+                            // before the lease was published: check the table as it stands.
+                            // A key the keeper has just written is newer than `applied`, and
+                            // the keeper ignores the news as stale.
+                            self.check_own(&table, own, applied, "it is not in etcd");
                             self.publish(&table, own);
                         }
                     }
@@ -332,7 +376,14 @@ impl<R: Registry> Watcher<R> {
                         "lease watch fell behind a compaction; resynchronising"
                     );
                 }
+                WatchBroken::Stalled(why) => {
+                    self.metrics.etcd_error(EtcdOp::WatchStalled);
+                    warn!(
+                        "lease watch stalled: {why}; resynchronising through another etcd member"
+                    );
+                }
                 WatchBroken::Disconnected(why) => {
+                    self.metrics.etcd_error(EtcdOp::Watch);
                     let wait = delay.next_delay();
                     warn!("lease watch broke: {why}; resynchronising in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -386,6 +437,7 @@ impl<R: Registry> Watcher<R> {
                 subnet: own,
                 revision,
                 why: why.to_owned(),
+                data_loss: false,
             });
         }
     }
@@ -396,6 +448,7 @@ impl<R: Registry> Watcher<R> {
             Ok(routes) => {
                 if *self.routes.current() != routes {
                     debug!(peers = routes.peer_count(), "publishing routes");
+                    self.metrics.set_peers(routes.peer_count());
                     self.routes.publish(routes);
                 }
             }
