@@ -221,6 +221,24 @@ impl PeerTable {
             .map(|l| l.public_ip)
     }
 
+    /// Where the route table for this host sends `subnet` (see [`PeerTable::route_table`]):
+    /// the holder of the last usable lease for it, in key order, unless that is this host.
+    pub fn route_for(
+        &self,
+        subnet: Ipv4Net,
+        own: Option<Ipv4Net>,
+        public_ip: Ipv4Addr,
+    ) -> Option<Ipv4Addr> {
+        if Some(subnet) == own {
+            return None;
+        }
+        self.leases
+            .values()
+            .rev()
+            .find(|l| l.subnet == subnet && l.public_ip != public_ip)
+            .map(|l| l.public_ip)
+    }
+
     /// The route table for this host: `own` is its subnet; every lease but that one, and but
     /// any other lease held by this host's own `public_ip`, becomes a route.
     pub fn route_table(
@@ -238,6 +256,15 @@ impl PeerTable {
                 .filter(|l| l.public_ip != public_ip && Some(l.subnet) != own)
                 .map(|l| (l.subnet, l.public_ip)),
         )
+    }
+}
+
+/// The subnet whose route `change` may have changed.
+fn changed_subnet(change: PeerChange) -> Option<Ipv4Net> {
+    match change {
+        PeerChange::Unchanged => None,
+        PeerChange::Added(p) | PeerChange::Removed(p) => Some(p.subnet),
+        PeerChange::Replaced { new, .. } => Some(new.subnet),
     }
 }
 
@@ -339,14 +366,22 @@ impl<R: Registry> Watcher<R> {
                             applied = applied.max(revision);
                             // The keeper may have changed our subnet since we last looked;
                             // never publish a table with a stale one.
+                            let was = own;
                             own = self.own_subnet();
+                            let mut touched = Vec::with_capacity(events.len());
                             for event in &events {
-                                self.log_change(table.apply(event));
+                                let change = table.apply(event);
+                                touched.extend(changed_subnet(change));
+                                self.log_change(change);
                                 if let Some(own) = own {
                                     self.check_event(&table, own, event, revision);
                                 }
                             }
-                            self.publish(&table, own);
+                            if own == was {
+                                self.publish_changes(&table, own, &touched);
+                            } else {
+                                self.publish(&table, own);
+                            }
                         }
                         WatchItem::Broken(why) => break why,
                     },
@@ -439,6 +474,30 @@ impl<R: Registry> Watcher<R> {
                 why: why.to_owned(),
                 data_loss: false,
             });
+        }
+    }
+
+    /// Publish the route table with the routes for `touched` subnets brought up to date
+    /// from `table`: the rest of the published table is already right, and updating it in
+    /// place costs far less than a rebuild when there are many leases.
+    fn publish_changes(&self, table: &PeerTable, own: Option<Ipv4Net>, touched: &[Ipv4Net]) {
+        if touched.is_empty() {
+            return;
+        }
+        let changes = touched
+            .iter()
+            .map(|&subnet| (subnet, table.route_for(subnet, own, self.public_ip)));
+        match self.routes.current().with_changes(changes) {
+            Ok(Some(routes)) => {
+                debug!(peers = routes.peer_count(), "publishing routes");
+                self.metrics.set_peers(routes.peer_count());
+                self.routes.publish(routes);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!("cannot update the route table: {e}; rebuilding it");
+                self.publish(table, own);
+            }
         }
     }
 
