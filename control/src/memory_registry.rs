@@ -65,6 +65,27 @@ impl MemoryState {
         }
     }
 
+    /// A new etcd lease of `ttl`; 0 (none) without TTL.
+    fn grant(&mut self, ttl: Option<Duration>) -> i64 {
+        match ttl {
+            Some(ttl) => {
+                self.next_lease += 1;
+                self.leases.insert(self.next_lease, ttl);
+                self.next_lease
+            }
+            None => 0,
+        }
+    }
+
+    /// The names of the keys attached to `etcd_lease`.
+    fn keys_of(&self, etcd_lease: i64) -> Vec<String> {
+        self.keys
+            .iter()
+            .filter(|(_, e)| e.etcd_lease == etcd_lease)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Apply `changes` as one revision and tell the watchers.
     fn commit(&mut self, changes: Vec<(String, Change)>) -> i64 {
         self.revision += 1;
@@ -144,15 +165,7 @@ impl MemoryRegistry {
     /// of `ttl`, or without TTL (a reservation). Returns the etcd lease (0 for none).
     pub fn put(&self, name: &str, value: &str, ttl: Option<Duration>) -> i64 {
         let mut s = self.state();
-        let etcd_lease = match ttl {
-            Some(ttl) => {
-                s.next_lease += 1;
-                let id = s.next_lease;
-                s.leases.insert(id, ttl);
-                id
-            }
-            None => 0,
-        };
+        let etcd_lease = s.grant(ttl);
         s.commit(vec![(
             name.to_owned(),
             Some((value.as_bytes().to_vec(), etcd_lease)),
@@ -173,10 +186,9 @@ impl MemoryRegistry {
         let mut s = self.state();
         s.leases.remove(&etcd_lease);
         let doomed: Vec<_> = s
-            .keys
-            .iter()
-            .filter(|(_, e)| e.etcd_lease == etcd_lease)
-            .map(|(name, _)| (name.clone(), None))
+            .keys_of(etcd_lease)
+            .into_iter()
+            .map(|name| (name, None))
             .collect();
         if !doomed.is_empty() {
             s.commit(doomed);
@@ -324,15 +336,7 @@ impl Registry for MemoryRegistry {
         if !holds {
             return Ok(None);
         }
-        let etcd_lease = match ttl {
-            Some(ttl) => {
-                s.next_lease += 1;
-                let id = s.next_lease;
-                s.leases.insert(id, ttl);
-                id
-            }
-            None => 0,
-        };
+        let etcd_lease = s.grant(ttl);
         let revision = s.commit(vec![(
             name.to_owned(),
             Some((value.as_bytes().to_vec(), etcd_lease)),
@@ -355,10 +359,9 @@ impl Registry for MemoryRegistry {
             {
                 let mut s = self.state();
                 let taken: Vec<_> = s
-                    .keys
-                    .iter()
-                    .filter(|(_, e)| e.etcd_lease == etcd_lease)
-                    .map(|(name, _)| (name.clone(), Some((value.clone().into_bytes(), 0))))
+                    .keys_of(etcd_lease)
+                    .into_iter()
+                    .map(|name| (name, Some((value.clone().into_bytes(), 0))))
                     .collect();
                 if !taken.is_empty() {
                     s.commit(taken);
