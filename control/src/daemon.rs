@@ -31,6 +31,7 @@ use crate::http::{Health, HttpServer, MetricsFn};
 use crate::iface::{find_external, ExternalInterface, IfaceSelection};
 use crate::iptables::{Iptables, IptablesKeeper, RuleSet};
 use crate::lease::{self, Backoff, Lease};
+use crate::metrics::ControlMetrics;
 use crate::netconf::{configure_tun, disable_ipv6, TunConfig};
 use crate::netlink::Netlink;
 use crate::notify::Notifier;
@@ -63,7 +64,7 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     /// The membership task could not start.
     #[error(transparent)]
-    Membership(#[from] crate::lease::MembershipError),
+    Membership(#[from] crate::membership::MembershipError),
     /// The TUN device could not be opened.
     #[error(transparent)]
     Tun(#[from] weft_engine::tun::TunError),
@@ -313,6 +314,10 @@ impl LeaseFollowers<'_> {
 /// Where the metrics page finds the engine once it runs.
 type EngineSlot = Arc<std::sync::Mutex<Option<Arc<Engine>>>>;
 
+/// The keeper's and watcher's metrics, set once the membership task has started; /metrics is
+/// served before that.
+type ControlMetricsSlot = Arc<std::sync::OnceLock<Arc<ControlMetrics>>>;
+
 /// SIGTERM and SIGINT (Ctrl-C), the two ways to stop weftd.
 struct StopSignals {
     sigterm: Signal,
@@ -370,6 +375,7 @@ struct Daemon<'a> {
     notifier: Option<Notifier>,
     health: Arc<Health>,
     engine_slot: EngineSlot,
+    control_metrics: ControlMetricsSlot,
     subnet_changes: Arc<SubnetChanges>,
 }
 
@@ -389,6 +395,7 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
         notifier,
         health: Arc::new(Health::new()),
         engine_slot: EngineSlot::default(),
+        control_metrics: ControlMetricsSlot::default(),
         subnet_changes: Arc::default(),
     };
     daemon.health.set_phase(Some(phase::INTERFACE));
@@ -470,6 +477,8 @@ impl Daemon<'_> {
         let (mut membership, membership_task) =
             lease::run_membership(registry, &config, settings, routes.clone())?;
         let membership_task = AbortOnDrop(membership_task);
+        // Set once per process: start runs once.
+        let _ = self.control_metrics.set(membership.metrics());
 
         info!("waiting for a subnet lease");
         health.set_phase(Some(phase::LEASE));
@@ -546,11 +555,15 @@ async fn serve_health(daemon: &Daemon<'_>) -> Result<Option<AbortOnDrop>, Daemon
     let metrics_engine = daemon.engine_slot.clone();
     let metrics_health = daemon.health.clone();
     let subnet_changes = daemon.subnet_changes.clone();
+    let control_metrics = daemon.control_metrics.clone();
     let metrics: MetricsFn = Arc::new(move || {
         let mut text = String::new();
         let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
         if let Some(engine) = engine {
             engine.counters().render_prometheus(&mut text);
+        }
+        if let Some(control) = control_metrics.get() {
+            control.render_prometheus(&mut text);
         }
         subnet_changes.render_prometheus(metrics_health.subnet_stale(), &mut text);
         text

@@ -9,16 +9,24 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod data_loss;
 pub mod flags;
 pub mod http;
 pub mod iface;
 pub mod iptables;
+pub mod keeper;
 pub mod lease;
+pub mod membership;
+#[cfg(any(test, feature = "test-support"))]
+pub mod memory_registry;
+pub mod metrics;
 pub mod netconf;
 pub mod netlink;
 pub mod notify;
+pub mod own_lease;
 pub mod registry;
 pub mod secret;
 pub mod subnet;

@@ -3,26 +3,25 @@
 //! [`Registry`] is the whole interface: read the config, list the leases with the revision they
 //! were read at, write a lease only if its key is absent (or unchanged since it was read),
 //! renew an etcd lease once, delete a lease, and watch the leases from a revision on.
-//! [`EtcdRegistry`] implements it over the etcd v3 API; [`MemoryRegistry`] implements it in
-//! memory, with injectable compaction, expiry, outages and lost races, so that the lease keeper
-//! and the watcher are tested deterministically without an etcd.
+//! [`EtcdRegistry`] implements it over the etcd v3 API; the in-memory registry
+//! (`memory_registry`, built for tests only) implements it with injectable faults, so
+//! that the lease keeper and the watcher are tested deterministically without an etcd.
 //!
 //! Keys are handled as lease key *names* (`10.1.74.0-24`), relative to `<prefix>/subnets/`;
 //! values are raw bytes. Parsing them is the caller's job, so that one malformed lease is
 //! skipped without hiding the others.
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::secret::Secret;
@@ -55,6 +54,9 @@ pub struct LeaseSnapshot {
     pub revision: i64,
     /// The leases, in key order.
     pub leases: Vec<RawLease>,
+    /// The ID of the etcd cluster that answered; 0 if unknown. Another ID means another
+    /// cluster, whose revisions have nothing to do with the ones seen before.
+    pub cluster_id: u64,
 }
 
 /// The condition under which [`Registry::write_lease`] writes.
@@ -101,6 +103,9 @@ pub enum WatchBroken {
     },
     /// The stream failed or was closed.
     Disconnected(String),
+    /// The stream went silent and did not answer a progress request in time: the member may
+    /// be frozen or cut off from its cluster. The next attempt goes to another member.
+    Stalled(String),
 }
 
 /// What a watch yields next.
@@ -196,6 +201,23 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
 }
 
+/// How long a watch may stay silent before weftd asks etcd for a progress report.
+pub const DEFAULT_WATCH_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How many keys one page of the lease listing asks for. A flannel lease is about 100 bytes
+/// of key and value, so a page is about half a megabyte.
+const PAGE_KEYS: i64 = 4096;
+
+/// The largest message weftd accepts from etcd (gRPC's default is 4 MiB). A page of
+/// [`PAGE_KEYS`] normal leases needs a fraction of it; a page full of junk values shrinks
+/// until it fits, and etcd refuses values over its `--max-request-bytes` (1.5 MiB by default),
+/// so even a page of one key fits. Watch responses carry one revision's events.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The largest lease value weftd reads. flannel writes 50 to 300 bytes; anything far larger
+/// is junk, logged and treated as an unusable lease (its key still occupies the subnet).
+pub const MAX_LEASE_VALUE_BYTES: usize = 64 << 10;
+
 /// How to reach etcd.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdSettings {
@@ -207,8 +229,11 @@ pub struct EtcdSettings {
     pub tls: Option<TlsFiles>,
     /// User name and password for etcd's authentication.
     pub credentials: Option<(String, Secret)>,
-    /// How long one request (or connection attempt) may take.
+    /// How long one request (or connection attempt) may take; also how long a silent watch
+    /// waits for the answer to a progress request before it counts as stalled.
     pub request_timeout: Duration,
+    /// After this long without a message on a watch, ask etcd for a progress report.
+    pub watch_check_interval: Duration,
 }
 
 impl EtcdSettings {
@@ -220,6 +245,7 @@ impl EtcdSettings {
             tls: None,
             credentials: None,
             request_timeout: Duration::from_secs(5),
+            watch_check_interval: DEFAULT_WATCH_CHECK_INTERVAL,
         }
     }
 }
@@ -240,6 +266,7 @@ pub struct EtcdRegistry {
     tls_options: Option<ConnectOptions>,
     prefix: KeyPrefix,
     request_timeout: Duration,
+    watch_check_interval: Duration,
     /// One client per endpoint, connected on first use.
     clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>>,
     /// The endpoint that answered last.
@@ -269,7 +296,10 @@ impl EtcdRegistry {
         let mut options = ConnectOptions::new()
             .with_timeout(settings.request_timeout)
             .with_connect_timeout(settings.request_timeout)
-            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
+            // etcd's `hasleader`: a member cut off from its cluster refuses requests and
+            // cancels watches instead of serving stale data or going silent.
+            .with_require_leader(true);
         if let Some((user, password)) = &settings.credentials {
             options = options
                 .with_user(user.clone(), password.expose())
@@ -294,6 +324,7 @@ impl EtcdRegistry {
             tls_options,
             prefix: settings.prefix.clone(),
             request_timeout: settings.request_timeout,
+            watch_check_interval: settings.watch_check_interval,
             clients: Arc::new(tokio::sync::Mutex::new(vec![
                 None;
                 settings.endpoints.len()
@@ -365,15 +396,122 @@ impl EtcdRegistry {
         self.prefix.subnets_dir()
     }
 
-    fn raw_lease(&self, kv: &etcd_client::KeyValue) -> Option<RawLease> {
-        let dir = self.subnets_dir();
-        let name = kv.key().strip_prefix(dir.as_bytes())?;
-        Some(RawLease {
-            name: String::from_utf8_lossy(name).into_owned(),
-            value: kv.value().to_vec(),
-            etcd_lease: kv.lease(),
-            mod_revision: kv.mod_revision(),
-        })
+    /// Stop using endpoint `index` for now (its watch stalled): the next request starts with
+    /// the following one, on a fresh connection when it comes back to this one.
+    async fn skip_endpoint(&self, index: usize) {
+        let count = self.endpoints.len();
+        if count > 1 {
+            let _ = self.current.compare_exchange(
+                index,
+                (index + 1) % count,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if let Some(slot) = self.clients.lock().await.get_mut(index) {
+            *slot = None;
+        }
+    }
+}
+
+/// The lease stored in `kv`, a key under `dir`; `None` for a key outside it. A value larger
+/// than [`MAX_LEASE_VALUE_BYTES`] is not kept: the lease is returned with an empty value,
+/// which no reader accepts, and a warning says why.
+fn raw_lease(dir: &str, kv: &etcd_client::KeyValue) -> Option<RawLease> {
+    let name = kv.key().strip_prefix(dir.as_bytes())?;
+    let name = String::from_utf8_lossy(name).into_owned();
+    let value = if kv.value().len() > MAX_LEASE_VALUE_BYTES {
+        warn!(
+            lease = %name,
+            bytes = kv.value().len(),
+            "lease value is larger than {MAX_LEASE_VALUE_BYTES} bytes; not reading it (unusable lease)"
+        );
+        Vec::new()
+    } else {
+        kv.value().to_vec()
+    };
+    Some(RawLease {
+        name,
+        value,
+        etcd_lease: kv.lease(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte is 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// Whether `e` says a response was larger than the receive limit.
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("message length too large"))
+}
+
+/// Whether `e` says the revision asked for has been compacted.
+fn compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
+}
+
+/// List every lease under `dir`, page by page, every page at the first page's revision, so
+/// that the listing is one consistent snapshot however many leases there are. A page too
+/// large for the receive limit is asked for again with fewer keys; a compaction during the
+/// listing starts it again.
+async fn list_leases(client: Client, dir: String) -> Result<LeaseSnapshot, etcd_client::Error> {
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let end = prefix_end(dir.as_bytes());
+    let mut restarts = 0;
+    'listing: loop {
+        let mut snapshot = LeaseSnapshot::default();
+        let mut from = dir.as_bytes().to_vec();
+        let mut limit = PAGE_KEYS;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if snapshot.revision > 0 {
+                options = options.with_revision(snapshot.revision);
+            }
+            let resp = match kv.get(from.clone(), Some(options)).await {
+                Ok(resp) => resp,
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit = (limit / 4).max(1);
+                    debug!(
+                        limit,
+                        "a page of leases is too large; asking for fewer keys"
+                    );
+                    continue;
+                }
+                Err(e) if compacted(&e) && snapshot.revision > 0 && restarts < 3 => {
+                    restarts += 1;
+                    debug!("the listing's revision was compacted; listing again");
+                    continue 'listing;
+                }
+                Err(e) => return Err(e),
+            };
+            if snapshot.revision == 0 {
+                snapshot.revision = header_revision(resp.header());
+                snapshot.cluster_id = resp.header().map_or(0, |h| h.cluster_id());
+            }
+            snapshot
+                .leases
+                .extend(resp.kvs().iter().filter_map(|kv| raw_lease(&dir, kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(snapshot),
+            }
+        }
     }
 }
 
@@ -440,20 +578,7 @@ impl Registry for EtcdRegistry {
 
     async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
         let dir = self.subnets_dir();
-        let resp = self
-            .call(|mut client| {
-                let dir = dir.clone();
-                async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        Ok(LeaseSnapshot {
-            revision: header_revision(resp.header()),
-            leases: resp
-                .kvs()
-                .iter()
-                .filter_map(|kv| self.raw_lease(kv))
-                .collect(),
-        })
+        self.call(|client| list_leases(client, dir.clone())).await
     }
 
     async fn write_lease(
@@ -491,18 +616,36 @@ impl Registry for EtcdRegistry {
 
     async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let dir = self.subnets_dir();
+        let timeout = self.request_timeout;
         let stream = self
-            .call(|mut client| {
+            .call(|client| {
                 let dir = dir.clone();
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(from_revision);
-                async move { client.watch(dir, Some(options)).await }
+                let mut watch_client = client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES);
+                async move {
+                    // A frozen member accepts the connection and never answers.
+                    tokio::time::timeout(timeout, watch_client.watch(dir, Some(options)))
+                        .await
+                        .map_err(|_| {
+                            etcd_client::Error::WatchError(format!(
+                                "no answer to the watch request within {timeout:?}"
+                            ))
+                        })?
+                }
             })
             .await?;
         Ok(EtcdWatch {
             stream,
             registry: self.clone(),
+            endpoint: self.current.load(Ordering::Relaxed),
+            from_revision,
+            cluster_id: 0,
+            last_heard: Instant::now(),
+            progress_asked: None,
         })
     }
 }
@@ -578,15 +721,87 @@ async fn keep_alive_once(
 }
 
 /// A watch on etcd's leases.
+///
+/// A watch that stays silent for the registry's `watch_check_interval` asks etcd for a
+/// progress report; if nothing arrives within the request timeout after that, the member is
+/// frozen or cut off, and the watch ends as [`WatchBroken::Stalled`] so that the watcher
+/// resyncs through another member. A response whose header shows a revision older than the
+/// watch's start, or another cluster, ends the watch too: etcd lost its data, and the
+/// resync's listing tells the watcher so.
 pub struct EtcdWatch {
     stream: etcd_client::WatchStream,
     registry: EtcdRegistry,
+    /// The endpoint the watch runs on.
+    endpoint: usize,
+    from_revision: i64,
+    cluster_id: u64,
+    last_heard: Instant,
+    progress_asked: Option<Instant>,
+}
+
+impl EtcdWatch {
+    fn endpoint_name(&self) -> &str {
+        self.registry
+            .endpoints
+            .get(self.endpoint)
+            .map_or("?", String::as_str)
+    }
+
+    /// Why the header of a response shows that this is not the store the watch started on.
+    fn header_mismatch(&mut self, header: Option<&etcd_client::ResponseHeader>) -> Option<String> {
+        let header = header?;
+        let cluster = header.cluster_id();
+        if cluster != 0 {
+            if self.cluster_id == 0 {
+                self.cluster_id = cluster;
+            } else if cluster != self.cluster_id {
+                return Some(format!(
+                    "etcd's cluster ID changed from {:x} to {cluster:x}",
+                    self.cluster_id
+                ));
+            }
+        }
+        let revision = header.revision();
+        // The store was at `from_revision - 1` or later when the watch began.
+        (revision > 0 && revision < self.from_revision - 1).then(|| {
+            format!(
+                "etcd's revision went back to {revision}, before the watch's start at {}",
+                self.from_revision
+            )
+        })
+    }
 }
 
 impl LeaseWatch for EtcdWatch {
     async fn next(&mut self) -> WatchItem {
+        let interval = self.registry.watch_check_interval;
+        let answer_within = self.registry.request_timeout;
         loop {
-            let resp = match self.stream.message().await {
+            let wake = match self.progress_asked {
+                Some(asked) => asked + answer_within,
+                None => self.last_heard + interval,
+            };
+            let message = tokio::select! {
+                message = self.stream.message() => message,
+                () = tokio::time::sleep_until(wake) => {
+                    if self.progress_asked.is_some() {
+                        self.registry.skip_endpoint(self.endpoint).await;
+                        return WatchItem::Broken(WatchBroken::Stalled(format!(
+                            "etcd at {} sent nothing for {:?} and did not answer a progress request within {answer_within:?}",
+                            self.endpoint_name(),
+                            self.last_heard.elapsed()
+                        )));
+                    }
+                    if let Err(e) = self.stream.request_progress().await {
+                        return WatchItem::Broken(WatchBroken::Disconnected(e.to_string()));
+                    }
+                    self.progress_asked = Some(Instant::now());
+                    continue;
+                }
+            };
+            self.last_heard = Instant::now();
+            self.progress_asked = None;
+            let resp = match message {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     return WatchItem::Broken(WatchBroken::Disconnected(
@@ -595,6 +810,9 @@ impl LeaseWatch for EtcdWatch {
                 }
                 Err(e) => return WatchItem::Broken(WatchBroken::Disconnected(e.to_string())),
             };
+            if let Some(why) = self.header_mismatch(resp.header()) {
+                return WatchItem::Broken(WatchBroken::Disconnected(why));
+            }
             if resp.compact_revision() > 0 {
                 return WatchItem::Broken(WatchBroken::Compacted {
                     compact_revision: resp.compact_revision(),
@@ -612,12 +830,13 @@ impl LeaseWatch for EtcdWatch {
                 continue;
             }
             let revision = header_revision(resp.header());
+            let dir = self.registry.subnets_dir();
             let events = resp
                 .events()
                 .iter()
                 .filter_map(|event| {
                     let kv = event.kv()?;
-                    let lease = self.registry.raw_lease(kv)?;
+                    let lease = raw_lease(&dir, kv)?;
                     Some(match event.event_type() {
                         EventType::Put => WatchEvent::Put(lease),
                         EventType::Delete => WatchEvent::Delete {
@@ -632,488 +851,18 @@ impl LeaseWatch for EtcdWatch {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// In memory
-
-/// An in-memory registry with etcd's semantics (revisions, conditional writes, etcd leases,
-/// watches from a revision, compaction), plus knobs to inject what goes wrong in real clusters:
-/// expiry, compaction, outages and lost races. Clones share one store.
-#[derive(Clone, Debug)]
-pub struct MemoryRegistry {
-    prefix: KeyPrefix,
-    state: Arc<Mutex<MemoryState>>,
-}
-
-#[derive(Debug, Default)]
-struct MemoryState {
-    config: Option<String>,
-    revision: i64,
-    compacted: i64,
-    keys: BTreeMap<String, MemoryEntry>,
-    /// Live etcd leases and their TTLs.
-    leases: HashMap<i64, Duration>,
-    next_lease: i64,
-    /// Events after `compacted`, by revision.
-    history: Vec<(i64, WatchEvent)>,
-    watchers: Vec<mpsc::UnboundedSender<WatchItem>>,
-    unavailable: bool,
-    /// On the next "create if absent", first store this value at the same key.
-    race_next_create: Option<String>,
-    keep_alives: u64,
-}
-
-/// A key's new (value, etcd lease), or `None` for a deletion.
-type Change = Option<(Vec<u8>, i64)>;
-
-#[derive(Debug, Clone)]
-struct MemoryEntry {
-    value: Vec<u8>,
-    etcd_lease: i64,
-    mod_revision: i64,
-}
-
-impl MemoryState {
-    fn check_available(&self) -> Result<(), RegistryError> {
-        if self.unavailable {
-            Err(RegistryError::Unavailable("injected outage".to_owned()))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Apply `changes` as one revision and tell the watchers.
-    fn commit(&mut self, changes: Vec<(String, Change)>) -> i64 {
-        self.revision += 1;
-        let revision = self.revision;
-        let mut events = Vec::with_capacity(changes.len());
-        for (name, change) in changes {
-            let event = match change {
-                Some((value, etcd_lease)) => {
-                    let entry = MemoryEntry {
-                        value,
-                        etcd_lease,
-                        mod_revision: revision,
-                    };
-                    self.keys.insert(name.clone(), entry.clone());
-                    WatchEvent::Put(RawLease {
-                        name,
-                        value: entry.value,
-                        etcd_lease,
-                        mod_revision: revision,
-                    })
-                }
-                None => {
-                    if self.keys.remove(&name).is_none() {
-                        continue;
-                    }
-                    WatchEvent::Delete { name, revision }
-                }
-            };
-            self.history.push((revision, event.clone()));
-            events.push(event);
-        }
-        if !events.is_empty() {
-            let item = WatchItem::Events { revision, events };
-            self.watchers.retain(|w| w.send(item.clone()).is_ok());
-        }
-        revision
-    }
-
-    fn break_watchers(&mut self, why: WatchBroken) {
-        for w in self.watchers.drain(..) {
-            let _ = w.send(WatchItem::Broken(why.clone()));
-        }
-    }
-}
-
-impl Default for MemoryRegistry {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl MemoryRegistry {
-    /// An empty store under the default prefix.
-    pub fn new() -> Self {
-        Self {
-            prefix: KeyPrefix::default(),
-            state: Arc::default(),
-        }
-    }
-
-    fn state(&self) -> MutexGuard<'_, MemoryState> {
-        // A test that panicked while holding the lock must not hide its own failure behind a
-        // poisoned-lock panic elsewhere.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Set or remove the network config.
-    pub fn set_config(&self, config: Option<&str>) {
-        self.state().config = config.map(str::to_owned);
-    }
-
-    /// Store `value` at lease key `name` as another host would: attached to a new etcd lease
-    /// of `ttl`, or without TTL (a reservation). Returns the etcd lease (0 for none).
-    pub fn put(&self, name: &str, value: &str, ttl: Option<Duration>) -> i64 {
-        let mut s = self.state();
-        let etcd_lease = match ttl {
-            Some(ttl) => {
-                s.next_lease += 1;
-                let id = s.next_lease;
-                s.leases.insert(id, ttl);
-                id
-            }
-            None => 0,
-        };
-        s.commit(vec![(
-            name.to_owned(),
-            Some((value.as_bytes().to_vec(), etcd_lease)),
-        )]);
-        etcd_lease
-    }
-
-    /// Delete lease key `name`, as an operator would. Returns whether it existed.
-    pub fn delete(&self, name: &str) -> bool {
-        let mut s = self.state();
-        let existed = s.keys.contains_key(name);
-        s.commit(vec![(name.to_owned(), None)]);
-        existed
-    }
-
-    /// Let etcd lease `etcd_lease` expire now: its keys are deleted in one revision.
-    pub fn expire(&self, etcd_lease: i64) {
-        let mut s = self.state();
-        s.leases.remove(&etcd_lease);
-        let doomed: Vec<_> = s
-            .keys
-            .iter()
-            .filter(|(_, e)| e.etcd_lease == etcd_lease)
-            .map(|(name, _)| (name.clone(), None))
-            .collect();
-        if !doomed.is_empty() {
-            s.commit(doomed);
-        }
-    }
-
-    /// Compact the history up to the current revision: every running watch breaks with
-    /// [`WatchBroken::Compacted`], and a watch from an older revision fails the same way.
-    pub fn compact(&self) {
-        let mut s = self.state();
-        s.compacted = s.revision;
-        let compacted = s.compacted;
-        s.history.retain(|(rev, _)| *rev > compacted);
-        s.break_watchers(WatchBroken::Compacted {
-            compact_revision: compacted,
-        });
-    }
-
-    /// Make every operation fail (and break every watch) until called with `true` again.
-    pub fn set_available(&self, available: bool) {
-        let mut s = self.state();
-        s.unavailable = !available;
-        if !available {
-            s.break_watchers(WatchBroken::Disconnected("injected outage".to_owned()));
-        }
-    }
-
-    /// Make the next "create if absent" lose a race: another host stores `value` at the same
-    /// key (without TTL) just before.
-    pub fn race_next_create(&self, value: &str) {
-        self.state().race_next_create = Some(value.to_owned());
-    }
-
-    /// The value at lease key `name`, if any.
-    pub fn get(&self, name: &str) -> Option<String> {
-        self.state()
-            .keys
-            .get(name)
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
-    }
-
-    /// The etcd lease lease key `name` is attached to (0 for none), if the key exists.
-    pub fn etcd_lease_of(&self, name: &str) -> Option<i64> {
-        self.state().keys.get(name).map(|e| e.etcd_lease)
-    }
-
-    /// Every lease key name, in order.
-    pub fn names(&self) -> Vec<String> {
-        self.state().keys.keys().cloned().collect()
-    }
-
-    /// How many keep-alives have succeeded.
-    pub fn keep_alive_count(&self) -> u64 {
-        self.state().keep_alives
-    }
-
-    /// The current store revision.
-    pub fn revision(&self) -> i64 {
-        self.state().revision
-    }
-}
-
-impl Registry for MemoryRegistry {
-    type Watch = MemoryWatch;
-
-    fn prefix(&self) -> &KeyPrefix {
-        &self.prefix
-    }
-
-    async fn config(&self) -> Result<Option<String>, RegistryError> {
-        let s = self.state();
-        s.check_available()?;
-        Ok(s.config.clone())
-    }
-
-    async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
-        let s = self.state();
-        s.check_available()?;
-        Ok(LeaseSnapshot {
-            revision: s.revision,
-            leases: s
-                .keys
-                .iter()
-                .map(|(name, e)| RawLease {
-                    name: name.clone(),
-                    value: e.value.clone(),
-                    etcd_lease: e.etcd_lease,
-                    mod_revision: e.mod_revision,
-                })
-                .collect(),
-        })
-    }
-
-    async fn write_lease(
-        &self,
-        name: &str,
-        value: &str,
-        ttl: Option<Duration>,
-        expect: Expect,
-    ) -> Result<Option<Written>, RegistryError> {
-        let mut s = self.state();
-        s.check_available()?;
-        if expect == Expect::Absent {
-            if let Some(rival) = s.race_next_create.take() {
-                s.commit(vec![(name.to_owned(), Some((rival.into_bytes(), 0)))]);
-            }
-        }
-        let holds = match (expect, s.keys.get(name)) {
-            (Expect::Absent, None) => true,
-            (Expect::ModRevision(rev), Some(e)) => e.mod_revision == rev,
-            _ => false,
-        };
-        if !holds {
-            return Ok(None);
-        }
-        let etcd_lease = match ttl {
-            Some(ttl) => {
-                s.next_lease += 1;
-                let id = s.next_lease;
-                s.leases.insert(id, ttl);
-                id
-            }
-            None => 0,
-        };
-        let revision = s.commit(vec![(
-            name.to_owned(),
-            Some((value.as_bytes().to_vec(), etcd_lease)),
-        )]);
-        Ok(Some(Written {
-            etcd_lease,
-            ttl,
-            revision,
-        }))
-    }
-
-    async fn keep_alive(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
-        let mut s = self.state();
-        s.check_available()?;
-        let ttl = s.leases.get(&etcd_lease).copied();
-        if ttl.is_some() {
-            s.keep_alives += 1;
-        }
-        Ok(ttl)
-    }
-
-    async fn delete_lease(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
-        let mut s = self.state();
-        s.check_available()?;
-        match s.keys.get(name) {
-            Some(e) if e.mod_revision == mod_revision => {
-                s.commit(vec![(name.to_owned(), None)]);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn watch(&self, from_revision: i64) -> Result<MemoryWatch, RegistryError> {
-        let mut s = self.state();
-        s.check_available()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        if from_revision <= s.compacted {
-            let _ = tx.send(WatchItem::Broken(WatchBroken::Compacted {
-                compact_revision: s.compacted,
-            }));
-            return Ok(MemoryWatch { rx });
-        }
-        let mut pending: Option<(i64, Vec<WatchEvent>)> = None;
-        for (rev, event) in s.history.iter().filter(|(rev, _)| *rev >= from_revision) {
-            match &mut pending {
-                Some((r, events)) if r == rev => events.push(event.clone()),
-                _ => {
-                    if let Some((revision, events)) = pending.take() {
-                        let _ = tx.send(WatchItem::Events { revision, events });
-                    }
-                    pending = Some((*rev, vec![event.clone()]));
-                }
-            }
-        }
-        if let Some((revision, events)) = pending {
-            let _ = tx.send(WatchItem::Events { revision, events });
-        }
-        s.watchers.push(tx);
-        Ok(MemoryWatch { rx })
-    }
-}
-
-/// A watch on a [`MemoryRegistry`].
-#[derive(Debug)]
-pub struct MemoryWatch {
-    rx: mpsc::UnboundedReceiver<WatchItem>,
-}
-
-impl LeaseWatch for MemoryWatch {
-    async fn next(&mut self) -> WatchItem {
-        self.rx.recv().await.unwrap_or_else(|| {
-            WatchItem::Broken(WatchBroken::Disconnected("watch closed".to_owned()))
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn names(snapshot: &LeaseSnapshot) -> Vec<&str> {
-        snapshot.leases.iter().map(|l| l.name.as_str()).collect()
-    }
-
-    #[tokio::test]
-    async fn conditional_writes_and_deletes() {
-        let reg = MemoryRegistry::new();
-        let ttl = Some(Duration::from_secs(30));
-        let w = reg
-            .write_lease("10.1.1.0-24", "a", ttl, Expect::Absent)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(w.ttl, ttl);
-        assert_ne!(w.etcd_lease, 0);
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
         assert_eq!(
-            reg.write_lease("10.1.1.0-24", "b", ttl, Expect::Absent)
-                .await
-                .unwrap(),
-            None,
-            "create if absent fails on an existing key"
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
         );
-        assert_eq!(
-            reg.write_lease(
-                "10.1.1.0-24",
-                "b",
-                None,
-                Expect::ModRevision(w.revision - 1)
-            )
-            .await
-            .unwrap(),
-            None
-        );
-        let w2 = reg
-            .write_lease("10.1.1.0-24", "b", None, Expect::ModRevision(w.revision))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(reg.get("10.1.1.0-24").as_deref(), Some("b"));
-        assert!(!reg.delete_lease("10.1.1.0-24", w.revision).await.unwrap());
-        assert!(reg.delete_lease("10.1.1.0-24", w2.revision).await.unwrap());
-        assert!(reg.names().is_empty());
-    }
-
-    #[tokio::test]
-    async fn watch_replays_from_a_revision_then_follows() {
-        let reg = MemoryRegistry::new();
-        reg.put("10.1.1.0-24", "a", None);
-        let snap = reg.leases().await.unwrap();
-        reg.put("10.1.2.0-24", "b", None);
-        let mut watch = reg.watch(snap.revision + 1).await.unwrap();
-        reg.delete("10.1.1.0-24");
-        let WatchItem::Events { events, .. } = watch.next().await else {
-            panic!()
-        };
-        assert!(matches!(&events[..], [WatchEvent::Put(l)] if l.name == "10.1.2.0-24"));
-        let WatchItem::Events { events, .. } = watch.next().await else {
-            panic!()
-        };
-        assert!(matches!(&events[..], [WatchEvent::Delete { name, .. }] if name == "10.1.1.0-24"));
-        assert_eq!(names(&reg.leases().await.unwrap()), ["10.1.2.0-24"]);
-    }
-
-    #[tokio::test]
-    async fn expiry_compaction_and_outages() {
-        let reg = MemoryRegistry::new();
-        let lease = reg.put("10.1.1.0-24", "a", Some(Duration::from_secs(9)));
-        assert_eq!(
-            reg.keep_alive(lease).await.unwrap(),
-            Some(Duration::from_secs(9))
-        );
-        let mut watch = reg.watch(reg.revision() + 1).await.unwrap();
-        reg.expire(lease);
-        assert_eq!(reg.keep_alive(lease).await.unwrap(), None);
-        assert!(matches!(
-            watch.next().await,
-            WatchItem::Events { events, .. } if matches!(&events[..], [WatchEvent::Delete { .. }])
-        ));
-
-        let old = reg.revision();
-        reg.put("10.1.2.0-24", "b", None);
-        reg.compact();
-        assert!(matches!(watch.next().await, WatchItem::Events { .. }));
-        assert!(matches!(
-            watch.next().await,
-            WatchItem::Broken(WatchBroken::Compacted { .. })
-        ));
-        let mut stale = reg.watch(old).await.unwrap();
-        assert!(matches!(
-            stale.next().await,
-            WatchItem::Broken(WatchBroken::Compacted { .. })
-        ));
-
-        let mut live = reg.watch(reg.revision() + 1).await.unwrap();
-        reg.set_available(false);
-        assert!(matches!(
-            live.next().await,
-            WatchItem::Broken(WatchBroken::Disconnected(_))
-        ));
-        assert!(reg.leases().await.is_err());
-        assert!(reg.config().await.is_err());
-        reg.set_available(true);
-        assert_eq!(names(&reg.leases().await.unwrap()), ["10.1.2.0-24"]);
-    }
-
-    #[tokio::test]
-    async fn injected_race_makes_create_fail() {
-        let reg = MemoryRegistry::new();
-        reg.race_next_create("{\"PublicIP\":\"198.18.0.9\",\"PublicIPv6\":null}");
-        let lost = reg
-            .write_lease("10.1.1.0-24", "mine", None, Expect::Absent)
-            .await
-            .unwrap();
-        assert_eq!(lost, None);
-        assert!(reg.get("10.1.1.0-24").unwrap().contains("198.18.0.9"));
-        assert!(reg
-            .write_lease("10.1.2.0-24", "mine", None, Expect::Absent)
-            .await
-            .unwrap()
-            .is_some());
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
     }
 
     #[test]

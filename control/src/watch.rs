@@ -13,17 +13,23 @@
 //! with a warning; it never stops the watcher.
 //!
 //! The watcher also notices when this host's own lease disappears (deleted, expired, or taken
-//! over) and tells the lease keeper, which re-acquires it.
+//! over) and tells the lease keeper, which re-acquires it. Every fresh snapshot is checked for
+//! signs that etcd lost its data (see [`crate::data_loss`]); then the keeper is told to
+//! re-register at once, since the revisions it knows no longer mean anything.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use weft_engine::{Overlay, RouteError, RouteTable, Routes};
 
-use crate::lease::{Backoff, Lease};
+use crate::backoff::Backoff;
+use crate::data_loss::StoreHistory;
+use crate::metrics::{ControlMetrics, EtcdOp};
+use crate::own_lease::{Lease, OwnLeaseGone};
 use crate::registry::{LeaseWatch, RawLease, Registry, WatchBroken, WatchEvent, WatchItem};
 use crate::subnet::{LeaseAttrs, LeaseKey};
 
@@ -215,6 +221,24 @@ impl PeerTable {
             .map(|l| l.public_ip)
     }
 
+    /// Where the route table for this host sends `subnet` (see [`PeerTable::route_table`]):
+    /// the holder of the last usable lease for it, in key order, unless that is this host.
+    pub fn route_for(
+        &self,
+        subnet: Ipv4Net,
+        own: Option<Ipv4Net>,
+        public_ip: Ipv4Addr,
+    ) -> Option<Ipv4Addr> {
+        if Some(subnet) == own {
+            return None;
+        }
+        self.leases
+            .values()
+            .rev()
+            .find(|l| l.subnet == subnet && l.public_ip != public_ip)
+            .map(|l| l.public_ip)
+    }
+
     /// The route table for this host: `own` is its subnet; every lease but that one, and but
     /// any other lease held by this host's own `public_ip`, becomes a route.
     pub fn route_table(
@@ -235,16 +259,17 @@ impl PeerTable {
     }
 }
 
-fn warn_skipped(name: &str, reason: &SkipReason) {
-    warn!(lease = name, "skipping lease: {reason}");
+/// The subnet whose route `change` may have changed.
+fn changed_subnet(change: PeerChange) -> Option<Ipv4Net> {
+    match change {
+        PeerChange::Unchanged => None,
+        PeerChange::Added(p) | PeerChange::Removed(p) => Some(p.subnet),
+        PeerChange::Replaced { new, .. } => Some(new.subnet),
+    }
 }
 
-/// This host's lease was seen gone at `revision`: the watcher's message to the lease keeper.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct OwnLeaseGone {
-    pub subnet: Ipv4Net,
-    pub revision: i64,
-    pub why: String,
+fn warn_skipped(name: &str, reason: &SkipReason) {
+    warn!(lease = name, "skipping lease: {reason}");
 }
 
 /// What the watcher needs to run.
@@ -257,6 +282,8 @@ pub(crate) struct Watcher<R> {
     pub lease: watch::Receiver<Option<Lease>>,
     pub own_gone: mpsc::UnboundedSender<OwnLeaseGone>,
     pub retry: Backoff,
+    pub history: StoreHistory,
+    pub metrics: Arc<ControlMetrics>,
 }
 
 impl<R: Registry> Watcher<R> {
@@ -265,10 +292,13 @@ impl<R: Registry> Watcher<R> {
         let mut table = PeerTable::new(self.overlay);
         let mut own: Option<Ipv4Net>;
         let mut delay = self.retry.delays();
+        let mut first = true;
         loop {
+            let floor = self.history.newest();
             let snapshot = match self.registry.leases().await {
                 Ok(snapshot) => snapshot,
                 Err(e) => {
+                    self.metrics.etcd_error(EtcdOp::List);
                     let wait = delay.next_delay();
                     warn!(
                         "cannot list leases: {e}; keeping the current routes, retrying in {wait:?}"
@@ -277,6 +307,13 @@ impl<R: Registry> Watcher<R> {
                     continue;
                 }
             };
+            if !first {
+                self.metrics.watch_resynced();
+            }
+            first = false;
+            let lost = self
+                .history
+                .check_listing(floor, snapshot.revision, snapshot.cluster_id);
             let fresh = PeerTable::from_snapshot(self.overlay, &snapshot.leases);
             let diff = table.diff(&fresh);
             let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
@@ -288,12 +325,31 @@ impl<R: Registry> Watcher<R> {
             }
             table = fresh;
             own = self.own_subnet();
-            self.check_own(&table, own, snapshot.revision, "it is not in etcd");
+            let mut applied = snapshot.revision;
+            match lost {
+                Err(loss) => {
+                    self.metrics.data_lost();
+                    error!(
+                        "etcd lost its data: {loss}; {} leases are left; re-registering this host's lease at once (the same subnet if it is free)",
+                        snapshot.leases.len()
+                    );
+                    if let Some(subnet) = own {
+                        let _ = self.own_gone.send(OwnLeaseGone {
+                            subnet,
+                            revision: snapshot.revision,
+                            why: format!("etcd lost its data ({loss})"),
+                            data_loss: true,
+                        });
+                    }
+                }
+                Ok(()) => self.check_own(&table, own, applied, "it is not in etcd"),
+            }
             self.publish(&table, own);
 
             let mut stream = match self.registry.watch(snapshot.revision + 1).await {
                 Ok(stream) => stream,
                 Err(e) => {
+                    self.metrics.etcd_error(EtcdOp::Watch);
                     let wait = delay.next_delay();
                     warn!("cannot watch leases: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -306,16 +362,26 @@ impl<R: Registry> Watcher<R> {
                     item = stream.next() => match item {
                         WatchItem::Events { revision, events } => {
                             delay.reset();
+                            self.history.saw(revision);
+                            applied = applied.max(revision);
                             // The keeper may have changed our subnet since we last looked;
                             // never publish a table with a stale one.
+                            let was = own;
                             own = self.own_subnet();
+                            let mut touched = Vec::with_capacity(events.len());
                             for event in &events {
-                                self.log_change(table.apply(event));
+                                let change = table.apply(event);
+                                touched.extend(changed_subnet(change));
+                                self.log_change(change);
                                 if let Some(own) = own {
                                     self.check_event(&table, own, event, revision);
                                 }
                             }
-                            self.publish(&table, own);
+                            if own == was {
+                                self.publish_changes(&table, own, &touched);
+                            } else {
+                                self.publish(&table, own);
+                            }
                         }
                         WatchItem::Broken(why) => break why,
                     },
@@ -327,6 +393,12 @@ impl<R: Registry> Watcher<R> {
                         let now = self.own_subnet();
                         if now != own {
                             own = now;
+                            // The keeper may have adopted a key that was deleted or taken
+                            // over after it listed it, and the watch may have shown that
+                            // before the lease was published: check the table as it stands.
+                            // A key the keeper has just written is newer than `applied`, and
+                            // the keeper ignores the news as stale.
+                            self.check_own(&table, own, applied, "it is not in etcd");
                             self.publish(&table, own);
                         }
                     }
@@ -339,7 +411,14 @@ impl<R: Registry> Watcher<R> {
                         "lease watch fell behind a compaction; resynchronising"
                     );
                 }
+                WatchBroken::Stalled(why) => {
+                    self.metrics.etcd_error(EtcdOp::WatchStalled);
+                    warn!(
+                        "lease watch stalled: {why}; resynchronising through another etcd member"
+                    );
+                }
                 WatchBroken::Disconnected(why) => {
+                    self.metrics.etcd_error(EtcdOp::Watch);
                     let wait = delay.next_delay();
                     warn!("lease watch broke: {why}; resynchronising in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -393,7 +472,32 @@ impl<R: Registry> Watcher<R> {
                 subnet: own,
                 revision,
                 why: why.to_owned(),
+                data_loss: false,
             });
+        }
+    }
+
+    /// Publish the route table with the routes for `touched` subnets brought up to date
+    /// from `table`: the rest of the published table is already right, and updating it in
+    /// place costs far less than a rebuild when there are many leases.
+    fn publish_changes(&self, table: &PeerTable, own: Option<Ipv4Net>, touched: &[Ipv4Net]) {
+        if touched.is_empty() {
+            return;
+        }
+        let changes = touched
+            .iter()
+            .map(|&subnet| (subnet, table.route_for(subnet, own, self.public_ip)));
+        match self.routes.current().with_changes(changes) {
+            Ok(Some(routes)) => {
+                debug!(peers = routes.peer_count(), "publishing routes");
+                self.metrics.set_peers(routes.peer_count());
+                self.routes.publish(routes);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!("cannot update the route table: {e}; rebuilding it");
+                self.publish(table, own);
+            }
         }
     }
 
@@ -403,6 +507,7 @@ impl<R: Registry> Watcher<R> {
             Ok(routes) => {
                 if *self.routes.current() != routes {
                     debug!(peers = routes.peer_count(), "publishing routes");
+                    self.metrics.set_peers(routes.peer_count());
                     self.routes.publish(routes);
                 }
             }

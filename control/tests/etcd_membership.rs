@@ -529,3 +529,70 @@ async fn registry_operations_on_etcd() {
         "{item:?}"
     );
 }
+
+/// etcd loses its data while two hosts run: stopped, its data directory deleted, started
+/// empty, the network config put back by the operator. Leases of an hour, so that no renewal
+/// comes to the rescue: both hosts must notice the loss and register again, with the same
+/// subnets, within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_data_wiped_while_running_both_hosts_reregister() {
+    init_logs();
+    let mut etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    put_config(&mut client).await;
+    // Enough history that the wiped etcd's revision is lower than what the hosts have seen.
+    for i in 0..20 {
+        client
+            .put("/weft-test/filler", format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+    let hour = |public_ip: &str| Settings {
+        lease_ttl: Duration::from_secs(3600),
+        renew_margin: Duration::from_secs(600),
+        ..fast(public_ip)
+    };
+    let mut a = join(&etcd, hour("198.18.0.1")).await;
+    let mut b = join(&etcd, hour("198.18.0.2")).await;
+    let (sa, sb) = (a.subnet().await, b.subnet().await);
+    eventually("the hosts see each other", async || {
+        a.peers().get(&sb) == Some(&ip("198.18.0.2"))
+            && b.peers().get(&sa) == Some(&ip("198.18.0.1"))
+    })
+    .await;
+
+    etcd.stop();
+    std::fs::remove_dir_all(etcd.dir().join("data")).unwrap();
+    etcd.run().await;
+    let mut client = etcd.client().await;
+    put_config(&mut client).await;
+    // The hosts may already be back: they need no config to re-register.
+    let wiped = Instant::now();
+
+    let deadline = wiped + Duration::from_secs(10);
+    loop {
+        let leases = etcd_leases(&mut client).await;
+        let back = leases.get(&sa) == Some(&ip("198.18.0.1"))
+            && leases.get(&sb) == Some(&ip("198.18.0.2"))
+            && a.peers().get(&sb) == Some(&ip("198.18.0.2"))
+            && b.peers().get(&sa) == Some(&ip("198.18.0.1"));
+        if back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not re-registered within 10 s of the wipe: etcd holds {leases:?}, a routes {:?}, b routes {:?}",
+            a.peers(),
+            b.peers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "both hosts re-registered (same subnets) and route to each other {:?} after the wipe",
+        wiped.elapsed()
+    );
+    assert_eq!(a.handle.current().unwrap().subnet, sa);
+    assert_eq!(b.handle.current().unwrap().subnet, sb);
+    assert!(a.handle.metrics().data_loss_count() >= 1);
+    assert!(b.handle.metrics().data_loss_count() >= 1);
+}

@@ -197,6 +197,70 @@ impl RouteTable {
         Ok(table)
     }
 
+    /// This table with each `(subnet, peer)` change applied: `Some(addr)` routes the subnet to
+    /// that peer, `None` removes its route; a change to the local subnet is ignored, as in
+    /// [`RouteTable::build`]. `Ok(None)` when nothing changes. The result equals a rebuild
+    /// from the changed list of peers, at the cost of one copy of the table instead: a single
+    /// lease change in a large overlay costs microseconds, not a rebuild.
+    pub fn with_changes<I>(&self, changes: I) -> Result<Option<Self>, RouteError>
+    where
+        I: IntoIterator<Item = (Ipv4Net, Option<Ipv4Addr>)>,
+    {
+        let local_slot = match self.local {
+            Some(subnet) => Some(self.overlay.slot_of_subnet(subnet)?),
+            None => None,
+        };
+        let mut slots: Option<Box<[u32]>> = None;
+        let mut gone = Vec::new();
+        let mut added = Vec::new();
+        for (subnet, peer) in changes {
+            let slot = self.overlay.slot_of_subnet(subnet)?;
+            let new = match peer {
+                Some(addr)
+                    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() =>
+                {
+                    return Err(RouteError::BadPeerAddress(addr))
+                }
+                Some(addr) => u32::from(addr),
+                None => 0,
+            };
+            let table = slots.get_or_insert_with(|| self.slots.clone());
+            if Some(slot) == local_slot || table[slot] == new {
+                continue;
+            }
+            if table[slot] != 0 {
+                gone.push(table[slot]);
+            }
+            if new != 0 {
+                added.push(new);
+            }
+            table[slot] = new;
+        }
+        let Some(slots) = slots.filter(|s| *s != self.slots) else {
+            return Ok(None);
+        };
+        let mut peers = self.peers.to_vec();
+        for addr in added {
+            if let Err(at) = peers.binary_search(&addr) {
+                peers.insert(at, addr);
+            }
+        }
+        for addr in gone {
+            if !slots.contains(&addr) {
+                if let Ok(at) = peers.binary_search(&addr) {
+                    peers.remove(at);
+                }
+            }
+        }
+        Ok(Some(Self {
+            overlay: self.overlay,
+            port: self.port,
+            local: self.local,
+            slots,
+            peers: peers.into_boxed_slice(),
+        }))
+    }
+
     /// The overlay this table describes.
     pub fn overlay(&self) -> Overlay {
         self.overlay
@@ -315,6 +379,50 @@ mod tests {
 
     fn overlay() -> Overlay {
         Overlay::new(net("10.1.0.0/16"), 24).unwrap()
+    }
+
+    #[test]
+    fn changes_give_what_a_rebuild_gives() {
+        let o = overlay();
+        let local = Some(net("10.1.5.0/24"));
+        let mut peers: std::collections::BTreeMap<Ipv4Net, Ipv4Addr> = [
+            (net("10.1.1.0/24"), ip("198.18.0.1")),
+            (net("10.1.2.0/24"), ip("198.18.0.2")),
+            (net("10.1.3.0/24"), ip("198.18.0.2")),
+        ]
+        .into();
+        let mut table = RouteTable::build(o, 8285, local, peers.clone()).unwrap();
+        let steps: &[&[(&str, Option<&str>)]] = &[
+            &[("10.1.4.0/24", Some("198.18.0.4"))],
+            &[("10.1.2.0/24", None)],
+            &[("10.1.3.0/24", None), ("10.1.3.0/24", Some("198.18.0.9"))],
+            &[("10.1.1.0/24", Some("198.18.0.4")), ("10.1.4.0/24", None)],
+            &[("10.1.5.0/24", Some("198.18.0.7"))],
+            &[("10.1.9.0/24", None)],
+        ];
+        for step in steps {
+            let changes: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
+                step.iter().map(|(s, p)| (net(s), p.map(ip))).collect();
+            for (subnet, peer) in &changes {
+                match peer {
+                    Some(addr) => peers.insert(*subnet, *addr),
+                    None => peers.remove(subnet),
+                };
+            }
+            let rebuilt = RouteTable::build(o, 8285, local, peers.clone()).unwrap();
+            match table.with_changes(changes).unwrap() {
+                Some(changed) => {
+                    assert_eq!(changed, rebuilt, "after {step:?}");
+                    table = changed;
+                }
+                None => assert_eq!(table, rebuilt, "{step:?} changes nothing"),
+            }
+        }
+        assert_eq!(
+            table.with_changes([(net("10.1.1.0/24"), Some(ip("0.0.0.0")))]),
+            Err(RouteError::BadPeerAddress(ip("0.0.0.0")))
+        );
+        assert!(table.with_changes([(net("10.2.0.0/24"), None)]).is_err());
     }
 
     #[test]
