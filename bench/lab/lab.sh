@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The weft lab: two "hosts" on one Linux machine, each a network namespace, joined by a veth pair
-# (the underlay); etcd in host 1; an overlay (weftd, flanneld, kernel VXLAN or direct routing) in
-# each host; and on each host a "container" namespace behind a bridge, set up the way docker sets
-# up its bridge from flannel's subnet.env.
+# The weft lab: N "hosts" (2 by default) on one Linux machine, each a network namespace, all on
+# one underlay segment (a bridge in a namespace of its own); etcd in host 1; an overlay (weftd,
+# flanneld, kernel VXLAN or direct routing) in each host; and on each host K "container"
+# namespaces (1 by default) behind a bridge, set up the way docker sets up its bridge from
+# flannel's subnet.env.
 #
-# Every address, route, link and process lives in namespaces named <prefix>-h1, <prefix>-h2,
-# <prefix>-c1, <prefix>-c2. Nothing is added to the root namespace. See docs/lab.md.
+# Every address, route, link and process lives in namespaces named <prefix>-ul (the underlay),
+# <prefix>-hN (hosts) and <prefix>-cN[-J] (containers). Nothing is added to the root namespace.
+# See docs/lab.md.
 #
 # Usage: bench/lab/lab.sh <demo|up|down|list|bench|help> [options]   (lab.sh help for details)
 set -euo pipefail
@@ -29,6 +31,9 @@ readonly IPERF_PORT=5201
 
 # Options (see usage).
 MODE=weft
+HOSTS=2
+CONTAINERS=1
+JSON=0
 PREFIX=""
 KEEP=0
 TIMEOUT=30
@@ -60,20 +65,24 @@ P=""
 RUN=""
 LAB_MODE=""
 LAST_PID=""
-C_ADDR=("" "" "")
-SUBNET=("" "" "")
+C_ADDR=()            # host n's first container
+SUBNET=()            # host n's subnet, network/len
+declare -A C_IPS=()  # "n.j" -> container j of host n
 DAEMON_PIDS=()
 
 usage() {
 	cat <<'EOF'
-weft lab: two hosts and two containers in network namespaces on one machine.
+weft lab: hosts and containers in network namespaces on one machine.
 
-  lab.sh demo  [--mode M] [--keep] [--no-setup] [--no-build]
+  lab.sh demo  [--mode M] [--hosts N] [--containers K] [--keep] [--no-setup] [--no-build]
         Set up the machine (scripts/setup.sh), build weftd, bring the lab up, show the etcd keys,
-        each host's subnet.env and each container's addresses, ping both ways, run iperf3
-        c1 -> c2 for 5 s, and tear down (or leave the lab up with --keep).
-  lab.sh up    [--mode M] [--prefix P]
+        each host's subnet.env and each container's addresses, ping between the hosts' first
+        containers both ways, run iperf3 c1 -> c2 for 5 s, and tear down (or leave the lab up
+        with --keep).
+  lab.sh up    [--mode M] [--hosts N] [--containers K] [--prefix P] [--json]
         Bring the lab up and leave it running; prints how to enter it and how to tear it down.
+        With --json the last line of standard output is one JSON object describing the lab
+        (everything else goes to standard error).
   lab.sh down  <prefix>
         Tear down a lab left up by `up` or `demo --keep`.
   lab.sh list
@@ -103,6 +112,9 @@ Options for the daemon modes:
   --io uring|syscalls    pass --io to weftd
   --weftd-arg ARG        pass ARG to weftd (repeatable)
   --timeout S            seconds to wait for etcd, subnet.env and healthz (default 30)
+Shape of the lab (demo, up; bench, hops and profile use hosts 1 and 2):
+  --hosts N              hosts on the underlay segment, 2 to 16 (default 2)
+  --containers K         containers per host, 1 to 16 (default 1)
 Other:
   --pid-log FILE         append "pid starttime label" of every process the lab starts to FILE
 EOF
@@ -118,12 +130,26 @@ die() {
 # ---------------------------------------------------------------------------------------------
 # Names
 
+# Host n's namespace; container j of host n (j = 1 unless given) and its veth ends: the first
+# container keeps the short names (<P>-c<n>, <P>c<n>, <P>b<n>), the others add "-<j>".
 ns_h() { printf '%s-h%s' "$P" "$1"; }
-ns_c() { printf '%s-c%s' "$P" "$1"; }
+ns_c() { printf '%s-c%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+ns_underlay() { printf '%s-ul' "$P"; }
+c_suffix() { if [[ $1 != 1 ]]; then printf -- '-%s' "$1"; fi; }
 link_underlay() { printf '%su%s' "$P" "$1"; }
-link_bridge_port() { printf '%sb%s' "$P" "$1"; }
-link_container() { printf '%sc%s' "$P" "$1"; }
-other() { if [[ $1 == 1 ]]; then echo 2; else echo 1; fi; }
+link_underlay_port() { printf '%sp%s' "$P" "$1"; }
+link_underlay_bridge() { printf '%sul' "$P"; }
+link_bridge_port() { printf '%sb%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+link_container() { printf '%sc%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+# The lab's namespaces are exactly these names (used by teardown and `down`).
+lab_ns_regex() { printf '^%s-(ul|h[0-9]+|c[0-9]+(-[0-9]+)?)$' "$P"; }
+
+# check_shape: the interface names of N hosts and K containers fit in 15 characters.
+check_shape() {
+	local longest
+	longest=$(link_bridge_port "$HOSTS" "$CONTAINERS")
+	((${#longest} <= 15)) || die "interface name '$longest' is longer than 15 characters: use a shorter --prefix (or fewer hosts/containers)"
+}
 
 rundir_for() { printf '%s/weft-lab.%s' "${TMPDIR:-/tmp}" "$1"; }
 
@@ -289,16 +315,23 @@ new_ns() {
 	nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
 }
 
+# make_hosts: the underlay segment (a bridge in namespace <P>-ul, like a switch: no address, no
+# multicast snooping, so that it floods multicast as a plain segment does) and the hosts, each
+# joined to it by a veth pair created inside <P>-ul with its other end placed straight into the
+# host.
 make_hosts() {
-	local n
-	for n in 1 2; do
+	local n ul br
+	ul=$(ns_underlay)
+	br=$(link_underlay_bridge)
+	new_ns "$ul"
+	ip -n "$ul" link add "$br" mtu "$UNDERLAY_MTU" type bridge mcast_snooping 0
+	ip -n "$ul" link set "$br" up
+	for ((n = 1; n <= HOSTS; n++)); do
 		new_ns "$(ns_h "$n")"
 		nsx "$(ns_h "$n")" sysctl -qw net.ipv4.ip_forward=1
-	done
-	# The veth pair is created inside host 1 with its peer placed straight into host 2.
-	ip -n "$(ns_h 1)" link add "$(link_underlay 1)" mtu "$UNDERLAY_MTU" type veth \
-		peer name "$(link_underlay 2)" mtu "$UNDERLAY_MTU" netns "$(ns_h 2)"
-	for n in 1 2; do
+		ip -n "$ul" link add "$(link_underlay_port "$n")" mtu "$UNDERLAY_MTU" type veth \
+			peer name "$(link_underlay "$n")" mtu "$UNDERLAY_MTU" netns "$(ns_h "$n")"
+		ip -n "$ul" link set "$(link_underlay_port "$n")" master "$br" up
 		ip -n "$(ns_h "$n")" addr add "$UNDERLAY.$n/24" dev "$(link_underlay "$n")"
 		ip -n "$(ns_h "$n")" link set "$(link_underlay "$n")" up
 	done
@@ -399,10 +432,12 @@ EOF
 }
 
 # flannel's vxlan backend: device flannel.1 (VNI 1, port 8472, no learning) holding X.0/32, and for
-# each peer a route "via peerX.0 onlink", a permanent ARP entry and an FDB entry.
+# each peer a route "via peerX.0 onlink", a permanent ARP entry and an FDB entry. Besides, one
+# all-zeros FDB entry per peer (kernel VXLAN's head-end replication), so that broadcast and
+# multicast sent on flannel.1 reach every peer; unicast is unaffected.
 setup_vxlan() {
-	local n m mac=("" "" "")
-	for n in 1 2; do
+	local n m mac=()
+	for ((n = 1; n <= HOSTS; n++)); do
 		write_static_env "$n" "$VXLAN_MTU"
 		ip -n "$(ns_h "$n")" link add flannel.1 type vxlan id 1 local "$UNDERLAY.$n" \
 			dev "$(link_underlay "$n")" dstport 8472 nolearning
@@ -411,21 +446,26 @@ setup_vxlan() {
 		ip -n "$(ns_h "$n")" link set flannel.1 up
 		mac[n]=$(nsx "$(ns_h "$n")" cat /sys/class/net/flannel.1/address)
 	done
-	for n in 1 2; do
-		m=$(other "$n")
-		ip -n "$(ns_h "$n")" neigh replace "10.1.$m.0" lladdr "${mac[m]}" dev flannel.1 nud permanent
-		bridge -n "$(ns_h "$n")" fdb append "${mac[m]}" dev flannel.1 dst "$UNDERLAY.$m" self permanent
-		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "10.1.$m.0" dev flannel.1 onlink
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			ip -n "$(ns_h "$n")" neigh replace "10.1.$m.0" lladdr "${mac[m]}" dev flannel.1 nud permanent
+			bridge -n "$(ns_h "$n")" fdb append "${mac[m]}" dev flannel.1 dst "$UNDERLAY.$m" self permanent
+			bridge -n "$(ns_h "$n")" fdb append 00:00:00:00:00:00 dev flannel.1 dst "$UNDERLAY.$m" self permanent
+			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "10.1.$m.0" dev flannel.1 onlink
+		done
 	done
 }
 
 # flannel's host-gw backend: the peer's subnet via the peer's underlay address.
 setup_direct() {
 	local n m
-	for n in 1 2; do write_static_env "$n" "$UNDERLAY_MTU"; done
-	for n in 1 2; do
-		m=$(other "$n")
-		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+	for ((n = 1; n <= HOSTS; n++)); do
+		write_static_env "$n" "$UNDERLAY_MTU"
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+		done
 	done
 }
 
@@ -441,50 +481,84 @@ env_get() {
 	return 1
 }
 
-# make_container <n>: what docker does with subnet.env: bridge cbr0 holding FLANNEL_SUBNET with
-# MTU FLANNEL_MTU, a container on it at the subnet's .2 with its default route via the bridge.
-make_container() {
-	local n=$1 env=$RUN/h$1/subnet.env sub mtu
-	sub=$(env_get "$env" FLANNEL_SUBNET) || die "$env has no FLANNEL_SUBNET"
-	mtu=$(env_get "$env" FLANNEL_MTU) || die "$env has no FLANNEL_MTU"
-	[[ $sub =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] || die "$env: bad FLANNEL_SUBNET '$sub'"
-	[[ $mtu =~ ^[0-9]+$ ]] || die "$env: bad FLANNEL_MTU '$mtu'"
-	local len=${sub#*/} gw=${sub%/*} addr
-	addr=$(network_plus "$sub" 2)
-	SUBNET[n]="$(network_plus "$sub" 0)/$len"
-	C_ADDR[n]=$addr
-	local h c
-	h=$(ns_h "$n")
-	c=$(ns_c "$n")
-	new_ns "$c"
-	ip -n "$h" link add cbr0 type bridge
-	ip -n "$h" link set cbr0 mtu "$mtu"
-	ip -n "$h" addr add "$sub" dev cbr0
-	ip -n "$h" link set cbr0 up
-	ip -n "$h" link add "$(link_bridge_port "$n")" mtu "$mtu" type veth \
-		peer name "$(link_container "$n")" mtu "$mtu" netns "$c"
-	ip -n "$h" link set "$(link_bridge_port "$n")" master cbr0 up
-	ip -n "$c" addr add "$addr/$len" dev "$(link_container "$n")"
-	ip -n "$c" link set "$(link_container "$n")" up
-	ip -n "$c" route add default via "$gw"
+# host_subnet <n>: read host n's subnet.env (FLANNEL_SUBNET, FLANNEL_MTU) into H_SUB (the
+# bridge's address/len), H_MTU and SUBNET[n] (network/len).
+H_SUB=""
+H_MTU=""
+host_subnet() {
+	local n=$1 env=$RUN/h$1/subnet.env
+	H_SUB=$(env_get "$env" FLANNEL_SUBNET) || die "$env has no FLANNEL_SUBNET"
+	H_MTU=$(env_get "$env" FLANNEL_MTU) || die "$env has no FLANNEL_MTU"
+	[[ $H_SUB =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] || die "$env: bad FLANNEL_SUBNET '$H_SUB'"
+	[[ $H_MTU =~ ^[0-9]+$ ]] || die "$env: bad FLANNEL_MTU '$H_MTU'"
+	SUBNET[n]="$(network_plus "$H_SUB" 0)/${H_SUB#*/}"
 }
 
-# wait_overlay: wait until each container reaches the other (a daemon learns its peer's lease
-# from etcd some time after writing its own subnet.env).
+# make_containers <n>: what docker does with subnet.env: bridge cbr0 holding FLANNEL_SUBNET with
+# MTU FLANNEL_MTU, and the host's containers on it at the subnet's .2, .3, ... with their
+# default route via the bridge.
+make_containers() {
+	local n=$1 h j
+	h=$(ns_h "$n")
+	host_subnet "$n"
+	local len=${H_SUB#*/} gw=${H_SUB%/*}
+	ip -n "$h" link add cbr0 type bridge
+	ip -n "$h" link set cbr0 mtu "$H_MTU"
+	ip -n "$h" addr add "$H_SUB" dev cbr0
+	ip -n "$h" link set cbr0 up
+	for ((j = 1; j <= CONTAINERS; j++)); do
+		local c addr
+		c=$(ns_c "$n" "$j")
+		addr=$(network_plus "$H_SUB" $((j + 1)))
+		new_ns "$c"
+		ip -n "$h" link add "$(link_bridge_port "$n" "$j")" mtu "$H_MTU" type veth \
+			peer name "$(link_container "$n" "$j")" mtu "$H_MTU" netns "$c"
+		ip -n "$h" link set "$(link_bridge_port "$n" "$j")" master cbr0 up
+		ip -n "$c" addr add "$addr/$len" dev "$(link_container "$n" "$j")"
+		ip -n "$c" link set "$(link_container "$n" "$j")" up
+		ip -n "$c" route add default via "$gw"
+		C_IPS[$n.$j]=$addr
+	done
+	C_ADDR[n]=${C_IPS[$n.1]}
+}
+
+# wait_overlay: wait until the first container of every host reaches the first container of
+# every other host (a daemon learns its peers' leases from etcd some time after writing its own
+# subnet.env).
 wait_overlay() {
-	local start=$SECONDS ok12=0 ok21=0
+	local start=$SECONDS n m todo=()
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((m = 1; m <= HOSTS; m++)); do ((m == n)) || todo+=("$n:$m"); done
+	done
 	while ((SECONDS - start < TIMEOUT)); do
-		((ok12)) || { nsx "$(ns_c 1)" ping -c 1 -W 1 "${C_ADDR[2]}" >/dev/null 2>&1 && ok12=1; }
-		((ok21)) || { nsx "$(ns_c 2)" ping -c 1 -W 1 "${C_ADDR[1]}" >/dev/null 2>&1 && ok21=1; }
-		if ((ok12 && ok21)); then
-			log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
+		local left=() pair
+		for pair in "${todo[@]}"; do
+			n=${pair%:*} m=${pair#*:}
+			c_exec "$n" 1 ping -c 1 -W 1 "${C_ADDR[m]}" >/dev/null 2>&1 || left+=("$pair")
+		done
+		todo=("${left[@]}")
+		if ((${#todo[@]} == 0)); then
+			if ((HOSTS == 2)); then
+				log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
+			else
+				log "up: the containers of all $HOSTS hosts reach each other (after $((SECONDS - start))s)"
+			fi
 			return 0
 		fi
 		sleep 0.2
 	done
-	((ok12)) || warn "c1 (${C_ADDR[1]}) cannot reach c2 (${C_ADDR[2]})"
-	((ok21)) || warn "c2 (${C_ADDR[2]}) cannot reach c1 (${C_ADDR[1]})"
+	for pair in "${todo[@]}"; do
+		n=${pair%:*} m=${pair#*:}
+		warn "c$n (${C_ADDR[n]}) cannot reach c$m (${C_ADDR[m]})"
+	done
 	die "the overlay did not connect the containers within ${TIMEOUT}s"
+}
+
+# c_exec <n> <j> <command...>: run a command in container j of host n.
+c_exec() {
+	local n=$1 j=$2
+	shift 2
+	nsx "$(ns_c "$n" "$j")" "$@"
 }
 
 # lab_up <mode>: bring a whole lab up (etcd -> daemons -> containers). Uses PREFIX if set.
@@ -499,35 +573,80 @@ lab_up() {
 		((LAB_SEQ == 1)) || P="wl$$x$LAB_SEQ"
 	fi
 	valid_prefix "$P" || die "bad prefix '$P': 2-12 characters, a-z then a-z/0-9"
-	local n
-	for n in 1 2; do
-		ns_exists "$(ns_h "$n")" && die "namespace $(ns_h "$n") exists: prefix $P is in use"
-		ns_exists "$(ns_c "$n")" && die "namespace $(ns_c "$n") exists: prefix $P is in use"
-	done
+	check_shape
+	local n left
+	left=$(lab_namespaces | tr '\n' ' ')
+	[[ -z $left ]] || die "namespaces $left exist: prefix $P is in use"
 	RUN=$(rundir_for "$P")
 	mkdir -m 700 "$RUN" 2>/dev/null || die "cannot create $RUN (exists already?)"
 	LAB_ACTIVE=1
 	LAB_MODE=$mode
 	DAEMON_PIDS=()
+	C_ADDR=()
+	SUBNET=()
+	C_IPS=()
 	echo "$mode" >"$RUN/mode"
 	: >"$RUN/pids"
-	log "bringing up the $mode lab, prefix $P, run dir $RUN"
+	log "bringing up the $mode lab, prefix $P, $HOSTS hosts, $CONTAINERS container(s) per host, run dir $RUN"
 	make_hosts
 	case $mode in
 	weft | flannel)
 		start_etcd
-		start_daemon 1 "$mode"
-		start_daemon 2 "$mode"
-		wait_daemon 1 "${DAEMON_PIDS[0]}"
-		wait_daemon 2 "${DAEMON_PIDS[1]}"
+		for ((n = 1; n <= HOSTS; n++)); do start_daemon "$n" "$mode"; done
+		for ((n = 1; n <= HOSTS; n++)); do wait_daemon "$n" "${DAEMON_PIDS[n - 1]}"; done
 		;;
 	vxlan) setup_vxlan ;;
 	direct) setup_direct ;;
 	esac
-	for n in 1 2; do make_container "$n"; done
-	printf 'C1=%s\nC2=%s\n' "${C_ADDR[1]}" "${C_ADDR[2]}" >"$RUN/containers"
-	log "containers: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}), c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
+	for ((n = 1; n <= HOSTS; n++)); do make_containers "$n"; done
+	write_lab_description
+	local line="" j
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			line+="${line:+, }c$n$(c_suffix "$j") ${C_IPS[$n.$j]}"
+		done
+		line+=" (subnet ${SUBNET[n]})"
+	done
+	log "containers: $line"
 	wait_overlay
+}
+
+# lab_namespaces: the namespaces of lab $P that exist.
+lab_namespaces() {
+	ip netns list 2>/dev/null | awk '{print $1}' | grep -E "$(lab_ns_regex)" || true
+}
+
+# write_lab_description: $RUN/containers (C<n>[-<j>]=<address>, read by test.sh) and
+# $RUN/lab.json (what `up --json` prints).
+write_lab_description() {
+	local n j tsv=$RUN/lab.tsv
+	: >"$RUN/containers"
+	: >"$tsv"
+	for ((n = 1; n <= HOSTS; n++)); do
+		printf 'host\t%s\t%s\t%s\t%s\t%s\n' "h$n" "$(ns_h "$n")" "$UNDERLAY.$n" "$(link_underlay "$n")" \
+			"${SUBNET[n]}" >>"$tsv"
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			echo "C$n$(c_suffix "$j")=${C_IPS[$n.$j]}" >>"$RUN/containers"
+			printf 'container\t%s\t%s\n' "$(ns_c "$n" "$j")" "${C_IPS[$n.$j]}" >>"$tsv"
+		done
+	done
+	python3 - "$P" "$LAB_MODE" "$(ns_underlay)" "$RUN" "$tsv" >"$RUN/lab.json" <<'PY'
+import json, sys
+prefix, mode, underlay_ns, run_dir, tsv = sys.argv[1:6]
+hosts = []
+for line in open(tsv):
+    kind, *fields = line.rstrip("\n").split("\t")
+    if kind == "host":
+        name, ns, ip, dev, subnet = fields
+        hosts.append({"name": name, "namespace": ns, "underlay_ip": ip, "underlay_dev": dev,
+                      "subnet": subnet, "containers": []})
+    else:
+        ns, ip = fields
+        hosts[-1]["containers"].append({"namespace": ns, "ip": ip})
+print(json.dumps({"prefix": prefix, "mode": mode, "underlay_namespace": underlay_ns,
+                  "run_dir": run_dir, "hosts": hosts}))
+PY
+	rm -f -- "$tsv"
 }
 
 # lab_down: stop the lab's processes, delete its namespaces and (unless kept) its run dir.
@@ -537,13 +656,12 @@ lab_down() {
 	set +e
 	stop_recorded
 	local ns
-	for ns in "$(ns_c 1)" "$(ns_c 2)" "$(ns_h 1)" "$(ns_h 2)"; do
-		if ns_exists "$ns"; then
-			local left
-			left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-			[[ -z $left ]] || warn "namespace $ns still holds processes the lab did not start: $left(not touched)"
-			ip netns delete "$ns" || warn "could not delete namespace $ns"
-		fi
+	# Containers first, then hosts, then the underlay.
+	for ns in $(lab_namespaces | sort); do
+		local left
+		left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+		[[ -z $left ]] || warn "namespace $ns still holds processes the lab did not start: $left(not touched)"
+		ip netns delete "$ns" || warn "could not delete namespace $ns"
 	done
 	if [[ $RUN == */weft-lab."$P" && -d $RUN ]]; then
 		if [[ $KEEP == 1 ]]; then
@@ -586,45 +704,58 @@ show_lab() {
 		# etcdctl prints each key and its value on separate lines; shown here as "key value".
 		etcdctl_h1 get --prefix "$ETCD_PREFIX" | paste -d' ' - - | sed 's/^/  /' || true
 	fi
-	for n in 1 2; do
+	for ((n = 1; n <= HOSTS; n++)); do
 		echo
 		echo "--- host $n ($UNDERLAY.$n): $RUN/h$n/subnet.env ---"
 		sed 's/^/  /' "$RUN/h$n/subnet.env"
 		echo "--- host $n: ip route ---"
 		ip -n "$(ns_h "$n")" route show | sed 's/^/  /'
 	done
-	for n in 1 2; do
-		echo
-		echo "--- container $n: ip a ---"
-		ip -n "$(ns_c "$n")" addr show | sed 's/^/  /'
+	local j
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			echo
+			if ((CONTAINERS == 1)); then
+				echo "--- container $n: ip a ---"
+			else
+				echo "--- container c$n$(c_suffix "$j") (host $n): ip a ---"
+			fi
+			c_exec "$n" "$j" ip addr show | sed 's/^/  /'
+		done
 	done
 	echo
 }
 
 print_enter_instructions() {
-	cat <<EOF
-
-The lab stays up (prefix $P, mode $LAB_MODE, run dir $RUN).
-Enter a namespace:
-  ip netns exec $(ns_c 1) bash     # container 1, ${C_ADDR[1]}
-  ip netns exec $(ns_c 2) bash     # container 2, ${C_ADDR[2]}
-  ip netns exec $(ns_h 1) bash     # host 1, $UNDERLAY.1 (etcd, daemon logs in $RUN)
-  ip netns exec $(ns_h 2) bash     # host 2, $UNDERLAY.2
-Try:
-  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}
-Tear it down:
-  bash $LAB_DIR/lab.sh down $P
-EOF
+	local n j
+	echo
+	echo "The lab stays up (prefix $P, mode $LAB_MODE, run dir $RUN)."
+	echo "Enter a namespace:"
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			printf '  %-40s # container c%s (host %s), %s\n' "ip netns exec $(ns_c "$n" "$j") bash" \
+				"$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+		done
+	done
+	printf '  %-40s # host 1, %s (etcd, daemon logs in %s)\n' "ip netns exec $(ns_h 1) bash" "$UNDERLAY.1" "$RUN"
+	for ((n = 2; n <= HOSTS; n++)); do
+		printf '  %-40s # host %s, %s\n' "ip netns exec $(ns_h "$n") bash" "$n" "$UNDERLAY.$n"
+	done
+	echo "Try:"
+	echo "  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}"
+	echo "Tear it down:"
+	echo "  bash $LAB_DIR/lab.sh down $P"
 }
 
 # ping_check <from> <to>: 5 pings, 0 % loss asserted; prints the summary and sets PING_AVG.
 PING_AVG=""
 ping_check() {
 	local from=$1 to=$2 out
-	out=$(nsx "$(ns_c "$from")" ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
+	out=$(c_exec "$from" 1 ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
 	echo "$out" | sed 's/^/  /'
 	grep -q ' 0% packet loss' <<<"$out" || die "ping c$from -> c$to lost packets"
-	PING_AVG=$(sed -n 's|^rtt [^=]*= [^/]*/\([^/]*\)/.*|\1|p' <<<"$out")
+	# iputils: "rtt min/avg/max/mdev = a/b/c/d ms"; busybox: "round-trip min/avg/max = a/b/c ms".
+	PING_AVG=$(sed -n 's|^\(rtt\|round-trip\) [^=]*= [^/]*/\([^/]*\)/.*|\2|p' <<<"$out")
 }
 
 start_iperf_server() {
@@ -676,13 +807,16 @@ cmd_demo() {
 	fi
 	lab_up "$MODE"
 	show_lab
-	local avg12 avg21
-	echo "--- ping c1 -> c2 ---"
-	ping_check 1 2
-	avg12=$PING_AVG
-	echo "--- ping c2 -> c1 ---"
-	ping_check 2 1
-	avg21=$PING_AVG
+	# Host 1's container and each other host's, both ways.
+	local m pings=()
+	for ((m = 2; m <= HOSTS; m++)); do
+		echo "--- ping c1 -> c$m ---"
+		ping_check 1 "$m"
+		pings+=("ping c1 -> c$m: 5/5 replies, avg ${PING_AVG} ms")
+		echo "--- ping c$m -> c1 ---"
+		ping_check "$m" 1
+		pings+=("ping c$m -> c1: 5/5 replies, avg ${PING_AVG} ms")
+	done
 	start_iperf_server 2
 	echo "--- iperf3 c1 -> c2, 5 s ---"
 	local out
@@ -695,9 +829,10 @@ cmd_demo() {
 	rate=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i + 1) == "Gbits/sec") print $i}' <<<"$out" | tail -n 1)
 	echo
 	echo "=== summary ($LAB_MODE lab, prefix $P) ==="
-	echo "  c1 ${C_ADDR[1]} (host 1 subnet ${SUBNET[1]}) <-> c2 ${C_ADDR[2]} (host 2 subnet ${SUBNET[2]})"
-	echo "  ping c1 -> c2: 5/5 replies, avg ${avg12} ms"
-	echo "  ping c2 -> c1: 5/5 replies, avg ${avg21} ms"
+	for ((m = 2; m <= HOSTS; m++)); do
+		echo "  c1 ${C_ADDR[1]} (host 1 subnet ${SUBNET[1]}) <-> c$m ${C_ADDR[m]} (host $m subnet ${SUBNET[m]})"
+	done
+	printf '  %s\n' "${pings[@]}"
 	echo "  iperf3 c1 -> c2 (TCP, 1 stream, 5 s): ${rate:-?} Gbit/s received"
 	if [[ $KEEP == 1 ]]; then
 		LAB_ACTIVE=0
@@ -711,6 +846,8 @@ cmd_up() {
 	LAB_ACTIVE=0
 	KEEP=1
 	print_enter_instructions
+	# With --json, fd 3 is the original standard output (main points fd 1 at standard error).
+	if ((JSON)); then cat "$RUN/lab.json" >&3; fi
 }
 
 cmd_down() {
@@ -720,10 +857,7 @@ cmd_down() {
 	valid_prefix "$P" || die "bad prefix '$P'"
 	RUN=$(rundir_for "$P")
 	if [[ ! -d $RUN ]]; then
-		local any=0 n
-		for n in 1 2; do ns_exists "$(ns_h "$n")" && any=1; done
-		for n in 1 2; do ns_exists "$(ns_c "$n")" && any=1; done
-		((any)) || die "no lab with prefix $P (no $RUN, no namespaces $P-*)"
+		[[ -n $(lab_namespaces) ]] || die "no lab with prefix $P (no $RUN, no namespaces $P-*)"
 		warn "no run dir $RUN: deleting namespaces only; processes are not known and are left alone"
 	fi
 	LAB_MODE=$(cat "$RUN/mode" 2>/dev/null || echo unknown)
@@ -1023,6 +1157,9 @@ parse_opts() {
 		--mode) MODE=${2:?--mode needs a value} && shift ;;
 		--prefix) PREFIX=${2:?--prefix needs a value} && shift ;;
 		--keep) KEEP=1 ;;
+		--hosts) HOSTS=${2:?--hosts needs a value} && shift ;;
+		--containers) CONTAINERS=${2:?--containers needs a value} && shift ;;
+		--json) JSON=1 ;;
 		--timeout) TIMEOUT=${2:?} && shift ;;
 		--workers) WORKERS=${2:?--workers needs a value} && shift ;;
 		--io) IO_MODE=${2:?--io needs a value} && shift ;;
@@ -1051,6 +1188,8 @@ parse_opts() {
 		shift
 	done
 	[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer"
+	[[ $HOSTS =~ ^[0-9]+$ ]] && ((HOSTS >= 2 && HOSTS <= 16)) || die "--hosts must be a number from 2 to 16"
+	[[ $CONTAINERS =~ ^[0-9]+$ ]] && ((CONTAINERS >= 1 && CONTAINERS <= 16)) || die "--containers must be a number from 1 to 16"
 	[[ -z $IO_MODE || $IO_MODE == uring || $IO_MODE == syscalls ]] || die "--io must be uring or syscalls"
 	[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 	[[ -z $PREFIX ]] || valid_prefix "$PREFIX" || die "bad --prefix '$PREFIX': 2-12 characters, a-z then a-z/0-9"
@@ -1068,6 +1207,11 @@ main() {
 	parse_opts "$@"
 	if [[ $cmd != down && ${#POSITIONAL[@]} -gt 0 ]]; then
 		die "unexpected argument '${POSITIONAL[0]}' (lab.sh help)"
+	fi
+	if ((JSON)); then
+		[[ $cmd == up ]] || die "--json is an option of 'up'"
+		# The JSON object is the only thing on standard output: everything else goes to stderr.
+		exec 3>&1 1>&2
 	fi
 	trap on_exit EXIT
 	trap 'exit 130' INT
