@@ -34,6 +34,13 @@ MODE=weft
 HOSTS=2
 CONTAINERS=1
 JSON=0
+DOCKER=0
+DOCKERD_BIN=${DOCKERD_BIN:-dockerd}
+DOCKER_CLI=${DOCKER_CLI:-docker}
+readonly DOCKER_IMAGE=weft-lab/busybox:1
+# Binaries copied with their libraries into the docker image besides busybox (iperf3 required).
+readonly IMAGE_TOOLS=(iperf3 iperf socat)
+MK_DOCKER_OPTS="$REPO_ROOT/deploy/docker/mk-docker-opts.sh"
 PREFIX=""
 KEEP=0
 TIMEOUT=30
@@ -68,6 +75,7 @@ LAST_PID=""
 C_ADDR=()            # host n's first container
 SUBNET=()            # host n's subnet, network/len
 declare -A C_IPS=()  # "n.j" -> container j of host n
+declare -A C_NETNS=() # "n.j" -> a docker container's network namespace (its sandbox key)
 DAEMON_PIDS=()
 
 usage() {
@@ -83,6 +91,12 @@ weft lab: hosts and containers in network namespaces on one machine.
         Bring the lab up and leave it running; prints how to enter it and how to tear it down.
         With --json the last line of standard output is one JSON object describing the lab
         (everything else goes to standard error).
+  lab.sh demo --docker ...   and   lab.sh up --docker ...
+        The same with a real dockerd in every host, started from the host's subnet.env through
+        deploy/docker/mk-docker-opts.sh as the docker drop-in does, and docker containers
+        (an image of busybox and iperf3 built on the machine) in place of the plain namespaces.
+        Needs a daemon mode (weft, flannel); the daemons run with --ip-masq, as flannel's docs
+        advise for docker hosts.
   lab.sh down  <prefix>
         Tear down a lab left up by `up` or `demo --keep`.
   lab.sh list
@@ -120,6 +134,7 @@ Other:
 EOF
 }
 
+indent() { sed 's/^/  /'; }
 log() { printf '\033[1m[lab]\033[0m %s\n' "$*" >&2; }
 warn() { printf '[lab] warning: %s\n' "$*" >&2; }
 die() {
@@ -212,8 +227,21 @@ start_bg() {
 	local label=$1 ns=$2 logf=$3
 	shift 3
 	ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null &
-	local pid=$!
-	local st
+	record_pid "$!" "$label"
+}
+
+# start_bg_nsenter <label> <namespace> <logfile> <command...>: the same through nsenter, which
+# enters only the network namespace (ip netns exec also remounts /sys, hiding the cgroup mounts
+# that dockerd needs). nsenter execs the command, so the pid is the command's own.
+start_bg_nsenter() {
+	local label=$1 ns=$2 logf=$3
+	shift 3
+	nsenter --net="/run/netns/$ns" "$@" >"$logf" 2>&1 </dev/null &
+	record_pid "$!" "$label"
+}
+
+record_pid() {
+	local pid=$1 label=$2 st
 	st=$(proc_starttime "$pid") || st=-
 	echo "$pid $st $label" >>"$RUN/pids"
 	if [[ -n $PID_LOG ]]; then echo "$pid $st $label" >>"$PID_LOG"; fi
@@ -232,21 +260,27 @@ stop_recorded() {
 			wait "$pid" 2>/dev/null || true
 			continue
 		}
-		kill -TERM "$pid" 2>/dev/null || true
+		stop_pid "$pid" "$st" "$label" 5
+	done
+}
+
+# stop_pid <pid> <starttime> <label> <seconds>: SIGTERM, then SIGKILL after <seconds>.
+stop_pid() {
+	local pid=$1 st=$2 label=$3 grace=$4 i
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < grace * 10; i++)); do
+		proc_is "$pid" "$st" || break
+		sleep 0.1
+	done
+	if proc_is "$pid" "$st"; then
+		warn "$label (pid $pid) ignored SIGTERM for $grace s; sending SIGKILL"
+		kill -KILL "$pid" 2>/dev/null || true
 		for ((i = 0; i < 50; i++)); do
 			proc_is "$pid" "$st" || break
 			sleep 0.1
 		done
-		if proc_is "$pid" "$st"; then
-			warn "$label (pid $pid) ignored SIGTERM for 5 s; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
-			for ((i = 0; i < 50; i++)); do
-				proc_is "$pid" "$st" || break
-				sleep 0.1
-			done
-		fi
-		wait "$pid" 2>/dev/null || true
-	done
+	fi
+	wait "$pid" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +332,24 @@ preflight() {
 	vxlan | direct) ;;
 	*) die "unknown mode '$mode' (weft, flannel, vxlan, direct)" ;;
 	esac
+	if ((DOCKER)); then
+		[[ $mode == weft || $mode == flannel ]] || die "--docker needs a daemon mode (weft or flannel), not $mode"
+		require_cmd "$DOCKERD_BIN" "Debian package docker.io"
+		require_cmd "$DOCKER_CLI" "Debian package docker.io"
+		require_cmd containerd "Debian package containerd"
+		require_cmd runc "Debian package runc"
+		require_cmd nsenter "Debian package util-linux"
+		require_cmd tar
+		require_cmd ldd "Debian package libc-bin"
+		require_cmd iptables "Debian package iptables"
+		if [[ ! -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then
+			die "a static /bin/busybox is needed for the docker image (Debian package busybox-static)"
+		fi
+		[[ -f $MK_DOCKER_OPTS ]] || die "$MK_DOCKER_OPTS is missing"
+		if [[ -e /run/containerd/containerd.sock ]]; then
+			warn "/run/containerd/containerd.sock exists: dockerd uses that containerd instead of starting its own"
+		fi
+	fi
 }
 
 nsx() {
@@ -367,6 +419,9 @@ start_daemon() {
 	mkdir -p "$RUN/h$n"
 	local args=(--etcd-endpoints "$ETCD_URL" --iface "$(link_underlay "$n")" --public-ip "$UNDERLAY.$n"
 		--subnet-file "$RUN/h$n/subnet.env" --healthz-port "$HEALTHZ_PORT")
+	# Docker hosts: the daemon masquerades what leaves the overlay, so that docker does not
+	# (mk-docker-opts.sh turns FLANNEL_IPMASQ=true into --ip-masq=false), as flannel's docs advise.
+	((DOCKER == 0)) || args+=(--ip-masq)
 	if [[ $mode == weft ]]; then
 		[[ -z $WORKERS ]] || args+=(--workers "$WORKERS")
 		[[ -z $IO_MODE ]] || args+=(--io "$IO_MODE")
@@ -554,11 +609,162 @@ wait_overlay() {
 	die "the overlay did not connect the containers within ${TIMEOUT}s"
 }
 
-# c_exec <n> <j> <command...>: run a command in container j of host n.
+# c_exec <n> <j> <command...>: run a command in container j of host n (in a docker container,
+# one of the image's).
 c_exec() {
 	local n=$1 j=$2
 	shift 2
-	nsx "$(ns_c "$n" "$j")" "$@"
+	if ((DOCKER)); then
+		docker_h "$n" exec "c$n$(c_suffix "$j")" "$@"
+	else
+		nsx "$(ns_c "$n" "$j")" "$@"
+	fi
+}
+
+# c_netns_exec <n> <j> <command...>: run one of the machine's commands in the network namespace
+# of container j of host n.
+c_netns_exec() {
+	local n=$1 j=$2
+	shift 2
+	if ((DOCKER)); then
+		nsenter --net="${C_NETNS[$n.$j]}" "$@"
+	else
+		nsx "$(ns_c "$n" "$j")" "$@"
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Docker hosts
+
+docker_dir() { printf '%s/h%s/docker' "$RUN" "$1"; }
+docker_sock() { printf 'unix://%s/docker.sock' "$(docker_dir "$1")"; }
+
+# docker_h <n> <docker arguments...>: the docker client, talking to host n's dockerd.
+docker_h() {
+	local n=$1
+	shift
+	"$DOCKER_CLI" -H "$(docker_sock "$n")" "$@"
+}
+
+# build_image: a root filesystem of busybox (static, with its applet links) and the IMAGE_TOOLS
+# with their libraries, packed with tar (no registry is needed: each dockerd imports the tar).
+build_image() {
+	local root=$RUN/image/rootfs applet tool path lib
+	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,root,tmp}
+	chmod 1777 "$root/tmp"
+	cp /bin/busybox "$root/bin/busybox"
+	while read -r applet; do
+		[[ -e $root/$applet || -L $root/$applet ]] || ln -s /bin/busybox "$root/$applet"
+	done < <(/bin/busybox --list-full)
+	echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
+	echo 'root:x:0:' >"$root/etc/group"
+	for tool in "${IMAGE_TOOLS[@]}"; do
+		path=$(command -v "$tool") || {
+			[[ $tool != iperf3 ]] || die "iperf3 not found (Debian package iperf3)"
+			continue
+		}
+		cp -L "$path" "$root/usr/bin/$tool"
+		# ldd lists "name => /path (addr)" and the loader as "/path (addr)".
+		while read -r lib; do
+			mkdir -p "$root$(dirname "$lib")"
+			[[ -e $root$lib ]] || cp -L "$lib" "$root$lib"
+		done < <(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+	done
+	tar -C "$root" -cf "$RUN/image/rootfs.tar" .
+	rm -rf -- "$root"
+}
+
+# start_dockerd <n>: dockerd in host n from the host's subnet.env, as the docker drop-in
+# (deploy/systemd/docker.service.d/weft.conf) starts it: mk-docker-opts.sh -i writes
+# DOCKER_OPT_BIP, DOCKER_OPT_MTU and DOCKER_OPT_IPMASQ, which go on dockerd's command line. The
+# lab adds what lets several dockerds share one machine: their own data and exec roots, socket,
+# pidfile and (empty) config file, and the vfs storage driver.
+start_dockerd() {
+	local n=$1 d opts=() key value
+	d=$(docker_dir "$n")
+	mkdir -p "$d/data" "$d/exec"
+	echo '{}' >"$d/daemon.json"
+	bash "$MK_DOCKER_OPTS" -i -f "$RUN/h$n/subnet.env" -d "$RUN/h$n/docker.env" ||
+		die "mk-docker-opts.sh failed on $RUN/h$n/subnet.env"
+	# Read as data, as systemd's EnvironmentFile= would: KEY="VALUE" lines.
+	while IFS='=' read -r key value; do
+		[[ $key == DOCKER_OPT_* ]] || continue
+		value=${value#\"}
+		opts+=("${value%\"}")
+	done <"$RUN/h$n/docker.env"
+	local args=(--data-root "$d/data" --exec-root "$d/exec" -H "$(docker_sock "$n")"
+		--pidfile "$d/docker.pid" --config-file "$d/daemon.json" --storage-driver vfs "${opts[@]}")
+	printf '%q ' "$DOCKERD_BIN" "${args[@]}" >"$d/cmdline"
+	start_bg_nsenter "dockerd$n" "$(ns_h "$n")" "$d/dockerd.log" env -u NOTIFY_SOCKET "$DOCKERD_BIN" "${args[@]}"
+}
+
+# wait_dockerd <n> <pid>: wait until host n's dockerd answers, then import the image.
+wait_dockerd() {
+	local n=$1 pid=$2 i d
+	d=$(docker_dir "$n")
+	for ((i = 0; i < TIMEOUT * 5; i++)); do
+		docker_h "$n" version >/dev/null 2>&1 && break
+		if ! proc_is "$pid" "$(proc_starttime "$pid" || echo -)"; then
+			tail -n 20 "$d/dockerd.log" >&2 || true
+			die "dockerd on host $n exited (log above, command line in $d/cmdline)"
+		fi
+		sleep 0.2
+	done
+	docker_h "$n" version >/dev/null 2>&1 || {
+		tail -n 20 "$d/dockerd.log" >&2 || true
+		die "dockerd on host $n does not answer on $(docker_sock "$n") within ${TIMEOUT}s"
+	}
+	docker_h "$n" import - "$DOCKER_IMAGE" <"$RUN/image/rootfs.tar" >/dev/null ||
+		die "docker import into host $n's dockerd failed"
+	log "host $n: dockerd $(docker_h "$n" version -f '{{.Server.Version}}') on $(docker_sock "$n") (client $(command -v "$DOCKER_CLI") $(docker_h "$n" version -f '{{.Client.Version}}')), image $DOCKER_IMAGE imported"
+}
+
+# docker_containers <n>: the host's containers, run by its dockerd on docker's own bridge.
+docker_containers() {
+	local n=$1 j name
+	host_subnet "$n"
+	for ((j = 1; j <= CONTAINERS; j++)); do
+		name=c$n$(c_suffix "$j")
+		docker_h "$n" run -d --name "$name" --hostname "$name" "$DOCKER_IMAGE" \
+			/bin/sleep 2147483647 >/dev/null || die "docker run on host $n failed"
+		C_IPS[$n.$j]=$(docker_h "$n" inspect -f '{{.NetworkSettings.IPAddress}}' "$name")
+		C_NETNS[$n.$j]=$(docker_h "$n" inspect -f '{{.NetworkSettings.SandboxKey}}' "$name")
+		[[ -n ${C_IPS[$n.$j]} && -e ${C_NETNS[$n.$j]} ]] || die "container $name on host $n has no address or network namespace"
+	done
+	C_ADDR[n]=${C_IPS[$n.1]}
+}
+
+# docker_down: remove the containers of every dockerd still answering, then stop each dockerd by
+# the pid in its pidfile (only if the lab recorded starting that process). dockerd takes its
+# containerd with it.
+docker_down() {
+	local d n pid line rpid st label ids
+	for d in "$RUN"/h*/docker; do
+		[[ -d $d ]] || continue
+		n=${d%/docker}
+		n=${n##*/h}
+		if [[ -S $d/docker.sock ]]; then
+			ids=$(timeout 20 "$DOCKER_CLI" -H "unix://$d/docker.sock" ps -aq 2>/dev/null || true)
+			if [[ -n $ids ]]; then
+				# shellcheck disable=SC2086 # one id per word
+				timeout 30 "$DOCKER_CLI" -H "unix://$d/docker.sock" rm -f $ids >/dev/null 2>&1 ||
+					warn "could not remove host $n's containers"
+			fi
+		fi
+		pid=$(cat "$d/docker.pid" 2>/dev/null) || continue
+		while read -r rpid st label; do
+			[[ $rpid == "$pid" && $label == "dockerd$n" ]] || continue
+			proc_is "$pid" "$st" && stop_pid "$pid" "$st" "dockerd (host $n)" 20
+		done <"$RUN/pids"
+	done
+}
+
+# unmount_run_dir: unmount whatever dockerd left mounted under the run dir (deepest first).
+unmount_run_dir() {
+	local m
+	while read -r m; do
+		umount -l "$m" 2>/dev/null || warn "could not unmount $m"
+	done < <(awk -v run="$RUN/" 'index($5, run) == 1 {print $5}' /proc/self/mountinfo | sort -r)
 }
 
 # lab_up <mode>: bring a whole lab up (etcd -> daemons -> containers). Uses PREFIX if set.
@@ -598,7 +804,18 @@ lab_up() {
 	vxlan) setup_vxlan ;;
 	direct) setup_direct ;;
 	esac
-	for ((n = 1; n <= HOSTS; n++)); do make_containers "$n"; done
+	if ((DOCKER)); then
+		build_image
+		local dpids=()
+		for ((n = 1; n <= HOSTS; n++)); do
+			start_dockerd "$n"
+			dpids+=("$LAST_PID")
+		done
+		for ((n = 1; n <= HOSTS; n++)); do wait_dockerd "$n" "${dpids[n - 1]}"; done
+		for ((n = 1; n <= HOSTS; n++)); do docker_containers "$n"; done
+	else
+		for ((n = 1; n <= HOSTS; n++)); do make_containers "$n"; done
+	fi
 	write_lab_description
 	local line="" j
 	for ((n = 1; n <= HOSTS; n++)); do
@@ -623,11 +840,22 @@ write_lab_description() {
 	: >"$RUN/containers"
 	: >"$tsv"
 	for ((n = 1; n <= HOSTS; n++)); do
-		printf 'host\t%s\t%s\t%s\t%s\t%s\n' "h$n" "$(ns_h "$n")" "$UNDERLAY.$n" "$(link_underlay "$n")" \
-			"${SUBNET[n]}" >>"$tsv"
+		local docker_host="" image=""
+		if ((DOCKER)); then
+			docker_host=$(docker_sock "$n")
+			image=$DOCKER_IMAGE
+		fi
+		printf 'host\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "h$n" "$(ns_h "$n")" "$UNDERLAY.$n" "$(link_underlay "$n")" \
+			"${SUBNET[n]}" "$docker_host" "$image" >>"$tsv"
 		for ((j = 1; j <= CONTAINERS; j++)); do
+			local ns name=""
+			ns=$(ns_c "$n" "$j")
+			if ((DOCKER)); then
+				ns=${C_NETNS[$n.$j]}
+				name=c$n$(c_suffix "$j")
+			fi
 			echo "C$n$(c_suffix "$j")=${C_IPS[$n.$j]}" >>"$RUN/containers"
-			printf 'container\t%s\t%s\n' "$(ns_c "$n" "$j")" "${C_IPS[$n.$j]}" >>"$tsv"
+			printf 'container\t%s\t%s\t%s\n' "$ns" "${C_IPS[$n.$j]}" "$name" >>"$tsv"
 		done
 	done
 	python3 - "$P" "$LAB_MODE" "$(ns_underlay)" "$RUN" "$tsv" >"$RUN/lab.json" <<'PY'
@@ -637,12 +865,18 @@ hosts = []
 for line in open(tsv):
     kind, *fields = line.rstrip("\n").split("\t")
     if kind == "host":
-        name, ns, ip, dev, subnet = fields
-        hosts.append({"name": name, "namespace": ns, "underlay_ip": ip, "underlay_dev": dev,
-                      "subnet": subnet, "containers": []})
+        name, ns, ip, dev, subnet, docker_host, image = fields
+        host = {"name": name, "namespace": ns, "underlay_ip": ip, "underlay_dev": dev,
+                "subnet": subnet, "containers": []}
+        if docker_host:
+            host.update(docker_host=docker_host, docker_image=image)
+        hosts.append(host)
     else:
-        ns, ip = fields
-        hosts[-1]["containers"].append({"namespace": ns, "ip": ip})
+        ns, ip, name = fields
+        container = {"namespace": ns, "ip": ip}
+        if name:
+            container["name"] = name
+        hosts[-1]["containers"].append(container)
 print(json.dumps({"prefix": prefix, "mode": mode, "underlay_namespace": underlay_ns,
                   "run_dir": run_dir, "hosts": hosts}))
 PY
@@ -654,7 +888,9 @@ lab_down() {
 	[[ $LAB_ACTIVE == 1 ]] || return 0
 	LAB_ACTIVE=0
 	set +e
+	[[ -z $RUN || ! -f $RUN/pids ]] || docker_down
 	stop_recorded
+	[[ -z $RUN || ! -d $RUN ]] || unmount_run_dir
 	local ns
 	# Containers first, then hosts, then the underlay.
 	for ns in $(lab_namespaces | sort); do
@@ -709,18 +945,30 @@ show_lab() {
 		echo "--- host $n ($UNDERLAY.$n): $RUN/h$n/subnet.env ---"
 		sed 's/^/  /' "$RUN/h$n/subnet.env"
 		echo "--- host $n: ip route ---"
-		ip -n "$(ns_h "$n")" route show | sed 's/^/  /'
+		ip -n "$(ns_h "$n")" route show | indent
+		if ((DOCKER)); then
+			echo "--- host $n: mk-docker-opts.sh -i -f subnet.env -d $RUN/h$n/docker.env ---"
+			indent <"$RUN/h$n/docker.env"
+			echo "--- host $n: $(sed 's/ *$//' "$(docker_dir "$n")/cmdline") ---"
+			echo "--- host $n: docker network inspect bridge ---"
+			docker_h "$n" network inspect bridge -f \
+				'{{range .IPAM.Config}}subnet {{.Subnet}}, gateway {{.Gateway}}{{end}}, mtu {{index .Options "com.docker.network.driver.mtu"}}' | indent
+			echo "--- host $n: docker ps ---"
+			docker_h "$n" ps --format '{{.Names}}  {{.Image}}  {{.Command}}  {{.Status}}' | indent
+		fi
 	done
 	local j
 	for ((n = 1; n <= HOSTS; n++)); do
 		for ((j = 1; j <= CONTAINERS; j++)); do
 			echo
-			if ((CONTAINERS == 1)); then
+			if ((DOCKER)); then
+				echo "--- host $n: docker exec c$n$(c_suffix "$j") ip a ---"
+			elif ((CONTAINERS == 1)); then
 				echo "--- container $n: ip a ---"
 			else
 				echo "--- container c$n$(c_suffix "$j") (host $n): ip a ---"
 			fi
-			c_exec "$n" "$j" ip addr show | sed 's/^/  /'
+			c_exec "$n" "$j" ip addr show | indent
 		done
 	done
 	echo
@@ -733,8 +981,14 @@ print_enter_instructions() {
 	echo "Enter a namespace:"
 	for ((n = 1; n <= HOSTS; n++)); do
 		for ((j = 1; j <= CONTAINERS; j++)); do
-			printf '  %-40s # container c%s (host %s), %s\n' "ip netns exec $(ns_c "$n" "$j") bash" \
-				"$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+			if ((DOCKER)); then
+				printf '  %s\n    # container c%s (host %s), %s; its network namespace with the machine'"'"'s tools:\n' \
+					"$DOCKER_CLI -H $(docker_sock "$n") exec -it c$n$(c_suffix "$j") sh" "$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+				printf '  nsenter --net=%s bash\n' "${C_NETNS[$n.$j]}"
+			else
+				printf '  %-40s # container c%s (host %s), %s\n' "ip netns exec $(ns_c "$n" "$j") bash" \
+					"$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+			fi
 		done
 	done
 	printf '  %-40s # host 1, %s (etcd, daemon logs in %s)\n' "ip netns exec $(ns_h 1) bash" "$UNDERLAY.1" "$RUN"
@@ -742,7 +996,11 @@ print_enter_instructions() {
 		printf '  %-40s # host %s, %s\n' "ip netns exec $(ns_h "$n") bash" "$n" "$UNDERLAY.$n"
 	done
 	echo "Try:"
-	echo "  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}"
+	if ((DOCKER)); then
+		echo "  $DOCKER_CLI -H $(docker_sock 1) exec c1 ping -c 3 ${C_ADDR[2]}"
+	else
+		echo "  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}"
+	fi
 	echo "Tear it down:"
 	echo "  bash $LAB_DIR/lab.sh down $P"
 }
@@ -752,17 +1010,22 @@ PING_AVG=""
 ping_check() {
 	local from=$1 to=$2 out
 	out=$(c_exec "$from" 1 ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
-	echo "$out" | sed 's/^/  /'
+	indent <<<"$out"
 	grep -q ' 0% packet loss' <<<"$out" || die "ping c$from -> c$to lost packets"
 	# iputils: "rtt min/avg/max/mdev = a/b/c/d ms"; busybox: "round-trip min/avg/max = a/b/c ms".
-	PING_AVG=$(sed -n 's|^\(rtt\|round-trip\) [^=]*= [^/]*/\([^/]*\)/.*|\2|p' <<<"$out")
+	PING_AVG=$(sed -En 's#^(rtt|round-trip) [^=]*= [^/]*/([^/]*)/.*#\2#p' <<<"$out")
 }
 
 start_iperf_server() {
 	local n=$1 i
-	start_bg "iperf3-server-c$n" "$(ns_c "$n")" "$RUN/iperf3-server-c$n.log" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	if ((DOCKER)); then
+		# Inside the container (docker rm -f at teardown ends it).
+		docker_h "$n" exec -d "c$n" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	else
+		start_bg "iperf3-server-c$n" "$(ns_c "$n")" "$RUN/iperf3-server-c$n.log" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	fi
 	for ((i = 0; i < 50; i++)); do
-		if nsx "$(ns_c "$n")" ss -Htln "sport = :$IPERF_PORT" | grep -q .; then return 0; fi
+		if c_netns_exec "$n" 1 ss -Htln "sport = :$IPERF_PORT" | grep -q .; then return 0; fi
 		sleep 0.1
 	done
 	die "iperf3 server in container $n did not start"
@@ -820,11 +1083,11 @@ cmd_demo() {
 	start_iperf_server 2
 	echo "--- iperf3 c1 -> c2, 5 s ---"
 	local out
-	out=$(nsx "$(ns_c 1)" iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -t 5 -f g 2>&1) || {
+	out=$(c_exec 1 1 iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -t 5 -f g 2>&1) || {
 		echo "$out"
 		die "iperf3 c1 -> c2 failed"
 	}
-	echo "$out" | sed 's/^/  /'
+	indent <<<"$out"
 	local rate
 	rate=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i + 1) == "Gbits/sec") print $i}' <<<"$out" | tail -n 1)
 	echo
@@ -1160,6 +1423,7 @@ parse_opts() {
 		--hosts) HOSTS=${2:?--hosts needs a value} && shift ;;
 		--containers) CONTAINERS=${2:?--containers needs a value} && shift ;;
 		--json) JSON=1 ;;
+		--docker) DOCKER=1 ;;
 		--timeout) TIMEOUT=${2:?} && shift ;;
 		--workers) WORKERS=${2:?--workers needs a value} && shift ;;
 		--io) IO_MODE=${2:?--io needs a value} && shift ;;
@@ -1188,8 +1452,12 @@ parse_opts() {
 		shift
 	done
 	[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer"
-	[[ $HOSTS =~ ^[0-9]+$ ]] && ((HOSTS >= 2 && HOSTS <= 16)) || die "--hosts must be a number from 2 to 16"
-	[[ $CONTAINERS =~ ^[0-9]+$ ]] && ((CONTAINERS >= 1 && CONTAINERS <= 16)) || die "--containers must be a number from 1 to 16"
+	if ! [[ $HOSTS =~ ^[0-9]+$ ]] || ((HOSTS < 2 || HOSTS > 16)); then
+		die "--hosts must be a number from 2 to 16"
+	fi
+	if ! [[ $CONTAINERS =~ ^[0-9]+$ ]] || ((CONTAINERS < 1 || CONTAINERS > 16)); then
+		die "--containers must be a number from 1 to 16"
+	fi
 	[[ -z $IO_MODE || $IO_MODE == uring || $IO_MODE == syscalls ]] || die "--io must be uring or syscalls"
 	[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 	[[ -z $PREFIX ]] || valid_prefix "$PREFIX" || die "bad --prefix '$PREFIX': 2-12 characters, a-z then a-z/0-9"
@@ -1207,6 +1475,9 @@ main() {
 	parse_opts "$@"
 	if [[ $cmd != down && ${#POSITIONAL[@]} -gt 0 ]]; then
 		die "unexpected argument '${POSITIONAL[0]}' (lab.sh help)"
+	fi
+	if ((DOCKER)) && [[ $cmd != up && $cmd != demo ]]; then
+		die "--docker is an option of 'up' and 'demo'"
 	fi
 	if ((JSON)); then
 		[[ $cmd == up ]] || die "--json is an option of 'up'"
