@@ -682,6 +682,9 @@ build_image() {
 start_dockerd() {
 	local n=$1 d opts=() key value
 	d=$(docker_dir "$n")
+	# containerd's sockets live under the exec root; a unix socket's path has at most 107 bytes.
+	local sock="$d/exec/containerd/containerd.sock.ttrpc"
+	((${#sock} <= 107)) || die "the run dir's path is too long for dockerd's sockets ($sock): use a shorter TMPDIR"
 	mkdir -p "$d/data" "$d/exec"
 	echo '{}' >"$d/daemon.json"
 	bash "$MK_DOCKER_OPTS" -i -f "$RUN/h$n/subnet.env" -d "$RUN/h$n/docker.env" ||
@@ -913,10 +916,13 @@ lab_down() {
 on_exit() {
 	local rc=$?
 	trap - EXIT INT TERM
+	# A signal may end the script inside a command whose output goes to /dev/null: the teardown
+	# reports on the script's own standard output and error (saved by main).
+	exec 1>&5 2>&6
 	if [[ $LAB_ACTIVE == 1 ]]; then
 		if ((rc != 0)) && [[ -n $RUN && -d $RUN ]]; then
 			local f
-			for f in "$RUN"/h*/daemon.log; do
+			for f in "$RUN"/h*/daemon.log "$RUN"/h*/docker/dockerd.log; do
 				[[ -s $f ]] || continue
 				echo "--- last lines of $f ---" >&2
 				tail -n 15 "$f" >&2
@@ -1484,6 +1490,7 @@ main() {
 		# The JSON object is the only thing on standard output: everything else goes to stderr.
 		exec 3>&1 1>&2
 	fi
+	exec 5>&1 6>&2
 	trap on_exit EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM

@@ -9,7 +9,8 @@
 #     vxlan and direct modes with 3 hosts, pinging across;
 #   - the docker lab (`up --docker --json`): a real dockerd in each of two hosts started from
 #     subnet.env, docker containers pinging each other both ways through weft, docker's bridge
-#     network on the lease's subnet, eth0 with MTU 1472; then torn down to nothing;
+#     network on the lease's subnet, eth0 with MTU 1472; then torn down to nothing; and torn
+#     down to nothing too after a SIGTERM during `up --docker` and when dockerd exits at once;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
 #     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
@@ -404,6 +405,22 @@ test_docker_sigterm() {
 	assert_clean "$name" "$p" "$pidlog" "$before" || true
 }
 
+# A dockerd that exits at once: up --docker fails naming it, and nothing is left.
+test_dockerd_dies() {
+	local p="lt$$q" name="dockerd exits early" pidlog="$WORK/lt$$q.pids" before rc=0
+	say "--- $name (prefix $p) ---"
+	before=$(root_snapshot "$p")
+	DOCKERD_BIN=/bin/false bash "$LAB" up --docker --prefix "$p" --pid-log "$pidlog" "${WEFTD_ARGS[@]}" \
+		>"$WORK/$p.log" 2>&1 || rc=$?
+	if ((rc != 0)) && grep -q 'dockerd on host 1 exited' "$WORK/$p.log"; then
+		pass "$name: lab.sh up --docker fails and names the cause"
+	else
+		tail -n 20 "$WORK/$p.log"
+		fail "$name: expected a failure naming dockerd's exit (status $rc)"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
 test_demo_tears_down() {
 	local p="lt$$d" name="demo (direct)" before pidlog="$WORK/lt$$d.pids"
 	say "--- $name ---"
@@ -545,6 +562,7 @@ fi
 if wanted docker; then
 	test_docker
 	test_docker_sigterm
+	test_dockerd_dies
 fi
 if wanted harness; then test_python_units; fi
 if ((HARNESS)) && wanted harness; then
