@@ -194,6 +194,16 @@ except Exception:
 	fi
 }
 
+# check_down <name> <prefix>: `lab.sh down PREFIX` succeeds.
+check_down() {
+	if bash "$LAB" down "$2" >"$WORK/$2-down.log" 2>&1; then
+		pass "$1: lab.sh down $2"
+	else
+		cat "$WORK/$2-down.log"
+		fail "$1: lab.sh down $2"
+	fi
+}
+
 test_mode() {
 	local mode=$1
 	local p="lt$$${mode:0:1}"
@@ -207,12 +217,7 @@ test_mode() {
 		check_ping "$name" "$p" 1 2
 		check_ping "$name" "$p" 2 1
 		check_tcp "$name" "$p"
-		if bash "$LAB" down "$p" >"$WORK/$p-down.log" 2>&1; then
-			pass "$name: lab.sh down"
-		else
-			cat "$WORK/$p-down.log"
-			fail "$name: lab.sh down"
-		fi
+		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
 		fail "$name: lab.sh up"
@@ -296,12 +301,7 @@ PY
 			echo "$out"
 			fail "$name: every container reaches every container on the other hosts"
 		fi
-		if bash "$LAB" down "$p" >"$WORK/$p-down.log" 2>&1; then
-			pass "$name: lab.sh down $p"
-		else
-			cat "$WORK/$p-down.log"
-			fail "$name: lab.sh down $p"
-		fi
+		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
 		fail "$name: lab.sh up --json"
@@ -367,12 +367,7 @@ test_docker() {
 		else
 			fail "$name: no dockerd recorded in $pidlog"
 		fi
-		if bash "$LAB" down "$p" >"$WORK/$p-down.log" 2>&1; then
-			pass "$name: lab.sh down $p"
-		else
-			cat "$WORK/$p-down.log"
-			fail "$name: lab.sh down $p"
-		fi
+		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
 		fail "$name: lab.sh up --docker --json"
