@@ -3,15 +3,21 @@
 #
 # Installs what is missing of: etcd (server and etcdctl), protoc and protobuf's well-known .proto
 # files (etcd-client's build needs both),
-# iperf3, iproute2, ping, iptables, jq, python3, tcpdump and perf (the lab's hops and profile).
+# iperf3, iproute2, ping, iptables, jq, python3, tcpdump and perf (the lab's hops and profile),
+# docker.io and busybox-static (the lab's docker hosts and their image), nsenter, and iperf (2),
+# socat and sockperf (multicast and latency tools for the lab's containers).
 # Runs `apt-get update` only when something is missing, so a second run changes nothing and needs
-# no network. Then checks /dev/net/tun and that
+# no network. docker.io's service is not started by the installation: the lab runs its own
+# dockerd inside its namespaces, and a dockerd in the root namespace would add docker0 and
+# iptables rules there. Then checks /dev/net/tun and that
 # a Rust toolchain (cargo) is installed. Exits non-zero, saying why, if anything is missing.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf)
+PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf
+	docker.io busybox-static util-linux iperf socat sockperf)
 # What each package must provide.
-COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf)
+COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf
+	dockerd containerd runc docker /bin/busybox nsenter iperf socat sockperf)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {
@@ -33,8 +39,27 @@ for p in "${PACKAGES[@]}"; do
 	installed "$p" || missing+=("$p")
 done
 
+# block_service_starts: while packages are installed, keep their maintainer scripts from starting
+# docker or containerd (a policy-rc.d that refuses them, removed again on exit). An existing
+# policy-rc.d is left as it is.
+POLICY=/usr/sbin/policy-rc.d
+block_service_starts() {
+	[[ ! -e $POLICY ]] || return 0
+	cat >"$POLICY" <<'EOF'
+#!/bin/sh
+# Written by weft's scripts/setup.sh for the length of one apt-get install.
+case "$1" in
+docker | docker.service | docker.socket | containerd | containerd.service) exit 101 ;;
+esac
+exit 0
+EOF
+	chmod 755 "$POLICY"
+	trap 'rm -f -- "$POLICY"' EXIT
+}
+
 if ((${#missing[@]})); then
 	say "installing: ${missing[*]}"
+	block_service_starts
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update || die "apt-get update failed"
 	apt-get install -y --no-install-recommends "${missing[@]}" || die "apt-get install ${missing[*]} failed"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The weft lab: two "hosts" on one Linux machine, each a network namespace, joined by a veth pair
-# (the underlay); etcd in host 1; an overlay (weftd, flanneld, kernel VXLAN or direct routing) in
-# each host; and on each host a "container" namespace behind a bridge, set up the way docker sets
-# up its bridge from flannel's subnet.env.
+# The weft lab: N "hosts" (2 by default) on one Linux machine, each a network namespace, all on
+# one underlay segment (a bridge in a namespace of its own); etcd in host 1; an overlay (weftd,
+# flanneld, kernel VXLAN or direct routing) in each host; and on each host K "container"
+# namespaces (1 by default) behind a bridge, set up the way docker sets up its bridge from
+# flannel's subnet.env.
 #
-# Every address, route, link and process lives in namespaces named <prefix>-h1, <prefix>-h2,
-# <prefix>-c1, <prefix>-c2. Nothing is added to the root namespace. See docs/lab.md.
+# Every address, route, link and process lives in namespaces named <prefix>-ul (the underlay),
+# <prefix>-hN (hosts) and <prefix>-cN[-J] (containers). Nothing is added to the root namespace.
+# See docs/lab.md.
 #
 # Usage: bench/lab/lab.sh <demo|up|down|list|bench|help> [options]   (lab.sh help for details)
 set -euo pipefail
@@ -29,6 +31,16 @@ readonly IPERF_PORT=5201
 
 # Options (see usage).
 MODE=weft
+HOSTS=2
+CONTAINERS=1
+JSON=0
+DOCKER=0
+DOCKERD_BIN=${DOCKERD_BIN:-dockerd}
+DOCKER_CLI=${DOCKER_CLI:-docker}
+readonly DOCKER_IMAGE=weft-lab/busybox:1
+# Binaries copied with their libraries into the docker image besides busybox (iperf3 required).
+readonly IMAGE_TOOLS=(iperf3 iperf socat)
+MK_DOCKER_OPTS="$REPO_ROOT/deploy/docker/mk-docker-opts.sh"
 PREFIX=""
 KEEP=0
 TIMEOUT=30
@@ -60,20 +72,31 @@ P=""
 RUN=""
 LAB_MODE=""
 LAST_PID=""
-C_ADDR=("" "" "")
-SUBNET=("" "" "")
+C_ADDR=()            # host n's first container
+SUBNET=()            # host n's subnet, network/len
+declare -A C_IPS=()  # "n.j" -> container j of host n
+declare -A C_NETNS=() # "n.j" -> a docker container's network namespace (its sandbox key)
 DAEMON_PIDS=()
 
 usage() {
 	cat <<'EOF'
-weft lab: two hosts and two containers in network namespaces on one machine.
+weft lab: hosts and containers in network namespaces on one machine.
 
-  lab.sh demo  [--mode M] [--keep] [--no-setup] [--no-build]
+  lab.sh demo  [--mode M] [--hosts N] [--containers K] [--keep] [--no-setup] [--no-build]
         Set up the machine (scripts/setup.sh), build weftd, bring the lab up, show the etcd keys,
-        each host's subnet.env and each container's addresses, ping both ways, run iperf3
-        c1 -> c2 for 5 s, and tear down (or leave the lab up with --keep).
-  lab.sh up    [--mode M] [--prefix P]
+        each host's subnet.env and each container's addresses, ping between the hosts' first
+        containers both ways, run iperf3 c1 -> c2 for 5 s, and tear down (or leave the lab up
+        with --keep).
+  lab.sh up    [--mode M] [--hosts N] [--containers K] [--prefix P] [--json]
         Bring the lab up and leave it running; prints how to enter it and how to tear it down.
+        With --json the last line of standard output is one JSON object describing the lab
+        (everything else goes to standard error).
+  lab.sh demo --docker ...   and   lab.sh up --docker ...
+        The same with a real dockerd in every host, started from the host's subnet.env through
+        deploy/docker/mk-docker-opts.sh as the docker drop-in does, and docker containers
+        (an image of busybox and iperf3 built on the machine) in place of the plain namespaces.
+        Needs a daemon mode (weft, flannel); the daemons run with --ip-masq, as flannel's docs
+        advise for docker hosts.
   lab.sh down  <prefix>
         Tear down a lab left up by `up` or `demo --keep`.
   lab.sh list
@@ -103,11 +126,15 @@ Options for the daemon modes:
   --io uring|syscalls    pass --io to weftd
   --weftd-arg ARG        pass ARG to weftd (repeatable)
   --timeout S            seconds to wait for etcd, subnet.env and healthz (default 30)
+Shape of the lab (demo, up; bench, hops and profile use hosts 1 and 2):
+  --hosts N              hosts on the underlay segment, 2 to 16 (default 2)
+  --containers K         containers per host, 1 to 16 (default 1)
 Other:
   --pid-log FILE         append "pid starttime label" of every process the lab starts to FILE
 EOF
 }
 
+indent() { sed 's/^/  /'; }
 log() { printf '\033[1m[lab]\033[0m %s\n' "$*" >&2; }
 warn() { printf '[lab] warning: %s\n' "$*" >&2; }
 die() {
@@ -118,12 +145,26 @@ die() {
 # ---------------------------------------------------------------------------------------------
 # Names
 
+# Host n's namespace; container j of host n (j = 1 unless given) and its veth ends: the first
+# container keeps the short names (<P>-c<n>, <P>c<n>, <P>b<n>), the others add "-<j>".
 ns_h() { printf '%s-h%s' "$P" "$1"; }
-ns_c() { printf '%s-c%s' "$P" "$1"; }
+ns_c() { printf '%s-c%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+ns_underlay() { printf '%s-ul' "$P"; }
+c_suffix() { if [[ $1 != 1 ]]; then printf -- '-%s' "$1"; fi; }
 link_underlay() { printf '%su%s' "$P" "$1"; }
-link_bridge_port() { printf '%sb%s' "$P" "$1"; }
-link_container() { printf '%sc%s' "$P" "$1"; }
-other() { if [[ $1 == 1 ]]; then echo 2; else echo 1; fi; }
+link_underlay_port() { printf '%sp%s' "$P" "$1"; }
+link_underlay_bridge() { printf '%sul' "$P"; }
+link_bridge_port() { printf '%sb%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+link_container() { printf '%sc%s%s' "$P" "$1" "$(c_suffix "${2:-1}")"; }
+# The lab's namespaces are exactly these names (used by teardown and `down`).
+lab_ns_regex() { printf '^%s-(ul|h[0-9]+|c[0-9]+(-[0-9]+)?)$' "$P"; }
+
+# check_shape: the interface names of N hosts and K containers fit in 15 characters.
+check_shape() {
+	local longest
+	longest=$(link_bridge_port "$HOSTS" "$CONTAINERS")
+	((${#longest} <= 15)) || die "interface name '$longest' is longer than 15 characters: use a shorter --prefix (or fewer hosts/containers)"
+}
 
 rundir_for() { printf '%s/weft-lab.%s' "${TMPDIR:-/tmp}" "$1"; }
 
@@ -186,8 +227,21 @@ start_bg() {
 	local label=$1 ns=$2 logf=$3
 	shift 3
 	ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null &
-	local pid=$!
-	local st
+	record_pid "$!" "$label"
+}
+
+# start_bg_nsenter <label> <namespace> <logfile> <command...>: the same through nsenter, which
+# enters only the network namespace (ip netns exec also remounts /sys, hiding the cgroup mounts
+# that dockerd needs). nsenter execs the command, so the pid is the command's own.
+start_bg_nsenter() {
+	local label=$1 ns=$2 logf=$3
+	shift 3
+	nsenter --net="/run/netns/$ns" "$@" >"$logf" 2>&1 </dev/null &
+	record_pid "$!" "$label"
+}
+
+record_pid() {
+	local pid=$1 label=$2 st
 	st=$(proc_starttime "$pid") || st=-
 	echo "$pid $st $label" >>"$RUN/pids"
 	if [[ -n $PID_LOG ]]; then echo "$pid $st $label" >>"$PID_LOG"; fi
@@ -206,21 +260,27 @@ stop_recorded() {
 			wait "$pid" 2>/dev/null || true
 			continue
 		}
-		kill -TERM "$pid" 2>/dev/null || true
+		stop_pid "$pid" "$st" "$label" 5
+	done
+}
+
+# stop_pid <pid> <starttime> <label> <seconds>: SIGTERM, then SIGKILL after <seconds>.
+stop_pid() {
+	local pid=$1 st=$2 label=$3 grace=$4 i
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < grace * 10; i++)); do
+		proc_is "$pid" "$st" || break
+		sleep 0.1
+	done
+	if proc_is "$pid" "$st"; then
+		warn "$label (pid $pid) ignored SIGTERM for $grace s; sending SIGKILL"
+		kill -KILL "$pid" 2>/dev/null || true
 		for ((i = 0; i < 50; i++)); do
 			proc_is "$pid" "$st" || break
 			sleep 0.1
 		done
-		if proc_is "$pid" "$st"; then
-			warn "$label (pid $pid) ignored SIGTERM for 5 s; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
-			for ((i = 0; i < 50; i++)); do
-				proc_is "$pid" "$st" || break
-				sleep 0.1
-			done
-		fi
-		wait "$pid" 2>/dev/null || true
-	done
+	fi
+	wait "$pid" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +332,24 @@ preflight() {
 	vxlan | direct) ;;
 	*) die "unknown mode '$mode' (weft, flannel, vxlan, direct)" ;;
 	esac
+	if ((DOCKER)); then
+		[[ $mode == weft || $mode == flannel ]] || die "--docker needs a daemon mode (weft or flannel), not $mode"
+		require_cmd "$DOCKERD_BIN" "Debian package docker.io"
+		require_cmd "$DOCKER_CLI" "Debian package docker.io"
+		require_cmd containerd "Debian package containerd"
+		require_cmd runc "Debian package runc"
+		require_cmd nsenter "Debian package util-linux"
+		require_cmd tar
+		require_cmd ldd "Debian package libc-bin"
+		require_cmd iptables "Debian package iptables"
+		if [[ ! -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then
+			die "a static /bin/busybox is needed for the docker image (Debian package busybox-static)"
+		fi
+		[[ -f $MK_DOCKER_OPTS ]] || die "$MK_DOCKER_OPTS is missing"
+		if [[ -e /run/containerd/containerd.sock ]]; then
+			warn "/run/containerd/containerd.sock exists: dockerd uses that containerd instead of starting its own"
+		fi
+	fi
 }
 
 nsx() {
@@ -289,16 +367,23 @@ new_ns() {
 	nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
 }
 
+# make_hosts: the underlay segment (a bridge in namespace <P>-ul, like a switch: no address, no
+# multicast snooping, so that it floods multicast as a plain segment does) and the hosts, each
+# joined to it by a veth pair created inside <P>-ul with its other end placed straight into the
+# host.
 make_hosts() {
-	local n
-	for n in 1 2; do
+	local n ul br
+	ul=$(ns_underlay)
+	br=$(link_underlay_bridge)
+	new_ns "$ul"
+	ip -n "$ul" link add "$br" mtu "$UNDERLAY_MTU" type bridge mcast_snooping 0
+	ip -n "$ul" link set "$br" up
+	for ((n = 1; n <= HOSTS; n++)); do
 		new_ns "$(ns_h "$n")"
 		nsx "$(ns_h "$n")" sysctl -qw net.ipv4.ip_forward=1
-	done
-	# The veth pair is created inside host 1 with its peer placed straight into host 2.
-	ip -n "$(ns_h 1)" link add "$(link_underlay 1)" mtu "$UNDERLAY_MTU" type veth \
-		peer name "$(link_underlay 2)" mtu "$UNDERLAY_MTU" netns "$(ns_h 2)"
-	for n in 1 2; do
+		ip -n "$ul" link add "$(link_underlay_port "$n")" mtu "$UNDERLAY_MTU" type veth \
+			peer name "$(link_underlay "$n")" mtu "$UNDERLAY_MTU" netns "$(ns_h "$n")"
+		ip -n "$ul" link set "$(link_underlay_port "$n")" master "$br" up
 		ip -n "$(ns_h "$n")" addr add "$UNDERLAY.$n/24" dev "$(link_underlay "$n")"
 		ip -n "$(ns_h "$n")" link set "$(link_underlay "$n")" up
 	done
@@ -334,6 +419,9 @@ start_daemon() {
 	mkdir -p "$RUN/h$n"
 	local args=(--etcd-endpoints "$ETCD_URL" --iface "$(link_underlay "$n")" --public-ip "$UNDERLAY.$n"
 		--subnet-file "$RUN/h$n/subnet.env" --healthz-port "$HEALTHZ_PORT")
+	# Docker hosts: the daemon masquerades what leaves the overlay, so that docker does not
+	# (mk-docker-opts.sh turns FLANNEL_IPMASQ=true into --ip-masq=false), as flannel's docs advise.
+	((DOCKER == 0)) || args+=(--ip-masq)
 	if [[ $mode == weft ]]; then
 		[[ -z $WORKERS ]] || args+=(--workers "$WORKERS")
 		[[ -z $IO_MODE ]] || args+=(--io "$IO_MODE")
@@ -399,10 +487,12 @@ EOF
 }
 
 # flannel's vxlan backend: device flannel.1 (VNI 1, port 8472, no learning) holding X.0/32, and for
-# each peer a route "via peerX.0 onlink", a permanent ARP entry and an FDB entry.
+# each peer a route "via peerX.0 onlink", a permanent ARP entry and an FDB entry. Besides, one
+# all-zeros FDB entry per peer (kernel VXLAN's head-end replication), so that broadcast and
+# multicast sent on flannel.1 reach every peer; unicast is unaffected.
 setup_vxlan() {
-	local n m mac=("" "" "")
-	for n in 1 2; do
+	local n m mac=()
+	for ((n = 1; n <= HOSTS; n++)); do
 		write_static_env "$n" "$VXLAN_MTU"
 		ip -n "$(ns_h "$n")" link add flannel.1 type vxlan id 1 local "$UNDERLAY.$n" \
 			dev "$(link_underlay "$n")" dstport 8472 nolearning
@@ -411,21 +501,26 @@ setup_vxlan() {
 		ip -n "$(ns_h "$n")" link set flannel.1 up
 		mac[n]=$(nsx "$(ns_h "$n")" cat /sys/class/net/flannel.1/address)
 	done
-	for n in 1 2; do
-		m=$(other "$n")
-		ip -n "$(ns_h "$n")" neigh replace "10.1.$m.0" lladdr "${mac[m]}" dev flannel.1 nud permanent
-		bridge -n "$(ns_h "$n")" fdb append "${mac[m]}" dev flannel.1 dst "$UNDERLAY.$m" self permanent
-		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "10.1.$m.0" dev flannel.1 onlink
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			ip -n "$(ns_h "$n")" neigh replace "10.1.$m.0" lladdr "${mac[m]}" dev flannel.1 nud permanent
+			bridge -n "$(ns_h "$n")" fdb append "${mac[m]}" dev flannel.1 dst "$UNDERLAY.$m" self permanent
+			bridge -n "$(ns_h "$n")" fdb append 00:00:00:00:00:00 dev flannel.1 dst "$UNDERLAY.$m" self permanent
+			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "10.1.$m.0" dev flannel.1 onlink
+		done
 	done
 }
 
 # flannel's host-gw backend: the peer's subnet via the peer's underlay address.
 setup_direct() {
 	local n m
-	for n in 1 2; do write_static_env "$n" "$UNDERLAY_MTU"; done
-	for n in 1 2; do
-		m=$(other "$n")
-		ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+	for ((n = 1; n <= HOSTS; n++)); do
+		write_static_env "$n" "$UNDERLAY_MTU"
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+		done
 	done
 }
 
@@ -441,50 +536,238 @@ env_get() {
 	return 1
 }
 
-# make_container <n>: what docker does with subnet.env: bridge cbr0 holding FLANNEL_SUBNET with
-# MTU FLANNEL_MTU, a container on it at the subnet's .2 with its default route via the bridge.
-make_container() {
-	local n=$1 env=$RUN/h$1/subnet.env sub mtu
-	sub=$(env_get "$env" FLANNEL_SUBNET) || die "$env has no FLANNEL_SUBNET"
-	mtu=$(env_get "$env" FLANNEL_MTU) || die "$env has no FLANNEL_MTU"
-	[[ $sub =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] || die "$env: bad FLANNEL_SUBNET '$sub'"
-	[[ $mtu =~ ^[0-9]+$ ]] || die "$env: bad FLANNEL_MTU '$mtu'"
-	local len=${sub#*/} gw=${sub%/*} addr
-	addr=$(network_plus "$sub" 2)
-	SUBNET[n]="$(network_plus "$sub" 0)/$len"
-	C_ADDR[n]=$addr
-	local h c
-	h=$(ns_h "$n")
-	c=$(ns_c "$n")
-	new_ns "$c"
-	ip -n "$h" link add cbr0 type bridge
-	ip -n "$h" link set cbr0 mtu "$mtu"
-	ip -n "$h" addr add "$sub" dev cbr0
-	ip -n "$h" link set cbr0 up
-	ip -n "$h" link add "$(link_bridge_port "$n")" mtu "$mtu" type veth \
-		peer name "$(link_container "$n")" mtu "$mtu" netns "$c"
-	ip -n "$h" link set "$(link_bridge_port "$n")" master cbr0 up
-	ip -n "$c" addr add "$addr/$len" dev "$(link_container "$n")"
-	ip -n "$c" link set "$(link_container "$n")" up
-	ip -n "$c" route add default via "$gw"
+# host_subnet <n>: read host n's subnet.env (FLANNEL_SUBNET, FLANNEL_MTU) into H_SUB (the
+# bridge's address/len), H_MTU and SUBNET[n] (network/len).
+H_SUB=""
+H_MTU=""
+host_subnet() {
+	local n=$1 env=$RUN/h$1/subnet.env
+	H_SUB=$(env_get "$env" FLANNEL_SUBNET) || die "$env has no FLANNEL_SUBNET"
+	H_MTU=$(env_get "$env" FLANNEL_MTU) || die "$env has no FLANNEL_MTU"
+	[[ $H_SUB =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] || die "$env: bad FLANNEL_SUBNET '$H_SUB'"
+	[[ $H_MTU =~ ^[0-9]+$ ]] || die "$env: bad FLANNEL_MTU '$H_MTU'"
+	SUBNET[n]="$(network_plus "$H_SUB" 0)/${H_SUB#*/}"
 }
 
-# wait_overlay: wait until each container reaches the other (a daemon learns its peer's lease
-# from etcd some time after writing its own subnet.env).
+# make_containers <n>: what docker does with subnet.env: bridge cbr0 holding FLANNEL_SUBNET with
+# MTU FLANNEL_MTU, and the host's containers on it at the subnet's .2, .3, ... with their
+# default route via the bridge.
+make_containers() {
+	local n=$1 h j
+	h=$(ns_h "$n")
+	host_subnet "$n"
+	local len=${H_SUB#*/} gw=${H_SUB%/*}
+	ip -n "$h" link add cbr0 type bridge
+	ip -n "$h" link set cbr0 mtu "$H_MTU"
+	ip -n "$h" addr add "$H_SUB" dev cbr0
+	ip -n "$h" link set cbr0 up
+	for ((j = 1; j <= CONTAINERS; j++)); do
+		local c addr
+		c=$(ns_c "$n" "$j")
+		addr=$(network_plus "$H_SUB" $((j + 1)))
+		new_ns "$c"
+		ip -n "$h" link add "$(link_bridge_port "$n" "$j")" mtu "$H_MTU" type veth \
+			peer name "$(link_container "$n" "$j")" mtu "$H_MTU" netns "$c"
+		ip -n "$h" link set "$(link_bridge_port "$n" "$j")" master cbr0 up
+		ip -n "$c" addr add "$addr/$len" dev "$(link_container "$n" "$j")"
+		ip -n "$c" link set "$(link_container "$n" "$j")" up
+		ip -n "$c" route add default via "$gw"
+		C_IPS[$n.$j]=$addr
+	done
+	C_ADDR[n]=${C_IPS[$n.1]}
+}
+
+# wait_overlay: wait until the first container of every host reaches the first container of
+# every other host (a daemon learns its peers' leases from etcd some time after writing its own
+# subnet.env).
 wait_overlay() {
-	local start=$SECONDS ok12=0 ok21=0
+	local start=$SECONDS n m todo=()
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((m = 1; m <= HOSTS; m++)); do ((m == n)) || todo+=("$n:$m"); done
+	done
 	while ((SECONDS - start < TIMEOUT)); do
-		((ok12)) || { nsx "$(ns_c 1)" ping -c 1 -W 1 "${C_ADDR[2]}" >/dev/null 2>&1 && ok12=1; }
-		((ok21)) || { nsx "$(ns_c 2)" ping -c 1 -W 1 "${C_ADDR[1]}" >/dev/null 2>&1 && ok21=1; }
-		if ((ok12 && ok21)); then
-			log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
+		local left=() pair
+		for pair in "${todo[@]}"; do
+			n=${pair%:*} m=${pair#*:}
+			c_exec "$n" 1 ping -c 1 -W 1 "${C_ADDR[m]}" >/dev/null 2>&1 || left+=("$pair")
+		done
+		todo=("${left[@]}")
+		if ((${#todo[@]} == 0)); then
+			if ((HOSTS == 2)); then
+				log "up: c1 and c2 reach each other (after $((SECONDS - start))s)"
+			else
+				log "up: the containers of all $HOSTS hosts reach each other (after $((SECONDS - start))s)"
+			fi
 			return 0
 		fi
 		sleep 0.2
 	done
-	((ok12)) || warn "c1 (${C_ADDR[1]}) cannot reach c2 (${C_ADDR[2]})"
-	((ok21)) || warn "c2 (${C_ADDR[2]}) cannot reach c1 (${C_ADDR[1]})"
+	for pair in "${todo[@]}"; do
+		n=${pair%:*} m=${pair#*:}
+		warn "c$n (${C_ADDR[n]}) cannot reach c$m (${C_ADDR[m]})"
+	done
 	die "the overlay did not connect the containers within ${TIMEOUT}s"
+}
+
+# c_exec <n> <j> <command...>: run a command in container j of host n (in a docker container,
+# one of the image's).
+c_exec() {
+	local n=$1 j=$2
+	shift 2
+	if ((DOCKER)); then
+		docker_h "$n" exec "c$n$(c_suffix "$j")" "$@"
+	else
+		nsx "$(ns_c "$n" "$j")" "$@"
+	fi
+}
+
+# c_netns_exec <n> <j> <command...>: run one of the machine's commands in the network namespace
+# of container j of host n.
+c_netns_exec() {
+	local n=$1 j=$2
+	shift 2
+	if ((DOCKER)); then
+		nsenter --net="${C_NETNS[$n.$j]}" "$@"
+	else
+		nsx "$(ns_c "$n" "$j")" "$@"
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Docker hosts
+
+docker_dir() { printf '%s/h%s/docker' "$RUN" "$1"; }
+docker_sock() { printf 'unix://%s/docker.sock' "$(docker_dir "$1")"; }
+
+# docker_h <n> <docker arguments...>: the docker client, talking to host n's dockerd.
+docker_h() {
+	local n=$1
+	shift
+	"$DOCKER_CLI" -H "$(docker_sock "$n")" "$@"
+}
+
+# build_image: a root filesystem of busybox (static, with its applet links) and the IMAGE_TOOLS
+# with their libraries, packed with tar (no registry is needed: each dockerd imports the tar).
+build_image() {
+	local root=$RUN/image/rootfs applet tool path lib
+	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,root,tmp}
+	chmod 1777 "$root/tmp"
+	cp /bin/busybox "$root/bin/busybox"
+	while read -r applet; do
+		[[ -e $root/$applet || -L $root/$applet ]] || ln -s /bin/busybox "$root/$applet"
+	done < <(/bin/busybox --list-full)
+	echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
+	echo 'root:x:0:' >"$root/etc/group"
+	for tool in "${IMAGE_TOOLS[@]}"; do
+		path=$(command -v "$tool") || {
+			[[ $tool != iperf3 ]] || die "iperf3 not found (Debian package iperf3)"
+			continue
+		}
+		cp -L "$path" "$root/usr/bin/$tool"
+		# ldd lists "name => /path (addr)" and the loader as "/path (addr)".
+		while read -r lib; do
+			mkdir -p "$root$(dirname "$lib")"
+			[[ -e $root$lib ]] || cp -L "$lib" "$root$lib"
+		done < <(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+	done
+	tar -C "$root" -cf "$RUN/image/rootfs.tar" .
+	rm -rf -- "$root"
+}
+
+# start_dockerd <n>: dockerd in host n from the host's subnet.env, as the docker drop-in
+# (deploy/systemd/docker.service.d/weft.conf) starts it: mk-docker-opts.sh -i writes
+# DOCKER_OPT_BIP, DOCKER_OPT_MTU and DOCKER_OPT_IPMASQ, which go on dockerd's command line. The
+# lab adds what lets several dockerds share one machine: their own data and exec roots, socket,
+# pidfile and (empty) config file, and the vfs storage driver.
+start_dockerd() {
+	local n=$1 d opts=() key value
+	d=$(docker_dir "$n")
+	# containerd's sockets live under the exec root; a unix socket's path has at most 107 bytes.
+	local sock="$d/exec/containerd/containerd.sock.ttrpc"
+	((${#sock} <= 107)) || die "the run dir's path is too long for dockerd's sockets ($sock): use a shorter TMPDIR"
+	mkdir -p "$d/data" "$d/exec"
+	echo '{}' >"$d/daemon.json"
+	bash "$MK_DOCKER_OPTS" -i -f "$RUN/h$n/subnet.env" -d "$RUN/h$n/docker.env" ||
+		die "mk-docker-opts.sh failed on $RUN/h$n/subnet.env"
+	# Read as data, as systemd's EnvironmentFile= would: KEY="VALUE" lines.
+	while IFS='=' read -r key value; do
+		[[ $key == DOCKER_OPT_* ]] || continue
+		value=${value#\"}
+		opts+=("${value%\"}")
+	done <"$RUN/h$n/docker.env"
+	local args=(--data-root "$d/data" --exec-root "$d/exec" -H "$(docker_sock "$n")"
+		--pidfile "$d/docker.pid" --config-file "$d/daemon.json" --storage-driver vfs "${opts[@]}")
+	printf '%q ' "$DOCKERD_BIN" "${args[@]}" >"$d/cmdline"
+	start_bg_nsenter "dockerd$n" "$(ns_h "$n")" "$d/dockerd.log" env -u NOTIFY_SOCKET "$DOCKERD_BIN" "${args[@]}"
+}
+
+# wait_dockerd <n> <pid>: wait until host n's dockerd answers, then import the image.
+wait_dockerd() {
+	local n=$1 pid=$2 i d
+	d=$(docker_dir "$n")
+	for ((i = 0; i < TIMEOUT * 5; i++)); do
+		docker_h "$n" version >/dev/null 2>&1 && break
+		if ! proc_is "$pid" "$(proc_starttime "$pid" || echo -)"; then
+			tail -n 20 "$d/dockerd.log" >&2 || true
+			die "dockerd on host $n exited (log above, command line in $d/cmdline)"
+		fi
+		sleep 0.2
+	done
+	docker_h "$n" version >/dev/null 2>&1 || {
+		tail -n 20 "$d/dockerd.log" >&2 || true
+		die "dockerd on host $n does not answer on $(docker_sock "$n") within ${TIMEOUT}s"
+	}
+	docker_h "$n" import - "$DOCKER_IMAGE" <"$RUN/image/rootfs.tar" >/dev/null ||
+		die "docker import into host $n's dockerd failed"
+	log "host $n: dockerd $(docker_h "$n" version -f '{{.Server.Version}}') on $(docker_sock "$n") (client $(command -v "$DOCKER_CLI") $(docker_h "$n" version -f '{{.Client.Version}}')), image $DOCKER_IMAGE imported"
+}
+
+# docker_containers <n>: the host's containers, run by its dockerd on docker's own bridge.
+docker_containers() {
+	local n=$1 j name
+	host_subnet "$n"
+	for ((j = 1; j <= CONTAINERS; j++)); do
+		name=c$n$(c_suffix "$j")
+		docker_h "$n" run -d --name "$name" --hostname "$name" "$DOCKER_IMAGE" \
+			/bin/sleep 2147483647 >/dev/null || die "docker run on host $n failed"
+		C_IPS[$n.$j]=$(docker_h "$n" inspect -f '{{.NetworkSettings.IPAddress}}' "$name")
+		C_NETNS[$n.$j]=$(docker_h "$n" inspect -f '{{.NetworkSettings.SandboxKey}}' "$name")
+		[[ -n ${C_IPS[$n.$j]} && -e ${C_NETNS[$n.$j]} ]] || die "container $name on host $n has no address or network namespace"
+	done
+	C_ADDR[n]=${C_IPS[$n.1]}
+}
+
+# docker_down: remove the containers of every dockerd still answering, then stop each dockerd by
+# the pid in its pidfile (only if the lab recorded starting that process). dockerd takes its
+# containerd with it.
+docker_down() {
+	local d n pid line rpid st label ids
+	for d in "$RUN"/h*/docker; do
+		[[ -d $d ]] || continue
+		n=${d%/docker}
+		n=${n##*/h}
+		if [[ -S $d/docker.sock ]]; then
+			ids=$(timeout 20 "$DOCKER_CLI" -H "unix://$d/docker.sock" ps -aq 2>/dev/null || true)
+			if [[ -n $ids ]]; then
+				# shellcheck disable=SC2086 # one id per word
+				timeout 30 "$DOCKER_CLI" -H "unix://$d/docker.sock" rm -f $ids >/dev/null 2>&1 ||
+					warn "could not remove host $n's containers"
+			fi
+		fi
+		pid=$(cat "$d/docker.pid" 2>/dev/null) || continue
+		while read -r rpid st label; do
+			[[ $rpid == "$pid" && $label == "dockerd$n" ]] || continue
+			proc_is "$pid" "$st" && stop_pid "$pid" "$st" "dockerd (host $n)" 20
+		done <"$RUN/pids"
+	done
+}
+
+# unmount_run_dir: unmount whatever dockerd left mounted under the run dir (deepest first).
+unmount_run_dir() {
+	local m
+	while read -r m; do
+		umount -l "$m" 2>/dev/null || warn "could not unmount $m"
+	done < <(awk -v run="$RUN/" 'index($5, run) == 1 {print $5}' /proc/self/mountinfo | sort -r)
 }
 
 # lab_up <mode>: bring a whole lab up (etcd -> daemons -> containers). Uses PREFIX if set.
@@ -499,35 +782,108 @@ lab_up() {
 		((LAB_SEQ == 1)) || P="wl$$x$LAB_SEQ"
 	fi
 	valid_prefix "$P" || die "bad prefix '$P': 2-12 characters, a-z then a-z/0-9"
-	local n
-	for n in 1 2; do
-		ns_exists "$(ns_h "$n")" && die "namespace $(ns_h "$n") exists: prefix $P is in use"
-		ns_exists "$(ns_c "$n")" && die "namespace $(ns_c "$n") exists: prefix $P is in use"
-	done
+	check_shape
+	local n left
+	left=$(lab_namespaces | tr '\n' ' ')
+	[[ -z $left ]] || die "namespaces $left exist: prefix $P is in use"
 	RUN=$(rundir_for "$P")
 	mkdir -m 700 "$RUN" 2>/dev/null || die "cannot create $RUN (exists already?)"
 	LAB_ACTIVE=1
 	LAB_MODE=$mode
 	DAEMON_PIDS=()
+	C_ADDR=()
+	SUBNET=()
+	C_IPS=()
 	echo "$mode" >"$RUN/mode"
 	: >"$RUN/pids"
-	log "bringing up the $mode lab, prefix $P, run dir $RUN"
+	log "bringing up the $mode lab, prefix $P, $HOSTS hosts, $CONTAINERS container(s) per host, run dir $RUN"
 	make_hosts
 	case $mode in
 	weft | flannel)
 		start_etcd
-		start_daemon 1 "$mode"
-		start_daemon 2 "$mode"
-		wait_daemon 1 "${DAEMON_PIDS[0]}"
-		wait_daemon 2 "${DAEMON_PIDS[1]}"
+		for ((n = 1; n <= HOSTS; n++)); do start_daemon "$n" "$mode"; done
+		for ((n = 1; n <= HOSTS; n++)); do wait_daemon "$n" "${DAEMON_PIDS[n - 1]}"; done
 		;;
 	vxlan) setup_vxlan ;;
 	direct) setup_direct ;;
 	esac
-	for n in 1 2; do make_container "$n"; done
-	printf 'C1=%s\nC2=%s\n' "${C_ADDR[1]}" "${C_ADDR[2]}" >"$RUN/containers"
-	log "containers: c1 ${C_ADDR[1]} (subnet ${SUBNET[1]}), c2 ${C_ADDR[2]} (subnet ${SUBNET[2]})"
+	if ((DOCKER)); then
+		build_image
+		local dpids=()
+		for ((n = 1; n <= HOSTS; n++)); do
+			start_dockerd "$n"
+			dpids+=("$LAST_PID")
+		done
+		for ((n = 1; n <= HOSTS; n++)); do wait_dockerd "$n" "${dpids[n - 1]}"; done
+		for ((n = 1; n <= HOSTS; n++)); do docker_containers "$n"; done
+	else
+		for ((n = 1; n <= HOSTS; n++)); do make_containers "$n"; done
+	fi
+	write_lab_description
+	local line="" j
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			line+="${line:+, }c$n$(c_suffix "$j") ${C_IPS[$n.$j]}"
+		done
+		line+=" (subnet ${SUBNET[n]})"
+	done
+	log "containers: $line"
 	wait_overlay
+}
+
+# lab_namespaces: the namespaces of lab $P that exist.
+lab_namespaces() {
+	ip netns list 2>/dev/null | awk '{print $1}' | grep -E "$(lab_ns_regex)" || true
+}
+
+# write_lab_description: $RUN/containers (C<n>[-<j>]=<address>, read by test.sh) and
+# $RUN/lab.json (what `up --json` prints).
+write_lab_description() {
+	local n j tsv=$RUN/lab.tsv
+	: >"$RUN/containers"
+	: >"$tsv"
+	for ((n = 1; n <= HOSTS; n++)); do
+		local docker_host="" image=""
+		if ((DOCKER)); then
+			docker_host=$(docker_sock "$n")
+			image=$DOCKER_IMAGE
+		fi
+		printf 'host\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "h$n" "$(ns_h "$n")" "$UNDERLAY.$n" "$(link_underlay "$n")" \
+			"${SUBNET[n]}" "$docker_host" "$image" >>"$tsv"
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			local ns name=""
+			ns=$(ns_c "$n" "$j")
+			if ((DOCKER)); then
+				ns=${C_NETNS[$n.$j]}
+				name=c$n$(c_suffix "$j")
+			fi
+			echo "C$n$(c_suffix "$j")=${C_IPS[$n.$j]}" >>"$RUN/containers"
+			printf 'container\t%s\t%s\t%s\n' "$ns" "${C_IPS[$n.$j]}" "$name" >>"$tsv"
+		done
+	done
+	python3 - "$P" "$LAB_MODE" "$(ns_underlay)" "$RUN" "$tsv" >"$RUN/lab.json" <<'PY'
+import json, sys
+prefix, mode, underlay_ns, run_dir, tsv = sys.argv[1:6]
+hosts = []
+for line in open(tsv):
+    kind, *fields = line.rstrip("\n").split("\t")
+    if kind == "host":
+        name, ns, ip, dev, subnet, docker_host, image = fields
+        host = {"name": name, "namespace": ns, "underlay_ip": ip, "underlay_dev": dev,
+                "subnet": subnet, "containers": []}
+        if docker_host:
+            host.update(docker_host=docker_host, docker_image=image)
+        hosts.append(host)
+    else:
+        ns, ip, name = fields
+        container = {"namespace": ns, "ip": ip}
+        if name:
+            container["name"] = name
+        hosts[-1]["containers"].append(container)
+print(json.dumps({"prefix": prefix, "mode": mode, "underlay_namespace": underlay_ns,
+                  "run_dir": run_dir, "hosts": hosts}))
+PY
+	rm -f -- "$tsv"
 }
 
 # lab_down: stop the lab's processes, delete its namespaces and (unless kept) its run dir.
@@ -535,15 +891,16 @@ lab_down() {
 	[[ $LAB_ACTIVE == 1 ]] || return 0
 	LAB_ACTIVE=0
 	set +e
+	[[ -z $RUN || ! -f $RUN/pids ]] || docker_down
 	stop_recorded
+	[[ -z $RUN || ! -d $RUN ]] || unmount_run_dir
 	local ns
-	for ns in "$(ns_c 1)" "$(ns_c 2)" "$(ns_h 1)" "$(ns_h 2)"; do
-		if ns_exists "$ns"; then
-			local left
-			left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-			[[ -z $left ]] || warn "namespace $ns still holds processes the lab did not start: $left(not touched)"
-			ip netns delete "$ns" || warn "could not delete namespace $ns"
-		fi
+	# Containers first, then hosts, then the underlay.
+	for ns in $(lab_namespaces | sort); do
+		local left
+		left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+		[[ -z $left ]] || warn "namespace $ns still holds processes the lab did not start: $left(not touched)"
+		ip netns delete "$ns" || warn "could not delete namespace $ns"
 	done
 	if [[ $RUN == */weft-lab."$P" && -d $RUN ]]; then
 		if [[ $KEEP == 1 ]]; then
@@ -559,10 +916,13 @@ lab_down() {
 on_exit() {
 	local rc=$?
 	trap - EXIT INT TERM
+	# A signal may end the script inside a command whose output goes to /dev/null: the teardown
+	# reports on the script's own standard output and error (saved by main).
+	exec 1>&5 2>&6
 	if [[ $LAB_ACTIVE == 1 ]]; then
 		if ((rc != 0)) && [[ -n $RUN && -d $RUN ]]; then
 			local f
-			for f in "$RUN"/h*/daemon.log; do
+			for f in "$RUN"/h*/daemon.log "$RUN"/h*/docker/dockerd.log; do
 				[[ -s $f ]] || continue
 				echo "--- last lines of $f ---" >&2
 				tail -n 15 "$f" >&2
@@ -586,52 +946,92 @@ show_lab() {
 		# etcdctl prints each key and its value on separate lines; shown here as "key value".
 		etcdctl_h1 get --prefix "$ETCD_PREFIX" | paste -d' ' - - | sed 's/^/  /' || true
 	fi
-	for n in 1 2; do
+	for ((n = 1; n <= HOSTS; n++)); do
 		echo
 		echo "--- host $n ($UNDERLAY.$n): $RUN/h$n/subnet.env ---"
 		sed 's/^/  /' "$RUN/h$n/subnet.env"
 		echo "--- host $n: ip route ---"
-		ip -n "$(ns_h "$n")" route show | sed 's/^/  /'
+		ip -n "$(ns_h "$n")" route show | indent
+		if ((DOCKER)); then
+			echo "--- host $n: mk-docker-opts.sh -i -f subnet.env -d $RUN/h$n/docker.env ---"
+			indent <"$RUN/h$n/docker.env"
+			echo "--- host $n: $(sed 's/ *$//' "$(docker_dir "$n")/cmdline") ---"
+			echo "--- host $n: docker network inspect bridge ---"
+			docker_h "$n" network inspect bridge -f \
+				'{{range .IPAM.Config}}subnet {{.Subnet}}, gateway {{.Gateway}}{{end}}, mtu {{index .Options "com.docker.network.driver.mtu"}}' | indent
+			echo "--- host $n: docker ps ---"
+			docker_h "$n" ps --format '{{.Names}}  {{.Image}}  {{.Command}}  {{.Status}}' | indent
+		fi
 	done
-	for n in 1 2; do
-		echo
-		echo "--- container $n: ip a ---"
-		ip -n "$(ns_c "$n")" addr show | sed 's/^/  /'
+	local j
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			echo
+			if ((DOCKER)); then
+				echo "--- host $n: docker exec c$n$(c_suffix "$j") ip a ---"
+			elif ((CONTAINERS == 1)); then
+				echo "--- container $n: ip a ---"
+			else
+				echo "--- container c$n$(c_suffix "$j") (host $n): ip a ---"
+			fi
+			c_exec "$n" "$j" ip addr show | indent
+		done
 	done
 	echo
 }
 
 print_enter_instructions() {
-	cat <<EOF
-
-The lab stays up (prefix $P, mode $LAB_MODE, run dir $RUN).
-Enter a namespace:
-  ip netns exec $(ns_c 1) bash     # container 1, ${C_ADDR[1]}
-  ip netns exec $(ns_c 2) bash     # container 2, ${C_ADDR[2]}
-  ip netns exec $(ns_h 1) bash     # host 1, $UNDERLAY.1 (etcd, daemon logs in $RUN)
-  ip netns exec $(ns_h 2) bash     # host 2, $UNDERLAY.2
-Try:
-  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}
-Tear it down:
-  bash $LAB_DIR/lab.sh down $P
-EOF
+	local n j
+	echo
+	echo "The lab stays up (prefix $P, mode $LAB_MODE, run dir $RUN)."
+	echo "Enter a namespace:"
+	for ((n = 1; n <= HOSTS; n++)); do
+		for ((j = 1; j <= CONTAINERS; j++)); do
+			if ((DOCKER)); then
+				printf '  %s\n    # container c%s (host %s), %s; its network namespace with the machine'"'"'s tools:\n' \
+					"$DOCKER_CLI -H $(docker_sock "$n") exec -it c$n$(c_suffix "$j") sh" "$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+				printf '  nsenter --net=%s bash\n' "${C_NETNS[$n.$j]}"
+			else
+				printf '  %-40s # container c%s (host %s), %s\n' "ip netns exec $(ns_c "$n" "$j") bash" \
+					"$n$(c_suffix "$j")" "$n" "${C_IPS[$n.$j]}"
+			fi
+		done
+	done
+	printf '  %-40s # host 1, %s (etcd, daemon logs in %s)\n' "ip netns exec $(ns_h 1) bash" "$UNDERLAY.1" "$RUN"
+	for ((n = 2; n <= HOSTS; n++)); do
+		printf '  %-40s # host %s, %s\n' "ip netns exec $(ns_h "$n") bash" "$n" "$UNDERLAY.$n"
+	done
+	echo "Try:"
+	if ((DOCKER)); then
+		echo "  $DOCKER_CLI -H $(docker_sock 1) exec c1 ping -c 3 ${C_ADDR[2]}"
+	else
+		echo "  ip netns exec $(ns_c 1) ping -c 3 ${C_ADDR[2]}"
+	fi
+	echo "Tear it down:"
+	echo "  bash $LAB_DIR/lab.sh down $P"
 }
 
 # ping_check <from> <to>: 5 pings, 0 % loss asserted; prints the summary and sets PING_AVG.
 PING_AVG=""
 ping_check() {
 	local from=$1 to=$2 out
-	out=$(nsx "$(ns_c "$from")" ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
-	echo "$out" | sed 's/^/  /'
+	out=$(c_exec "$from" 1 ping -c 5 -i 0.2 -W 2 "${C_ADDR[to]}" 2>&1) || true
+	indent <<<"$out"
 	grep -q ' 0% packet loss' <<<"$out" || die "ping c$from -> c$to lost packets"
-	PING_AVG=$(sed -n 's|^rtt [^=]*= [^/]*/\([^/]*\)/.*|\1|p' <<<"$out")
+	# iputils: "rtt min/avg/max/mdev = a/b/c/d ms"; busybox: "round-trip min/avg/max = a/b/c ms".
+	PING_AVG=$(sed -En 's#^(rtt|round-trip) [^=]*= [^/]*/([^/]*)/.*#\2#p' <<<"$out")
 }
 
 start_iperf_server() {
 	local n=$1 i
-	start_bg "iperf3-server-c$n" "$(ns_c "$n")" "$RUN/iperf3-server-c$n.log" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	if ((DOCKER)); then
+		# Inside the container (docker rm -f at teardown ends it).
+		docker_h "$n" exec -d "c$n" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	else
+		start_bg "iperf3-server-c$n" "$(ns_c "$n")" "$RUN/iperf3-server-c$n.log" iperf3 -s -B "${C_ADDR[n]}" -p "$IPERF_PORT"
+	fi
 	for ((i = 0; i < 50; i++)); do
-		if nsx "$(ns_c "$n")" ss -Htln "sport = :$IPERF_PORT" | grep -q .; then return 0; fi
+		if c_netns_exec "$n" 1 ss -Htln "sport = :$IPERF_PORT" | grep -q .; then return 0; fi
 		sleep 0.1
 	done
 	die "iperf3 server in container $n did not start"
@@ -676,28 +1076,32 @@ cmd_demo() {
 	fi
 	lab_up "$MODE"
 	show_lab
-	local avg12 avg21
-	echo "--- ping c1 -> c2 ---"
-	ping_check 1 2
-	avg12=$PING_AVG
-	echo "--- ping c2 -> c1 ---"
-	ping_check 2 1
-	avg21=$PING_AVG
+	# Host 1's container and each other host's, both ways.
+	local m pings=()
+	for ((m = 2; m <= HOSTS; m++)); do
+		echo "--- ping c1 -> c$m ---"
+		ping_check 1 "$m"
+		pings+=("ping c1 -> c$m: 5/5 replies, avg ${PING_AVG} ms")
+		echo "--- ping c$m -> c1 ---"
+		ping_check "$m" 1
+		pings+=("ping c$m -> c1: 5/5 replies, avg ${PING_AVG} ms")
+	done
 	start_iperf_server 2
 	echo "--- iperf3 c1 -> c2, 5 s ---"
 	local out
-	out=$(nsx "$(ns_c 1)" iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -t 5 -f g 2>&1) || {
+	out=$(c_exec 1 1 iperf3 -c "${C_ADDR[2]}" -p "$IPERF_PORT" -t 5 -f g 2>&1) || {
 		echo "$out"
 		die "iperf3 c1 -> c2 failed"
 	}
-	echo "$out" | sed 's/^/  /'
+	indent <<<"$out"
 	local rate
 	rate=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i + 1) == "Gbits/sec") print $i}' <<<"$out" | tail -n 1)
 	echo
 	echo "=== summary ($LAB_MODE lab, prefix $P) ==="
-	echo "  c1 ${C_ADDR[1]} (host 1 subnet ${SUBNET[1]}) <-> c2 ${C_ADDR[2]} (host 2 subnet ${SUBNET[2]})"
-	echo "  ping c1 -> c2: 5/5 replies, avg ${avg12} ms"
-	echo "  ping c2 -> c1: 5/5 replies, avg ${avg21} ms"
+	for ((m = 2; m <= HOSTS; m++)); do
+		echo "  c1 ${C_ADDR[1]} (host 1 subnet ${SUBNET[1]}) <-> c$m ${C_ADDR[m]} (host $m subnet ${SUBNET[m]})"
+	done
+	printf '  %s\n' "${pings[@]}"
 	echo "  iperf3 c1 -> c2 (TCP, 1 stream, 5 s): ${rate:-?} Gbit/s received"
 	if [[ $KEEP == 1 ]]; then
 		LAB_ACTIVE=0
@@ -711,6 +1115,8 @@ cmd_up() {
 	LAB_ACTIVE=0
 	KEEP=1
 	print_enter_instructions
+	# With --json, fd 3 is the original standard output (main points fd 1 at standard error).
+	if ((JSON)); then cat "$RUN/lab.json" >&3; fi
 }
 
 cmd_down() {
@@ -720,10 +1126,7 @@ cmd_down() {
 	valid_prefix "$P" || die "bad prefix '$P'"
 	RUN=$(rundir_for "$P")
 	if [[ ! -d $RUN ]]; then
-		local any=0 n
-		for n in 1 2; do ns_exists "$(ns_h "$n")" && any=1; done
-		for n in 1 2; do ns_exists "$(ns_c "$n")" && any=1; done
-		((any)) || die "no lab with prefix $P (no $RUN, no namespaces $P-*)"
+		[[ -n $(lab_namespaces) ]] || die "no lab with prefix $P (no $RUN, no namespaces $P-*)"
 		warn "no run dir $RUN: deleting namespaces only; processes are not known and are left alone"
 	fi
 	LAB_MODE=$(cat "$RUN/mode" 2>/dev/null || echo unknown)
@@ -1023,6 +1426,10 @@ parse_opts() {
 		--mode) MODE=${2:?--mode needs a value} && shift ;;
 		--prefix) PREFIX=${2:?--prefix needs a value} && shift ;;
 		--keep) KEEP=1 ;;
+		--hosts) HOSTS=${2:?--hosts needs a value} && shift ;;
+		--containers) CONTAINERS=${2:?--containers needs a value} && shift ;;
+		--json) JSON=1 ;;
+		--docker) DOCKER=1 ;;
 		--timeout) TIMEOUT=${2:?} && shift ;;
 		--workers) WORKERS=${2:?--workers needs a value} && shift ;;
 		--io) IO_MODE=${2:?--io needs a value} && shift ;;
@@ -1051,6 +1458,12 @@ parse_opts() {
 		shift
 	done
 	[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer"
+	if ! [[ $HOSTS =~ ^[0-9]+$ ]] || ((HOSTS < 2 || HOSTS > 16)); then
+		die "--hosts must be a number from 2 to 16"
+	fi
+	if ! [[ $CONTAINERS =~ ^[0-9]+$ ]] || ((CONTAINERS < 1 || CONTAINERS > 16)); then
+		die "--containers must be a number from 1 to 16"
+	fi
 	[[ -z $IO_MODE || $IO_MODE == uring || $IO_MODE == syscalls ]] || die "--io must be uring or syscalls"
 	[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 	[[ -z $PREFIX ]] || valid_prefix "$PREFIX" || die "bad --prefix '$PREFIX': 2-12 characters, a-z then a-z/0-9"
@@ -1069,6 +1482,15 @@ main() {
 	if [[ $cmd != down && ${#POSITIONAL[@]} -gt 0 ]]; then
 		die "unexpected argument '${POSITIONAL[0]}' (lab.sh help)"
 	fi
+	if ((DOCKER)) && [[ $cmd != up && $cmd != demo ]]; then
+		die "--docker is an option of 'up' and 'demo'"
+	fi
+	if ((JSON)); then
+		[[ $cmd == up ]] || die "--json is an option of 'up'"
+		# The JSON object is the only thing on standard output: everything else goes to stderr.
+		exec 3>&1 1>&2
+	fi
+	exec 5>&1 6>&2
 	trap on_exit EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM

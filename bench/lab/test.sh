@@ -4,12 +4,20 @@
 #     TCP transfer with more than 0 bytes received, `lab.sh down`, then nothing left behind (no
 #     namespace with the run's prefix, no process the lab started, no run dir with its etcd data,
 #     no trace in the root namespace);
+#   - a 3-host weft lab with 2 containers per host brought up with `up --json`: every container
+#     pings every container on the other hosts, and `down PREFIX` leaves nothing behind; the
+#     vxlan and direct modes with 3 hosts, pinging across;
+#   - the docker lab (`up --docker --json`): a real dockerd in each of two hosts started from
+#     subnet.env, docker containers pinging each other both ways through weft, docker's bridge
+#     network on the lease's subnet, eth0 with MTU 1472; then torn down to nothing; and torn
+#     down to nothing too after a SIGTERM during `up --docker` and when dockerd exits at once;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
 #     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
 #
-# Usage: bench/lab/test.sh [--weftd PATH] [--no-harness] [mode...]
+# Usage: bench/lab/test.sh [--weftd PATH] [--no-harness] [--only CHECK]... [mode...]
+#   CHECK: modes (the per-mode labs), multi (the 3-host labs), docker, harness (the rest)
 set -euo pipefail
 
 LAB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -17,6 +25,7 @@ LAB="$LAB_DIR/lab.sh"
 
 WEFTD_ARGS=()
 HARNESS=1
+ONLY=()
 MODES=()
 while (($#)); do
 	case $1 in
@@ -25,8 +34,18 @@ while (($#)); do
 		shift
 		;;
 	--no-harness) HARNESS=0 ;;
+	--only)
+		case ${2:-} in
+		modes | multi | docker | harness) ONLY+=("$2") ;;
+		*)
+			echo "--only takes modes, multi, docker or harness" >&2
+			exit 2
+			;;
+		esac
+		shift
+		;;
 	-h | --help)
-		sed -n '2,13p' "$0"
+		sed -n '2,21p' "$0"
 		exit 0
 		;;
 	-*)
@@ -38,6 +57,10 @@ while (($#)); do
 	shift
 done
 ((${#MODES[@]})) || MODES=(weft vxlan direct)
+# wanted <check>: the check runs (all run unless --only names some).
+wanted() {
+	((${#ONLY[@]} == 0)) || [[ " ${ONLY[*]} " == *" $1 "* ]]
+}
 
 if [[ $EUID -ne 0 ]]; then
 	echo "bench/lab/test.sh: FAIL: the lab needs root (network namespaces)" >&2
@@ -112,6 +135,9 @@ assert_clean() {
 			problems+=("process left: $({ tr '\0' ' ' <"$f"; } 2>/dev/null)")
 		fi
 	done
+	local mounts
+	mounts=$(awk -v run="$rundir/" 'index($5, run) == 1 {print $5}' /proc/self/mountinfo)
+	[[ -z $mounts ]] || problems+=("mounts left: $(echo "$mounts" | tr '\n' ' ')")
 	local after
 	after=$(root_snapshot "$p")
 	[[ $after == "$before" ]] || problems+=("root namespace changed: $(diff <(echo "$before") <(echo "$after") | tr '\n' ' ')")
@@ -168,6 +194,16 @@ except Exception:
 	fi
 }
 
+# check_down <name> <prefix>: `lab.sh down PREFIX` succeeds.
+check_down() {
+	if bash "$LAB" down "$2" >"$WORK/$2-down.log" 2>&1; then
+		pass "$1: lab.sh down $2"
+	else
+		cat "$WORK/$2-down.log"
+		fail "$1: lab.sh down $2"
+	fi
+}
+
 test_mode() {
 	local mode=$1
 	local p="lt$$${mode:0:1}"
@@ -181,15 +217,201 @@ test_mode() {
 		check_ping "$name" "$p" 1 2
 		check_ping "$name" "$p" 2 1
 		check_tcp "$name" "$p"
-		if bash "$LAB" down "$p" >"$WORK/$p-down.log" 2>&1; then
-			pass "$name: lab.sh down"
-		else
-			cat "$WORK/$p-down.log"
-			fail "$name: lab.sh down"
-		fi
+		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
 		fail "$name: lab.sh up"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
+# lab_json <file>: the last line of `up --json`'s standard output, checked to be one JSON object.
+lab_json() {
+	tail -n 1 "$1" | python3 -c 'import json, sys; d = json.loads(sys.stdin.read()); assert isinstance(d, dict); print(json.dumps(d))'
+}
+
+# ping_matrix <json>: every container pings every container on the other hosts, with the command
+# that enters the container's network namespace (ip netns exec NAME, or nsenter --net=PATH for
+# docker's). Prints "from to" for each failure.
+read -r -d '' PING_MATRIX <<'PY' || true
+import json, subprocess, sys
+lab = json.loads(open(sys.argv[1]).read())
+pairs = failed = 0
+for host in lab["hosts"]:
+    for c in host["containers"]:
+        ns = c["namespace"]
+        enter = ["nsenter", "--net=" + ns] if ns.startswith("/") else ["ip", "netns", "exec", ns]
+        for other in lab["hosts"]:
+            if other is host:
+                continue
+            for d in other["containers"]:
+                pairs += 1
+                r = subprocess.run(enter + ["ping", "-c", "2", "-i", "0.2", "-W", "2", d["ip"]],
+                                   capture_output=True, text=True)
+                if r.returncode != 0 or " 0% packet loss" not in r.stdout:
+                    failed += 1
+                    print(f"{host['name']} {c['ip']} -> {other['name']} {d['ip']}: {r.stdout[-200:]}")
+print(f"{pairs - failed} of {pairs} pairs answer")
+sys.exit(1 if failed or pairs == 0 else 0)
+PY
+
+# test_multi <mode> <hosts> <containers> <tag>: `up --json` with that many hosts and containers,
+# the JSON's shape, every container pinging every container on the other hosts, `down PREFIX`,
+# nothing left.
+test_multi() {
+	local mode=$1 hosts=$2 containers=$3 tag=$4
+	local p="lt$$$tag" name="$mode lab, $hosts hosts x $containers containers" pidlog="$WORK/lt$$$tag.pids" before
+	say "--- $name (prefix $p) ---"
+	before=$(root_snapshot "$p")
+	local extra=()
+	[[ $mode != weft ]] || extra=("${WEFTD_ARGS[@]}")
+	if bash "$LAB" up --mode "$mode" --hosts "$hosts" --containers "$containers" --json --prefix "$p" \
+		--pid-log "$pidlog" "${extra[@]}" >"$WORK/$p.json" 2>"$WORK/$p-up.log" &&
+		lab_json "$WORK/$p.json" >"$WORK/$p.lab.json"; then
+		pass "$name: lab.sh up --json"
+		local shape
+		if shape=$(python3 - "$WORK/$p.lab.json" "$p" "$mode" "$hosts" "$containers" <<'PY' 2>&1
+import ipaddress, json, sys
+lab = json.load(open(sys.argv[1]))
+prefix, mode, hosts, containers = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+assert lab["prefix"] == prefix and lab["mode"] == mode, lab
+assert len(lab["hosts"]) == hosts, len(lab["hosts"])
+subnets = set()
+for n, h in enumerate(lab["hosts"], 1):
+    assert h["namespace"] == f"{prefix}-h{n}" and h["underlay_ip"] == f"198.18.0.{n}", h
+    assert h["underlay_dev"] == f"{prefix}u{n}", h
+    net = ipaddress.ip_network(h["subnet"])
+    subnets.add(net)
+    assert len(h["containers"]) == containers, h
+    for c in h["containers"]:
+        assert ipaddress.ip_address(c["ip"]) in net, (c, net)
+assert len(subnets) == hosts, subnets
+print(f"{hosts} hosts on distinct subnets, {containers} container(s) each inside its host's subnet")
+PY
+		); then
+			pass "$name: JSON: $shape"
+		else
+			echo "$shape"
+			fail "$name: JSON describes the lab"
+		fi
+		local out
+		if out=$(python3 -c "$PING_MATRIX" "$WORK/$p.lab.json" 2>&1); then
+			pass "$name: ${out##*$'\n'}"
+		else
+			echo "$out"
+			fail "$name: every container reaches every container on the other hosts"
+		fi
+		check_down "$name" "$p"
+	else
+		tail -n 40 "$WORK/$p-up.log"
+		fail "$name: lab.sh up --json"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
+# The docker lab, checked from its JSON: both ways a ping from a container to the other host's
+# (docker exec, busybox's ping), docker's bridge network on subnet.env's subnet, eth0's MTU.
+read -r -d '' DOCKER_CHECK <<'PY' || true
+import ipaddress, json, subprocess, sys
+lab = json.loads(open(sys.argv[1]).read())
+docker = sys.argv[2]
+problems, done = [], []
+def d(host, *args):
+    r = subprocess.run([docker, "-H", host["docker_host"], *args], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+for host in lab["hosts"]:
+    env = dict(l.strip().split("=", 1) for l in open(f"{lab['run_dir']}/{host['name']}/subnet.env") if "=" in l)
+    lease = ipaddress.ip_interface(env["FLANNEL_SUBNET"]).network
+    rc, out = d(host, "network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}")
+    if rc or out.strip() != str(lease) or host["subnet"] != str(lease):
+        problems.append(f"{host['name']}: docker bridge network {out.strip()!r}, lease {lease}, JSON {host['subnet']}")
+    for c in host["containers"]:
+        rc, out = d(host, "exec", c["name"], "cat", "/sys/class/net/eth0/mtu")
+        if rc or out.strip() != "1472" or env["FLANNEL_MTU"] != "1472":
+            problems.append(f"{c['name']}: eth0 MTU {out.strip()!r}, FLANNEL_MTU {env['FLANNEL_MTU']}")
+        rc, out = d(host, "exec", c["name"], "ip", "addr", "show", "eth0")
+        if rc or f"inet {c['ip']}/{lease.prefixlen} " not in out or ipaddress.ip_address(c["ip"]) not in lease:
+            problems.append(f"{c['name']}: eth0 {out.strip()!r}, expected {c['ip']} in {lease}")
+        for other in lab["hosts"]:
+            if other is host:
+                continue
+            for t in other["containers"]:
+                rc, out = d(host, "exec", c["name"], "ping", "-c", "3", "-W", "2", t["ip"])
+                if rc or " 0% packet loss" not in out:
+                    problems.append(f"ping {c['name']} -> {t['name']} {t['ip']}: {out[-200:]}")
+                else:
+                    done.append(f"{c['name']}->{t['name']}")
+for p in problems:
+    print(p)
+if problems or not done:
+    sys.exit(1)
+print(f"pings {', '.join(done)}; bridge networks on the leases' subnets; eth0 MTU 1472")
+PY
+
+test_docker() {
+	local p="lt$$k" name="docker lab" pidlog="$WORK/lt$$k.pids" before
+	say "--- $name (prefix $p) ---"
+	before=$(root_snapshot "$p")
+	if bash "$LAB" up --docker --json --prefix "$p" --pid-log "$pidlog" --timeout 60 "${WEFTD_ARGS[@]}" \
+		>"$WORK/$p.json" 2>"$WORK/$p-up.log" && lab_json "$WORK/$p.json" >"$WORK/$p.lab.json"; then
+		pass "$name: lab.sh up --docker --json"
+		local out
+		if out=$(python3 -c "$DOCKER_CHECK" "$WORK/$p.lab.json" "${DOCKER_CLI:-docker}" 2>&1); then
+			pass "$name: $out"
+		else
+			echo "$out"
+			fail "$name: containers through weft, bridge network and MTU"
+		fi
+		if grep -q '^[0-9]* [0-9]* dockerd1$' "$pidlog" && grep -q '^[0-9]* [0-9]* dockerd2$' "$pidlog"; then
+			pass "$name: a dockerd per host, recorded"
+		else
+			fail "$name: no dockerd recorded in $pidlog"
+		fi
+		check_down "$name" "$p"
+	else
+		tail -n 40 "$WORK/$p-up.log"
+		fail "$name: lab.sh up --docker --json"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
+# SIGTERM while `up --docker` runs, once both dockerds have started: the lab removes what docker
+# made and stops the dockerds before deleting the namespaces.
+test_docker_sigterm() {
+	local p="lt$$j" name="SIGTERM during up --docker" pidlog="$WORK/lt$$j.pids" before
+	say "--- $name (prefix $p) ---"
+	before=$(root_snapshot "$p")
+	bash "$LAB" up --docker --prefix "$p" --pid-log "$pidlog" --timeout 60 "${WEFTD_ARGS[@]}" >"$WORK/$p.log" 2>&1 &
+	local lab_pid=$! i
+	for ((i = 0; i < 600; i++)); do
+		grep -q ' dockerd2$' "$pidlog" 2>/dev/null && break
+		sleep 0.05
+	done
+	sleep 1
+	kill -TERM "$lab_pid"
+	local rc=0
+	wait "$lab_pid" || rc=$?
+	if ((rc == 143)) && grep -q ' dockerd2$' "$pidlog" && grep -q "lab $p is down" "$WORK/$p.log"; then
+		pass "$name: exits 143 after tearing down"
+	else
+		tail -n 20 "$WORK/$p.log"
+		fail "$name: exit status $rc, expected 143 and a teardown with dockerd running"
+	fi
+	assert_clean "$name" "$p" "$pidlog" "$before" || true
+}
+
+# A dockerd that exits at once: up --docker fails naming it, and nothing is left.
+test_dockerd_dies() {
+	local p="lt$$q" name="dockerd exits early" pidlog="$WORK/lt$$q.pids" before rc=0
+	say "--- $name (prefix $p) ---"
+	before=$(root_snapshot "$p")
+	DOCKERD_BIN=/bin/false bash "$LAB" up --docker --prefix "$p" --pid-log "$pidlog" "${WEFTD_ARGS[@]}" \
+		>"$WORK/$p.log" 2>&1 || rc=$?
+	if ((rc != 0)) && grep -q 'dockerd on host 1 exited' "$WORK/$p.log"; then
+		pass "$name: lab.sh up --docker fails and names the cause"
+	else
+		tail -n 20 "$WORK/$p.log"
+		fail "$name: expected a failure naming dockerd's exit (status $rc)"
 	fi
 	assert_clean "$name" "$p" "$pidlog" "$before" || true
 }
@@ -324,9 +546,21 @@ print(f"{sum(costs.values()):.0f} µs of CPU per 64 KiB")
 PY
 
 start=$SECONDS
-test_python_units
-for mode in "${MODES[@]}"; do test_mode "$mode"; done
-if ((HARNESS)); then
+if wanted modes; then
+	for mode in "${MODES[@]}"; do test_mode "$mode"; done
+fi
+if wanted multi; then
+	test_multi weft 3 2 w3
+	test_multi vxlan 3 1 v3
+	test_multi direct 3 1 d3
+fi
+if wanted docker; then
+	test_docker
+	test_docker_sigterm
+	test_dockerd_dies
+fi
+if wanted harness; then test_python_units; fi
+if ((HARNESS)) && wanted harness; then
 	test_missing_weftd
 	test_daemon_dies
 	test_demo_tears_down
