@@ -450,7 +450,9 @@ fn tun_address_of(subnet_env: &Path) -> String {
 
 /// One ping from `ns` to `to` answered within a second.
 fn pings(ns: &NetNs, to: &str) -> bool {
-    ns.exec("ping", &["-c", "1", "-W", "1", to]).status.success()
+    ns.exec("ping", &["-c", "1", "-W", "1", to])
+        .status
+        .success()
 }
 
 #[test]
@@ -489,7 +491,11 @@ fn etcd_data_loss_is_survived_by_two_weftd() {
     fs::remove_dir_all(dir.0.join("etcd")).unwrap();
     let etcd = start_etcd(&h1, &dir.0);
     assert_eq!(
-        etcdctl(&h1, &["get", "--prefix", "/coreos.com/network/", "--keys-only"]).trim(),
+        etcdctl(
+            &h1,
+            &["get", "--prefix", "/coreos.com/network/", "--keys-only"]
+        )
+        .trim(),
         "",
         "etcd came back with data"
     );
@@ -502,8 +508,7 @@ fn etcd_data_loss_is_survived_by_two_weftd() {
         Duration::from_secs(10),
         || {
             etcdctl(&h1, &["get", &k1, "--print-value-only"]).trim() == value("198.18.0.1")
-                && etcdctl(&h1, &["get", &k2, "--print-value-only"]).trim()
-                    == value("198.18.0.2")
+                && etcdctl(&h1, &["get", &k2, "--print-value-only"]).trim() == value("198.18.0.2")
         },
         &[&w1, &w2, &etcd],
     );
