@@ -229,13 +229,15 @@ impl LeaseFollowers<'_> {
         if rules.is_empty() {
             return Ok(());
         }
-        self.iptables = IptablesKeeper::start_or_skip_optional(
-            Iptables::new(),
-            rules,
-            self.flags.iptables_resync,
-        )
-        .await
-        .map_err(DaemonError::Masquerade)?;
+        self.iptables = Some(
+            IptablesKeeper::start_or_skip_optional(
+                Iptables::new(),
+                rules,
+                self.flags.iptables_resync,
+            )
+            .await
+            .map_err(DaemonError::Masquerade)?,
+        );
         Ok(())
     }
 
@@ -245,7 +247,15 @@ impl LeaseFollowers<'_> {
         self.configure_tun(lease).await?;
         self.write_subnet_env(lease)?;
         if let Some(keeper) = &self.iptables {
-            keeper.update(self.rules(lease)).await?;
+            let rules = self.rules(lease);
+            let required = rules.has_masquerade();
+            match keeper.update(rules).await {
+                Err(e) if required => return Err(e.into()),
+                // The FORWARD rules name only the Network, which a subnet change leaves as
+                // it is; the keeper goes on trying them at every resync.
+                Err(e) => warn!(error = %e, "iptables: cannot update the FORWARD rules"),
+                Ok(()) => {}
+            }
         }
         Ok(())
     }

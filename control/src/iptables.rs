@@ -384,12 +384,19 @@ impl IptablesKeeper {
         resync: Duration,
     ) -> Result<Self, IptablesError> {
         iptables.ensure(&rules).await?;
+        Ok(Self::keep(iptables, rules, resync, false))
+    }
+
+    /// Re-checks `rules` every `resync` from now on; `failing` says whether the last attempt
+    /// to apply them failed, so that a lasting failure is logged once and the recovery too.
+    fn keep(iptables: Iptables, rules: RuleSet, resync: Duration, failing: bool) -> Self {
         let current = Arc::new(Mutex::new(rules));
         let (stop, mut stopped) = watch::channel(false);
         let task = {
             let iptables = iptables.clone();
             let current = current.clone();
             tokio::spawn(async move {
+                let mut failing = failing;
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(resync) => {}
@@ -399,6 +406,10 @@ impl IptablesKeeper {
                     // interleave and double a jump.
                     let rules = current.lock().await;
                     match iptables.ensure(&rules).await {
+                        Ok(fixed) if failing => {
+                            failing = false;
+                            tracing::info!("iptables: rules applied ({})", fixed.join(", "));
+                        }
                         Ok(fixed) if !fixed.is_empty() => {
                             tracing::info!(
                                 "iptables: restored missing rules in {}",
@@ -406,40 +417,46 @@ impl IptablesKeeper {
                             );
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!("iptables: resync failed: {e}"),
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!("iptables: resync failed: {e}");
+                        }
+                        Err(_) => {}
                     }
                 }
             })
         };
-        Ok(IptablesKeeper {
+        IptablesKeeper {
             iptables,
             current,
             stop,
             task,
-        })
+        }
     }
 
     /// Like [`IptablesKeeper::start`], with the failure policy weftd uses: the masquerade
     /// rules are what `--ip-masq` asked for, so failing to apply them is an error; the
     /// FORWARD accept rules are a default the host may not need, so without them (iptables
-    /// missing or refusing) weftd logs why and goes on: `Ok(None)`, as flanneld only logs.
+    /// missing or refusing) weftd logs why and goes on, as flanneld only logs, and keeps
+    /// trying at every resync (iptables may be installed later).
     pub async fn start_or_skip_optional(
         iptables: Iptables,
         rules: RuleSet,
         resync: Duration,
-    ) -> Result<Option<Self>, IptablesError> {
+    ) -> Result<Self, IptablesError> {
         let required = rules.has_masquerade();
-        match IptablesKeeper::start(iptables, rules, resync).await {
-            Ok(keeper) => Ok(Some(keeper)),
+        match iptables.ensure(&rules).await {
+            Ok(_) => Ok(Self::keep(iptables, rules, resync, false)),
             Err(e) if required => Err(e),
             Err(e) => {
                 tracing::error!(
                     "iptables: cannot apply the FORWARD accept rules ({e}); going on without \
                      them. Traffic to and from containers on other hosts is dropped where the \
                      FORWARD policy is DROP (docker sets it): install iptables, or accept the \
-                     overlay network in FORWARD yourself and pass --iptables-forward-rules=false"
+                     overlay network in FORWARD yourself and pass --iptables-forward-rules=false; \
+                     weftd tries again every --iptables-resync"
                 );
-                Ok(None)
+                Ok(Self::keep(iptables, rules, resync, true))
             }
         }
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -235,7 +236,7 @@ fn missing_iptables_is_fatal_only_for_masquerade() {
         let keeper = IptablesKeeper::start_or_skip_optional(missing(), forward_only, resync)
             .await
             .expect("forward rules alone are optional");
-        assert!(keeper.is_none());
+        keeper.shutdown().await.ok();
         // --ip-masq: the user asked for these rules.
         for (masq, forward) in [(true, false), (true, true)] {
             let rules = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), masq, forward);
@@ -252,8 +253,52 @@ fn missing_iptables_is_fatal_only_for_masquerade() {
         let forward_only = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), false, true);
         let keeper = IptablesKeeper::start_or_skip_optional(Iptables::new(), forward_only, resync)
             .await
-            .expect("iptables present")
-            .expect("rules kept");
+            .expect("iptables present");
         keeper.shutdown().await.expect("removed");
     });
+}
+
+#[test]
+fn forward_rules_arrive_once_iptables_is_installed() {
+    let ns = NetNs::new("iptlate");
+    let bin = std::env::temp_dir().join(format!("weft-iptlate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    let (save, restore) = (bin.join("iptables-save"), bin.join("iptables-restore"));
+    let real = |program: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()
+            .expect("sh");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (real_save, real_restore) = (real("iptables-save"), real("iptables-restore"));
+    let ns_ref = &ns;
+    ns.block_on(|| async move {
+        let iptables = Iptables::with_programs(
+            save.to_string_lossy().into_owned(),
+            restore.to_string_lossy().into_owned(),
+        );
+        let rules = RuleSet::new(net("10.1.0.0/16"), net("10.1.15.0/24"), false, true);
+        let keeper =
+            IptablesKeeper::start_or_skip_optional(iptables, rules, Duration::from_millis(100))
+                .await
+                .expect("forward rules alone are optional");
+        assert_eq!(saved(ns_ref, "filter"), Vec::<String>::new());
+        // iptables is installed while weftd runs: a later resync applies the rules.
+        std::os::unix::fs::symlink(&real_save, &save).expect("symlink");
+        std::os::unix::fs::symlink(&real_restore, &restore).expect("symlink");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while saved(ns_ref, "filter") != strs(FWD) {
+            assert!(
+                Instant::now() < deadline,
+                "rules not applied after iptables appeared: {:?}",
+                saved(ns_ref, "filter")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        keeper.shutdown().await.expect("removed");
+    });
+    assert_eq!(saved(&ns, "filter"), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&bin);
 }
