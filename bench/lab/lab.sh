@@ -103,8 +103,10 @@ weft lab: hosts and containers in network namespaces on one machine.
         List labs left up.
   lab.sh bench [--modes weft,vxlan,direct] [--rounds 3] [--duration 10] [--pings 200]
                [--udp-rate 1G] [--out DIR] [--quiet-load 0.25] [--quiet-timeout 120]
-        Measure ping RTT, iperf3 TCP (1 and 4 streams) and UDP, and CPU seconds, for each mode,
-        modes interleaved over several rounds. Writes results.json, summary.md and chart.svg to
+        Measure ping RTT, iperf3 TCP (1 and 4 streams) and UDP, 64-byte UDP at full rate,
+        sockperf request/response round trips (UDP and TCP), and CPU seconds, for each mode,
+        modes interleaved over several rounds; and once, the cost of a 64 KiB memcpy (the floor
+        of a TUN/UDP engine). Writes results.json, summary.md and chart.svg to
         bench/lab/results/<timestamp>/ (or --out).
   lab.sh hops  [--modes weft,vxlan,direct] [--pings 200] [--interval 0.01] [--out DIR]
         Split the ping round trip into hops: capture the pings (tcpdump, nanosecond
@@ -1040,9 +1042,9 @@ start_iperf_server() {
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 
-# build_weftd: cargo build --release -p weft-control, as the user who ran sudo if there is one (so
-# that target/ stays theirs and their toolchain is used).
-build_weftd() {
+# cargo_release_build <args...>: cargo build --release <args>, as the user who ran sudo if there
+# is one (so that target/ stays theirs and their toolchain is used).
+cargo_release_build() {
 	local cargo="" user=${SUDO_USER:-}
 	[[ $user != root ]] || user=""
 	if [[ -n $user ]]; then
@@ -1057,13 +1059,15 @@ build_weftd() {
 		cargo=$(command -v cargo || true)
 	fi
 	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --no-build with a built weftd"
-	log "building weftd (cargo build --release -p weft-control)${user:+ as $user}"
+	log "building (cargo build --release $*)${user:+ as $user}"
 	if [[ -n $user ]]; then
-		(cd "$REPO_ROOT" && sudo -u "$user" -H "$cargo" build --release -p weft-control)
+		(cd "$REPO_ROOT" && sudo -u "$user" -H "$cargo" build --release "$@")
 	else
-		(cd "$REPO_ROOT" && "$cargo" build --release -p weft-control)
+		(cd "$REPO_ROOT" && "$cargo" build --release "$@")
 	fi
 }
+
+build_weftd() { cargo_release_build -p weft-control; }
 
 cmd_demo() {
 	if [[ $MODE == weft ]]; then
@@ -1148,6 +1152,13 @@ cmd_list() {
 
 # ----- bench
 
+readonly SOCKPERF_PORT=11111
+# Seconds of each sockperf request/response test (at most --duration): a few seconds give a
+# stable median and p99.
+readonly RR_MAX_SECONDS=3
+RR_SECONDS=$RR_MAX_SECONDS
+COPY_COST_BIN=${COPY_COST_BIN:-$REPO_ROOT/target/release/examples/copy_cost}
+
 cpu_busy_ticks() {
 	# user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
 	awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
@@ -1226,6 +1237,44 @@ iperf_json() {
 	[[ -s $out.err ]] || rm -f -- "$out.err"
 }
 
+# start_sockperf_servers <n>: sockperf servers for UDP and TCP in host n's first container.
+start_sockperf_servers() {
+	local n=$1 i proto
+	for proto in udp tcp; do
+		local args=()
+		[[ $proto == udp ]] || args=(--tcp)
+		start_bg "sockperf-$proto-server-c$n" "$(ns_c "$n")" "$RUN/sockperf-$proto-server-c$n.log" \
+			sockperf server "${args[@]}" -i "${C_ADDR[n]}" -p "$SOCKPERF_PORT"
+	done
+	for ((i = 0; i < 50; i++)); do
+		if nsx "$(ns_c "$n")" ss -Huln "sport = :$SOCKPERF_PORT" | grep -q . &&
+			nsx "$(ns_c "$n")" ss -Htln "sport = :$SOCKPERF_PORT" | grep -q .; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "sockperf servers in container $n did not start"
+}
+
+# sockperf_rr <out> <seconds> [--tcp]: back-to-back 64-byte request/response from container 1
+# to container 2. --full-rtt makes sockperf report round trips (by default it halves them).
+sockperf_rr() {
+	local out=$1 seconds=$2
+	shift 2
+	if ! nsx "$(ns_c 1)" sockperf ping-pong "$@" -i "${C_ADDR[2]}" -p "$SOCKPERF_PORT" -m 64 \
+		-t "$seconds" --full-rtt >"$out" 2>&1; then
+		tail -n 20 "$out" >&2
+		die "sockperf ping-pong $* failed (see $out)"
+	fi
+}
+
+# copy_cost <out>: the cost of one 64 KiB memcpy on this machine, cold and warm (the floor of a
+# TUN/UDP engine is kernel VXLAN's cost plus four cold copies; docs/performance.md).
+copy_cost() {
+	local out=$1
+	"$COPY_COST_BIN" >"$out" || die "$COPY_COST_BIN failed"
+}
+
 # lab_up_to_measure <mode>: wait for a quiet machine, bring the lab up, and resolve neighbours
 # and warm the path with a few pings.
 lab_up_to_measure() {
@@ -1251,6 +1300,13 @@ bench_one() {
 	log "$tag: UDP at $UDP_RATE bit/s, ${UDP_LEN}-byte datagrams, ${DURATION}s"
 	measure iperf_json "$raw/$tag-udp.json" -t "$DURATION" -u -b "$UDP_RATE" -l "$UDP_LEN"
 	local udp=("$M_CPU" "$M_DAEMON")
+	log "$tag: UDP at full rate, 64-byte datagrams, ${DURATION}s"
+	measure iperf_json "$raw/$tag-udp64.json" -t "$DURATION" -u -b 0 -l 64
+	local udp64=("$M_CPU" "$M_DAEMON")
+	start_sockperf_servers 2
+	log "$tag: request/response (sockperf ping-pong, 64 bytes), UDP and TCP, ${RR_SECONDS}s each"
+	sockperf_rr "$raw/$tag-rr-udp.txt" "$RR_SECONDS"
+	sockperf_rr "$raw/$tag-rr-tcp.txt" "$RR_SECONDS" --tcp
 	local has_daemon=0
 	[[ $mode == weft || $mode == flannel ]] && has_daemon=1
 	python3 "$REPORT_PY" record --out "$OUT_DIR/raw.jsonl" --mode "$mode" --round "$round" \
@@ -1259,7 +1315,9 @@ bench_one() {
 		--ping "$raw/$tag-ping.txt" \
 		--tcp1 "$raw/$tag-tcp1.json" --tcp1-cpu "${tcp1[0]}" --tcp1-daemon "${tcp1[1]}" \
 		--tcp4 "$raw/$tag-tcp4.json" --tcp4-cpu "${tcp4[0]}" --tcp4-daemon "${tcp4[1]}" \
-		--udp "$raw/$tag-udp.json" --udp-cpu "${udp[0]}" --udp-daemon "${udp[1]}"
+		--udp "$raw/$tag-udp.json" --udp-cpu "${udp[0]}" --udp-daemon "${udp[1]}" \
+		--udp64 "$raw/$tag-udp64.json" --udp64-cpu "${udp64[0]}" --udp64-daemon "${udp64[1]}" \
+		--rr-udp "$raw/$tag-rr-udp.txt" --rr-tcp "$raw/$tag-rr-tcp.txt"
 	lab_down
 }
 
@@ -1274,8 +1332,12 @@ cmd_bench() {
 	[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
 	[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer (seconds)"
 	[[ $PINGS =~ ^[1-9][0-9]*$ ]] || die "--pings must be a positive integer"
+	RR_SECONDS=$((DURATION < RR_MAX_SECONDS ? DURATION : RR_MAX_SECONDS))
 	local mode
 	for mode in "${modes[@]}"; do preflight "$mode"; done
+	require_cmd sockperf "Debian package sockperf"
+	[[ $DO_BUILD == 0 ]] || cargo_release_build -p weft-bench --example copy_cost
+	[[ -x $COPY_COST_BIN ]] || die "$COPY_COST_BIN not found: build it with 'cargo build --release -p weft-bench --example copy_cost' (or set COPY_COST_BIN)"
 	[[ -n $OUT_DIR ]] || OUT_DIR="$LAB_DIR/results/$(date -u +%Y%m%dT%H%M%SZ)"
 	mkdir -p "$OUT_DIR/raw"
 	: >"$OUT_DIR/raw.jsonl"
@@ -1292,8 +1354,12 @@ cmd_bench() {
 		--udp-len "$UDP_LEN" --workers "$WORKERS" --io "$IO_MODE" \
 		--weftd-version "$weftd_version" \
 		--iperf3-version "$(iperf3 --version 2>/dev/null | head -n 1)" \
+		--sockperf-version "$(sockperf --version 2>/dev/null | head -n 1)" --rr-seconds "$RR_SECONDS" \
 		--git "$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
 	log "bench: modes ${modes[*]}, $ROUNDS round(s), ${DURATION}s per test; results in $OUT_DIR"
+	wait_quiet
+	log "cost of a 64 KiB memcpy, cold and warm ($COPY_COST_BIN)"
+	copy_cost "$OUT_DIR/copy_cost.json"
 	local round
 	for ((round = 1; round <= ROUNDS; round++)); do
 		# Rotate the order each round so that no mode always runs first.

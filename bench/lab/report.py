@@ -38,7 +38,19 @@ METRICS = [
     ("tcp1_cpu_s", "machine CPU-s, TCP 1 stream", "s", False),
     ("tcp1_daemon_cpu_s", "daemon CPU-s, TCP 1 stream", "s", False),
     ("tcp4_daemon_cpu_s", "daemon CPU-s, TCP 4 streams", "s", False),
+    ("rr_udp_p50_us", "UDP request/response RTT median", "µs", False),
+    ("rr_udp_p99_us", "UDP request/response RTT p99", "µs", False),
+    ("rr_tcp_p50_us", "TCP request/response RTT median", "µs", False),
+    ("rr_tcp_p99_us", "TCP request/response RTT p99", "µs", False),
+    ("udp64_kpps", "UDP 64 B at full rate, received", "kpps", True),
+    ("udp64_loss_pct", "UDP 64 B at full rate, loss", "%", False),
+    ("tcp1_us_per_64k", "CPU per 64 KiB moved, TCP 1 stream", "µs", False),
 ]
+
+# The floor of a TUN/UDP engine's cost: kernel VXLAN's CPU per 64 KiB moved plus this many cold
+# 64 KiB copies (TUN read, UDP send, UDP receive, TUN write), which VXLAN never makes.
+FLOOR_COPIES = 4
+KIB64_GBIT = 64 * 1024 * 8 / 1e9
 
 # The chart's panels.
 CHART = ["tcp1_gbps", "tcp4_gbps", "tcp1_gbit_per_cpu_s", "rtt_avg_us"]
@@ -121,6 +133,35 @@ def parse_udp(path):
     return {"bytes": rbytes, "gbps": rbytes * 8 / seconds / 1e9, "loss_pct": loss}
 
 
+def parse_udp_rate(path):
+    """Packets received per second and loss from iperf3 UDP JSON (datagrams of one size)."""
+    end = load_iperf(path)
+    s = end.get("sum") or {}
+    if "packets" not in s or "lost_packets" not in s or not s.get("seconds"):
+        raise ReportError(f"{path}: no UDP packet counts")
+    received = s["packets"] - s["lost_packets"]
+    loss = 100.0 * s["lost_packets"] / s["packets"] if s["packets"] else None
+    return {"pps": received / s["seconds"], "loss_pct": loss}
+
+
+def parse_sockperf(path):
+    """Round-trip median, p99 and mean in µs from `sockperf ping-pong --full-rtt` output.
+
+    Without --full-rtt sockperf prints half the round trip ("Latency is"); only round trips are
+    accepted here, so that the tables always mean the full round trip.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if "Summary: Latency is" in text:
+        raise ReportError(f"{path}: one-way latency (sockperf without --full-rtt)")
+    avg = re.search(r"Summary: Round trip is ([\d.]+) usec", text)
+    p50 = re.search(r"percentile 50\.000 =\s*([\d.]+)", text)
+    p99 = re.search(r"percentile 99\.000 =\s*([\d.]+)", text)
+    if not (avg and p50 and p99):
+        raise ReportError(f"{path}: no sockperf round-trip summary")
+    return {"avg_us": float(avg.group(1)), "p50_us": float(p50.group(1)), "p99_us": float(p99.group(1))}
+
+
 def per_cpu(bytes_, cpu_s):
     if not cpu_s:
         return None
@@ -151,6 +192,19 @@ def cmd_record(a):
             rec["udp_loss_pct"] = r["loss_pct"]
         else:
             rec[f"{name}_retransmits"] = r["retransmits"]
+        if name == "tcp1":
+            rec["tcp1_us_per_64k"] = cpu_s / r["bytes"] * 64 * 1024 * 1e6 if r["bytes"] else None
+    if a.udp64:
+        r = parse_udp_rate(a.udp64)
+        rec["udp64_kpps"] = r["pps"] / 1e3
+        rec["udp64_loss_pct"] = r["loss_pct"]
+        rec["udp64_cpu_s"] = int(a.udp64_cpu) / tck
+        rec["udp64_daemon_cpu_s"] = int(a.udp64_daemon) / tck if a.has_daemon == "1" else None
+    for proto, path in (("udp", a.rr_udp), ("tcp", a.rr_tcp)):
+        if path:
+            r = parse_sockperf(path)
+            for k, v in r.items():
+                rec[f"rr_{proto}_{k}"] = v
     with open(a.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
 
@@ -178,10 +232,12 @@ def cmd_meta(a):
         "pings": int(a.pings),
         "udp_rate": a.udp_rate,
         "udp_len": int(a.udp_len),
+        "rr_seconds": int(a.rr_seconds) if a.rr_seconds else None,
         "weftd_workers": a.workers or None,
         "weftd_io": a.io or None,
         "weftd_version": a.weftd_version or None,
         "iperf3": a.iperf3_version,
+        "sockperf": a.sockperf_version or None,
         "git": a.git,
     }
     with open(a.out, "w", encoding="utf-8") as f:
@@ -219,6 +275,56 @@ def ratio_pairs(modes):
     return []
 
 
+def floor_of(copy, summary, modes):
+    """The floor of a TUN/UDP engine from the copy measurement and VXLAN's median CPU per 64 KiB
+    moved in the TCP 1-stream tests, and weft against it and the kernel modes; None without them.
+    """
+    vxlan = summary.get("tcp1_us_per_64k", {}).get("vxlan")
+    if copy is None or vxlan is None:
+        return None
+    floor_us = vxlan["median"] + FLOOR_COPIES * copy["cold_us"]
+    floor = {
+        "copy_64k_cold_us": copy["cold_us"],
+        "copy_64k_warm_us": copy["warm_us"],
+        "copies": FLOOR_COPIES,
+        "vxlan_us_per_64k": vxlan["median"],
+        "us_per_64k": floor_us,
+        "gbit_per_cpu_s": KIB64_GBIT / (floor_us / 1e6),
+        "ratios": {},
+    }
+    per_cpu_s = summary.get("tcp1_gbit_per_cpu_s", {})
+    weft = per_cpu_s.get("weft")
+    if weft is not None:
+        floor["ratios"]["weft/floor"] = weft["median"] / floor["gbit_per_cpu_s"]
+        for m in ("vxlan", "direct"):
+            if m in per_cpu_s and per_cpu_s[m]["median"]:
+                floor["ratios"][f"weft/{m}"] = weft["median"] / per_cpu_s[m]["median"]
+    return floor
+
+
+def floor_markdown(floor, summary, modes):
+    lines = ["## The floor of a TUN/UDP engine", ""]
+    lines.append(
+        f"Kernel VXLAN's CPU per 64 KiB moved (TCP 1 stream, median) {fmt(floor['vxlan_us_per_64k'], 'µs')} µs "
+        f"+ {floor['copies']} cold 64 KiB copies of {fmt(floor['copy_64k_cold_us'], 'µs')} µs each "
+        f"(warm: {fmt(floor['copy_64k_warm_us'], 'µs')} µs; measured once at the start of the run) "
+        f"= {fmt(floor['us_per_64k'], 'µs')} µs per 64 KiB."
+    )
+    lines.append("")
+    row = summary.get("tcp1_gbit_per_cpu_s", {})
+    shown = [m for m in modes if m in row]
+    ratios = list(floor["ratios"])
+    head = ["TCP 1 stream per CPU-second (Gbit/CPU-s)"] + [MODE_LABEL.get(m, m) for m in shown]
+    head += ["floor"] + ratios
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    cells = ["median"] + [fmt(row[m]["median"], "Gbit/CPU-s") for m in shown]
+    cells += [fmt(floor["gbit_per_cpu_s"], "Gbit/CPU-s")] + [f"{floor['ratios'][r]:.2f}" for r in ratios]
+    lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def fmt(v, unit=""):
     if v is None:
         return "–"
@@ -231,7 +337,7 @@ def fmt(v, unit=""):
     return f"{v:.2f}"
 
 
-def markdown(meta, summary, modes, pairs, records):
+def markdown(meta, summary, modes, pairs, records, floor=None):
     lines = []
     lines.append(f"# weft lab benchmark, {meta.get('date', '')}")
     lines.append("")
@@ -245,6 +351,12 @@ def markdown(meta, summary, modes, pairs, records):
         f"{meta.get('pings')} pings at 10 ms",
         f"UDP at {meta.get('udp_rate')}bit/s with {meta.get('udp_len')}-byte datagrams",
     ]
+    if any("udp64_kpps" in r for r in records):
+        opts.append("64-byte UDP at full rate (iperf3 -b 0)")
+    if any("rr_udp_p50_us" in r or "rr_tcp_p50_us" in r for r in records):
+        opts.append(
+            f"request/response: sockperf ping-pong, 64 bytes, {meta.get('rr_seconds')} s each, round trips"
+        )
     if meta.get("weftd_workers"):
         opts.append(f"weftd --workers {meta['weftd_workers']}")
     if meta.get("weftd_io"):
@@ -284,6 +396,8 @@ def markdown(meta, summary, modes, pairs, records):
                 cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if floor is not None:
+        lines.append(floor_markdown(floor, summary, modes))
     return "\n".join(lines)
 
 
@@ -430,8 +544,23 @@ def cmd_summarize(a):
         for x, y in pairs:
             if x in row and y in row and row[y]["median"]:
                 ratios.setdefault(key, {})[f"{x}/{y}"] = row[x]["median"] / row[y]["median"]
+    copy = None
+    copy_path = os.path.join(d, "copy_cost.json")
+    if os.path.exists(copy_path):
+        try:
+            with open(copy_path, encoding="utf-8") as f:
+                copy = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{copy_path}: {e}") from e
+        if not isinstance(copy, dict) or not all(
+            isinstance(copy.get(k), (int, float)) and copy[k] > 0 for k in ("cold_us", "warm_us")
+        ):
+            raise ReportError(f"{copy_path}: no positive cold_us and warm_us")
+    floor = floor_of(copy, summary, modes)
     results = {
         "meta": meta,
+        "copy_cost": copy,
+        "floor": floor,
         "metrics": {k: {"label": l, "unit": u, "higher_is_better": h} for k, l, u, h in METRICS},
         "summary": summary,
         "ratios": ratios,
@@ -440,7 +569,7 @@ def cmd_summarize(a):
     with open(os.path.join(d, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
-    md = markdown(meta, summary, modes, pairs, records)
+    md = markdown(meta, summary, modes, pairs, records, floor)
     with open(os.path.join(d, "summary.md"), "w", encoding="utf-8") as f:
         f.write(md)
     with open(os.path.join(d, "chart.svg"), "w", encoding="utf-8") as f:
@@ -456,7 +585,7 @@ def main(argv):
     m.add_argument("--out", required=True)
     for opt in ("modes", "rounds", "duration", "pings", "udp-rate", "udp-len"):
         m.add_argument(f"--{opt}", required=True)
-    for opt in ("workers", "io", "weftd-version", "iperf3-version", "git"):
+    for opt in ("workers", "io", "weftd-version", "iperf3-version", "sockperf-version", "rr-seconds", "git"):
         m.add_argument(f"--{opt}", default="")
 
     r = sub.add_parser("record")
@@ -468,6 +597,11 @@ def main(argv):
         r.add_argument(f"--{t}", required=True)
         r.add_argument(f"--{t}-cpu", required=True)
         r.add_argument(f"--{t}-daemon", required=True)
+    r.add_argument("--udp64", default="")
+    r.add_argument("--udp64-cpu", default="0")
+    r.add_argument("--udp64-daemon", default="0")
+    r.add_argument("--rr-udp", default="")
+    r.add_argument("--rr-tcp", default="")
 
     s = sub.add_parser("summarize")
     s.add_argument("dir")

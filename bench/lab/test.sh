@@ -13,6 +13,8 @@
 #     down to nothing too after a SIGTERM during `up --docker` and when dockerd exits at once;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
 #     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
+#   - `lab.sh bench`, one short round of weft, vxlan and direct: request/response round trips,
+#     64-byte UDP at full rate and the TUN/UDP floor in results.json and summary.md;
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
 #
@@ -45,7 +47,7 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,21p' "$0"
+		sed -n '2,/^#   CHECK:/p' "$0"
 		exit 0
 		;;
 	-*)
@@ -545,6 +547,41 @@ assert costs["copies"] > 0 and sum(costs.values()) > costs["copies"], costs
 print(f"{sum(costs.values()):.0f} µs of CPU per 64 KiB")
 PY
 
+# lab.sh bench, one short round: the request/response, small-packet and floor figures are there
+# for every mode, positive and plausible, with their ratios, and summary.md shows them.
+read -r -d '' BENCH_CHECK <<'PY' || true
+import json, os, sys
+res = json.load(open(sys.argv[1]))
+summary, ratios = res["summary"], res["ratios"]
+modes = ("weft", "vxlan", "direct")
+def median(key, mode):
+    s = summary.get(key, {}).get(mode)
+    assert s is not None and s["median"] is not None, f"{key} {mode}: missing"
+    return s["median"]
+for mode in modes:
+    for proto in ("udp", "tcp"):
+        p50, p99 = median(f"rr_{proto}_p50_us", mode), median(f"rr_{proto}_p99_us", mode)
+        assert 1 < p50 <= p99 < 1_000_000, (mode, proto, p50, p99)
+    assert 1 < median("udp64_kpps", mode) < 100_000, mode
+    assert 0 <= median("udp64_loss_pct", mode) <= 100, mode
+    assert 1 < median("tcp1_us_per_64k", mode) < 1_000_000, mode
+for key in ("rr_udp_p50_us", "rr_udp_p99_us", "rr_tcp_p50_us", "rr_tcp_p99_us", "udp64_kpps", "tcp1_us_per_64k"):
+    for pair in ("weft/vxlan", "weft/direct"):
+        assert ratios.get(key, {}).get(pair, 0) > 0, (key, pair, ratios.get(key))
+copy, floor = res["copy_cost"], res["floor"]
+assert 0.05 < copy["warm_us"] and 0.05 < copy["cold_us"] < 1000, copy
+assert abs(floor["us_per_64k"] - floor["vxlan_us_per_64k"] - 4 * copy["cold_us"]) < 1e-6, floor
+assert 0 < floor["gbit_per_cpu_s"] < 1000, floor
+for pair in ("weft/floor", "weft/vxlan", "weft/direct"):
+    assert floor["ratios"].get(pair, 0) > 0, floor
+md = open(os.path.join(os.path.dirname(sys.argv[1]), "summary.md"), encoding="utf-8").read()
+for text in ("UDP request/response RTT median", "TCP request/response RTT p99", "UDP 64 B at full rate",
+             "The floor of a TUN/UDP engine", "weft/floor"):
+    assert text in md, f"summary.md lacks {text!r}"
+print(f"weft UDP request/response {median('rr_udp_p50_us', 'weft'):.0f} µs median, "
+      f"64 B UDP {median('udp64_kpps', 'weft'):.0f} kpps, {floor['ratios']['weft/floor']:.2f}× the floor")
+PY
+
 start=$SECONDS
 if wanted modes; then
 	for mode in "${MODES[@]}"; do test_mode "$mode"; done
@@ -567,6 +604,8 @@ if ((HARNESS)) && wanted harness; then
 	test_sigterm
 	lab_tool hops "hops (weft)" h weft.json "$HOPS_CHECK" --pings 40 --interval 0.02
 	lab_tool profile "profile (weft)" p profile.json "$PROFILE_CHECK" --duration 2
+	lab_tool bench "bench (one short round)" b results.json "$BENCH_CHECK" \
+		--modes weft,vxlan,direct --rounds 1 --duration 1 --pings 20
 fi
 
 say "${#PASSED[@]} passed, ${#FAILED[@]} failed ($((SECONDS - start)) s)"
