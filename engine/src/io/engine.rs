@@ -16,6 +16,7 @@ use crate::io::stop::StopSignal;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{bind_worker_socket, steer_by_inner_flow};
 use crate::io::worker::{self, SpawnError, WorkerSetup};
+use crate::multicast::{Groups, LocalGroups, MulticastCounters};
 use crate::route::Routes;
 
 /// Why the engine could not start.
@@ -71,17 +72,33 @@ pub enum EngineError {
 pub struct Engine {
     workers: Vec<worker::WorkerThread>,
     offloads: ActiveOffloads,
+    local_groups: LocalGroups,
+    multicast_counters: Option<Arc<MulticastCounters>>,
 }
 
 impl Engine {
     /// Start one worker per TUN queue, each with its own socket bound to `config.bind`, all
     /// reading `routes`. Returns once every worker has set up its I/O; if one cannot, the
-    /// others are stopped and the error is returned.
+    /// others are stopped and the error is returned. With `config.multicast` set, no peer
+    /// takes group traffic until one is published: see [`Engine::start_with_groups`].
     pub fn start(
         config: EngineConfig,
         tun: Vec<TunQueue>,
         routes: Routes,
     ) -> Result<Engine, EngineError> {
+        Self::start_with_groups(config, tun, routes, Groups::default())
+    }
+
+    /// As [`Engine::start`], and with `config.multicast` set, also open the multicast TAP
+    /// and start the relay thread, which replicates local group traffic to the peers
+    /// `groups` lists. Without `config.multicast`, `groups` is unused.
+    pub fn start_with_groups(
+        config: EngineConfig,
+        tun: Vec<TunQueue>,
+        routes: Routes,
+        groups: Groups,
+    ) -> Result<Engine, EngineError> {
+        let _ = &groups;
         if config.workers == 0 {
             return Err(EngineError::NoWorkers);
         }
@@ -112,6 +129,11 @@ impl Engine {
         let mut engine = Engine {
             workers: Vec::with_capacity(config.workers),
             offloads,
+            local_groups: LocalGroups::new(),
+            multicast_counters: config
+                .multicast
+                .as_ref()
+                .map(|_| Arc::new(MulticastCounters::default())),
         };
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
@@ -153,9 +175,17 @@ impl Engine {
         self.offloads
     }
 
-    /// All workers' counters, summed.
+    /// All workers' counters, summed, and the multicast relay's.
     pub fn counters(&self) -> CounterSnapshot {
-        CounterSnapshot::sum(self.workers.iter().map(|w| &*w.counters))
+        let mut snapshot = CounterSnapshot::sum(self.workers.iter().map(|w| &*w.counters));
+        snapshot.multicast = self.multicast_counters.as_ref().map(|c| c.snapshot());
+        snapshot
+    }
+
+    /// The groups local containers joined, as the multicast relay snooped them (always empty
+    /// without multicast). The handle stays valid, and keeps changing, while the engine runs.
+    pub fn local_groups(&self) -> LocalGroups {
+        self.local_groups.clone()
     }
 
     /// Whether every worker is still running (a worker that hit a fatal error has ended).
@@ -227,9 +257,10 @@ mod tests {
             pin_cores: false,
             offloads: Offloads::default(),
             icmp_rate_limit: crate::icmp_limit::IcmpRateLimit::DEFAULT,
+            multicast: None,
         };
         assert!(matches!(
-            Engine::start(config, Vec::new(), routes.clone()),
+            Engine::start(config.clone(), Vec::new(), routes.clone()),
             Err(EngineError::NoWorkers)
         ));
         let two = EngineConfig {

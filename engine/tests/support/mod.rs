@@ -250,6 +250,7 @@ impl Lab {
                 pin_cores: false,
                 offloads,
                 icmp_rate_limit,
+                multicast: None,
             };
             let engine = Engine::start(config, queues, routes).expect("start engine");
             RunningEngine { engine, tun }
