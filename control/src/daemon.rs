@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
-use weft_engine::{Policy, RouteTable, Routes};
+use weft_engine::{MulticastConfig, Policy, RouteTable, Routes};
 
 use crate::flags::{Flags, IoMode};
 use crate::http::{Health, HttpServer, MetricsFn};
@@ -174,7 +174,19 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
             udp_gro: !flags.no_udp_gro,
         },
         icmp_rate_limit: weft_engine::IcmpRateLimit::per_second(flags.icmp_rate_limit),
+        multicast: multicast_config(flags),
     }
+}
+
+/// The engine's multicast settings: `None` (flannel's behaviour: group traffic dropped and
+/// counted) unless `--multicast` or `--broadcast` is on.
+fn multicast_config(flags: &Flags) -> Option<MulticastConfig> {
+    (flags.multicast || flags.broadcast).then(|| MulticastConfig {
+        tap_name: flags.multicast_tap.clone(),
+        multicast: flags.multicast,
+        broadcast: flags.broadcast,
+        rate_limit: flags.multicast_rate_limit,
+    })
 }
 
 /// The parts that follow the lease: TUN address, subnet.env, iptables.

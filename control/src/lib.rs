@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod data_loss;
 pub mod flags;
+pub mod host_record;
 pub mod http;
 pub mod iface;
 pub mod iptables;
