@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod data_loss;
 pub mod flags;
 pub mod host_record;
+pub mod host_records;
 pub mod http;
 pub mod iface;
 pub mod iptables;
