@@ -11,7 +11,7 @@
 pub mod counters;
 pub mod groups;
 pub mod local;
-// pub mod membership;
+pub mod membership;
 pub mod rate;
 // pub mod receive;
 // pub mod relay;
