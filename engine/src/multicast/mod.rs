@@ -13,8 +13,8 @@ pub mod groups;
 pub mod local;
 pub mod membership;
 pub mod rate;
-// pub mod receive;
-// pub mod relay;
+pub mod receive;
+pub mod relay;
 
 pub use counters::{MulticastCounters, MulticastDrop, MulticastSnapshot};
 pub use groups::{GroupTable, Groups, PeerMulticast};
