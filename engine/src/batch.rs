@@ -11,8 +11,10 @@ use std::net::SocketAddrV4;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::icmp_limit::IcmpGate;
+use crate::multicast::receive::{self, Delivery};
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
+use crate::wire::ethernet;
 use crate::wire::ipv4::Ipv4Packet;
 use crate::wire::vnet::VnetHeader;
 
@@ -165,6 +167,7 @@ pub(crate) fn decide_datagrams(
     reply: &mut [u8],
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
+    mut groups: Option<GroupSink<'_>>,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
     let len = buf.len();
@@ -223,10 +226,27 @@ pub(crate) fn decide_datagrams(
                     }
                 }
             }
+            PeerDecision::Drop(DropReason::NotOurs) => match (&mut groups, &ip) {
+                // Off the hot path: only what is not for this host's subnet gets here.
+                (Some(sink), Some(ip)) => {
+                    match receive::from_peer(from, ip, table, policy, sink.delivery) {
+                        Ok(header) => (sink.deliver)(&header, ip.as_bytes()),
+                        Err(reason) => counts.drop(reason),
+                    }
+                }
+                _ => counts.drop(DropReason::NotOurs),
+            },
             PeerDecision::Drop(reason) => counts.drop(reason),
         }
     }
     answer
+}
+
+/// Where group traffic from peers goes on a host that takes some: what it takes, and the
+/// function that writes a frame (`header`, then the packet) into the multicast TAP.
+pub(crate) struct GroupSink<'a> {
+    pub(crate) delivery: Delivery,
+    pub(crate) deliver: &'a mut dyn FnMut(&[u8; ethernet::HEADER_LEN], &[u8]),
 }
 
 #[cfg(test)]
@@ -377,6 +397,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
         assert_eq!(accepted, vec![(0, 1472), (1472, 1472), (3 * 1472, 152)]);
@@ -409,6 +430,7 @@ mod tests {
                 &mut reply,
                 &mut IcmpGate::unlimited(),
                 &mut counts,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             assert_eq!(answer, None);
@@ -430,6 +452,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
         assert_eq!(seen, MAX_RX_DATAGRAMS);
@@ -446,6 +469,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
         assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
@@ -521,6 +545,7 @@ mod tests {
                 &mut reply,
                 &mut gate,
                 &mut counts,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             answers += usize::from(answer.is_some());

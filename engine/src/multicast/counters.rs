@@ -89,7 +89,7 @@ impl MulticastCounters {
     }
 
     /// Count `n` drops for `reason`.
-    pub fn drop(&self, reason: MulticastDrop, n: u64) {
+    pub fn count_drop(&self, reason: MulticastDrop, n: u64) {
         self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
     }
 
@@ -179,7 +179,7 @@ mod tests {
         let counters = MulticastCounters::default();
         counters.replicated(3);
         counters.delivered();
-        counters.drop(MulticastDrop::RateLimited, 2);
+        counters.count_drop(MulticastDrop::RateLimited, 2);
         counters.set_groups(4);
         let snapshot = counters.snapshot();
         assert_eq!(snapshot.drops(MulticastDrop::RateLimited), 2);

@@ -45,7 +45,6 @@ impl LocalGroups {
     }
 
     /// Replace the set if `groups` (sorted) differs from it; returns whether it changed.
-    #[allow(dead_code)] // written by the relay thread, which comes next
     pub(crate) fn set(&self, groups: &[Ipv4Addr]) -> bool {
         let mut state = self.lock();
         if state.groups == groups {

@@ -11,10 +11,10 @@
 pub mod counters;
 pub mod groups;
 pub mod local;
-// pub mod membership;
+pub mod membership;
 pub mod rate;
-// pub mod receive;
-// pub mod relay;
+pub mod receive;
+pub mod relay;
 
 pub use counters::{MulticastCounters, MulticastDrop, MulticastSnapshot};
 pub use groups::{GroupTable, Groups, PeerMulticast};

@@ -1,14 +1,17 @@
 //! The wire formats weft reads and writes, as checked views and field layouts over
 //! caller-owned buffers: IPv4 ([`ipv4`]), the ICMP errors a router sends ([`icmp`]), the
 //! TCP and UDP header fields the offloads touch ([`tcp`], [`udp`]), and the virtio-net header
-//! in front of every TUN packet with offloads ([`vnet`]).
+//! in front of every TUN packet with offloads ([`vnet`]), and for the multicast relay the
+//! Ethernet frames on its TAP ([`ethernet`]) and IGMP ([`igmp`]).
 //!
 //! IPv4 is parsed only here ([`ipv4::Ipv4Packet::new_checked`]), once per packet: the
 //! decisions, the segmenter and the coalescer all read the same checked view. The TCP and UDP
 //! fields behind it are read by the offloads through the layouts defined here. Nothing in this
 //! layer does I/O or uses `unsafe`.
 
+pub mod ethernet;
 pub mod icmp;
+pub mod igmp;
 pub mod ipv4;
 pub mod vnet;
 
