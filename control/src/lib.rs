@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod backoff;
+pub mod bridge_port;
 pub mod config;
 pub mod daemon;
 pub mod data_loss;
