@@ -10,6 +10,7 @@ per check (bench/lab/test.sh counts them) and exits 1 if any failed.
   mcast_check.py off LAB.json    a default lab: nothing crosses, the drops are counted.
   mcast_check.py plain LAB.json  host 1 with --multicast, host 2 without: host 2 gets nothing.
 """
+import atexit
 import json
 import os
 import re
@@ -26,6 +27,22 @@ RECORDS = "/weft.io/coreos.com/network/hosts/"
 METRICS = "http://127.0.0.1:8286/metrics"
 
 FAILED = []
+# Every process started here, stopped on exit whatever happens.
+PROCS = []
+
+
+@atexit.register
+def stop_all():
+    for proc in PROCS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start(cmd, **kwargs):
+    proc = subprocess.Popen(cmd, **kwargs)
+    PROCS.append(proc)
+    return proc
 
 
 def check(ok, what, detail=""):
@@ -90,7 +107,7 @@ class Receiver:
     """mcast.py recv in a container, until stopped."""
 
     def __init__(self, lab, n, j, group, port):
-        self.proc = subprocess.Popen(enter(lab.container(n, j)["namespace"]) +
+        self.proc = start(enter(lab.container(n, j)["namespace"]) +
                                      ["python3", MCAST_PY, "recv", group, str(port), "120"],
                                      stdout=subprocess.PIPE, text=True)
         first = self.proc.stdout.readline()
@@ -112,12 +129,14 @@ class Capture:
             inner_filter = "(udp[24] >= 224 or udp[24:4] = 0xffffffff)"
         else:
             inner_filter = "udp[24:4] = 0x%08x" % int.from_bytes(bytes(int(x) for x in inner.split(".")), "big")
-        self.proc = subprocess.Popen(enter(host["namespace"]) +
+        self.proc = start(enter(host["namespace"]) +
                                      ["tcpdump", "-i", host["underlay_dev"], "-n", "-l", "--immediate-mode",
                                       f"udp dst port 8285 and {inner_filter}"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        assert "listening" in line, line
+        line = ""
+        while "listening" not in line:
+            line = self.proc.stderr.readline()
+            assert line, "tcpdump did not start"
 
     def stop(self):
         time.sleep(0.5)
@@ -217,7 +236,7 @@ def check_on(lab):
     time.sleep(1.5)  # let the bucket fill again
 
     # iperf 2, a real multicast application: one sender on host 1, receivers on hosts 2 and 3.
-    servers = [subprocess.Popen(enter(lab.container(n)["namespace"]) +
+    servers = [start(enter(lab.container(n)["namespace"]) +
                                 ["iperf", "-s", "-u", "-B", g1, "-i", "1"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (2, 3)]
     lab.wait_groups(2, lambda g: g1 in g) and lab.wait_groups(3, lambda g: g1 in g)
