@@ -148,7 +148,8 @@ async fn records_follow_joins_and_the_lease_in_a_real_etcd() {
     // b's containers join a group: b's record says so, on b's subnet lease, and a's table follows.
     b.local_groups.send_replace(vec![ip("239.1.1.1")]);
     let b_name = b.name();
-    let want = r#"{"PublicIP":"198.18.0.2","Capabilities":["multicast"],"MulticastGroups":["239.1.1.1"]}"#;
+    let want =
+        r#"{"PublicIP":"198.18.0.2","Capabilities":["multicast"],"MulticastGroups":["239.1.1.1"]}"#;
     eventually("b's record lists the group", async || {
         stored(&mut client.clone(), &b_name).await.map(|s| s.0) == Some(want.to_owned())
     })
