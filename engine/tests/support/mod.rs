@@ -275,17 +275,18 @@ impl Lab {
         )
     }
 
-    /// Start the engine on `host` with the syscalls back end, two workers, every offload, and
-    /// `multicast` with the peers `groups` lists.
+    /// Start the engine on `host` with two workers, every offload, and `multicast` with the
+    /// peers `groups` lists.
     pub fn start_engine_multicast(
         &self,
         host: &Host,
+        backend: IoBackend,
         multicast: Option<MulticastConfig>,
         groups: Groups,
     ) -> RunningEngine {
         self.start_engine_full(
             host,
-            IoBackend::Syscalls,
+            backend,
             2,
             Offloads::ALL,
             IcmpRateLimit::DEFAULT,
