@@ -68,27 +68,12 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::multicast::relay::tests::frame;
-    use crate::route::Overlay;
+    use crate::multicast::relay::tests::{frame, routes};
 
     const POLICY: Policy = Policy {
         tun_mtu: 1472,
         allow_foreign_sources: false,
     };
-
-    fn routes() -> RouteTable {
-        let overlay = Overlay::new("10.1.0.0/16".parse().unwrap(), 24).unwrap();
-        RouteTable::build(
-            overlay,
-            8285,
-            Some("10.1.1.0/24".parse().unwrap()),
-            [(
-                "10.1.2.0/24".parse().unwrap(),
-                "198.18.0.2".parse().unwrap(),
-            )],
-        )
-        .unwrap()
-    }
 
     fn decide(
         src: &str,
