@@ -5,9 +5,10 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use support::{bridge, eventually, in_netns, ip, link_exists, udp_socket_in, Lab, PORT};
+use support::{bridge, eventually, in_netns, ip, link_exists, open_fds, udp_socket_in, Lab, PORT};
 use weft_engine::multicast::MulticastDrop;
 use weft_engine::{DropReason, GroupTable, Groups, IoBackend, MulticastConfig, PeerMulticast};
 
@@ -16,6 +17,14 @@ const OTHER_GROUP: Ipv4Addr = Ipv4Addr::new(239, 2, 2, 2);
 const MDNS: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
 const APP_PORT: u16 = 5000;
 const TAP: &str = "weftmc0";
+
+/// One test at a time: one of them counts this process's descriptors (under `cargo test`,
+/// tests share the process).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Put the engine's TAP into h1's container bridge as control does: a permanent multicast
 /// router port, up.
@@ -119,6 +128,7 @@ fn syscalls_carries_multicast_once_per_member_and_never_loops() {
 }
 
 fn multicast_crosses_hosts(backend: IoBackend) {
+    let _serial = serial();
     let mut lab = Lab::new();
     let c1b = lab.add_container(&lab.h1.clone(), "c1b", Ipv4Addr::new(10, 1, 1, 3), 1500);
     let groups = Groups::new(groups_for(&lab, vec![GROUP]));
@@ -293,6 +303,7 @@ fn multicast_crosses_hosts(backend: IoBackend) {
 
 #[test]
 fn without_multicast_nothing_crosses_and_drops_are_counted_as_before() {
+    let _serial = serial();
     let lab = Lab::new();
     let groups = Groups::new(groups_for(&lab, vec![GROUP]));
     let h1 = lab.start_engine_multicast(&lab.h1, IoBackend::Syscalls, None, groups);
@@ -321,4 +332,37 @@ fn without_multicast_nothing_crosses_and_drops_are_counted_as_before() {
     let mut text = String::new();
     counters.render_prometheus(&mut text);
     assert!(!text.contains("weft_multicast"), "{text}");
+}
+
+#[test]
+fn shutdown_stops_the_relay_and_releases_every_descriptor() {
+    let _serial = serial();
+    let lab = Lab::new();
+    let fds_before = open_fds();
+    let config = MulticastConfig {
+        tap_name: TAP.into(),
+        ..MulticastConfig::default()
+    };
+    let groups = Groups::new(groups_for(&lab, vec![GROUP]));
+    let h1 = lab.start_engine_multicast(&lab.h1, IoBackend::Syscalls, Some(config), groups);
+    enslave_tap(&lab);
+    let relay_running = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .is_ok_and(|name| name.trim() == "weft-relay")
+            })
+    };
+    assert!(relay_running(), "one relay thread beside the workers");
+    assert!(eventually(Duration::from_secs(3), || h1
+        .engine
+        .counters()
+        .multicast
+        .is_some_and(|m| m.queries >= 1)));
+    h1.engine.shutdown();
+    assert!(!relay_running(), "the relay outlived the engine");
+    assert!(!link_exists(&lab.h1.ns, TAP), "the TAP outlived the engine");
+    assert_eq!(open_fds(), fds_before, "descriptors leaked");
 }
