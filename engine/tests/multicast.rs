@@ -335,7 +335,7 @@ fn without_multicast_nothing_crosses_and_drops_are_counted_as_before() {
 }
 
 #[test]
-fn shutdown_stops_the_relay_and_releases_every_descriptor() {
+fn the_relay_ends_with_the_engine_or_its_tap_and_releases_every_descriptor() {
     let _serial = serial();
     let lab = Lab::new();
     let fds_before = open_fds();
@@ -364,5 +364,30 @@ fn shutdown_stops_the_relay_and_releases_every_descriptor() {
     h1.engine.shutdown();
     assert!(!relay_running(), "the relay outlived the engine");
     assert!(!link_exists(&lab.h1.ns, TAP), "the TAP outlived the engine");
+    assert_eq!(open_fds(), fds_before, "descriptors leaked");
+
+    // A TAP deleted under a running engine ends the relay (it does not spin); unicast goes
+    // on, and the engine still stops cleanly.
+    let config = MulticastConfig {
+        tap_name: TAP.into(),
+        ..MulticastConfig::default()
+    };
+    let h1 = lab.start_engine_multicast(
+        &lab.h1,
+        IoBackend::Syscalls,
+        Some(config),
+        Groups::default(),
+    );
+    let h2 = lab.start_engine(&lab.h2, IoBackend::Syscalls, 1);
+    ip(&lab.h1.ns, &["link", "del", TAP]);
+    assert!(
+        eventually(Duration::from_secs(3), || !relay_running()),
+        "the relay kept running without its TAP"
+    );
+    assert!(h1.engine.is_running());
+    lab.assert_ping(&lab.h1.container_ns, lab.h2.container, 3);
+    h1.engine.shutdown();
+    h2.engine.shutdown();
+    assert!(!relay_running());
     assert_eq!(open_fds(), fds_before, "descriptors leaked");
 }

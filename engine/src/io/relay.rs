@@ -120,7 +120,7 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) => {
-                tracing::error!(%error, "multicast relay cannot wait for frames; stopping it");
+                tracing::error!(%error, "multicast relay stopped: no more multicast or broadcast is replicated");
                 return;
             }
         }
@@ -225,8 +225,18 @@ fn wait_readable(tap: &Tap, stop: &StopSignal, wait: Duration) -> io::Result<boo
             Err(error)
         };
     }
-    Ok(fds[1].revents == 0 && fds[0].revents & libc::POLLIN != 0)
+    if fds[1].revents != 0 {
+        return Ok(false);
+    }
+    if fds[0].revents & libc::POLLIN == 0 && fds[0].revents & HANGUP != 0 {
+        // The device was deleted under the descriptor: polling again would spin.
+        return Err(io::Error::other("the multicast TAP device is gone"));
+    }
+    Ok(fds[0].revents & libc::POLLIN != 0)
 }
+
+/// What `poll` reports for a TAP whose device was deleted.
+const HANGUP: libc::c_short = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
 
 /// Send every copy, as few `sendmmsg` calls as the kernel allows; what cannot be sent is
 /// counted.
