@@ -157,10 +157,26 @@ fn multicast_crosses_hosts(backend: IoBackend) {
     let other = member(&c1b, OTHER_GROUP);
     assert!(eventually(Duration::from_secs(5), || local.snapshot().1
         == [GROUP, OTHER_GROUP]));
+    let (version, _) = local.snapshot();
     drop(other);
     assert!(
         eventually(Duration::from_secs(5), || local.snapshot().1 == [GROUP]),
         "the leave was not seen: {:?}",
+        local.snapshot()
+    );
+    assert!(local.snapshot().0 > version);
+    // When one of two members leaves, the group goes at once, and the query that follows the
+    // leave brings the other member's report back.
+    let second = member(&c1b, GROUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let (version, _) = local.snapshot();
+    drop(second);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (now, groups) = local.snapshot();
+            now >= version + 2 && groups == [GROUP]
+        }),
+        "the remaining member was not learned again: {:?} (before the leave: version {version})",
         local.snapshot()
     );
 
