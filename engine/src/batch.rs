@@ -284,6 +284,62 @@ mod tests {
     }
 
     #[test]
+    fn group_traffic_from_a_peer_goes_to_the_sink_only_when_one_is_given() {
+        use crate::multicast::relay::tests::frame;
+        let routes = table("10.1.1.0/24");
+        let group = frame("10.1.2.5", "239.1.1.1", 17, &[7; 8]);
+        let group = &group[14..14 + 28];
+        let forged = frame("10.1.3.5", "239.1.1.1", 17, &[7; 8]);
+        let forged = &forged[14..14 + 28];
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let mut decide = |packet: &[u8], delivery: Option<Delivery>| {
+            let mut buf = packet.to_vec();
+            let mut counts = BatchCounts::default();
+            let mut delivered = Vec::new();
+            let mut deliver = |header: &[u8; ethernet::HEADER_LEN], packet: &[u8]| {
+                delivered.push((header[..6].to_vec(), packet.to_vec()))
+            };
+            let sink = delivery.map(|delivery| GroupSink {
+                delivery,
+                deliver: &mut deliver,
+            });
+            decide_datagrams(
+                Some(peer()),
+                &mut buf,
+                None,
+                false,
+                &routes,
+                &POLICY,
+                &mut reply,
+                &mut IcmpGate::unlimited(),
+                &mut counts,
+                sink,
+                |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing goes to the TUN"),
+            );
+            (counts, delivered)
+        };
+        let on = Delivery {
+            multicast: true,
+            broadcast: false,
+        };
+        let (counts, delivered) = decide(group, Some(on));
+        assert_eq!(counts.drops, [0; DropReason::COUNT]);
+        assert_eq!(delivered, [(vec![1, 0, 0x5e, 1, 1, 1], group.to_vec())]);
+        let (counts, delivered) = decide(forged, Some(on));
+        assert_eq!(counts.drops[DropReason::SpoofedSource as usize], 1);
+        assert!(delivered.is_empty());
+        for delivery in [None, Some(Delivery::default())] {
+            let (counts, delivered) = decide(group, delivery);
+            assert_eq!(
+                counts.drops[DropReason::NotOurs as usize],
+                1,
+                "as without multicast"
+            );
+            assert!(delivered.is_empty());
+        }
+    }
+
+    #[test]
     fn super_packets_are_decided_once_and_counted_per_segment() {
         let spec = Tcp::new(1, 20_000);
         let (header, mut packet) = spec.super_packet(1420);

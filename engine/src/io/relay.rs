@@ -22,8 +22,12 @@ use crate::wire::igmp;
 
 /// How often the relay asks the bridge's members to report.
 pub(crate) const QUERY_INTERVAL: Duration = Duration::from_secs(60);
-/// How long members may wait to answer a general query, in tenths of a second.
-const QUERY_RESPONSE_TENTHS: u8 = 100;
+/// How soon a query that could not be written is tried again.
+const QUERY_RETRY: Duration = Duration::from_secs(1);
+/// How long members may wait to answer a general query, in tenths of a second: short, so
+/// that the groups are known soon after a start (a bridge holds tens of members, not the
+/// thousands the 10 s default spreads out).
+const QUERY_RESPONSE_TENTHS: u8 = 20;
 /// How long members may wait to answer a group-specific query, in tenths of a second.
 const LEAVE_RESPONSE_TENTHS: u8 = 10;
 /// Frames read per round before their copies are sent.
@@ -94,13 +98,15 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
     while !stop.is_raised() {
         let now = Instant::now();
         if now >= next_query {
-            query(
+            // Until control brings the TAP up, writes fail: try again soon rather than in a
+            // minute, so that members that joined before weft started are learned at once.
+            let sent = query(
                 &tap,
                 Ipv4Addr::UNSPECIFIED,
                 QUERY_RESPONSE_TENTHS,
                 &counters,
             );
-            next_query = now + QUERY_INTERVAL;
+            next_query = now + if sent { QUERY_INTERVAL } else { QUERY_RETRY };
         }
         if relay.expire(now) {
             publish(&relay, &local, &counters);
@@ -114,7 +120,7 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) => {
-                tracing::error!(%error, "multicast relay cannot wait for frames; stopping it");
+                tracing::error!(%error, "multicast relay stopped: no more multicast or broadcast is replicated");
                 return;
             }
         }
@@ -175,17 +181,22 @@ fn publish(relay: &Relay, local: &LocalGroups, counters: &MulticastCounters) {
     }
 }
 
-fn query(tap: &Tap, group: Ipv4Addr, response_tenths: u8, counters: &MulticastCounters) {
+/// Write a query for `group` (unspecified: a general query) into the TAP; whether it was.
+fn query(tap: &Tap, group: Ipv4Addr, response_tenths: u8, counters: &MulticastCounters) -> bool {
     let interval = QUERY_INTERVAL.as_secs().min(u64::from(u8::MAX)) as u8;
     let frame = igmp::write_query(group, response_tenths, interval);
     let (header, packet) = frame.split_at(ethernet::HEADER_LEN);
     let header: &[u8; ethernet::HEADER_LEN] =
         header.try_into().unwrap_or(&[0; ethernet::HEADER_LEN]);
     match tap.write(header, packet) {
-        Ok(()) => counters.query_sent(),
-        // Until control brings the TAP up and into the bridge, writes fail: the next query
-        // comes in a minute.
-        Err(error) => tracing::debug!(%error, "cannot send an IGMP query into the TAP"),
+        Ok(()) => {
+            counters.query_sent();
+            true
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot send an IGMP query into the TAP");
+            false
+        }
     }
 }
 
@@ -214,8 +225,18 @@ fn wait_readable(tap: &Tap, stop: &StopSignal, wait: Duration) -> io::Result<boo
             Err(error)
         };
     }
-    Ok(fds[1].revents == 0 && fds[0].revents & libc::POLLIN != 0)
+    if fds[1].revents != 0 {
+        return Ok(false);
+    }
+    if fds[0].revents & libc::POLLIN == 0 && fds[0].revents & HANGUP != 0 {
+        // The device was deleted under the descriptor: polling again would spin.
+        return Err(io::Error::other("the multicast TAP device is gone"));
+    }
+    Ok(fds[0].revents & libc::POLLIN != 0)
 }
+
+/// What `poll` reports for a TAP whose device was deleted.
+const HANGUP: libc::c_short = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
 
 /// Send every copy, as few `sendmmsg` calls as the kernel allows; what cannot be sent is
 /// counted.

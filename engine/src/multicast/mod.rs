@@ -37,6 +37,7 @@ pub struct MulticastConfig {
     /// Replicate and deliver UDP broadcast (255.255.255.255 and the Network's broadcast).
     pub broadcast: bool,
     /// Datagrams the relay may send per second (each copy counts); the burst is a tenth of it.
+    /// 0: no limit.
     pub rate_limit: u32,
 }
 

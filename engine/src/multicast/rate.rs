@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-/// A token bucket refilled at `rate` tokens per second up to `burst`; time is passed in.
+/// A token bucket refilled at `rate` tokens per second up to `burst`; time is passed in. A
+/// rate of 0 means no limit (as for `--icmp-rate-limit`).
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
     rate: u32,
@@ -16,7 +17,8 @@ pub struct TokenBucket {
 const MICRO: u64 = 1_000_000;
 
 impl TokenBucket {
-    /// A full bucket of `rate` tokens per second and a burst of a tenth of that (at least one).
+    /// A full bucket of `rate` tokens per second and a burst of a tenth of that (at least one);
+    /// `rate` 0: no limit.
     pub fn new(rate: u32, now: Instant) -> Self {
         let burst = (rate / 10).max(1);
         Self {
@@ -34,6 +36,9 @@ impl TokenBucket {
 
     /// Take `n` tokens if the bucket holds them at `now`; otherwise take none.
     pub fn take(&mut self, n: u32, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
         self.refill(now);
         let want = u64::from(n) * MICRO;
         if want <= self.micro_tokens {

@@ -6,8 +6,9 @@
 //! unicast pays nothing for it. A group packet is delivered when the host takes its kind and
 //! it passes the unicast rules: the sender holds a lease (checked before `not_ours`), and the
 //! inner source lies in a subnet leased to the sender (`spoofed_source`; outside the Network,
-//! `foreign_source` unless allowed). Its TTL is left alone: the TAP is a layer-2 port. It is
-//! never replicated again: the relay sends on only what a local container sent.
+//! `foreign_source` unless allowed). IGMP is never taken from a peer (`not_ours`). The TTL is
+//! left alone: the TAP is a layer-2 port. A delivered packet is never replicated again: the
+//! relay sends on only what a local container sent.
 
 use std::net::SocketAddrV4;
 
@@ -16,6 +17,7 @@ use crate::decide::Policy;
 use crate::multicast::relay::{group_kind, GroupKind};
 use crate::route::RouteTable;
 use crate::wire::ethernet::{self, BROADCAST_MAC};
+use crate::wire::igmp;
 use crate::wire::ipv4::Ipv4Packet;
 
 /// Which group traffic from peers this host delivers.
@@ -48,6 +50,8 @@ pub fn from_peer<T: AsRef<[u8]>>(
 ) -> Result<[u8; ethernet::HEADER_LEN], DropReason> {
     let dst = ip.dst();
     let mac = match group_kind(dst, routes) {
+        // IGMP is between a host and its own link: never taken from another host.
+        _ if ip.protocol() == igmp::PROTOCOL => return Err(DropReason::NotOurs),
         Some(GroupKind::Multicast) if delivery.multicast => ethernet::multicast_mac(dst),
         Some(GroupKind::Broadcast) if delivery.broadcast && ip.protocol() == 17 => BROADCAST_MAC,
         _ => return Err(DropReason::NotOurs),
@@ -68,27 +72,12 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::multicast::relay::tests::frame;
-    use crate::route::Overlay;
+    use crate::multicast::relay::tests::{frame, routes};
 
     const POLICY: Policy = Policy {
         tun_mtu: 1472,
         allow_foreign_sources: false,
     };
-
-    fn routes() -> RouteTable {
-        let overlay = Overlay::new("10.1.0.0/16".parse().unwrap(), 24).unwrap();
-        RouteTable::build(
-            overlay,
-            8285,
-            Some("10.1.1.0/24".parse().unwrap()),
-            [(
-                "10.1.2.0/24".parse().unwrap(),
-                "198.18.0.2".parse().unwrap(),
-            )],
-        )
-        .unwrap()
-    }
 
     fn decide(
         src: &str,

@@ -186,7 +186,7 @@ pub(crate) mod tests {
     }
 
     /// This host holds 10.1.1.0/24, 198.18.0.2 holds 10.1.2.0/24.
-    fn routes() -> RouteTable {
+    pub(crate) fn routes() -> RouteTable {
         let overlay = Overlay::new("10.1.0.0/16".parse().unwrap(), 24).unwrap();
         RouteTable::build(
             overlay,
