@@ -334,7 +334,7 @@ pub struct Flags {
 
     /// Multicast and broadcast packets this host may replicate to its peers per second
     /// (one per copy sent; a token bucket with bursts of a tenth of it); more are dropped
-    /// and counted.
+    /// and counted. 0 for no limit.
     #[arg(
         long,
         env = "WEFTD_MULTICAST_RATE_LIMIT",
@@ -780,7 +780,7 @@ fn parse_icmp_rate_limit(s: &str) -> Result<u32, String> {
 }
 
 fn parse_multicast_rate_limit(s: &str) -> Result<u32, String> {
-    parse_int_in(s, 1, 10_000_000).map(|v| v as u32)
+    parse_int_in(s, 0, 10_000_000).map(|v| v as u32)
 }
 
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
@@ -1110,8 +1110,13 @@ mod tests {
         .unwrap();
         assert!(f.multicast && !f.broadcast);
         assert_eq!(f.multicast_bridge, "cni0");
+        assert_eq!(
+            parse(&["--multicast-rate-limit=0"]).unwrap().multicast_rate_limit,
+            0,
+            "no limit"
+        );
         for bad in [
-            "--multicast-rate-limit=0",
+            "--multicast-rate-limit=-1",
             "--multicast-rate-limit=lots",
             "--multicast-bridge=a/b",
         ] {
