@@ -1111,7 +1111,9 @@ mod tests {
         assert!(f.multicast && !f.broadcast);
         assert_eq!(f.multicast_bridge, "cni0");
         assert_eq!(
-            parse(&["--multicast-rate-limit=0"]).unwrap().multicast_rate_limit,
+            parse(&["--multicast-rate-limit=0"])
+                .unwrap()
+                .multicast_rate_limit,
             0,
             "no limit"
         );
