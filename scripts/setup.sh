@@ -74,6 +74,18 @@ for c in "${COMMANDS[@]}"; do
 	command -v "$c" >/dev/null 2>&1 || die "'$c' not found after installing ${PACKAGES[*]}"
 done
 
+# docker.io's units stay off: a dockerd in the root namespace (at boot, or started by its socket
+# when a docker client runs without -H) would add docker0 and iptables rules there, and a system
+# containerd would be shared by the lab's dockerds. The lab starts its own dockerd per host.
+if command -v systemctl >/dev/null 2>&1; then
+	units=(docker.service docker.socket containerd.service)
+	systemctl --root=/ disable "${units[@]}" >/dev/null 2>&1 || true
+	for u in "${units[@]}"; do
+		state=$(systemctl --root=/ is-enabled "$u" 2>/dev/null || true)
+		[[ $state != enabled ]] || die "cannot disable $u: it would start a dockerd in the root network namespace"
+	done
+fi
+
 [[ -f /usr/include/google/protobuf/descriptor.proto ]] ||
 	die "protobuf's well-known types (/usr/include/google/protobuf/*.proto) are missing after installing libprotobuf-dev"
 

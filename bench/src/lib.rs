@@ -1,1 +1,3 @@
 //! Shared helpers for weft benchmarks.
+
+#![forbid(unsafe_code)]

@@ -740,11 +740,21 @@ impl Daemon<'_> {
         if let Ok(mut slot) = self.engine_slot.lock() {
             slot.take();
         }
-        match Arc::try_unwrap(engine) {
-            Ok(engine) => info!(counters = %engine.shutdown().summary(), "data plane stopped"),
-            Err(engine) => {
-                info!(counters = %engine.counters().summary(), "data plane left running")
+        // A /metrics answer being rendered holds a clone for a moment: wait for it.
+        let mut engine = engine;
+        for attempt in 0..100 {
+            match Arc::try_unwrap(engine) {
+                Ok(owned) => {
+                    info!(counters = %owned.shutdown().summary(), "data plane stopped");
+                    break;
+                }
+                Err(shared) if attempt == 99 => {
+                    warn!(counters = %shared.counters().summary(), "data plane still shared after 1 s; it stops when the last user lets go");
+                    break;
+                }
+                Err(shared) => engine = shared,
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(keeper) = followers.iptables.take() {
             if let Err(e) = keeper.shutdown().await {

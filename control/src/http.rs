@@ -305,9 +305,12 @@ impl HttpServer {
                 // Held across the spawn so that the task cannot deregister before it is
                 // registered; the evicted are aborted after it is released, since an aborted
                 // task deregisters itself.
-                let Ok(mut tasks) = open.tasks.lock() else {
-                    return;
-                };
+                // A panic elsewhere cannot leave the map half-updated in a way that matters
+                // here; the probe must go on being answered.
+                let mut tasks = open
+                    .tasks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 while tasks.len() >= limits.max_connections.max(1) {
                     let Some((_, oldest)) = tasks.pop_first() else {
                         break;

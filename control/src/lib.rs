@@ -6,6 +6,7 @@
 //! health and metrics. Pure parts (config, keys and values, allocation, subnet.env, iptables
 //! rules) do no I/O and are tested without root; the rest talks to etcd, netlink and the kernel.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod alloc;

@@ -11,8 +11,6 @@ use std::time::SystemTime;
 /// The etcd operations whose failures are counted, by `kind` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EtcdOp {
-    /// Reading the network config.
-    Config,
     /// Listing the leases.
     List,
     /// Writing this host's lease.
@@ -28,8 +26,7 @@ pub enum EtcdOp {
 }
 
 impl EtcdOp {
-    const ALL: [EtcdOp; 7] = [
-        EtcdOp::Config,
+    const ALL: [EtcdOp; 6] = [
         EtcdOp::List,
         EtcdOp::Write,
         EtcdOp::Renew,
@@ -40,7 +37,6 @@ impl EtcdOp {
 
     fn label(self) -> &'static str {
         match self {
-            EtcdOp::Config => "config",
             EtcdOp::List => "list",
             EtcdOp::Write => "write",
             EtcdOp::Renew => "renew",

@@ -531,6 +531,8 @@ async fn list_leases(client: Client, dir: String) -> Result<LeaseSnapshot, etcd_
             snapshot
                 .leases
                 .extend(resp.kvs().iter().filter_map(|kv| raw_lease(&dir, kv)));
+            // A page of junk shrank the pages; the next ones may be ordinary again.
+            limit = PAGE_KEYS;
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
                     from = last.key().to_vec();
@@ -768,8 +770,10 @@ async fn write_lease_once(
     );
     let resp = client.txn(Txn::new().when([compare]).and_then([put])).await;
     let succeeded = resp.as_ref().is_ok_and(|r| r.succeeded());
-    if !succeeded && etcd_lease != 0 {
-        // Nothing is attached to it; letting it expire would do too.
+    if etcd_lease != 0 && resp.as_ref().is_ok_and(|r| !r.succeeded()) {
+        // The comparison failed, so nothing is attached to it. After an error the transaction
+        // may still have committed: revoking would delete the key just written, so the lease
+        // is left to expire.
         let _ = client.lease_revoke(etcd_lease).await;
     }
     let resp = resp?;

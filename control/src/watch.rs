@@ -272,6 +272,10 @@ fn warn_skipped(name: &str, reason: &SkipReason) {
     warn!(lease = name, "skipping lease: {reason}");
 }
 
+/// Above this many peer changes in one snapshot, they are logged as counts, one by one only at
+/// debug level.
+const LOGGED_PEER_CHANGES: usize = 64;
+
 /// What the watcher needs to run.
 pub(crate) struct Watcher<R> {
     pub registry: R,
@@ -316,13 +320,7 @@ impl<R: Registry> Watcher<R> {
                 .check_listing(floor, snapshot.revision, snapshot.cluster_id);
             let fresh = PeerTable::from_snapshot(self.overlay, &snapshot.leases);
             let diff = table.diff(&fresh);
-            let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
-            for peer in diff.removed.iter().filter(theirs) {
-                info!("Subnet removed: {} (was {})", peer.subnet, peer.public_ip);
-            }
-            for peer in diff.added.iter().filter(theirs) {
-                info!("Subnet added: {} via {}", peer.subnet, peer.public_ip);
-            }
+            self.log_diff(&diff);
             table = fresh;
             own = self.own_subnet();
             let mut applied = snapshot.revision;
@@ -423,6 +421,36 @@ impl<R: Registry> Watcher<R> {
                     warn!("lease watch broke: {why}; resynchronising in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
+            }
+        }
+    }
+
+    /// Log what a snapshot changed: each peer, as flanneld does, unless there are so many
+    /// (a start in a large overlay) that one line with the counts says more.
+    fn log_diff(&self, diff: &PeerDiff) {
+        let theirs = |p: &&PeerLease| p.public_ip != self.public_ip;
+        let removed: Vec<&PeerLease> = diff.removed.iter().filter(theirs).collect();
+        let added: Vec<&PeerLease> = diff.added.iter().filter(theirs).collect();
+        let each = removed.len() + added.len() <= LOGGED_PEER_CHANGES;
+        if !each {
+            info!(
+                "{} subnets added, {} removed (each is logged at debug level)",
+                added.len(),
+                removed.len()
+            );
+        }
+        for peer in removed {
+            if each {
+                info!("Subnet removed: {} (was {})", peer.subnet, peer.public_ip);
+            } else {
+                debug!("Subnet removed: {} (was {})", peer.subnet, peer.public_ip);
+            }
+        }
+        for peer in added {
+            if each {
+                info!("Subnet added: {} via {}", peer.subnet, peer.public_ip);
+            } else {
+                debug!("Subnet added: {} via {}", peer.subnet, peer.public_ip);
             }
         }
     }

@@ -1,5 +1,6 @@
-//! A real three-member etcd cluster with a member lost: killed, frozen, or cut off from its
-//! leader. The watch must move on to a healthy member and events must keep arriving.
+//! A real three-member etcd cluster with a member lost: killed, frozen, left without a
+//! leader, or cut off from its peers while it keeps serving clients. The watch must move on
+//! to a healthy member and events must keep arriving.
 //!
 //! The members run on 127.0.0.1 with free ports and data directories of their own; every
 //! process is the test's own and is killed by its PID when the test ends, also on failure.
@@ -23,6 +24,8 @@ use weft_engine::{RouteTable, Routes};
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
+/// The user a member cut off by firewall rules runs as.
+const NOBODY: u32 = 65534;
 
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -41,6 +44,7 @@ fn free_port() -> u16 {
 struct Member {
     name: String,
     client_port: u16,
+    peer_port: u16,
     child: Option<Child>,
 }
 
@@ -52,6 +56,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with_outsider(None).await
+    }
+
+    /// Like [`Cluster::start`]; member `outsider` runs as user `nobody`, so that packets from
+    /// it can be told apart by firewall rules (every member sends from 127.0.0.1).
+    async fn start_with_outsider(outsider: Option<usize>) -> Self {
         let binary = std::env::var_os("WEFT_TEST_ETCD")
             .map(PathBuf::from)
             .unwrap_or_else(which_etcd);
@@ -70,9 +80,35 @@ impl Cluster {
             .map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}"))
             .collect();
         let mut members = Vec::new();
-        for (name, client_port, peer_port) in &peers {
+        for (i, (name, client_port, peer_port)) in peers.iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-            let child = Command::new(&binary)
+            let mut command = if outsider == Some(i) {
+                let data = dir.join(name);
+                std::fs::create_dir_all(&data).unwrap();
+                let owner = Command::new("chown")
+                    .arg(format!("{NOBODY}:{NOBODY}"))
+                    .arg(&data)
+                    .status()
+                    .expect("chown");
+                assert!(owner.success(), "cannot chown {}", data.display());
+                // etcd refuses a data directory others can read.
+                let mode = Command::new("chmod")
+                    .arg("700")
+                    .arg(&data)
+                    .status()
+                    .expect("chmod");
+                assert!(mode.success());
+                let mut command = Command::new("setpriv");
+                command
+                    .arg(format!("--reuid={NOBODY}"))
+                    .arg(format!("--regid={NOBODY}"))
+                    .arg("--clear-groups")
+                    .arg(&binary);
+                command
+            } else {
+                Command::new(&binary)
+            };
+            let child = command
                 .arg(format!("--name={name}"))
                 .arg(format!("--data-dir={}", dir.join(name).display()))
                 .arg(format!(
@@ -98,6 +134,7 @@ impl Cluster {
             members.push(Member {
                 name: name.clone(),
                 client_port: *client_port,
+                peer_port: *peer_port,
                 child: Some(child),
             });
         }
@@ -400,4 +437,111 @@ async fn member_without_a_leader_refuses_watches_and_the_watch_moves_on() {
         .sees_put(&mut client, "10.1.203.0/24", "198.18.0.5")
         .await;
     println!("after the cluster healed, a change reached the route table in {took:?}");
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A member cut off from the other two by the network while it keeps serving clients: it
+/// loses its leader, and with `hasleader` it cancels the hosts' watch, which moves to a member
+/// of the majority; changes keep arriving while the partition lasts.
+///
+/// The test runs in a network namespace of its own (unshared by this process, gone when it
+/// exits), where firewall rules drop member 0's peer traffic and nothing else.
+#[test]
+fn member_cut_off_from_its_peers_the_watch_moves_on() {
+    // SAFETY: unshare takes no pointers; it moves this thread, and every thread and process
+    // it starts afterwards, into a new network namespace owned by this test process.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET) failed (the test needs root): {}",
+        std::io::Error::last_os_error()
+    );
+    run(&["ip", "link", "set", "lo", "up"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        init_logs();
+        let cluster = Cluster::start_with_outsider(Some(0)).await;
+        let mut client = cluster.client_without(0).await;
+        client
+            .put(format!("{PREFIX}/config"), CONFIG, None)
+            .await
+            .unwrap();
+        let host = Host::join(&cluster, "198.18.0.1").await;
+        host.sees_put(&mut client, "10.1.200.0/24", "198.18.0.2")
+            .await;
+
+        // Member 0 (user nobody) can no longer reach its peers' ports, nor they its.
+        let peer_port = |i: usize| cluster.members[i].peer_port.to_string();
+        run(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &peer_port(0),
+            "-j",
+            "DROP",
+        ]);
+        for i in [1, 2] {
+            run(&[
+                "iptables",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                "65534",
+                "--dport",
+                &peer_port(i),
+                "-j",
+                "DROP",
+            ]);
+        }
+        let mut cut_off = Client::connect([cluster.endpoint(0)], None).await.unwrap();
+        let started = Instant::now();
+        let mut leaderless = false;
+        while started.elapsed() < WAIT {
+            // A linearizable read needs a leader; a serializable one is served locally.
+            let status = cut_off.status().await;
+            if status.as_ref().is_ok_and(|s| s.leader() == 0) || status.is_err() {
+                leaderless = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            leaderless,
+            "member 0 still has a leader behind the firewall"
+        );
+        println!(
+            "member 0 lost its leader {:?} after the partition",
+            started.elapsed()
+        );
+        for (i, subnet) in ["10.1.201.0/24", "10.1.202.0/24"].iter().enumerate() {
+            let took = host
+                .sees_put(&mut client, subnet, &format!("198.18.0.{}", 3 + i))
+                .await;
+            println!("during the partition, a change reached the route table in {took:?}");
+        }
+        assert_eq!(host.peers().len(), 3);
+    });
 }

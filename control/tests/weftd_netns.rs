@@ -413,6 +413,124 @@ fn lease_key_of(subnet_env: &Path) -> String {
     )
 }
 
+/// weftd in `ns` as a plain host of the test's etcd: `--iface eth0 --public-ip public_ip`, its
+/// subnet file and log under `dir/host`, /healthz on port 8286.
+fn start_weftd(ns: &NetNs, dir: &Path, host: &str, public_ip: &str) -> Proc {
+    let file = subnet_file(dir, host);
+    Proc::spawn(
+        ns,
+        dir.join(format!("{host}.log")),
+        env!("CARGO_BIN_EXE_weftd"),
+        &[
+            "--etcd-endpoints",
+            ETCD,
+            "--iface",
+            "eth0",
+            "--public-ip",
+            public_ip,
+            "--subnet-file",
+            &file.to_string_lossy(),
+            "--healthz-port",
+            "8286",
+        ],
+        &[],
+    )
+}
+
+fn healthy(ns: &NetNs, ip: &str) -> bool {
+    http_get(ns, &format!("http://{ip}:8286/healthz")).0 == 200
+}
+
+/// The address weftd gives its TUN: the lease's network address (FLANNEL_SUBNET's address - 1).
+fn tun_address_of(subnet_env: &Path) -> String {
+    let key = lease_key_of(subnet_env);
+    let name = key.rsplit('/').next().unwrap_or_default();
+    name.split('-').next().unwrap_or_default().to_owned()
+}
+
+/// One ping from `ns` to `to` answered within a second.
+fn pings(ns: &NetNs, to: &str) -> bool {
+    ns.exec("ping", &["-c", "1", "-W", "1", to])
+        .status
+        .success()
+}
+
+#[test]
+fn etcd_data_loss_is_survived_by_two_weftd() {
+    let dir = TempDir::new();
+    let h1 = NetNs::new("h1");
+    let h2 = NetNs::new("h2");
+    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(&h1, &["put", "/coreos.com/network/config", NETWORK_16]);
+    let mut w1 = start_weftd(&h1, &dir.0, "h1", "198.18.0.1");
+    let mut w2 = start_weftd(&h2, &dir.0, "h2", "198.18.0.2");
+    wait_for(
+        "both weftd healthy",
+        Duration::from_secs(30),
+        || healthy(&h1, "198.18.0.1") && healthy(&h2, "198.18.0.2"),
+        &[&w1, &w2, &etcd],
+    );
+    let (k1, k2) = (
+        lease_key_of(&subnet_file(&dir.0, "h1")),
+        lease_key_of(&subnet_file(&dir.0, "h2")),
+    );
+    let t2 = tun_address_of(&subnet_file(&dir.0, "h2"));
+    wait_for(
+        "host 1 to reach host 2's TUN through weft",
+        Duration::from_secs(10),
+        || pings(&h1, &t2),
+        &[&w1, &w2],
+    );
+
+    // etcd loses everything: stopped, its data directory deleted, started empty, and the
+    // operator puts the network config back.
+    let mut etcd = etcd;
+    etcd.child.kill().unwrap();
+    etcd.child.wait().unwrap();
+    fs::remove_dir_all(dir.0.join("etcd")).unwrap();
+    let etcd = start_etcd(&h1, &dir.0);
+    assert_eq!(
+        etcdctl(
+            &h1,
+            &["get", "--prefix", "/coreos.com/network/", "--keys-only"]
+        )
+        .trim(),
+        "",
+        "etcd came back with data"
+    );
+    etcdctl(&h1, &["put", "/coreos.com/network/config", NETWORK_16]);
+    let wiped = Instant::now();
+
+    let value = |ip: &str| format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#);
+    wait_for(
+        "both hosts to register their subnets again",
+        Duration::from_secs(10),
+        || {
+            etcdctl(&h1, &["get", &k1, "--print-value-only"]).trim() == value("198.18.0.1")
+                && etcdctl(&h1, &["get", &k2, "--print-value-only"]).trim() == value("198.18.0.2")
+        },
+        &[&w1, &w2, &etcd],
+    );
+    wait_for(
+        "host 1 to reach host 2 again",
+        Duration::from_secs(10).saturating_sub(wiped.elapsed()),
+        || pings(&h1, &t2),
+        &[&w1, &w2],
+    );
+    eprintln!(
+        "registered again and forwarding {} ms after etcd came back empty",
+        wiped.elapsed().as_millis()
+    );
+    assert!(healthy(&h1, "198.18.0.1") && healthy(&h2, "198.18.0.2"));
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    assert_eq!(w2.terminate(), Some(0), "{}", w2.log());
+    for log in [w1.log(), w2.log()] {
+        assert!(log.contains("etcd lost its data"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
 #[test]
 fn etcd_outage_and_a_deleted_lease_are_survived() {
     let dir = TempDir::new();
@@ -429,32 +547,8 @@ fn etcd_outage_and_a_deleted_lease_are_survived() {
         ],
     );
 
-    let weftd = env!("CARGO_BIN_EXE_weftd");
-    let start = |ns: &NetNs, host: &str, public_ip: &str| {
-        let file = subnet_file(&dir.0, host);
-        Proc::spawn(
-            ns,
-            dir.0.join(format!("{host}.log")),
-            weftd,
-            &[
-                "--etcd-endpoints",
-                ETCD,
-                "--iface",
-                "eth0",
-                "--public-ip",
-                public_ip,
-                "--subnet-file",
-                &file.to_string_lossy(),
-                "--healthz-port",
-                "8286",
-            ],
-            &[],
-        )
-    };
-    let mut w1 = start(&h1, "h1", "198.18.0.1");
-    let mut w2 = start(&h2, "h2", "198.18.0.2");
-    let healthy =
-        |ns: &NetNs, ip: &str| http_get(ns, &format!("http://{ip}:8286/healthz")).0 == 200;
+    let mut w1 = start_weftd(&h1, &dir.0, "h1", "198.18.0.1");
+    let mut w2 = start_weftd(&h2, &dir.0, "h2", "198.18.0.2");
     wait_for(
         "both weftd healthy",
         Duration::from_secs(30),

@@ -5,7 +5,7 @@
 //! before it). The layers, from the bottom up:
 //!
 //! - [`wire`]: checked views and field layouts of the packets (IPv4, ICMP, TCP, UDP, the
-//!   virtio-net header); the one IPv4 parser lives here;
+//!   virtio-net header); every parser lives here;
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the

@@ -1,6 +1,8 @@
 //! What the fuzz targets share: the fixed route table, how an input is split into a sender
 //! and a packet, and the seed packets that start the corpus on every interesting path.
 
+#![forbid(unsafe_code)]
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use weft_engine::wire::ipv4::checksum;

@@ -1,5 +1,7 @@
 //! weftd: the weft overlay daemon, a drop-in for flanneld with the udp backend.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

@@ -31,8 +31,10 @@
 //! different flows may pass each other, as they may in any router.
 
 use crate::wire::ipv4::{checksum, protocol, Ipv4Packet, MIN_HEADER_LEN};
+use crate::wire::tcp::{self, TcpHeader};
+use crate::wire::udp::{self, UdpHeader};
 use crate::wire::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
-use crate::wire::{be16, be32, pseudo_header_sum, put16, tcp, udp};
+use crate::wire::{pseudo_header_sum, put16};
 
 /// The most segments one super-packet carries.
 pub const MAX_SEGMENTS: usize = 64;
@@ -469,11 +471,14 @@ fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
         // A datagram without a checksum (zero) would get one when the kernel cuts the
         // super-packet: it is written as it came. So is one whose TTL runs out at the next
         // hop, so that each gets its own ICMP time exceeded.
-        let payload = transport.len().saturating_sub(udp::HEADER_LEN);
+        let Ok(datagram) = UdpHeader::new_checked(transport) else {
+            return alone;
+        };
+        let payload = datagram.payload().len();
         if payload == 0
             || ip.ttl() <= 1
-            || be16(transport, udp::LENGTH) != Some(transport_len)
-            || be16(transport, udp::CHECKSUM) == Some(0)
+            || datagram.length() != transport_len
+            || datagram.checksum() == 0
             || !verifies()
         {
             return alone;
@@ -489,28 +494,18 @@ fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
             tcp: None,
         });
     }
-    let Some(&offset) = transport.get(tcp::DATA_OFFSET) else {
+    let Ok(segment) = TcpHeader::new_checked(transport) else {
         return alone;
     };
-    let tcp_len = usize::from(offset >> 4) * 4;
-    if tcp_len < tcp::MIN_HEADER_LEN || tcp_len > transport.len() {
-        return alone;
-    }
-    let payload = transport.len() - tcp_len;
-    let flags = transport[tcp::FLAGS];
+    let tcp_len = segment.header_len();
+    let payload = segment.payload().len();
+    let flags = segment.flags();
     if payload == 0 || flags & (tcp::SYN | tcp::RST | tcp::URG) != 0 || !verifies() {
         return alone;
     }
-    let (Some(seq), Some(ack), Some(word)) = (
-        be32(transport, tcp::SEQ),
-        be32(transport, tcp::ACK),
-        be32(transport, tcp::DATA_OFFSET),
-    ) else {
-        return alone;
-    };
+    let (seq, ack, word) = (segment.seq(), segment.ack(), segment.offset_flags_window());
     let mut options = [0u8; 40];
-    options[..tcp_len - tcp::MIN_HEADER_LEN]
-        .copy_from_slice(&transport[tcp::MIN_HEADER_LEN..tcp_len]);
+    options[..tcp_len - tcp::MIN_HEADER_LEN].copy_from_slice(segment.options());
     let masked = u32::from(tcp::PSH | tcp::FIN | tcp::CWR) << 16;
     Kind::Segment(Segment {
         flow,
@@ -535,6 +530,7 @@ mod tests {
     use crate::offload::segment::{Plan, Segmenter, MAX_HEADER_LEN};
     use crate::offload::testing::{assert_valid, Tcp};
     use crate::wire::ipv4::testing::{Rng, Spec};
+    use crate::wire::{be16, be32};
 
     /// Run `packets` through a coalescer and return each write as the TUN would receive it:
     /// the virtio-net header and the bytes.

@@ -17,8 +17,10 @@ use std::ops::Range;
 
 use crate::counters::DropReason;
 use crate::wire::ipv4::{checksum, protocol, Ipv4Packet, PacketError};
+use crate::wire::tcp::{self, TcpHeader};
+use crate::wire::udp::{self, UdpHeader};
 use crate::wire::vnet::{VnetHeader, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
-use crate::wire::{be16, be32, pseudo_header_sum, put16, put32, tcp, udp};
+use crate::wire::{be16, be32, pseudo_header_sum, put16, put32};
 
 /// The longest headers a segment can carry: a 60-byte IPv4 header and a 60-byte TCP header.
 pub const MAX_HEADER_LEN: usize = 120;
@@ -200,11 +202,9 @@ impl Segmenter {
                         "TCP segmentation of another protocol",
                     ));
                 }
-                let offset = ip
-                    .payload()
-                    .get(tcp::DATA_OFFSET)
-                    .ok_or(SegmentError::Malformed("truncated TCP header"))?;
-                usize::from(offset >> 4) * 4
+                TcpHeader::new_checked(ip.payload())
+                    .map_err(|_| SegmentError::Malformed("bad TCP header"))?
+                    .header_len()
             }
             Transport::Udp => {
                 if proto != protocol::UDP {
@@ -212,12 +212,11 @@ impl Segmenter {
                         "UDP segmentation of another protocol",
                     ));
                 }
+                UdpHeader::new_checked(ip.payload())
+                    .map_err(|_| SegmentError::Malformed("truncated UDP header"))?;
                 udp::HEADER_LEN
             }
         };
-        if transport_header_len < tcp::MIN_HEADER_LEN && transport == Transport::Tcp {
-            return Err(SegmentError::Malformed("bad TCP header length"));
-        }
         let header_len = ip_header_len + transport_header_len;
         if header_len > packet.len() {
             return Err(SegmentError::Malformed("truncated transport header"));

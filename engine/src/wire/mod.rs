@@ -4,55 +4,18 @@
 //! in front of every TUN packet with offloads ([`vnet`]), and for the multicast relay the
 //! Ethernet frames on its TAP ([`ethernet`]) and IGMP ([`igmp`]).
 //!
-//! IPv4 is parsed only here ([`ipv4::Ipv4Packet::new_checked`]), once per packet: the
-//! decisions, the segmenter and the coalescer all read the same checked view. The TCP and UDP
-//! fields behind it are read by the offloads through the layouts defined here. Nothing in this
-//! layer does I/O or uses `unsafe`.
+//! Every parser of the engine lives here. IPv4 is parsed once per packet
+//! ([`ipv4::Ipv4Packet::new_checked`]): the decisions, the segmenter and the coalescer all read
+//! the same checked view; the offloads read the TCP and UDP headers behind it through
+//! [`tcp::TcpHeader`] and [`udp::UdpHeader`]. Nothing in this layer does I/O or uses `unsafe`.
 
 pub mod ethernet;
 pub mod icmp;
 pub mod igmp;
 pub mod ipv4;
+pub mod tcp;
+pub mod udp;
 pub mod vnet;
-
-/// TCP header fields and flags weft touches.
-pub mod tcp {
-    /// Length of a TCP header without options.
-    pub const MIN_HEADER_LEN: usize = 20;
-    /// Offset of the sequence number.
-    pub const SEQ: usize = 4;
-    /// Offset of the acknowledgment number.
-    pub const ACK: usize = 8;
-    /// Offset of the data-offset byte.
-    pub const DATA_OFFSET: usize = 12;
-    /// Offset of the flags byte.
-    pub const FLAGS: usize = 13;
-    /// Offset of the checksum.
-    pub const CHECKSUM: usize = 16;
-
-    /// Flag: The last segment of a stream.
-    pub const FIN: u8 = 0x01;
-    /// Flag: Opens a connection.
-    pub const SYN: u8 = 0x02;
-    /// Flag: Resets a connection.
-    pub const RST: u8 = 0x04;
-    /// Flag: Push the data to the application at once.
-    pub const PSH: u8 = 0x08;
-    /// Flag: The urgent pointer is valid.
-    pub const URG: u8 = 0x20;
-    /// Flag: Congestion window reduced (ECN).
-    pub const CWR: u8 = 0x80;
-}
-
-/// UDP header fields.
-pub mod udp {
-    /// Length of a UDP header.
-    pub const HEADER_LEN: usize = 8;
-    /// Offset of the length field.
-    pub const LENGTH: usize = 4;
-    /// Offset of the checksum.
-    pub const CHECKSUM: usize = 6;
-}
 
 /// The folded sum of the IPv4 pseudo-header for a transport segment of `len` bytes (not
 /// inverted: the value a `NEEDS_CSUM` checksum field holds).
