@@ -17,6 +17,7 @@ REPO_ROOT=$(cd -- "$LAB_DIR/../.." && pwd)
 REPORT_PY="$LAB_DIR/report.py"
 HOPS_PY="$LAB_DIR/hops.py"
 PROFILE_PY="$LAB_DIR/cpu_profile.py"
+MCAST_PY="$LAB_DIR/mcast.py"
 
 # The lab's fixed addressing.
 readonly NETWORK=10.1.0.0/16
@@ -47,6 +48,10 @@ TIMEOUT=30
 WORKERS=""
 IO_MODE=""
 DAEMON_EXTRA=()
+MULTICAST=0
+BROADCAST=0
+# Hosts whose weftd gets --multicast/--broadcast (comma-separated; empty: every host).
+MCAST_HOSTS=""
 WEFTD_BIN=${WEFTD_BIN:-$REPO_ROOT/target/release/weftd}
 ETCD_BIN=${ETCD_BIN:-/usr/bin/etcd}
 ETCDCTL_BIN=${ETCDCTL_BIN:-etcdctl}
@@ -127,6 +132,10 @@ Options for the daemon modes:
   --workers N            pass --workers N to weftd
   --io uring|syscalls    pass --io to weftd
   --weftd-arg ARG        pass ARG to weftd (repeatable)
+  --multicast            pass --multicast --multicast-bridge cbr0 to weftd (multicast across hosts;
+                         demo: a group joined in the other hosts' containers, sent to from c1)
+  --broadcast            pass --broadcast --multicast-bridge cbr0 to weftd (UDP broadcast across hosts)
+  --multicast-hosts L    only these hosts (e.g. 1,2) get --multicast/--broadcast (default: all)
   --timeout S            seconds to wait for etcd, subnet.env and healthz (default 30)
 Shape of the lab (demo, up; bench, hops and profile use hosts 1 and 2):
   --hosts N              hosts on the underlay segment, 2 to 16 (default 2)
@@ -427,6 +436,12 @@ start_daemon() {
 	if [[ $mode == weft ]]; then
 		[[ -z $WORKERS ]] || args+=(--workers "$WORKERS")
 		[[ -z $IO_MODE ]] || args+=(--io "$IO_MODE")
+		if mcast_host "$n" && ((MULTICAST || BROADCAST)); then
+			# The lab's container bridge is cbr0 (docker's would be docker0, the default).
+			args+=(--multicast-bridge cbr0)
+			((MULTICAST == 0)) || args+=(--multicast)
+			((BROADCAST == 0)) || args+=(--broadcast)
+		fi
 		args+=("${DAEMON_EXTRA[@]}")
 	fi
 	printf '%q ' "$bin" "${args[@]}" >"$RUN/h$n/cmdline"
@@ -1107,10 +1122,39 @@ cmd_demo() {
 	done
 	printf '  %s\n' "${pings[@]}"
 	echo "  iperf3 c1 -> c2 (TCP, 1 stream, 5 s): ${rate:-?} Gbit/s received"
+	((MULTICAST == 0)) || multicast_demo
 	if [[ $KEEP == 1 ]]; then
 		LAB_ACTIVE=0
 		print_enter_instructions
 	fi
+}
+
+# multicast_demo: every other host's first container joins 239.1.1.1 (and the mDNS group), c1
+# sends 5 datagrams to each with TTL 1, and each receiver says what it got.
+multicast_demo() {
+	local m group out dir="$RUN/mcast-demo"
+	mkdir -p "$dir"
+	for group in 239.1.1.1 224.0.0.251; do
+		local port=5000 pids=()
+		[[ $group != 224.0.0.251 ]] || port=5353
+		echo
+		echo "--- multicast: c2..c$HOSTS join $group:$port; c1 sends 5 datagrams with TTL 1 ---"
+		for ((m = 2; m <= HOSTS; m++)); do
+			c_netns_exec "$m" 1 python3 "$MCAST_PY" recv "$group" "$port" 6 >"$dir/c$m-$group" 2>&1 &
+			pids+=($!)
+		done
+		# The joins travel: IGMP report -> weftd on the member's host -> its etcd record -> c1's host.
+		sleep 3
+		c_netns_exec 1 1 python3 "$MCAST_PY" send "$group" "$port" 5 --ttl 1 --tag "from-c1"
+		wait "${pids[@]}" || true
+		for ((m = 2; m <= HOSTS; m++)); do
+			out=$(grep -c 'from-c1' "$dir/c$m-$group" || true)
+			echo "  c$m (host $m) received $out of 5 datagrams sent by c1 to $group:$port"
+		done
+	done
+	echo
+	echo "--- etcd: this lab's host records (etcdctl get --prefix /weft.io$ETCD_PREFIX/hosts/) ---"
+	etcdctl_h1 get --prefix "/weft.io$ETCD_PREFIX/hosts/" | paste -d' ' - - | indent || true
 }
 
 cmd_up() {
@@ -1501,6 +1545,9 @@ parse_opts() {
 		--io) IO_MODE=${2:?--io needs a value} && shift ;;
 		--weftd) WEFTD_BIN=${2:?} && shift ;;
 		--weftd-arg) DAEMON_EXTRA+=("${2:?}") && shift ;;
+		--multicast) MULTICAST=1 ;;
+		--broadcast) BROADCAST=1 ;;
+		--multicast-hosts) MCAST_HOSTS=${2:?--multicast-hosts needs a list} && shift ;;
 		--no-setup) DO_SETUP=0 ;;
 		--no-build) DO_BUILD=0 ;;
 		--pid-log) PID_LOG=${2:?} && shift ;;
@@ -1534,6 +1581,15 @@ parse_opts() {
 	[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 	[[ -z $PREFIX ]] || valid_prefix "$PREFIX" || die "bad --prefix '$PREFIX': 2-12 characters, a-z then a-z/0-9"
 	[[ -z $WEFTD_BIN || $WEFTD_BIN == /* ]] || WEFTD_BIN="$PWD/$WEFTD_BIN"
+	[[ -z $MCAST_HOSTS || $MCAST_HOSTS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--multicast-hosts takes host numbers, e.g. 1,2"
+	if ((MULTICAST || BROADCAST)) && [[ $MODE != weft ]]; then
+		die "--multicast and --broadcast need --mode weft (flannel and the kernel modes carry neither)"
+	fi
+}
+
+# mcast_host <n>: host n's weftd gets the --multicast/--broadcast flags asked for.
+mcast_host() {
+	[[ -z $MCAST_HOSTS || ",$MCAST_HOSTS," == *",$1,"* ]]
 }
 
 main() {

@@ -11,6 +11,13 @@
 #     subnet.env, docker containers pinging each other both ways through weft, docker's bridge
 #     network on the lease's subnet, eth0 with MTU 1472; then torn down to nothing; and torn
 #     down to nothing too after a SIGTERM during `up --docker` and when dockerd exits at once;
+#   - multicast and broadcast across hosts (mcast_check.py): on a 3-host lab with 2 containers
+#     per host and `--multicast --broadcast`, a TTL-1 group reaches its members on the other hosts
+#     and the sender's neighbour exactly once, a host without members gets nothing on its
+#     underlay, a leave stops the traffic, mDNS (224.0.0.251:5353) and broadcast reach every
+#     host, a storm is rate-limited and counted, iperf 2 multicast runs with its loss reported; in
+#     the default 3-host lab nothing crosses and the drops are counted; a weftd without
+#     --multicast gets none;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
 #     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
 #   - `lab.sh bench`, one short round of weft, vxlan and direct: request/response round trips,
@@ -19,7 +26,7 @@
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
 #
 # Usage: bench/lab/test.sh [--weftd PATH] [--no-harness] [--only CHECK]... [mode...]
-#   CHECK: modes (the per-mode labs), multi (the 3-host labs), docker, harness (the rest)
+#   CHECK: modes (the per-mode labs), multi (the 3-host labs), multicast, docker, harness (the rest)
 set -euo pipefail
 
 LAB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -38,9 +45,9 @@ while (($#)); do
 	--no-harness) HARNESS=0 ;;
 	--only)
 		case ${2:-} in
-		modes | multi | docker | harness) ONLY+=("$2") ;;
+		modes | multi | multicast | docker | harness) ONLY+=("$2") ;;
 		*)
-			echo "--only takes modes, multi, docker or harness" >&2
+			echo "--only takes modes, multi, multicast, docker or harness" >&2
 			exit 2
 			;;
 		esac
@@ -257,18 +264,37 @@ print(f"{pairs - failed} of {pairs} pairs answer")
 sys.exit(1 if failed or pairs == 0 else 0)
 PY
 
-# test_multi <mode> <hosts> <containers> <tag>: `up --json` with that many hosts and containers,
-# the JSON's shape, every container pinging every container on the other hosts, `down PREFIX`,
-# nothing left.
+# check_multicast <name> <on|off|plain> <lab json>: mcast_check.py's checks, one pass or fail each.
+check_multicast() {
+	local name=$1 what=$2 json=$3 out line rc=0
+	out=$(python3 "$LAB_DIR/mcast_check.py" "$what" "$json" 2>&1) || rc=$?
+	while IFS= read -r line; do
+		case $line in
+		PASS:*) pass "$name: ${line#PASS: }" ;;
+		FAIL:*) fail "$name: ${line#FAIL: }" ;;
+		*) echo "$line" ;;
+		esac
+	done <<<"$out"
+	if ((rc != 0)) && ! grep -q '^FAIL:' <<<"$out"; then
+		fail "$name: mcast_check.py $what exited with status $rc"
+	fi
+}
+
+# test_multi <mode> <hosts> <containers> <tag> [<mcast check> <lab flags>...]: `up --json` with
+# that many hosts and containers, the JSON's shape, every container pinging every container on
+# the other hosts, the multicast checks asked for, `down PREFIX`, nothing left.
 test_multi() {
-	local mode=$1 hosts=$2 containers=$3 tag=$4
-	local p="lt$$$tag" name="$mode lab, $hosts hosts x $containers containers" pidlog="$WORK/lt$$$tag.pids" before
+	local mode=$1 hosts=$2 containers=$3 tag=$4 mcast_check=${5:-}
+	shift $(($# < 5 ? $# : 5))
+	local lab_flags=("$@")
+	local p="lt$$$tag" name="$mode lab, $hosts hosts x $containers containers${lab_flags[*]:+ ${lab_flags[*]}}"
+	local pidlog="$WORK/lt$$$tag.pids" before
 	say "--- $name (prefix $p) ---"
 	before=$(root_snapshot "$p")
 	local extra=()
 	[[ $mode != weft ]] || extra=("${WEFTD_ARGS[@]}")
 	if bash "$LAB" up --mode "$mode" --hosts "$hosts" --containers "$containers" --json --prefix "$p" \
-		--pid-log "$pidlog" "${extra[@]}" >"$WORK/$p.json" 2>"$WORK/$p-up.log" &&
+		--pid-log "$pidlog" "${extra[@]}" "${lab_flags[@]}" >"$WORK/$p.json" 2>"$WORK/$p-up.log" &&
 		lab_json "$WORK/$p.json" >"$WORK/$p.lab.json"; then
 		pass "$name: lab.sh up --json"
 		local shape
@@ -303,6 +329,7 @@ PY
 			echo "$out"
 			fail "$name: every container reaches every container on the other hosts"
 		fi
+		[[ -z $mcast_check ]] || check_multicast "$name" "$mcast_check" "$WORK/$p.lab.json"
 		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
@@ -587,9 +614,13 @@ if wanted modes; then
 	for mode in "${MODES[@]}"; do test_mode "$mode"; done
 fi
 if wanted multi; then
-	test_multi weft 3 2 w3
+	test_multi weft 3 2 w3 off
 	test_multi vxlan 3 1 v3
 	test_multi direct 3 1 d3
+fi
+if wanted multicast; then
+	test_multi weft 3 2 m3 on --multicast --broadcast
+	test_multi weft 2 1 m2 plain --multicast --multicast-hosts 1
 fi
 if wanted docker; then
 	test_docker

@@ -24,9 +24,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weft_engine::engine::{Engine, EngineConfig, IoBackend, Offloads};
-use weft_engine::{Policy, RouteTable, Routes};
+use weft_engine::{Groups, MulticastConfig, Policy, RouteTable, Routes};
 
+use crate::bridge_port;
 use crate::flags::{Flags, IoMode};
+use crate::host_records::{run_host_records, RecordInputs, RecordSettings};
 use crate::http::{Health, HttpServer, MetricsFn};
 use crate::iface::{find_external, ExternalInterface, IfaceSelection};
 use crate::iptables::{Iptables, IptablesKeeper, RuleSet};
@@ -174,7 +176,86 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
             udp_gro: !flags.no_udp_gro,
         },
         icmp_rate_limit: weft_engine::IcmpRateLimit::per_second(flags.icmp_rate_limit),
+        multicast: multicast_config(flags),
     }
+}
+
+/// The engine's multicast settings: `None` (flannel's behaviour: group traffic dropped and
+/// counted) unless `--multicast` or `--broadcast` is on.
+fn multicast_config(flags: &Flags) -> Option<MulticastConfig> {
+    (flags.multicast || flags.broadcast).then(|| MulticastConfig {
+        tap_name: flags.multicast_tap.clone(),
+        multicast: flags.multicast,
+        broadcast: flags.broadcast,
+        rate_limit: flags.multicast_rate_limit,
+    })
+}
+
+/// How often the engine's local groups are looked at for changes.
+const LOCAL_GROUPS_POLL: Duration = Duration::from_millis(200);
+
+/// With `--multicast` or `--broadcast`: keep the TAP on the container bridge, follow the
+/// local groups, keep this host's record and publish the peers' as the group table. Without
+/// them: nothing (no TAP, nothing written to etcd beyond flanneld's keys).
+fn start_multicast(
+    flags: &Flags,
+    registry: EtcdRegistry,
+    membership: &lease::MembershipHandle,
+    engine: &Engine,
+    routes: Routes,
+    groups: Groups,
+) -> Result<Vec<AbortOnDrop>, DaemonError> {
+    if !(flags.multicast || flags.broadcast) {
+        return Ok(Vec::new());
+    }
+    let netlink = Netlink::connect()?;
+    let port = tokio::spawn(bridge_port::keep_attached(
+        netlink,
+        flags.multicast_bridge.clone(),
+        flags.multicast_tap.clone(),
+    ));
+    let local = engine.local_groups();
+    let (version, joined) = local.snapshot();
+    let (local_tx, local_rx) = watch::channel(joined);
+    let follow_local = tokio::spawn(async move {
+        let mut seen = version;
+        let mut poll = tokio::time::interval(LOCAL_GROUPS_POLL);
+        loop {
+            poll.tick().await;
+            let (version, joined) = local.snapshot();
+            if version != seen {
+                seen = version;
+                local_tx.send_replace(joined);
+            }
+        }
+    });
+    let records = run_host_records(
+        registry,
+        RecordSettings {
+            multicast: flags.multicast,
+            broadcast: flags.broadcast,
+            retry: Backoff::default(),
+        },
+        RecordInputs {
+            lease: membership.lease(),
+            local_groups: local_rx,
+            routes,
+            groups,
+        },
+    );
+    info!(
+        multicast = flags.multicast,
+        broadcast = flags.broadcast,
+        bridge = %flags.multicast_bridge,
+        tap = %flags.multicast_tap,
+        rate_limit = flags.multicast_rate_limit,
+        "multicast relay on"
+    );
+    Ok(vec![
+        AbortOnDrop(port),
+        AbortOnDrop(follow_local),
+        AbortOnDrop(records),
+    ])
 }
 
 /// The parts that follow the lease: TUN address, subnet.env, iptables.
@@ -373,6 +454,8 @@ mod phase {
 /// Everything start-up brought up: what `Daemon::supervise` runs and `Daemon::stop` takes down.
 struct Running<'a> {
     _membership: AbortOnDrop,
+    /// With `--multicast` or `--broadcast`: the bridge port, the local groups and the records.
+    _multicast: Vec<AbortOnDrop>,
     leases: watch::Receiver<Option<Lease>>,
     current: Lease,
     followers: LeaseFollowers<'a>,
@@ -484,6 +567,7 @@ impl Daemon<'_> {
         let routes = Routes::new(RouteTable::empty(overlay, config.port()));
         let settings = lease_settings(flags, ext.public_ip)?;
         let previous_subnet = settings.previous_subnet;
+        let record_registry = registry.clone();
         let (mut membership, membership_task) =
             lease::run_membership(registry, &config, settings, routes.clone())?;
         let membership_task = AbortOnDrop(membership_task);
@@ -526,11 +610,21 @@ impl Daemon<'_> {
             followers.report_subnet_change(previous, first.subnet);
         }
         followers.configure_tun(&first).await?;
-        let engine = Arc::new(Engine::start(
+        let groups = Groups::default();
+        let engine = Arc::new(Engine::start_with_groups(
             engine_config(flags, &ext, config.port(), tun_mtu),
             queues,
             routes.clone(),
+            groups.clone(),
         )?);
+        let multicast_tasks = start_multicast(
+            flags,
+            record_registry,
+            &membership,
+            &engine,
+            routes.clone(),
+            groups,
+        )?;
         if let Ok(mut slot) = self.engine_slot.lock() {
             *slot = Some(engine.clone());
         }
@@ -547,6 +641,7 @@ impl Daemon<'_> {
         }
         Ok(Some(Running {
             _membership: membership_task,
+            _multicast: multicast_tasks,
             leases: membership.lease(),
             current: first,
             followers,
@@ -645,11 +740,13 @@ impl Daemon<'_> {
         self.health.set_phase(Some(phase::STOPPING));
         let Running {
             _membership,
+            _multicast,
             mut followers,
             engine,
             ..
         } = running;
         drop(_membership);
+        drop(_multicast);
         if let Ok(mut slot) = self.engine_slot.lock() {
             slot.take();
         }

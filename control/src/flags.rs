@@ -290,6 +290,70 @@ pub struct Flags {
     )]
     pub allow_foreign_sources: bool,
 
+    /// Carry IPv4 multicast (224.0.0.0/4) between weft hosts that have it on: what local
+    /// containers send to a group goes to every host with a member (link-local groups to
+    /// every such host), through a TAP port on the container bridge (`--multicast-bridge`).
+    #[arg(
+        long,
+        env = "WEFTD_MULTICAST",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub multicast: bool,
+
+    /// Carry UDP broadcast (to 255.255.255.255 and to the overlay Network's broadcast
+    /// address) to every weft host that has it on.
+    #[arg(
+        long,
+        env = "WEFTD_BROADCAST",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub broadcast: bool,
+
+    /// The container bridge whose multicast and broadcast weft carries (with `--multicast`
+    /// or `--broadcast`); weft's TAP port is enslaved to it as soon as it exists.
+    #[arg(
+        long,
+        env = "WEFTD_MULTICAST_BRIDGE",
+        value_name = "NAME",
+        default_value = "docker0",
+        value_parser = parse_ifname,
+    )]
+    pub multicast_bridge: String,
+
+    /// Multicast and broadcast packets this host may replicate to its peers per second
+    /// (one per copy sent; a token bucket with bursts of a tenth of it); more are dropped
+    /// and counted. 0 for no limit.
+    #[arg(
+        long,
+        env = "WEFTD_MULTICAST_RATE_LIMIT",
+        value_name = "N",
+        default_value_t = 10_000,
+        value_parser = parse_multicast_rate_limit,
+    )]
+    pub multicast_rate_limit: u32,
+
+    /// Name of the TAP device weft puts on the container bridge for multicast and broadcast.
+    #[arg(
+        long,
+        env = "WEFTD_MULTICAST_TAP",
+        value_name = "NAME",
+        default_value = "weftmc0",
+        value_parser = parse_ifname,
+    )]
+    pub multicast_tap: String,
+
     /// Pin worker N to CPU N. Off by default: pinned workers cannot move off a core that
     /// something else keeps busy (measured in the two-host lab, where two weftd share the
     /// cores: ping RTT spikes of over 20 ms pinned, about 4 ms unpinned on a busy machine).
@@ -715,6 +779,10 @@ fn parse_icmp_rate_limit(s: &str) -> Result<u32, String> {
     parse_int_in(s, 0, 1_000_000).map(|v| v as u32)
 }
 
+fn parse_multicast_rate_limit(s: &str) -> Result<u32, String> {
+    parse_int_in(s, 0, 10_000_000).map(|v| v as u32)
+}
+
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     parse_int_in(s, 1, 365 * 24 * 3600).map(|v| Duration::from_secs(v as u64))
 }
@@ -1015,6 +1083,47 @@ mod tests {
         assert_eq!(f.icmp_rate_limit, 250);
         assert!(parse(&["--icmp-rate-limit=-1"]).is_err());
         assert!(parse(&["--icmp-rate-limit=many"]).is_err());
+    }
+
+    #[test]
+    fn multicast_and_broadcast_are_off_unless_asked_for() {
+        let f = parse(&[]).unwrap();
+        assert!(!f.multicast && !f.broadcast);
+        assert_eq!(f.multicast_bridge, "docker0");
+        assert_eq!(f.multicast_tap, "weftmc0");
+        assert_eq!(f.multicast_rate_limit, 10_000);
+        let f = parse(&[
+            "--multicast",
+            "--broadcast=true",
+            "--multicast-bridge",
+            "cbr0",
+            "--multicast-rate-limit=500",
+        ])
+        .unwrap();
+        assert!(f.multicast && f.broadcast);
+        assert_eq!(f.multicast_bridge, "cbr0");
+        assert_eq!(f.multicast_rate_limit, 500);
+        let f = parse_env(
+            &[],
+            &[("WEFTD_MULTICAST", "1"), ("WEFTD_MULTICAST_BRIDGE", "cni0")],
+        )
+        .unwrap();
+        assert!(f.multicast && !f.broadcast);
+        assert_eq!(f.multicast_bridge, "cni0");
+        assert_eq!(
+            parse(&["--multicast-rate-limit=0"])
+                .unwrap()
+                .multicast_rate_limit,
+            0,
+            "no limit"
+        );
+        for bad in [
+            "--multicast-rate-limit=-1",
+            "--multicast-rate-limit=lots",
+            "--multicast-bridge=a/b",
+        ] {
+            assert!(parse(&[bad]).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

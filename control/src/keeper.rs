@@ -243,6 +243,7 @@ impl<R: Registry> Keeper<R> {
             subnet: held.subnet,
             public_ip: self.settings.public_ip,
             expires: held.expires.map(|e| e.at),
+            etcd_lease: held.etcd_lease,
         }));
     }
 

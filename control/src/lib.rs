@@ -11,10 +11,13 @@
 
 pub mod alloc;
 pub mod backoff;
+pub mod bridge_port;
 pub mod config;
 pub mod daemon;
 pub mod data_loss;
 pub mod flags;
+pub mod host_record;
+pub mod host_records;
 pub mod http;
 pub mod iface;
 pub mod iptables;

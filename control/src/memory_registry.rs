@@ -33,9 +33,10 @@ struct MemoryState {
     /// Live etcd leases and their TTLs.
     leases: HashMap<i64, Duration>,
     next_lease: i64,
-    /// Events after `compacted`, by revision.
+    /// Events after `compacted`, by revision, with full key names (`subnets/…`, `hosts/…`).
     history: Vec<(i64, WatchEvent)>,
-    watchers: Vec<mpsc::UnboundedSender<WatchItem>>,
+    /// Each watch's directory and channel.
+    watchers: Vec<(&'static str, mpsc::UnboundedSender<WatchItem>)>,
     unavailable: bool,
     /// On the next "create if absent", first store this value at the same key.
     race_next_create: Option<String>,
@@ -44,6 +45,32 @@ struct MemoryState {
     take_over_during_keep_alive: Option<(String, Duration)>,
     keep_alives: u64,
     cluster_id: u64,
+}
+
+/// The directory of the subnet leases, `<prefix>/subnets/`, as a key name prefix.
+const SUBNETS: &str = "subnets/";
+/// The directory of the per-host records, `/weft.io<prefix>/hosts/`, as a key name prefix.
+const HOSTS: &str = "hosts/";
+
+fn full_key(dir: &str, name: &str) -> String {
+    format!("{dir}{name}")
+}
+
+/// `event` with its key name relative to `dir`, or `None` if the key is not in `dir`.
+fn event_in(dir: &str, event: &WatchEvent) -> Option<WatchEvent> {
+    match event {
+        WatchEvent::Put(raw) => {
+            let name = raw.name.strip_prefix(dir)?;
+            Some(WatchEvent::Put(RawLease {
+                name: name.to_owned(),
+                ..raw.clone()
+            }))
+        }
+        WatchEvent::Delete { name, revision } => Some(WatchEvent::Delete {
+            name: name.strip_prefix(dir)?.to_owned(),
+            revision: *revision,
+        }),
+    }
 }
 
 /// A key's new (value, etcd lease), or `None` for a deletion.
@@ -117,15 +144,68 @@ impl MemoryState {
             self.history.push((revision, event.clone()));
             events.push(event);
         }
-        if !events.is_empty() {
-            let item = WatchItem::Events { revision, events };
-            self.watchers.retain(|w| w.send(item.clone()).is_ok());
-        }
+        self.watchers.retain(|(dir, w)| {
+            let events: Vec<_> = events.iter().filter_map(|e| event_in(dir, e)).collect();
+            events.is_empty() || w.send(WatchItem::Events { revision, events }).is_ok()
+        });
         revision
     }
 
+    /// Every key (name relative to `dir`) in `dir`, at the current revision.
+    fn listing(&self, dir: &str) -> LeaseSnapshot {
+        LeaseSnapshot {
+            revision: self.revision,
+            cluster_id: self.cluster_id,
+            leases: self
+                .keys
+                .iter()
+                .filter_map(|(name, e)| {
+                    Some(RawLease {
+                        name: name.strip_prefix(dir)?.to_owned(),
+                        value: e.value.clone(),
+                        etcd_lease: e.etcd_lease,
+                        mod_revision: e.mod_revision,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// A watch on `dir` from `from_revision`: the history replayed, then live events.
+    fn watch(&mut self, dir: &'static str, from_revision: i64) -> MemoryWatch {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if from_revision <= self.compacted {
+            let _ = tx.send(WatchItem::Broken(WatchBroken::Compacted {
+                compact_revision: self.compacted,
+            }));
+            return MemoryWatch { rx };
+        }
+        let mut pending: Option<(i64, Vec<WatchEvent>)> = None;
+        let replay = self
+            .history
+            .iter()
+            .filter(|(rev, _)| *rev >= from_revision)
+            .filter_map(|(rev, event)| Some((*rev, event_in(dir, event)?)));
+        for (rev, event) in replay {
+            match &mut pending {
+                Some((r, events)) if *r == rev => events.push(event),
+                _ => {
+                    if let Some((revision, events)) = pending.take() {
+                        let _ = tx.send(WatchItem::Events { revision, events });
+                    }
+                    pending = Some((rev, vec![event]));
+                }
+            }
+        }
+        if let Some((revision, events)) = pending {
+            let _ = tx.send(WatchItem::Events { revision, events });
+        }
+        self.watchers.push((dir, tx));
+        MemoryWatch { rx }
+    }
+
     fn break_watchers(&mut self, why: WatchBroken) {
-        for w in self.watchers.drain(..) {
+        for (_, w) in self.watchers.drain(..) {
             let _ = w.send(WatchItem::Broken(why.clone()));
         }
     }
@@ -167,17 +247,57 @@ impl MemoryRegistry {
         let mut s = self.state();
         let etcd_lease = s.grant(ttl);
         s.commit(vec![(
-            name.to_owned(),
+            full_key(SUBNETS, name),
             Some((value.as_bytes().to_vec(), etcd_lease)),
         )]);
         etcd_lease
     }
 
+    /// Store `value` at host record key `name` as another host (or an operator) would,
+    /// attached to etcd lease `etcd_lease` (0: none).
+    pub fn put_host_record_raw(&self, name: &str, value: &str, etcd_lease: i64) {
+        self.state().commit(vec![(
+            full_key(HOSTS, name),
+            Some((value.as_bytes().to_vec(), etcd_lease)),
+        )]);
+    }
+
+    /// Delete host record `name`, as an operator would.
+    pub fn delete_host_record_raw(&self, name: &str) {
+        self.state().commit(vec![(full_key(HOSTS, name), None)]);
+    }
+
+    /// The host record at key `name`, if any.
+    pub fn host_record(&self, name: &str) -> Option<String> {
+        self.state()
+            .keys
+            .get(&full_key(HOSTS, name))
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+    }
+
+    /// The etcd lease host record `name` is attached to (0 for none), if it exists.
+    pub fn etcd_lease_of_host_record(&self, name: &str) -> Option<i64> {
+        self.state()
+            .keys
+            .get(&full_key(HOSTS, name))
+            .map(|e| e.etcd_lease)
+    }
+
+    /// Every host record key name, in order.
+    pub fn host_record_names(&self) -> Vec<String> {
+        self.state()
+            .keys
+            .keys()
+            .filter_map(|k| k.strip_prefix(HOSTS).map(str::to_owned))
+            .collect()
+    }
+
     /// Delete lease key `name`, as an operator would. Returns whether it existed.
     pub fn delete(&self, name: &str) -> bool {
         let mut s = self.state();
-        let existed = s.keys.contains_key(name);
-        s.commit(vec![(name.to_owned(), None)]);
+        let key = full_key(SUBNETS, name);
+        let existed = s.keys.contains_key(&key);
+        s.commit(vec![(key, None)]);
         existed
     }
 
@@ -257,18 +377,25 @@ impl MemoryRegistry {
     pub fn get(&self, name: &str) -> Option<String> {
         self.state()
             .keys
-            .get(name)
+            .get(&full_key(SUBNETS, name))
             .map(|e| String::from_utf8_lossy(&e.value).into_owned())
     }
 
     /// The etcd lease lease key `name` is attached to (0 for none), if the key exists.
     pub fn etcd_lease_of(&self, name: &str) -> Option<i64> {
-        self.state().keys.get(name).map(|e| e.etcd_lease)
+        self.state()
+            .keys
+            .get(&full_key(SUBNETS, name))
+            .map(|e| e.etcd_lease)
     }
 
     /// Every lease key name, in order.
     pub fn names(&self) -> Vec<String> {
-        self.state().keys.keys().cloned().collect()
+        self.state()
+            .keys
+            .keys()
+            .filter_map(|k| k.strip_prefix(SUBNETS).map(str::to_owned))
+            .collect()
     }
 
     /// How many keep-alives have succeeded.
@@ -298,20 +425,7 @@ impl Registry for MemoryRegistry {
     async fn leases(&self) -> Result<LeaseSnapshot, RegistryError> {
         let s = self.state();
         s.check_available()?;
-        Ok(LeaseSnapshot {
-            revision: s.revision,
-            cluster_id: s.cluster_id,
-            leases: s
-                .keys
-                .iter()
-                .map(|(name, e)| RawLease {
-                    name: name.clone(),
-                    value: e.value.clone(),
-                    etcd_lease: e.etcd_lease,
-                    mod_revision: e.mod_revision,
-                })
-                .collect(),
-        })
+        Ok(s.listing(SUBNETS))
     }
 
     async fn write_lease(
@@ -323,12 +437,13 @@ impl Registry for MemoryRegistry {
     ) -> Result<Option<Written>, RegistryError> {
         let mut s = self.state();
         s.check_available()?;
+        let key = full_key(SUBNETS, name);
         if expect == Expect::Absent {
             if let Some(rival) = s.race_next_create.take() {
-                s.commit(vec![(name.to_owned(), Some((rival.into_bytes(), 0)))]);
+                s.commit(vec![(key.clone(), Some((rival.into_bytes(), 0)))]);
             }
         }
-        let holds = match (expect, s.keys.get(name)) {
+        let holds = match (expect, s.keys.get(&key)) {
             (Expect::Absent, None) => true,
             (Expect::ModRevision(rev), Some(e)) => e.mod_revision == rev,
             _ => false,
@@ -337,10 +452,7 @@ impl Registry for MemoryRegistry {
             return Ok(None);
         }
         let etcd_lease = s.grant(ttl);
-        let revision = s.commit(vec![(
-            name.to_owned(),
-            Some((value.as_bytes().to_vec(), etcd_lease)),
-        )]);
+        let revision = s.commit(vec![(key, Some((value.as_bytes().to_vec(), etcd_lease)))]);
         Ok(Some(Written {
             etcd_lease,
             ttl,
@@ -361,6 +473,7 @@ impl Registry for MemoryRegistry {
                 let taken: Vec<_> = s
                     .keys_of(etcd_lease)
                     .into_iter()
+                    .filter(|name| name.starts_with(SUBNETS))
                     .map(|name| (name, Some((value.clone().into_bytes(), 0))))
                     .collect();
                 if !taken.is_empty() {
@@ -381,9 +494,10 @@ impl Registry for MemoryRegistry {
     async fn delete_lease(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
         let mut s = self.state();
         s.check_available()?;
-        match s.keys.get(name) {
+        let key = full_key(SUBNETS, name);
+        match s.keys.get(&key) {
             Some(e) if e.mod_revision == mod_revision => {
-                s.commit(vec![(name.to_owned(), None)]);
+                s.commit(vec![(key, None)]);
                 Ok(true)
             }
             _ => Ok(false),
@@ -393,30 +507,51 @@ impl Registry for MemoryRegistry {
     async fn watch(&self, from_revision: i64) -> Result<MemoryWatch, RegistryError> {
         let mut s = self.state();
         s.check_available()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        if from_revision <= s.compacted {
-            let _ = tx.send(WatchItem::Broken(WatchBroken::Compacted {
-                compact_revision: s.compacted,
-            }));
-            return Ok(MemoryWatch { rx });
+        Ok(s.watch(SUBNETS, from_revision))
+    }
+
+    async fn host_records(&self) -> Result<LeaseSnapshot, RegistryError> {
+        let s = self.state();
+        s.check_available()?;
+        Ok(s.listing(HOSTS))
+    }
+
+    async fn put_host_record(
+        &self,
+        name: &str,
+        value: &str,
+        etcd_lease: i64,
+    ) -> Result<Option<i64>, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        if etcd_lease != 0 && !s.leases.contains_key(&etcd_lease) {
+            return Ok(None);
         }
-        let mut pending: Option<(i64, Vec<WatchEvent>)> = None;
-        for (rev, event) in s.history.iter().filter(|(rev, _)| *rev >= from_revision) {
-            match &mut pending {
-                Some((r, events)) if r == rev => events.push(event.clone()),
-                _ => {
-                    if let Some((revision, events)) = pending.take() {
-                        let _ = tx.send(WatchItem::Events { revision, events });
-                    }
-                    pending = Some((*rev, vec![event.clone()]));
-                }
+        let change = Some((value.as_bytes().to_vec(), etcd_lease));
+        Ok(Some(s.commit(vec![(full_key(HOSTS, name), change)])))
+    }
+
+    async fn delete_host_record(
+        &self,
+        name: &str,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        let key = full_key(HOSTS, name);
+        match s.keys.get(&key) {
+            Some(e) if e.mod_revision == mod_revision => {
+                s.commit(vec![(key, None)]);
+                Ok(true)
             }
+            _ => Ok(false),
         }
-        if let Some((revision, events)) = pending {
-            let _ = tx.send(WatchItem::Events { revision, events });
-        }
-        s.watchers.push(tx);
-        Ok(MemoryWatch { rx })
+    }
+
+    async fn watch_host_records(&self, from_revision: i64) -> Result<MemoryWatch, RegistryError> {
+        let mut s = self.state();
+        s.check_available()?;
+        Ok(s.watch(HOSTS, from_revision))
     }
 }
 

@@ -16,6 +16,9 @@ pub struct Lease {
     pub public_ip: Ipv4Addr,
     /// When the lease expires unless renewed; `None` for a reservation, which never does.
     pub expires: Option<SystemTime>,
+    /// The etcd lease the subnet's key is attached to (0 for a reservation): weft's per-host
+    /// record is attached to it too, so that both disappear together.
+    pub etcd_lease: i64,
 }
 
 /// This host's lease was seen gone at `revision`: the watcher's message to the lease keeper.

@@ -179,6 +179,33 @@ pub trait Registry: Clone + Send + Sync + 'static {
         &self,
         from_revision: i64,
     ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
+
+    /// Every per-host record under `/weft.io<prefix>/hosts/` (names are lease key names) and
+    /// the revision they were read at.
+    fn host_records(&self) -> impl Future<Output = Result<LeaseSnapshot, RegistryError>> + Send;
+
+    /// Write `value` at host record `name`, attached to etcd lease `etcd_lease` (0: none).
+    /// `Ok(Some(revision))` when written, `Ok(None)` when that etcd lease no longer exists.
+    fn put_host_record(
+        &self,
+        name: &str,
+        value: &str,
+        etcd_lease: i64,
+    ) -> impl Future<Output = Result<Option<i64>, RegistryError>> + Send;
+
+    /// Delete host record `name` if it is unmodified since `mod_revision`. `Ok(false)`: it
+    /// changed or is gone.
+    fn delete_host_record(
+        &self,
+        name: &str,
+        mod_revision: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Watch every host record from `from_revision` on.
+    fn watch_host_records(
+        &self,
+        from_revision: i64,
+    ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
 }
 
 /// A running watch on the leases.
@@ -617,7 +644,69 @@ impl Registry for EtcdRegistry {
     }
 
     async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
-        let dir = self.subnets_dir();
+        self.watch_dir(self.subnets_dir(), from_revision).await
+    }
+
+    async fn host_records(&self) -> Result<LeaseSnapshot, RegistryError> {
+        let dir = self.prefix.hosts_dir();
+        self.call(|client| list_leases(client, dir.clone())).await
+    }
+
+    async fn put_host_record(
+        &self,
+        name: &str,
+        value: &str,
+        etcd_lease: i64,
+    ) -> Result<Option<i64>, RegistryError> {
+        let key = self.prefix.host_record_key(name);
+        let put = self
+            .call(|mut client| {
+                let (key, value) = (key.clone(), value.to_owned());
+                let options = (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease));
+                async move {
+                    match client.put(key, value, options).await {
+                        Ok(resp) => Ok(Some(header_revision(resp.header()))),
+                        Err(e) if lease_not_found(&e) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        Ok(put)
+    }
+
+    async fn delete_host_record(
+        &self,
+        name: &str,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let key = self.prefix.host_record_key(name);
+        self.call(|mut client| {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            async move { Ok(client.txn(txn).await?.succeeded()) }
+        })
+        .await
+    }
+
+    async fn watch_host_records(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
+        self.watch_dir(self.prefix.hosts_dir(), from_revision).await
+    }
+}
+
+/// Whether `e` says that the etcd lease a put names does not exist (any more).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("requested lease not found"))
+}
+
+impl EtcdRegistry {
+    /// A watch on every key under `dir` from `from_revision` on.
+    async fn watch_dir(&self, dir: String, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let timeout = self.request_timeout;
         let stream = self
             .call(|client| {
@@ -643,6 +732,7 @@ impl Registry for EtcdRegistry {
         Ok(EtcdWatch {
             stream,
             registry: self.clone(),
+            dir,
             endpoint: self.current.load(Ordering::Relaxed),
             from_revision,
             cluster_id: 0,
@@ -735,6 +825,8 @@ async fn keep_alive_once(
 pub struct EtcdWatch {
     stream: etcd_client::WatchStream,
     registry: EtcdRegistry,
+    /// The directory watched, with its trailing slash.
+    dir: String,
     /// The endpoint the watch runs on.
     endpoint: usize,
     from_revision: i64,
@@ -834,13 +926,13 @@ impl LeaseWatch for EtcdWatch {
                 continue;
             }
             let revision = header_revision(resp.header());
-            let dir = self.registry.subnets_dir();
+            let dir = &self.dir;
             let events = resp
                 .events()
                 .iter()
                 .filter_map(|event| {
                     let kv = event.kv()?;
-                    let lease = raw_lease(&dir, kv)?;
+                    let lease = raw_lease(dir, kv)?;
                     Some(match event.event_type() {
                         EventType::Put => WatchEvent::Put(lease),
                         EventType::Delete => WatchEvent::Delete {

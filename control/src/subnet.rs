@@ -41,6 +41,18 @@ impl KeyPrefix {
         format!("{}/subnets/", self.0)
     }
 
+    /// `/weft.io<prefix>/hosts/`: the directory of weft's per-host records (capabilities,
+    /// multicast groups), with its trailing slash. flanneld never reads under `/weft.io`.
+    pub fn hosts_dir(&self) -> String {
+        let sep = if self.0.starts_with('/') { "" } else { "/" };
+        format!("/weft.io{sep}{}/hosts/", self.0)
+    }
+
+    /// `/weft.io<prefix>/hosts/<name>` for a lease key name such as `10.1.74.0-24`.
+    pub fn host_record_key(&self, name: &str) -> String {
+        format!("{}{name}", self.hosts_dir())
+    }
+
     /// `<prefix>/subnets/<name>` for a lease key name such as `10.1.74.0-24`.
     pub fn lease_key(&self, name: &str) -> String {
         format!("{}/subnets/{name}", self.0)

@@ -11,8 +11,10 @@ use std::net::SocketAddrV4;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::icmp_limit::IcmpGate;
+use crate::multicast::receive::{self, Delivery};
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
+use crate::wire::ethernet;
 use crate::wire::ipv4::Ipv4Packet;
 use crate::wire::vnet::VnetHeader;
 
@@ -165,6 +167,7 @@ pub(crate) fn decide_datagrams(
     reply: &mut [u8],
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
+    mut groups: Option<GroupSink<'_>>,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
     let len = buf.len();
@@ -223,10 +226,27 @@ pub(crate) fn decide_datagrams(
                     }
                 }
             }
+            PeerDecision::Drop(DropReason::NotOurs) => match (&mut groups, &ip) {
+                // Off the hot path: only what is not for this host's subnet gets here.
+                (Some(sink), Some(ip)) => {
+                    match receive::from_peer(from, ip, table, policy, sink.delivery) {
+                        Ok(header) => (sink.deliver)(&header, ip.as_bytes()),
+                        Err(reason) => counts.drop(reason),
+                    }
+                }
+                _ => counts.drop(DropReason::NotOurs),
+            },
             PeerDecision::Drop(reason) => counts.drop(reason),
         }
     }
     answer
+}
+
+/// Where group traffic from peers goes on a host that takes some: what it takes, and the
+/// function that writes a frame (`header`, then the packet) into the multicast TAP.
+pub(crate) struct GroupSink<'a> {
+    pub(crate) delivery: Delivery,
+    pub(crate) deliver: &'a mut dyn FnMut(&[u8; ethernet::HEADER_LEN], &[u8]),
 }
 
 #[cfg(test)]
@@ -261,6 +281,62 @@ mod tests {
             [(other.parse().unwrap(), public.parse().unwrap())],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn group_traffic_from_a_peer_goes_to_the_sink_only_when_one_is_given() {
+        use crate::multicast::relay::tests::frame;
+        let routes = table("10.1.1.0/24");
+        let group = frame("10.1.2.5", "239.1.1.1", 17, &[7; 8]);
+        let group = &group[14..14 + 28];
+        let forged = frame("10.1.3.5", "239.1.1.1", 17, &[7; 8]);
+        let forged = &forged[14..14 + 28];
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let mut decide = |packet: &[u8], delivery: Option<Delivery>| {
+            let mut buf = packet.to_vec();
+            let mut counts = BatchCounts::default();
+            let mut delivered = Vec::new();
+            let mut deliver = |header: &[u8; ethernet::HEADER_LEN], packet: &[u8]| {
+                delivered.push((header[..6].to_vec(), packet.to_vec()))
+            };
+            let sink = delivery.map(|delivery| GroupSink {
+                delivery,
+                deliver: &mut deliver,
+            });
+            decide_datagrams(
+                Some(peer()),
+                &mut buf,
+                None,
+                false,
+                &routes,
+                &POLICY,
+                &mut reply,
+                &mut IcmpGate::unlimited(),
+                &mut counts,
+                sink,
+                |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing goes to the TUN"),
+            );
+            (counts, delivered)
+        };
+        let on = Delivery {
+            multicast: true,
+            broadcast: false,
+        };
+        let (counts, delivered) = decide(group, Some(on));
+        assert_eq!(counts.drops, [0; DropReason::COUNT]);
+        assert_eq!(delivered, [(vec![1, 0, 0x5e, 1, 1, 1], group.to_vec())]);
+        let (counts, delivered) = decide(forged, Some(on));
+        assert_eq!(counts.drops[DropReason::SpoofedSource as usize], 1);
+        assert!(delivered.is_empty());
+        for delivery in [None, Some(Delivery::default())] {
+            let (counts, delivered) = decide(group, delivery);
+            assert_eq!(
+                counts.drops[DropReason::NotOurs as usize],
+                1,
+                "as without multicast"
+            );
+            assert!(delivered.is_empty());
+        }
     }
 
     #[test]
@@ -377,6 +453,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
         assert_eq!(accepted, vec![(0, 1472), (1472, 1472), (3 * 1472, 152)]);
@@ -409,6 +486,7 @@ mod tests {
                 &mut reply,
                 &mut IcmpGate::unlimited(),
                 &mut counts,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             assert_eq!(answer, None);
@@ -430,6 +508,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
         assert_eq!(seen, MAX_RX_DATAGRAMS);
@@ -446,6 +525,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
         assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
@@ -521,6 +601,7 @@ mod tests {
                 &mut reply,
                 &mut gate,
                 &mut counts,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             answers += usize::from(answer.is_some());

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
+use crate::multicast::MulticastConfig;
 use crate::wire::vnet::VNET_HDR_LEN;
 
 /// How workers talk to the kernel. With offloads, the batched system calls measured faster
@@ -123,7 +124,7 @@ impl ActiveOffloads {
 }
 
 /// How to run the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Worker threads; must equal the number of TUN queues handed to `Engine::start`.
     pub workers: usize,
@@ -139,6 +140,8 @@ pub struct EngineConfig {
     pub offloads: Offloads,
     /// How many ICMP errors each worker may send.
     pub icmp_rate_limit: IcmpRateLimit,
+    /// Multicast and broadcast between hosts; `None` (the default) drops them as flannel does.
+    pub multicast: Option<MulticastConfig>,
 }
 
 /// The offloads a TUN device was set up with (`TUNSETOFFLOAD`).

@@ -8,6 +8,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::multicast::MulticastSnapshot;
+
 /// Why a packet was dropped. Every drop is counted under exactly one reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DropReason {
@@ -215,6 +217,8 @@ pub struct CounterSnapshot {
     pub total: BatchCounts,
     /// How many workers contributed.
     pub workers: usize,
+    /// The multicast relay's counters, when the engine runs one.
+    pub multicast: Option<MulticastSnapshot>,
 }
 
 impl CounterSnapshot {
@@ -331,6 +335,9 @@ impl CounterSnapshot {
             "# HELP weft_workers Data-plane worker threads.\n# TYPE weft_workers gauge\nweft_workers {}",
             self.workers
         );
+        if let Some(multicast) = &self.multicast {
+            multicast.render_prometheus(out);
+        }
     }
 
     /// A one-line summary for the log.

@@ -8,8 +8,9 @@
 //!   virtio-net header); every parser lives here;
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
-//!   coalescing ([`offload`]) and what a batch does
-//!   with each packet ([`batch`]) — no I/O, tested deterministically;
+//!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
+//!   multicast relay's decisions and membership ([`multicast`]) — no I/O, tested
+//!   deterministically;
 //! - [`io`]: the shell that talks to the kernel (TUN, UDP sockets, io_uring and batched system
 //!   calls, the worker threads, the [`engine`]) and executes the core's results in batches.
 //!
@@ -30,6 +31,8 @@ pub mod decide;
 pub mod icmp_limit;
 pub mod io;
 #[forbid(unsafe_code)]
+pub mod multicast;
+#[forbid(unsafe_code)]
 pub mod offload;
 #[forbid(unsafe_code)]
 pub mod route;
@@ -45,5 +48,6 @@ pub use icmp_limit::IcmpRateLimit;
 pub use io::engine::{Engine, EngineError};
 pub use io::error::WorkerError;
 pub use io::tun::{open_queues, open_queues_with, TunError, TunQueue};
+pub use multicast::{GroupTable, Groups, LocalGroups, MulticastConfig, PeerMulticast};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
 pub use wire::ipv4::{Ipv4Packet, PacketError};

@@ -6,6 +6,7 @@ use crate::counters::WorkerCounters;
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
+use crate::io::tap::GroupDelivery;
 use crate::route::Routes;
 
 /// Everything a worker's loop reads but does not own.
@@ -15,4 +16,6 @@ pub(crate) struct WorkerContext {
     pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) icmp_rate_limit: IcmpRateLimit,
+    /// Where group traffic from peers goes, on a host that takes some.
+    pub(crate) groups: Option<GroupDelivery>,
 }

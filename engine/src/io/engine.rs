@@ -6,16 +6,23 @@ use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
 use crate::io::context::WorkerContext;
 use crate::io::error::WorkerError;
 use crate::io::probe::probe_offloads;
+use crate::io::relay::{self, RelaySetup, RelayThread};
 use crate::io::stop::StopSignal;
+use crate::io::tap::{GroupDelivery, Tap};
+use crate::io::tun::TunError;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{bind_worker_socket, steer_by_inner_flow};
 use crate::io::worker::{self, SpawnError, WorkerSetup};
+use crate::multicast::receive::Delivery;
+use crate::multicast::relay::Relay;
+use crate::multicast::{Groups, LocalGroups, MulticastCounters};
 use crate::route::Routes;
 
 /// Why the engine could not start.
@@ -59,6 +66,12 @@ pub enum EngineError {
         #[source]
         source: WorkerError,
     },
+    /// The multicast TAP could not be created.
+    #[error("cannot open the multicast TAP: {0}")]
+    Tap(#[source] TunError),
+    /// The multicast relay's socket or thread could not be set up.
+    #[error("cannot start the multicast relay: {0}")]
+    Relay(#[source] io::Error),
     /// A worker thread ended during setup without saying why.
     #[error("worker {index} ended during setup")]
     WorkerLost {
@@ -71,16 +84,32 @@ pub enum EngineError {
 pub struct Engine {
     workers: Vec<worker::WorkerThread>,
     offloads: ActiveOffloads,
+    local_groups: LocalGroups,
+    multicast_counters: Option<Arc<MulticastCounters>>,
+    relay: Option<RelayThread>,
 }
 
 impl Engine {
     /// Start one worker per TUN queue, each with its own socket bound to `config.bind`, all
     /// reading `routes`. Returns once every worker has set up its I/O; if one cannot, the
-    /// others are stopped and the error is returned.
+    /// others are stopped and the error is returned. With `config.multicast` set, no peer
+    /// takes group traffic until one is published: see [`Engine::start_with_groups`].
     pub fn start(
         config: EngineConfig,
         tun: Vec<TunQueue>,
         routes: Routes,
+    ) -> Result<Engine, EngineError> {
+        Self::start_with_groups(config, tun, routes, Groups::default())
+    }
+
+    /// As [`Engine::start`], and with `config.multicast` set, also open the multicast TAP
+    /// and start the relay thread, which replicates local group traffic to the peers
+    /// `groups` lists. Without `config.multicast`, `groups` is unused.
+    pub fn start_with_groups(
+        config: EngineConfig,
+        tun: Vec<TunQueue>,
+        routes: Routes,
+        groups: Groups,
     ) -> Result<Engine, EngineError> {
         if config.workers == 0 {
             return Err(EngineError::NoWorkers);
@@ -112,13 +141,45 @@ impl Engine {
         let mut engine = Engine {
             workers: Vec::with_capacity(config.workers),
             offloads,
+            local_groups: LocalGroups::new(),
+            multicast_counters: None,
+            relay: None,
         };
+        // With multicast: the TAP, shared by the workers (delivery) and the relay (capture).
+        let mut relay_setup = None;
+        let mut delivery = None;
+        if let Some(multicast) = &config.multicast {
+            let tap = Arc::new(Tap::open(&multicast.tap_name).map_err(EngineError::Tap)?);
+            let counters = Arc::new(MulticastCounters::default());
+            // A duplicate of a bound socket, not a new one: a new socket on the port would
+            // join the reuseport group and take a share of the peers' datagrams.
+            let socket = sockets[0].try_clone().map_err(EngineError::Relay)?;
+            delivery = Some(GroupDelivery {
+                tap: Arc::clone(&tap),
+                delivery: Delivery {
+                    multicast: multicast.multicast,
+                    broadcast: multicast.broadcast,
+                },
+                counters: Arc::clone(&counters),
+            });
+            relay_setup = Some(RelaySetup {
+                tap,
+                socket,
+                routes: routes.clone(),
+                groups,
+                local: engine.local_groups.clone(),
+                counters: Arc::clone(&counters),
+                relay: Relay::new(multicast, config.policy.tun_mtu, Instant::now()),
+            });
+            engine.multicast_counters = Some(counters);
+        }
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
                 routes: routes.clone(),
                 policy: config.policy,
                 icmp_rate_limit: config.icmp_rate_limit,
+                groups: delivery.clone(),
                 counters: Arc::new(WorkerCounters::default()),
                 stop: Arc::new(stop),
             };
@@ -139,6 +200,9 @@ impl Engine {
             })?;
             engine.workers.push(thread);
         }
+        if let Some(setup) = relay_setup {
+            engine.relay = Some(relay::spawn(setup).map_err(EngineError::Relay)?);
+        }
         tracing::info!(
             workers = config.workers,
             io = %config.io,
@@ -153,9 +217,17 @@ impl Engine {
         self.offloads
     }
 
-    /// All workers' counters, summed.
+    /// All workers' counters, summed, and the multicast relay's.
     pub fn counters(&self) -> CounterSnapshot {
-        CounterSnapshot::sum(self.workers.iter().map(|w| &*w.counters))
+        let mut snapshot = CounterSnapshot::sum(self.workers.iter().map(|w| &*w.counters));
+        snapshot.multicast = self.multicast_counters.as_ref().map(|c| c.snapshot());
+        snapshot
+    }
+
+    /// The groups local containers joined, as the multicast relay snooped them (always empty
+    /// without multicast). The handle stays valid, and keeps changing, while the engine runs.
+    pub fn local_groups(&self) -> LocalGroups {
+        self.local_groups.clone()
     }
 
     /// Whether every worker is still running (a worker that hit a fatal error has ended).
@@ -178,6 +250,9 @@ impl Engine {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some(relay) = &mut self.relay {
+            relay.stop_and_join();
+        }
         for worker in &self.workers {
             worker.stop.raise();
         }
@@ -227,9 +302,10 @@ mod tests {
             pin_cores: false,
             offloads: Offloads::default(),
             icmp_rate_limit: crate::icmp_limit::IcmpRateLimit::DEFAULT,
+            multicast: None,
         };
         assert!(matches!(
-            Engine::start(config, Vec::new(), routes.clone()),
+            Engine::start(config.clone(), Vec::new(), routes.clone()),
             Err(EngineError::NoWorkers)
         ));
         let two = EngineConfig {

@@ -6,18 +6,20 @@ use std::net::SocketAddrV4;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use crate::batch::{decide_datagrams, Source, WriteCount};
+use crate::batch::{decide_datagrams, GroupSink, Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::PacketBuffers;
 use crate::io::error::{write_error_is_fatal, WorkerError};
+use crate::io::tap::GroupDelivery;
 use crate::io::tun::write_packet;
 use crate::io::udp::{MessageInfo, SendBatch};
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{Coalescer, Segmenter};
 use crate::route::RouteTable;
+use crate::wire::ethernet::HEADER_LEN;
 use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
 
 /// Queue the datagrams of a decided super-packet for `to` into `batch`, from segment `*next`
@@ -64,6 +66,8 @@ pub(crate) struct Accepted {
     packets: Vec<(*mut u8, usize)>,
     coalescer: Coalescer,
     coalesce: bool,
+    /// Where group traffic from peers goes, on a host that takes some.
+    groups: Option<GroupDelivery>,
 }
 
 /// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
@@ -79,7 +83,13 @@ impl Accepted {
             packets: Vec::with_capacity(packets),
             coalescer,
             coalesce: offloads.coalesce,
+            groups: None,
         }
+    }
+
+    /// Deliver group traffic from peers through `groups` from now on.
+    pub(crate) fn set_groups(&mut self, groups: Option<GroupDelivery>) {
+        self.groups = groups;
     }
 
     /// Decide on the datagrams a receive from `from` left in `slot` (`len` bytes; a GRO run
@@ -109,6 +119,16 @@ impl Accepted {
         let (buf, reply) = unsafe { buffers.slot(slot, len) };
         let packets = &mut self.packets;
         let mut coalescer = self.coalesce.then_some(&mut self.coalescer);
+        let groups = self.groups.as_ref();
+        let mut deliver = |header: &[u8; HEADER_LEN], packet: &[u8]| {
+            if let Some(groups) = groups {
+                groups.deliver(header, packet);
+            }
+        };
+        let sink = groups.map(|groups| GroupSink {
+            delivery: groups.delivery,
+            deliver: &mut deliver,
+        });
         let answer = decide_datagrams(
             from,
             buf,
@@ -119,6 +139,7 @@ impl Accepted {
             reply,
             icmp,
             counts,
+            sink,
             |offset, ip| {
                 // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
                 packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));

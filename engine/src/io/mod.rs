@@ -5,7 +5,8 @@
 //! errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP sockets ([`udp`]),
 //! what the kernel supports ([`probe`]), the execution of a batch's results that both back ends
 //! share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the worker thread
-//! ([`worker`]) and the [`engine`] that starts and stops the workers.
+//! ([`worker`]), the multicast TAP ([`tap`]) and relay thread ([`relay`]), and the [`engine`]
+//! that starts and stops them.
 
 pub(crate) mod buffers;
 pub(crate) mod context;
@@ -13,8 +14,10 @@ pub mod engine;
 pub(crate) mod error;
 pub(crate) mod execute;
 pub mod probe;
+pub(crate) mod relay;
 pub(crate) mod stop;
 pub(crate) mod syscalls;
+pub(crate) mod tap;
 pub mod tun;
 pub mod udp;
 pub(crate) mod uring;

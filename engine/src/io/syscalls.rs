@@ -160,6 +160,7 @@ impl SyscallWorker {
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
+        self.accepted.set_groups(context.groups.clone());
         let mut tun_more = false;
         let mut udp_more = false;
         loop {

@@ -140,6 +140,23 @@ pub fn open_queues_with(
     Ok(opened)
 }
 
+/// Open (creating it if need be) the layer-2 TAP device `name`, bare frames without packet
+/// information, nonblocking: the multicast relay's port on the container bridge. Returns the
+/// descriptor and the device's name.
+pub(crate) fn open_tap(name: &str) -> Result<(OwnedFd, String), TunError> {
+    let requested = InterfaceName::new(name)?;
+    let file = open_clone_device().map_err(TunError::Open)?;
+    let resolved =
+        attach(&file, &requested, libc::IFF_TAP | libc::IFF_NO_PI).map_err(|source| {
+            TunError::Attach {
+                name: name.to_owned(),
+                queue: 0,
+                source,
+            }
+        })?;
+    Ok((file, resolved.as_str().to_owned()))
+}
+
 fn open_clone_device() -> io::Result<OwnedFd> {
     let file: File = OpenOptions::new()
         .read(true)

@@ -398,6 +398,7 @@ impl UringWorker {
     /// Move packets until the stop signal is raised or a fatal error occurs.
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
+        self.accepted.set_groups(context.groups.clone());
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()

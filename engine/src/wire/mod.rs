@@ -1,14 +1,17 @@
 //! The wire formats weft reads and writes, as checked views and field layouts over
 //! caller-owned buffers: IPv4 ([`ipv4`]), the ICMP errors a router sends ([`icmp`]), the
 //! TCP and UDP header fields the offloads touch ([`tcp`], [`udp`]), and the virtio-net header
-//! in front of every TUN packet with offloads ([`vnet`]).
+//! in front of every TUN packet with offloads ([`vnet`]), and for the multicast relay the
+//! Ethernet frames on its TAP ([`ethernet`]) and IGMP ([`igmp`]).
 //!
 //! Every parser of the engine lives here. IPv4 is parsed once per packet
 //! ([`ipv4::Ipv4Packet::new_checked`]): the decisions, the segmenter and the coalescer all read
 //! the same checked view; the offloads read the TCP and UDP headers behind it through
 //! [`tcp::TcpHeader`] and [`udp::UdpHeader`]. Nothing in this layer does I/O or uses `unsafe`.
 
+pub mod ethernet;
 pub mod icmp;
+pub mod igmp;
 pub mod ipv4;
 pub mod tcp;
 pub mod udp;

@@ -26,8 +26,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_engine::{
-    open_queues_with, Engine, EngineConfig, IcmpRateLimit, IoBackend, Offloads, Overlay, Policy,
-    RouteTable, Routes,
+    open_queues_with, Engine, EngineConfig, Groups, IcmpRateLimit, IoBackend, MulticastConfig,
+    Offloads, Overlay, Policy, RouteTable, Routes,
 };
 
 /// The overlay every lab uses: flannel's example Network cut into /24 subnets.
@@ -185,6 +185,40 @@ impl Lab {
         lab
     }
 
+    /// Add a container namespace `role` on `host`'s bridge with address `addr` (in the host's
+    /// subnet) and link MTU `mtu`; returns the namespace's name.
+    pub fn add_container(&mut self, host: &Host, role: &str, addr: Ipv4Addr, mtu: usize) -> String {
+        let ns = format!("{}-{role}", self.prefix);
+        self.namespaces.push(ns.clone());
+        run(&["ip", "netns", "add", &ns]);
+        sysctl(
+            &ns,
+            &[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        );
+        ip(&ns, &["link", "set", "lo", "up"]);
+        let port = format!("to-{role}");
+        let mtu = mtu.to_string();
+        ip(
+            &host.ns,
+            &[
+                "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+                &mtu, "netns", &ns,
+            ],
+        );
+        ip(&host.ns, &["link", "set", &port, "master", "cbr0", "up"]);
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&ns, &["link", "set", "eth0", "up"]);
+        let gateway = Ipv4Addr::from(u32::from(host.subnet) + 1);
+        ip(
+            &ns,
+            &["route", "add", "default", "via", &gateway.to_string()],
+        );
+        ns
+    }
+
     /// The name prefix of this lab's namespaces.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -230,6 +264,48 @@ impl Lab {
         offloads: Offloads,
         icmp_rate_limit: IcmpRateLimit,
     ) -> RunningEngine {
+        self.start_engine_full(
+            host,
+            backend,
+            workers,
+            offloads,
+            icmp_rate_limit,
+            None,
+            Groups::default(),
+        )
+    }
+
+    /// Start the engine on `host` with two workers, every offload, and `multicast` with the
+    /// peers `groups` lists.
+    pub fn start_engine_multicast(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        multicast: Option<MulticastConfig>,
+        groups: Groups,
+    ) -> RunningEngine {
+        self.start_engine_full(
+            host,
+            backend,
+            2,
+            Offloads::ALL,
+            IcmpRateLimit::DEFAULT,
+            multicast,
+            groups,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_engine_full(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        workers: usize,
+        offloads: Offloads,
+        icmp_rate_limit: IcmpRateLimit,
+        multicast: Option<MulticastConfig>,
+        groups: Groups,
+    ) -> RunningEngine {
         let routes = self.routes_for(host);
         let ns = host.ns.clone();
         let subnet = host.subnet;
@@ -250,8 +326,10 @@ impl Lab {
                 pin_cores: false,
                 offloads,
                 icmp_rate_limit,
+                multicast,
             };
-            let engine = Engine::start(config, queues, routes).expect("start engine");
+            let engine =
+                Engine::start_with_groups(config, queues, routes, groups).expect("start engine");
             RunningEngine { engine, tun }
         })
     }
@@ -426,6 +504,13 @@ fn enter_netns(path: &PathBuf) {
 /// Run `ip -n ns args...`, failing the test on error.
 pub fn ip(ns: &str, args: &[&str]) {
     let mut argv = vec!["ip", "-n", ns];
+    argv.extend_from_slice(args);
+    run(&argv);
+}
+
+/// Run `bridge -n ns args...`, failing the test on error.
+pub fn bridge(ns: &str, args: &[&str]) {
+    let mut argv = vec!["bridge", "-n", ns];
     argv.extend_from_slice(args);
     run(&argv);
 }
