@@ -306,8 +306,8 @@ pub struct Flags {
     )]
     pub multicast: bool,
 
-    /// Carry UDP broadcast (to 255.255.255.255 and to the overlay Network's broadcast
-    /// address) to every weft host that has it on.
+    /// Carry UDP broadcast to 255.255.255.255 to every weft host that has it on (the overlay
+    /// Network's own broadcast address is not carried).
     #[arg(
         long,
         env = "WEFTD_BROADCAST",
