@@ -457,10 +457,7 @@ fn pings(ns: &NetNs, to: &str) -> bool {
 
 #[test]
 fn etcd_data_loss_is_survived_by_two_weftd() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let TwoHosts { h1, h2, dir } = TwoHosts::new();
     let etcd = start_etcd(&h1, &dir.0);
     etcdctl(&h1, &["put", "/coreos.com/network/config", NETWORK_16]);
     let mut w1 = start_weftd(&h1, &dir.0, "h1", "198.18.0.1");
@@ -535,10 +532,7 @@ fn etcd_data_loss_is_survived_by_two_weftd() {
 
 #[test]
 fn etcd_outage_and_a_deleted_lease_are_survived() {
-    let dir = TempDir::new();
-    let h1 = NetNs::new("h1");
-    let h2 = NetNs::new("h2");
-    veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
+    let TwoHosts { h1, h2, dir } = TwoHosts::new();
     let mut etcd = start_etcd(&h1, &dir.0);
     etcdctl(
         &h1,
@@ -601,7 +595,7 @@ fn etcd_outage_and_a_deleted_lease_are_survived() {
 /// and logs; everything is removed when dropped.
 struct TwoHosts {
     h1: NetNs,
-    _h2: NetNs,
+    h2: NetNs,
     dir: TempDir,
 }
 
@@ -611,7 +605,7 @@ impl TwoHosts {
         let h1 = NetNs::new("h1");
         let h2 = NetNs::new("h2");
         veth(&h1, "eth0", "198.18.0.1/24", &h2, "eth0", "198.18.0.2/24");
-        TwoHosts { h1, _h2: h2, dir }
+        TwoHosts { h1, h2, dir }
     }
 
     /// etcd on host 1, with `config` (if any) at `<prefix>/config`.
