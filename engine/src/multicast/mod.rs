@@ -12,6 +12,7 @@ pub mod counters;
 pub mod groups;
 pub mod local;
 pub mod membership;
+pub mod network_broadcast;
 pub mod rate;
 pub mod receive;
 pub mod relay;

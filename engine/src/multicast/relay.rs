@@ -21,6 +21,7 @@ use std::time::Instant;
 use crate::multicast::counters::MulticastDrop;
 use crate::multicast::groups::GroupTable;
 use crate::multicast::membership::{Membership, Update};
+use crate::multicast::network_broadcast;
 use crate::multicast::rate::TokenBucket;
 use crate::multicast::MulticastConfig;
 use crate::route::RouteTable;
@@ -164,6 +165,55 @@ impl Relay {
         }
         FrameOutcome::Replicate { packet: bytes, to }
     }
+
+    /// Decide at `now` on a packet a worker read from the TUN and [`network_broadcast::is_carried`]
+    /// found to be UDP to the Network's broadcast address, rewriting it in place to
+    /// 255.255.255.255 when it is carried. Checked in this order, as a frame from the TAP:
+    /// malformed → `bad_packet`; broadcast off, or not UDP to that address → `not_enabled`;
+    /// the source is not a container of this host → `not_local_source`; longer than the TUN
+    /// MTU (a super-packet) → `too_big`. A carried packet goes to this host's containers
+    /// whatever the peers, and to the broadcast-capable peers within the rate limit.
+    pub fn on_network_broadcast<'a>(
+        &mut self,
+        packet: &mut [u8],
+        now: Instant,
+        routes: &RouteTable,
+        groups: &'a GroupTable,
+    ) -> Result<NetworkBroadcast<'a>, MulticastDrop> {
+        let Ok(ip) = Ipv4Packet::new_checked(&*packet) else {
+            return Err(MulticastDrop::BadPacket);
+        };
+        if !self.broadcast || !network_broadcast::is_carried(&ip, routes) {
+            return Err(MulticastDrop::NotEnabled);
+        }
+        if !routes.is_local(ip.src()) {
+            return Err(MulticastDrop::NotLocalSource);
+        }
+        if packet.len() > self.tun_mtu {
+            return Err(MulticastDrop::TooBig);
+        }
+        network_broadcast::to_limited_broadcast(packet).map_err(|_| MulticastDrop::BadPacket)?;
+        let to = groups.broadcast_receivers();
+        let copies = u32::try_from(to.len()).unwrap_or(u32::MAX);
+        if to.is_empty() || self.bucket.take(copies, now) {
+            Ok(NetworkBroadcast { to, refused: None })
+        } else {
+            Ok(NetworkBroadcast {
+                to: &[],
+                refused: Some(MulticastDrop::RateLimited),
+            })
+        }
+    }
+}
+
+/// A packet to the Network's broadcast address that is carried: now to 255.255.255.255, it
+/// is written into the TAP for this host's containers and sent to each of `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkBroadcast<'a> {
+    /// The peers that get a copy (none when no peer takes broadcast, or over the rate).
+    pub to: &'a [SocketAddrV4],
+    /// Why the peers get no copy, when that is to be counted (`rate_limited`).
+    pub refused: Option<MulticastDrop>,
 }
 
 #[cfg(test)]
@@ -345,6 +395,123 @@ pub(crate) mod tests {
             relay.on_frame(&f, now, &routes, &groups),
             FrameOutcome::Drop(MulticastDrop::NotEnabled)
         );
+    }
+
+    /// The bare packet of [`frame`]: what a worker reads from the TUN.
+    fn packet(src: &str, dst: &str, protocol: u8, payload: &[u8]) -> Vec<u8> {
+        frame(src, dst, protocol, payload)[14..34 + payload.len()].to_vec()
+    }
+
+    #[test]
+    fn the_networks_broadcast_goes_to_the_broadcast_peers_as_limited_broadcast() {
+        let now = Instant::now();
+        let (routes, groups) = (routes(), groups());
+        let mut relay = Relay::new(&config(true, 1000), 1472, now);
+        let mut bytes = packet("10.1.1.5", "10.1.255.255", UDP, &[7; 12]);
+        let before = bytes.clone();
+        let carried = relay.on_network_broadcast(&mut bytes, now, &routes, &groups);
+        assert_eq!(
+            carried,
+            Ok(NetworkBroadcast {
+                to: &[peer(2)],
+                refused: None
+            }),
+            "only the peer that takes broadcast"
+        );
+        let ip = Ipv4Packet::new_checked(&bytes[..]).expect("still a valid packet");
+        assert_eq!(ip.dst(), Ipv4Addr::BROADCAST);
+        assert_eq!(ip.ttl(), before[8], "the TTL is untouched");
+        assert_eq!(
+            bytes[20..26],
+            before[20..26],
+            "only the UDP checksum changes"
+        );
+        assert_eq!(bytes[28..], before[28..]);
+
+        // No peer takes broadcast: the local containers still get it, nothing is counted.
+        let none = GroupTable::new([]);
+        let mut bytes = packet("10.1.1.5", "10.1.255.255", UDP, &[7; 12]);
+        assert_eq!(
+            relay.on_network_broadcast(&mut bytes, now, &routes, &none),
+            Ok(NetworkBroadcast {
+                to: &[],
+                refused: None
+            })
+        );
+    }
+
+    #[test]
+    fn the_networks_broadcast_is_refused_in_the_documented_order() {
+        let now = Instant::now();
+        let (routes, groups) = (routes(), groups());
+        let mut relay = Relay::new(&config(true, 1000), 1472, now);
+        let mut decide = |src: &str, dst: &str, protocol: u8, len: usize| {
+            let mut bytes = packet(src, dst, protocol, &vec![0; len]);
+            let before = bytes.clone();
+            let outcome = relay.on_network_broadcast(&mut bytes, now, &routes, &groups);
+            if outcome.is_err() {
+                assert_eq!(bytes, before, "a refused packet is left alone");
+            }
+            outcome.err()
+        };
+        use MulticastDrop::*;
+        // Each packet has the fault named and every later one.
+        assert_eq!(
+            decide("10.1.2.5", "10.1.255.255", 1, 1460),
+            Some(NotEnabled)
+        );
+        assert_eq!(decide("10.1.1.5", "10.1.2.255", UDP, 8), Some(NotEnabled));
+        assert_eq!(
+            decide("10.1.2.5", "10.1.255.255", UDP, 1460),
+            Some(NotLocalSource)
+        );
+        assert_eq!(decide("10.1.1.5", "10.1.255.255", UDP, 1460), Some(TooBig));
+        assert_eq!(decide("10.1.1.5", "10.1.255.255", UDP, 4), Some(BadPacket));
+        let mut malformed = packet("10.1.1.5", "10.1.255.255", UDP, &[0; 8]);
+        malformed[10] ^= 1;
+        assert_eq!(
+            relay.on_network_broadcast(&mut malformed, now, &routes, &groups),
+            Err(BadPacket)
+        );
+        // Broadcast off: not carried.
+        let mut off = Relay::new(&config(false, 1000), 1472, now);
+        let mut bytes = packet("10.1.1.5", "10.1.255.255", UDP, &[0; 8]);
+        assert_eq!(
+            off.on_network_broadcast(&mut bytes, now, &routes, &groups),
+            Err(NotEnabled)
+        );
+    }
+
+    #[test]
+    fn the_networks_broadcast_shares_the_rate_limit() {
+        let now = Instant::now();
+        let (routes, groups) = (routes(), groups());
+        // 100 per second: a burst of 10 copies, shared with the frames from the TAP.
+        let mut relay = Relay::new(&config(true, 100), 1472, now);
+        let f = frame("10.1.1.5", "255.255.255.255", UDP, &[0; 8]);
+        for _ in 0..5 {
+            assert!(matches!(
+                relay.on_frame(&f, now, &routes, &groups),
+                FrameOutcome::Replicate { .. }
+            ));
+        }
+        let mut carried = 0;
+        let mut limited = 0;
+        for _ in 0..10 {
+            let mut bytes = packet("10.1.1.5", "10.1.255.255", UDP, &[0; 8]);
+            match relay.on_network_broadcast(&mut bytes, now, &routes, &groups) {
+                Ok(NetworkBroadcast {
+                    to: [_],
+                    refused: None,
+                }) => carried += 1,
+                Ok(NetworkBroadcast {
+                    to: [],
+                    refused: Some(MulticastDrop::RateLimited),
+                }) => limited += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((carried, limited), (5, 5));
     }
 
     #[test]
