@@ -11,6 +11,7 @@ use std::net::SocketAddrV4;
 use crate::counters::{BatchCounts, DropReason};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::icmp_limit::IcmpGate;
+use crate::multicast::network_broadcast::{self, BroadcastSink};
 use crate::multicast::receive::{self, Delivery};
 use crate::offload::{complete_checksum, Plan, Segmenter};
 use crate::route::RouteTable;
@@ -60,7 +61,9 @@ pub(crate) enum TunAction {
 
 /// Decide on a packet read from the TUN behind `header`, once for a whole super-packet, and
 /// count it: as many packets as it becomes on the wire, and their bytes. Completes a partial
-/// checksum of a packet that is sent whole.
+/// checksum of a packet that is sent whole. With `broadcast` (a host with broadcast on), UDP
+/// to the Network's broadcast address is handed to it instead of being routed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_tun_read(
     header: &VnetHeader,
     packet: &mut [u8],
@@ -69,6 +72,7 @@ pub(crate) fn decide_tun_read(
     reply: &mut [u8],
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
+    broadcast: Option<&dyn BroadcastSink>,
 ) -> TunAction {
     let len = packet.len();
     // The one parse of the packet: the plan and the decision both read this view.
@@ -103,6 +107,13 @@ pub(crate) fn decide_tun_read(
             return TunAction::Recycle;
         }
     };
+    // With broadcast on, UDP to the Network's broadcast address goes to the relay thread.
+    if let Some(sink) = broadcast.filter(|_| network_broadcast::is_carried(&ip, table)) {
+        if let Err(reason) = network_broadcast::hand_off(ip.into_inner(), &offload, sink) {
+            drop(counts, reason);
+        }
+        return TunAction::Recycle;
+    }
     let largest = match &offload {
         Plan::Segment(segmenter) => Some(segmenter.largest_segment()),
         Plan::Whole | Plan::Checksum { .. } => None,
@@ -340,6 +351,70 @@ mod tests {
     }
 
     #[test]
+    fn udp_to_the_networks_broadcast_goes_to_the_sink_with_its_checksum_completed() {
+        use crate::wire::ipv4::checksum;
+        use crate::wire::ipv4::testing::Spec;
+        use crate::wire::vnet::NEEDS_CSUM;
+        use std::cell::RefCell;
+
+        struct Collect(RefCell<Vec<Vec<u8>>>);
+        impl BroadcastSink for Collect {
+            fn hand_off(&self, packet: &[u8]) {
+                self.0.borrow_mut().push(packet.to_vec());
+            }
+        }
+        let routes = table("10.1.1.0/24");
+        let builder =
+            etherparse::PacketBuilder::ipv4([10, 1, 1, 2], [10, 1, 255, 255], 64).udp(40000, 5001);
+        let mut whole = Vec::new();
+        builder.write(&mut whole, b"to all").unwrap();
+        // The TUN may leave the UDP checksum partial: the pseudo header's sum, to be completed
+        // over the bytes from the UDP header on.
+        let mut partial = whole.clone();
+        let pseudo = checksum::sum(&[&whole[12..20], &[0, 17], &whole[24..26]].concat());
+        partial[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        let needs_csum = VnetHeader {
+            flags: NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 6,
+            ..VnetHeader::PLAIN
+        };
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let mut decide = |header: &VnetHeader, packet: &[u8], sink: Option<&dyn BroadcastSink>| {
+            let mut packet = packet.to_vec();
+            let mut counts = BatchCounts::default();
+            let action = decide_tun_read(
+                header,
+                &mut packet,
+                &routes,
+                &POLICY,
+                &mut reply,
+                &mut IcmpGate::unlimited(),
+                &mut counts,
+                sink,
+            );
+            (action, counts)
+        };
+        let sink = Collect(RefCell::new(Vec::new()));
+        for (header, packet) in [(&VnetHeader::PLAIN, &whole), (&needs_csum, &partial)] {
+            let (action, counts) = decide(header, packet, Some(&sink));
+            assert_eq!(action, TunAction::Recycle);
+            assert_eq!(counts.drops, [0; DropReason::COUNT]);
+            assert_eq!(counts.tun_rx_packets, 1);
+        }
+        assert_eq!(sink.0.take(), [whole.clone(), whole.clone()]);
+        // Without a sink (broadcast off), and for anything but UDP, the address is routed as
+        // any other: no lease holds 10.1.255.0/24.
+        let icmp = Spec::icmp("10.1.1.2", "10.1.255.255", 8, 64).bytes();
+        for (packet, sink) in [(&whole, None), (&icmp, Some(&sink as &dyn BroadcastSink))] {
+            let (action, counts) = decide(&VnetHeader::PLAIN, packet, sink);
+            assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
+            assert_eq!(counts.drops[DropReason::NoRoute as usize], 1);
+        }
+        assert!(sink.0.take().is_empty());
+    }
+
+    #[test]
     fn super_packets_are_decided_once_and_counted_per_segment() {
         let spec = Tcp::new(1, 20_000);
         let (header, mut packet) = spec.super_packet(1420);
@@ -354,6 +429,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
         );
         let TunAction::Send {
             to,
@@ -383,6 +459,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
         );
         assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
         assert_eq!(counts.drops[DropReason::NoRoute as usize], 15);
@@ -399,6 +476,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
         );
         assert_eq!(action, TunAction::Recycle);
         assert_eq!(counts.drops[DropReason::NotIpv4 as usize], 1);
@@ -420,6 +498,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
         );
         assert!(matches!(action, TunAction::Send { segments: None, .. }));
         assert_valid(&packet);
@@ -556,6 +635,7 @@ mod tests {
                     &mut reply,
                     &mut gate,
                     &mut counts,
+                    None,
                 )
             })
             .collect();
@@ -577,6 +657,7 @@ mod tests {
             &mut reply,
             &mut gate,
             &mut counts,
+            None,
         );
         assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
 

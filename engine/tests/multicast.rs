@@ -29,12 +29,14 @@ fn serial() -> MutexGuard<'static, ()> {
 /// Put the engine's TAP into h1's container bridge as control does: a permanent multicast
 /// router port, up.
 fn enslave_tap(lab: &Lab) {
-    ip(&lab.h1.ns, &["link", "set", TAP, "master", "cbr0"]);
-    bridge(
-        &lab.h1.ns,
-        &["link", "set", "dev", TAP, "mcast_router", "2"],
-    );
-    ip(&lab.h1.ns, &["link", "set", TAP, "up"]);
+    enslave_tap_in(&lab.h1.ns);
+}
+
+/// Put the engine's TAP into the container bridge of the host namespace `ns`.
+fn enslave_tap_in(ns: &str) {
+    ip(ns, &["link", "set", TAP, "master", "cbr0"]);
+    bridge(ns, &["link", "set", "dev", TAP, "mcast_router", "2"]);
+    ip(ns, &["link", "set", TAP, "up"]);
 }
 
 /// A peer's socket on its overlay address, to see what the engine sends it.
@@ -406,4 +408,196 @@ fn the_relay_ends_with_the_engine_or_its_tap_and_releases_every_descriptor() {
     h2.engine.shutdown();
     assert!(!relay_running());
     assert_eq!(open_fds(), fds_before, "descriptors leaked");
+}
+
+/// The overlay Network's broadcast address (of [`support::NETWORK`], 10.1.0.0/16).
+const NETWORK_BROADCAST: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 255);
+
+/// A plain socket in a container on `port`, bound to 0.0.0.0 without `SO_BROADCAST` (which
+/// only matters for sending), as most broadcast listeners are.
+fn listener(ns: &str, port: u16) -> UdpSocket {
+    in_netns(ns, move || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        socket
+    })
+}
+
+/// Every payload `socket` receives within `window`, with its source.
+fn received(socket: &UdpSocket, window: Duration) -> Vec<(Ipv4Addr, Vec<u8>)> {
+    let deadline = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, std::net::SocketAddr::V4(src))) = socket.recv_from(&mut buf) {
+            got.push((*src.ip(), buf[..n].to_vec()));
+        }
+    }
+    got
+}
+
+/// h1 and h2 run engines with `broadcast` and their TAPs in their bridges; h1 has a second
+/// container c1b and h2 a second container c2b; h3 is a broadcast-capable peer seen through
+/// its socket. c1 sends three datagrams to the Network's broadcast address.
+struct BroadcastLab {
+    lab: Lab,
+    h1: support::RunningEngine,
+    h2: support::RunningEngine,
+    /// c1's own listener, c1b's, c2's and c2b's.
+    listeners: [UdpSocket; 4],
+    h3_socket: UdpSocket,
+}
+
+const BCAST_PORT: u16 = 5009;
+
+fn broadcast_lab(backend: IoBackend, broadcast: bool) -> BroadcastLab {
+    let mut lab = Lab::new();
+    let c1b = lab.add_container(&lab.h1.clone(), "c1b", Ipv4Addr::new(10, 1, 1, 3), 1472);
+    let c2b = lab.add_container(&lab.h2.clone(), "c2b", Ipv4Addr::new(10, 1, 2, 3), 1472);
+    let config = MulticastConfig {
+        tap_name: TAP.into(),
+        multicast: true,
+        broadcast,
+        rate_limit: 1000,
+    };
+    let capable = |addr| PeerMulticast {
+        addr,
+        multicast: true,
+        broadcast: true,
+        groups: vec![],
+    };
+    let h1_groups = Groups::new(GroupTable::new([
+        capable(SocketAddrV4::new(lab.h2.public, PORT)),
+        capable(SocketAddrV4::new(lab.h3_public, PORT)),
+    ]));
+    let h2_groups = Groups::new(GroupTable::new([capable(SocketAddrV4::new(
+        lab.h1.public,
+        PORT,
+    ))]));
+    let h1 = lab.start_engine_multicast(&lab.h1, backend, Some(config.clone()), h1_groups);
+    let h2 = lab.start_engine_multicast(&lab.h2, backend, Some(config), h2_groups);
+    enslave_tap_in(&lab.h1.ns);
+    enslave_tap_in(&lab.h2.ns);
+    let listeners = [
+        listener(&lab.h1.container_ns, BCAST_PORT),
+        listener(&c1b, BCAST_PORT),
+        listener(&lab.h2.container_ns, BCAST_PORT),
+        listener(&c2b, BCAST_PORT),
+    ];
+    let h3_socket = peer_socket(&lab.h3_ns, lab.h3_public);
+    // Unicast across first: the ARP entries and bridge ports are settled before counting.
+    lab.assert_ping(&lab.h1.container_ns, lab.h2.container, 1);
+    let sender = in_netns(&lab.h1.container_ns, || {
+        UdpSocket::bind("0.0.0.0:0").unwrap()
+    });
+    for i in 0..3 {
+        let payload = format!("net-bcast-{i}");
+        sender
+            .send_to(
+                payload.as_bytes(),
+                SocketAddrV4::new(NETWORK_BROADCAST, BCAST_PORT),
+            )
+            .expect("no SO_BROADCAST needed: to the container it is an overlay address");
+    }
+    BroadcastLab {
+        lab,
+        h1,
+        h2,
+        listeners,
+        h3_socket,
+    }
+}
+
+#[test]
+fn uring_carries_the_networks_broadcast_to_every_broadcast_host_once() {
+    the_networks_broadcast_crosses_hosts(IoBackend::Uring);
+}
+
+#[test]
+fn syscalls_carries_the_networks_broadcast_to_every_broadcast_host_once() {
+    the_networks_broadcast_crosses_hosts(IoBackend::Syscalls);
+}
+
+fn the_networks_broadcast_crosses_hosts(backend: IoBackend) {
+    let _serial = serial();
+    let BroadcastLab {
+        lab,
+        h1,
+        h2,
+        listeners,
+        h3_socket,
+    } = broadcast_lab(backend, true);
+    let expected: Vec<Vec<u8>> = (0..3)
+        .map(|i| format!("net-bcast-{i}").into_bytes())
+        .collect();
+    let [own, c1b, c2, c2b] = &listeners;
+    // Every container of h1 (but the sender) and of h2 gets each datagram exactly once, from
+    // c1's address.
+    for (who, socket) in [("c1b (h1)", c1b), ("c2 (h2)", c2), ("c2b (h2)", c2b)] {
+        let got = received(socket, Duration::from_millis(700));
+        let payloads: Vec<Vec<u8>> = got.iter().map(|(_, p)| p.clone()).collect();
+        assert_eq!(payloads, expected, "{who}: each datagram once, in order");
+        assert!(
+            got.iter().all(|(src, _)| *src == lab.h1.container),
+            "{who}: {got:?}"
+        );
+    }
+    // The sender's kernel drops the copy its bridge hands back: its own source address.
+    assert_eq!(received(own, Duration::from_millis(100)), vec![]);
+    // h3, a broadcast-capable peer, gets one datagram per packet: to 255.255.255.255, both
+    // checksums right, the TTL lowered only by h1's kernel routing it into the TUN.
+    let at_h3 = drain(&h3_socket, Duration::from_millis(200));
+    assert_eq!(at_h3.len(), 3, "{at_h3:?}");
+    for (datagram, payload) in at_h3.iter().zip(&expected) {
+        let (header, rest) = etherparse::Ipv4Header::from_slice(datagram).unwrap();
+        let (udp, body) = etherparse::UdpHeader::from_slice(rest).unwrap();
+        assert_eq!(header.destination, [255; 4]);
+        assert_eq!(header.source, lab.h1.container.octets());
+        assert_eq!(header.time_to_live, 63);
+        assert_eq!(header.header_checksum, header.calc_header_checksum());
+        assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&header, body).unwrap());
+        assert_eq!(body, &payload[..]);
+    }
+    // Nothing comes back to h1 from h2 (split horizon), and nothing else crossed.
+    assert!(drain(&h3_socket, Duration::from_millis(100)).is_empty());
+    let m1 = h1.engine.counters().multicast.expect("h1's relay counters");
+    assert_eq!(m1.replicated, 6, "two copies of each, to h2 and h3: {m1:?}");
+    assert_eq!(m1.delivered, 3, "once into h1's own bridge: {m1:?}");
+    let m2 = h2.engine.counters().multicast.expect("h2's relay counters");
+    assert_eq!(m2.replicated, 0, "h2 sends nothing on: {m2:?}");
+    assert_eq!(m2.delivered, 3, "{m2:?}");
+    assert_eq!(h1.engine.counters().drops(DropReason::NoRoute), 0);
+    h1.engine.shutdown();
+    h2.engine.shutdown();
+}
+
+#[test]
+fn with_broadcast_off_the_networks_broadcast_is_routed_and_dropped_as_before() {
+    let _serial = serial();
+    let BroadcastLab {
+        lab: _lab,
+        h1,
+        h2,
+        listeners,
+        h3_socket,
+    } = broadcast_lab(IoBackend::Syscalls, false);
+    for socket in &listeners {
+        assert_eq!(received(socket, Duration::from_millis(300)), vec![]);
+    }
+    assert!(drain(&h3_socket, Duration::from_millis(100)).is_empty());
+    // No lease holds 10.1.255.0/24: the address is routed like any other and refused as
+    // no_route (with ICMP net unreachable to c1), as without multicast.
+    assert!(eventually(Duration::from_secs(2), || h1
+        .engine
+        .counters()
+        .drops(DropReason::NoRoute)
+        == 3));
+    let m1 = h1.engine.counters().multicast.expect("h1's relay counters");
+    assert_eq!((m1.replicated, m1.delivered), (0, 0), "{m1:?}");
+    let m2 = h2.engine.counters().multicast.expect("h2's relay counters");
+    assert_eq!(m2.delivered, 0, "{m2:?}");
+    h1.engine.shutdown();
+    h2.engine.shutdown();
 }

@@ -154,6 +154,8 @@ impl Engine {
             // A duplicate of a bound socket, not a new one: a new socket on the port would
             // join the reuseport group and take a share of the peers' datagrams.
             let socket = sockets[0].try_clone().map_err(EngineError::Relay)?;
+            let (to_relay, handed, wake) =
+                relay::broadcast_queue(Arc::clone(&counters)).map_err(EngineError::Relay)?;
             delivery = Some(GroupDelivery {
                 tap: Arc::clone(&tap),
                 delivery: Delivery {
@@ -161,6 +163,7 @@ impl Engine {
                     broadcast: multicast.broadcast,
                 },
                 counters: Arc::clone(&counters),
+                to_relay: multicast.broadcast.then_some(to_relay),
             });
             relay_setup = Some(RelaySetup {
                 tap,
@@ -170,6 +173,8 @@ impl Engine {
                 local: engine.local_groups.clone(),
                 counters: Arc::clone(&counters),
                 relay: Relay::new(multicast, config.policy.tun_mtu, Instant::now()),
+                handed,
+                wake,
             });
             engine.multicast_counters = Some(counters);
         }

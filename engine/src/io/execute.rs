@@ -16,6 +16,7 @@ use crate::io::error::{write_error_is_fatal, WorkerError};
 use crate::io::tap::GroupDelivery;
 use crate::io::tun::write_packet;
 use crate::io::udp::{MessageInfo, SendBatch};
+use crate::multicast::network_broadcast::BroadcastSink;
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{Coalescer, Segmenter};
 use crate::route::RouteTable;
@@ -90,6 +91,12 @@ impl Accepted {
     /// Deliver group traffic from peers through `groups` from now on.
     pub(crate) fn set_groups(&mut self, groups: Option<GroupDelivery>) {
         self.groups = groups;
+    }
+
+    /// Where UDP to the Network's broadcast address read from the TUN goes, with broadcast on.
+    pub(crate) fn broadcast_sink(&self) -> Option<&dyn BroadcastSink> {
+        let queue = self.groups.as_ref()?.to_relay.as_ref()?;
+        Some(queue)
     }
 
     /// Decide on the datagrams a receive from `from` left in `slot` (`len` bytes; a GRO run

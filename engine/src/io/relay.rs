@@ -3,21 +3,26 @@
 //! copies with `sendmmsg` from a duplicate of worker 0's bound socket (so that they leave from
 //! the overlay port, which receivers check), publishes the local groups, and keeps members
 //! reporting with an IGMP general query every minute (and a group-specific one after a leave).
+//! Workers hand it the UDP to the Network's broadcast address they read from the TUN through a
+//! [`BroadcastQueue`]; it writes each into the TAP for this host's containers and sends the
+//! copies with those of the frames.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::io::stop::StopSignal;
+use crate::io::stop::{EventFd, StopSignal};
 use crate::io::tap::Tap;
 use crate::io::udp::to_sockaddr;
+use crate::multicast::network_broadcast::BroadcastSink;
 use crate::multicast::relay::{FrameOutcome, Relay};
 use crate::multicast::{Groups, LocalGroups, MulticastCounters, MulticastDrop};
 use crate::route::Routes;
-use crate::wire::ethernet;
+use crate::wire::ethernet::{self, BROADCAST_MAC};
 use crate::wire::igmp;
 
 /// How often the relay asks the bridge's members to report.
@@ -36,6 +41,9 @@ const FRAMES_PER_ROUND: usize = 16;
 const FRAME_BUF_LEN: usize = 65_536 + ethernet::HEADER_LEN;
 /// The longest the relay sleeps, so that expiries and queries stay on time.
 const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Packets to the Network's broadcast address that may wait for the relay; what does not fit
+/// is counted as `rate_limited` (the relay could not keep up, so it would refuse them anyway).
+const BROADCAST_QUEUE_LEN: usize = 256;
 
 /// The running relay thread, as the engine holds it.
 pub(crate) struct RelayThread {
@@ -52,6 +60,45 @@ pub(crate) struct RelaySetup {
     pub(crate) local: LocalGroups,
     pub(crate) counters: Arc<MulticastCounters>,
     pub(crate) relay: Relay,
+    /// What the workers hand over from the TUN, and the signal that they did.
+    pub(crate) handed: Receiver<Vec<u8>>,
+    pub(crate) wake: Arc<EventFd>,
+}
+
+/// The workers' end of the queue to the relay thread: copies a packet to the Network's
+/// broadcast address into the queue and wakes the relay.
+#[derive(Clone, Debug)]
+pub(crate) struct BroadcastQueue {
+    sender: SyncSender<Vec<u8>>,
+    wake: Arc<EventFd>,
+    counters: Arc<MulticastCounters>,
+}
+
+/// A queue from the workers to the relay thread: the workers' end, and the relay's.
+pub(crate) fn broadcast_queue(
+    counters: Arc<MulticastCounters>,
+) -> io::Result<(BroadcastQueue, Receiver<Vec<u8>>, Arc<EventFd>)> {
+    let (sender, receiver) = mpsc::sync_channel(BROADCAST_QUEUE_LEN);
+    let wake = Arc::new(EventFd::new()?);
+    let queue = BroadcastQueue {
+        sender,
+        wake: Arc::clone(&wake),
+        counters,
+    };
+    Ok((queue, receiver, wake))
+}
+
+impl BroadcastSink for BroadcastQueue {
+    fn hand_off(&self, packet: &[u8]) {
+        match self.sender.try_send(packet.to_vec()) {
+            Ok(()) => self.wake.notify(),
+            Err(TrySendError::Full(_)) => self.counters.count_drop(MulticastDrop::RateLimited, 1),
+            // The relay thread has ended (its TAP is gone): nothing carries broadcast now.
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.count_drop(MulticastDrop::IoError, 1)
+            }
+        }
+    }
 }
 
 /// Start the relay thread, named `weft-relay`.
@@ -88,6 +135,8 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
         local,
         counters,
         mut relay,
+        handed,
+        wake,
     } = setup;
     let mut frames: Vec<Vec<u8>> = (0..FRAMES_PER_ROUND)
         .map(|_| vec![0; FRAME_BUF_LEN])
@@ -111,12 +160,12 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
         if relay.expire(now) {
             publish(&relay, &local, &counters);
         }
-        let wake = relay
+        let due = relay
             .membership()
             .next_expiry()
             .map_or(next_query, |expiry| expiry.min(next_query));
-        let wait = wake.saturating_duration_since(now).min(MAX_WAIT);
-        match wait_readable(&tap, stop, wait) {
+        let wait = due.saturating_duration_since(now).min(MAX_WAIT);
+        match wait_readable(&tap, &wake, stop, wait) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) => {
@@ -139,10 +188,42 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
                 }
             }
         }
+        // And what the workers handed over meanwhile, up to a round's worth.
+        wake.clear();
+        let mut broadcasts: Vec<Vec<u8>> = handed.try_iter().take(FRAMES_PER_ROUND).collect();
+        if broadcasts.len() == FRAMES_PER_ROUND {
+            // More may wait: come back without sleeping.
+            wake.notify();
+        }
         let now = Instant::now();
         let table = routes.snapshot();
         let receivers = groups.snapshot();
+        let mut carried = Vec::with_capacity(broadcasts.len());
+        for (index, packet) in broadcasts.iter_mut().enumerate() {
+            match relay.on_network_broadcast(packet, now, &table, &receivers) {
+                Ok(broadcast) => {
+                    if let Some(reason) = broadcast.refused {
+                        counters.count_drop(reason, 1);
+                    }
+                    carried.push((index, broadcast.to));
+                }
+                Err(reason) => counters.count_drop(reason, 1),
+            }
+        }
         let mut copies: Vec<(&[u8], SocketAddrV4)> = Vec::new();
+        for (index, to) in carried {
+            let packet = &broadcasts[index][..];
+            // This host's other containers: the bridge floods the frame to every port but
+            // the TAP. The sender's kernel drops its own copy (its own source address).
+            match tap.write(&ethernet::ipv4_header(BROADCAST_MAC), packet) {
+                Ok(()) => counters.delivered(),
+                Err(error) => {
+                    counters.count_drop(MulticastDrop::IoError, 1);
+                    tracing::debug!(%error, "cannot write a broadcast into the TAP");
+                }
+            }
+            copies.extend(to.iter().map(|peer| (packet, *peer)));
+        }
         let mut membership_changed = false;
         let mut left = Vec::new();
         for (frame, len) in frames.iter().zip(lens).take(filled) {
@@ -200,8 +281,9 @@ fn query(tap: &Tap, group: Ipv4Addr, response_tenths: u8, counters: &MulticastCo
     }
 }
 
-/// Wait until the TAP is readable (`true`), the stop signal is raised or `wait` passes.
-fn wait_readable(tap: &Tap, stop: &StopSignal, wait: Duration) -> io::Result<bool> {
+/// Wait until the TAP is readable or a worker woke the relay (`true`), the stop signal is
+/// raised or `wait` passes.
+fn wait_readable(tap: &Tap, wake: &EventFd, stop: &StopSignal, wait: Duration) -> io::Result<bool> {
     let mut fds = [
         libc::pollfd {
             fd: tap.as_fd().as_raw_fd(),
@@ -213,10 +295,15 @@ fn wait_readable(tap: &Tap, stop: &StopSignal, wait: Duration) -> io::Result<boo
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            fd: wake.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     let timeout = wait.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: two live pollfds, owned by this frame for the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+    // SAFETY: three live pollfds, owned by this frame for the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
     if rc < 0 {
         let error = io::Error::last_os_error();
         return if error.raw_os_error() == Some(libc::EINTR) {
@@ -232,7 +319,7 @@ fn wait_readable(tap: &Tap, stop: &StopSignal, wait: Duration) -> io::Result<boo
         // The device was deleted under the descriptor: polling again would spin.
         return Err(io::Error::other("the multicast TAP device is gone"));
     }
-    Ok(fds[0].revents & libc::POLLIN != 0)
+    Ok(fds[0].revents & libc::POLLIN != 0 || fds[2].revents & libc::POLLIN != 0)
 }
 
 /// What `poll` reports for a TAP whose device was deleted.

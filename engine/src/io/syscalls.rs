@@ -294,6 +294,7 @@ impl SyscallWorker {
                 reply,
                 &mut self.icmp,
                 counts,
+                self.accepted.broadcast_sink(),
             ) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,

@@ -83,12 +83,14 @@ impl AsFd for Tap {
 }
 
 /// What a worker needs to deliver group traffic from peers: the TAP, what the host takes, and
-/// the counters.
+/// the counters; and, with broadcast on, the queue that takes UDP to the Network's broadcast
+/// address from the TUN to the relay thread.
 #[derive(Clone, Debug)]
 pub(crate) struct GroupDelivery {
     pub(crate) tap: std::sync::Arc<Tap>,
     pub(crate) delivery: crate::multicast::receive::Delivery,
     pub(crate) counters: std::sync::Arc<crate::multicast::MulticastCounters>,
+    pub(crate) to_relay: Option<crate::io::relay::BroadcastQueue>,
 }
 
 impl GroupDelivery {

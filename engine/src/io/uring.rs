@@ -502,6 +502,7 @@ impl UringWorker {
             reply,
             &mut self.icmp,
             counts,
+            self.accepted.broadcast_sink(),
         );
         let io = &mut self.io[slot];
         io.sends.clear();

@@ -6,7 +6,10 @@
 //! and broadcast sent by a local container are replicated as flannel-format datagrams to the
 //! peers [`groups`] lists, within a [`rate`] limit. Multicast and broadcast received from a
 //! validated peer is written into the TAP as an Ethernet frame ([`receive`]), and the bridge
-//! hands it to the local members. Nothing here does I/O; time is passed in.
+//! hands it to the local members. UDP to the overlay Network's broadcast address reaches
+//! weft through the TUN instead (containers route it to their gateway): the workers hand it to
+//! the relay, which carries it as limited broadcast ([`network_broadcast`]). Nothing here does
+//! I/O; time is passed in.
 
 pub mod counters;
 pub mod groups;

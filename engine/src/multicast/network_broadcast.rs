@@ -19,6 +19,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::counters::DropReason;
+use crate::offload::{complete_checksum, Plan};
 use crate::route::RouteTable;
 use crate::wire::ipv4::{checksum, protocol, Ipv4Packet};
 use crate::wire::udp;
@@ -40,6 +42,21 @@ pub trait BroadcastSink {
 #[inline]
 pub fn is_carried<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, routes: &RouteTable) -> bool {
     ip.dst() == routes.overlay().network().broadcast() && ip.protocol() == protocol::UDP
+}
+
+/// Hand a packet [`is_carried`] accepted to `sink`, its checksum completed first if the TUN
+/// left it partial (`offload`); the reason to drop it if that fails. A super-packet is handed
+/// over whole: the relay refuses it as longer than the MTU.
+pub fn hand_off(
+    packet: &mut [u8],
+    offload: &Plan,
+    sink: &dyn BroadcastSink,
+) -> Result<(), DropReason> {
+    if let Plan::Checksum { start, field } = *offload {
+        complete_checksum(packet, start, field).map_err(|error| error.drop_reason())?;
+    }
+    sink.hand_off(packet);
+    Ok(())
 }
 
 /// Why a packet could not be rewritten.
