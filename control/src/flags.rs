@@ -306,8 +306,9 @@ pub struct Flags {
     )]
     pub multicast: bool,
 
-    /// Carry UDP broadcast to 255.255.255.255 to every weft host that has it on (the overlay
-    /// Network's own broadcast address is not carried).
+    /// Carry UDP broadcast to every weft host that has it on: to 255.255.255.255, and to the
+    /// overlay Network's broadcast address (e.g. 10.1.255.255), which reaches the containers of
+    /// those hosts and this host's other containers as 255.255.255.255.
     #[arg(
         long,
         env = "WEFTD_BROADCAST",
