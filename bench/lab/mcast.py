@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Send and receive IPv4 multicast and broadcast datagrams, for the lab's demo and tests.
 
-  mcast.py recv GROUP PORT SECONDS   join GROUP (or, for 255.255.255.255, just listen on PORT)
+  mcast.py recv GROUP PORT SECONDS   join GROUP (or, for an address that is not multicast, such as
+                                     255.255.255.255, just listen on PORT)
                                      and print one line per datagram received: "<source> <payload>";
                                      leaving (the kernel's IGMP leave) happens when it exits.
   mcast.py send GROUP PORT COUNT [--ttl N] [--rate PPS] [--tag TEXT]
                                      send COUNT datagrams "TEXT-<i>" with IP_MULTICAST_TTL N
-                                     (default 1, the kernel's default) or as broadcast.
+                                     (default 1, the kernel's default), as broadcast to
+                                     255.255.255.255, or to any other address as it is.
 """
 import argparse
 import socket
@@ -19,7 +21,7 @@ def recv(args):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("", args.port))
-    if args.group != "255.255.255.255":
+    if 224 <= int(args.group.split(".")[0]) <= 239:
         mreq = struct.pack("4s4s", socket.inet_aton(args.group), socket.inet_aton("0.0.0.0"))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     print("joined", flush=True)

@@ -5,7 +5,8 @@ per check (bench/lab/test.sh counts them) and exits 1 if any failed.
 
   mcast_check.py on LAB.json     a lab with --multicast --broadcast on every host, 3 hosts with
                                  2 containers each: groups reach exactly their members, once;
-                                 leaves stop the traffic; mDNS and broadcast reach every host;
+                                 leaves stop the traffic; mDNS and broadcast reach every host,
+                                 the Network's broadcast address every container but the sender;
                                  a storm is rate-limited and counted; iperf 2 multicast.
   mcast_check.py off LAB.json    a default lab: nothing crosses, the drops are counted.
   mcast_check.py plain LAB.json  host 1 with --multicast, host 2 without: host 2 gets nothing.
@@ -25,6 +26,8 @@ MCAST_PY = os.path.join(HERE, "mcast.py")
 ETCD = "http://198.18.0.1:2379"
 RECORDS = "/weft.io/coreos.com/network/hosts/"
 METRICS = "http://127.0.0.1:8286/metrics"
+# The broadcast address of lab.sh's Network, 10.1.0.0/16.
+NETWORK_BROADCAST = "10.1.255.255"
 
 FAILED = []
 # Every process started here, stopped on exit whatever happens.
@@ -215,6 +218,31 @@ def check_on(lab):
         check(total == 10 and distinct == 10, f"broadcast to 255.255.255.255 reaches c{n} (host {n}) exactly once each",
               f"{total} received")
 
+    # The Network's broadcast address: host 1 routes it into the TUN; weftd carries it as
+    # 255.255.255.255 to every container of hosts 2 and 3 and to the sender's neighbour, once
+    # each; the sender's own kernel drops the copy from its own address.
+    rs = {(n, j): Receiver(lab, n, j, NETWORK_BROADCAST, 5003) for n in (1, 2, 3) for j in (1, 2)}
+    caps = [Capture(lab, n, "255.255.255.255") for n in (2, 3)]
+    before = lab.metrics(1)
+    send(lab, 1, 1, NETWORK_BROADCAST, 5003, 10, tag="netbcast")
+    under2, under3 = (c.stop() for c in caps)
+    after = lab.metrics(1)
+    for (n, j), r in rs.items():
+        total, distinct = copies(r.stop(), "netbcast")
+        who = f"c{n}-{j} (host {n})"
+        if (n, j) == (1, 1):
+            check(total == 0, f"to {NETWORK_BROADCAST}: the sender {who} gets no copy of its own", f"{total} received")
+        else:
+            check(total == 10 and distinct == 10,
+                  f"UDP to the Network's broadcast address {NETWORK_BROADCAST} reaches {who} exactly once each",
+                  f"{total} received, {distinct} distinct")
+    check(under2 == 10 and under3 == 10,
+          f"host 2's and host 3's underlays carry exactly 10 datagrams for {NETWORK_BROADCAST}, as 255.255.255.255",
+          f"{under2}, {under3}")
+    no_route = after.get('weft_drops_total{reason="no_route"}', 0) - before.get('weft_drops_total{reason="no_route"}', 0)
+    check(no_route == 0, f"with --broadcast, host 1's weftd no longer drops {NETWORK_BROADCAST} as no_route",
+          f"{no_route:.0f} no_route drops")
+
     # A storm: as fast as the sender can to a group with a member; the relay's token bucket
     # (10000 copies/s, bursts of 1000) holds it, and the excess is counted.
     r2 = Receiver(lab, 2, 1, g1, 5000)
@@ -267,7 +295,7 @@ def check_off(lab):
     send(lab, 1, 1, "239.1.1.1", 5000, 10, tag="off")
     send(lab, 1, 1, "255.255.255.255", 5001, 10, tag="off")
     # The overlay Network's broadcast address is routed into the TUN like any overlay address.
-    send(lab, 1, 1, "10.1.255.255", 5001, 10, tag="off")
+    send(lab, 1, 1, NETWORK_BROADCAST, 5001, 10, tag="off")
     under = cap.stop()
     got = copies(r2.stop(), "off")[0] + copies(rb.stop(), "off")[0]
     after = lab.metrics(1)

@@ -15,7 +15,8 @@
 #     per host and `--multicast --broadcast`, a TTL-1 group reaches its members on the other hosts
 #     and the sender's neighbour exactly once, a host without members gets nothing on its
 #     underlay, a leave stops the traffic, mDNS (224.0.0.251:5353) and broadcast reach every
-#     host, a storm is rate-limited and counted, iperf 2 multicast runs with its loss reported; in
+#     host, UDP to the Network's broadcast address (10.1.255.255) reaches every container but
+#     the sender exactly once, a storm is rate-limited and counted, iperf 2 multicast runs with its loss reported; in
 #     the default 3-host lab nothing crosses and the drops are counted; a weftd without
 #     --multicast gets none;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
