@@ -10,6 +10,7 @@ use std::time::Instant;
 
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
+use crate::io::broadcast_queue;
 use crate::io::context::WorkerContext;
 use crate::io::error::WorkerError;
 use crate::io::probe::probe_offloads;
@@ -154,8 +155,8 @@ impl Engine {
             // A duplicate of a bound socket, not a new one: a new socket on the port would
             // join the reuseport group and take a share of the peers' datagrams.
             let socket = sockets[0].try_clone().map_err(EngineError::Relay)?;
-            let (to_relay, handed, wake) =
-                relay::broadcast_queue(Arc::clone(&counters)).map_err(EngineError::Relay)?;
+            let (to_relay, handed, wake) = broadcast_queue::broadcast_queue(Arc::clone(&counters))
+                .map_err(EngineError::Relay)?;
             delivery = Some(GroupDelivery {
                 tap: Arc::clone(&tap),
                 delivery: Delivery {

@@ -1,13 +1,15 @@
 //! The I/O shell: everything that talks to the kernel, and the only place in the engine where
 //! `unsafe` is allowed (each block says why it is sound).
 //!
-//! From the bottom up: the packet memory ([`buffers`]), the stop signal ([`stop`]), the
-//! errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP sockets ([`udp`]),
-//! what the kernel supports ([`probe`]), the execution of a batch's results that both back ends
-//! share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the worker thread
-//! ([`worker`]), the multicast TAP ([`tap`]) and relay thread ([`relay`]), and the [`engine`]
-//! that starts and stops them.
+//! From the bottom up: the packet memory ([`buffers`]), the stop signal and other eventfds
+//! ([`stop`]), the errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP
+//! sockets ([`udp`]), what the kernel supports ([`probe`]), the execution of a batch's results
+//! that both back ends share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the
+//! worker thread ([`worker`]), the multicast TAP ([`tap`]), relay thread ([`relay`]) and the queue through
+//! which workers hand it UDP to the Network's broadcast address ([`broadcast_queue`]), and the
+//! [`engine`] that starts and stops them.
 
+pub(crate) mod broadcast_queue;
 pub(crate) mod buffers;
 pub(crate) mod context;
 pub mod engine;

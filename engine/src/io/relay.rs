@@ -4,13 +4,13 @@
 //! the overlay port, which receivers check), publishes the local groups, and keeps members
 //! reporting with an IGMP general query every minute (and a group-specific one after a leave).
 //! Workers hand it the UDP to the Network's broadcast address they read from the TUN through a
-//! [`BroadcastQueue`]; it writes each into the TAP for this host's containers and sends the
-//! copies with those of the frames.
+//! [`BroadcastQueue`](crate::io::broadcast_queue::BroadcastQueue); it writes each into the TAP
+//! for this host's containers and sends the copies with those of the frames.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use crate::io::stop::{EventFd, StopSignal};
 use crate::io::tap::Tap;
 use crate::io::udp::to_sockaddr;
-use crate::multicast::network_broadcast::BroadcastSink;
 use crate::multicast::relay::{FrameOutcome, Relay};
 use crate::multicast::{Groups, LocalGroups, MulticastCounters, MulticastDrop};
 use crate::route::Routes;
@@ -41,10 +40,6 @@ const FRAMES_PER_ROUND: usize = 16;
 const FRAME_BUF_LEN: usize = 65_536 + ethernet::HEADER_LEN;
 /// The longest the relay sleeps, so that expiries and queries stay on time.
 const MAX_WAIT: Duration = Duration::from_secs(1);
-/// Packets to the Network's broadcast address that may wait for the relay; what does not fit
-/// is counted as `rate_limited` (the relay could not keep up, so it would refuse them anyway).
-const BROADCAST_QUEUE_LEN: usize = 256;
-
 /// The running relay thread, as the engine holds it.
 pub(crate) struct RelayThread {
     pub(crate) thread: Option<JoinHandle<()>>,
@@ -63,42 +58,6 @@ pub(crate) struct RelaySetup {
     /// What the workers hand over from the TUN, and the signal that they did.
     pub(crate) handed: Receiver<Vec<u8>>,
     pub(crate) wake: Arc<EventFd>,
-}
-
-/// The workers' end of the queue to the relay thread: copies a packet to the Network's
-/// broadcast address into the queue and wakes the relay.
-#[derive(Clone, Debug)]
-pub(crate) struct BroadcastQueue {
-    sender: SyncSender<Vec<u8>>,
-    wake: Arc<EventFd>,
-    counters: Arc<MulticastCounters>,
-}
-
-/// A queue from the workers to the relay thread: the workers' end, and the relay's.
-pub(crate) fn broadcast_queue(
-    counters: Arc<MulticastCounters>,
-) -> io::Result<(BroadcastQueue, Receiver<Vec<u8>>, Arc<EventFd>)> {
-    let (sender, receiver) = mpsc::sync_channel(BROADCAST_QUEUE_LEN);
-    let wake = Arc::new(EventFd::new()?);
-    let queue = BroadcastQueue {
-        sender,
-        wake: Arc::clone(&wake),
-        counters,
-    };
-    Ok((queue, receiver, wake))
-}
-
-impl BroadcastSink for BroadcastQueue {
-    fn hand_off(&self, packet: &[u8]) {
-        match self.sender.try_send(packet.to_vec()) {
-            Ok(()) => self.wake.notify(),
-            Err(TrySendError::Full(_)) => self.counters.count_drop(MulticastDrop::RateLimited, 1),
-            // The relay thread has ended (its TAP is gone): nothing carries broadcast now.
-            Err(TrySendError::Disconnected(_)) => {
-                self.counters.count_drop(MulticastDrop::IoError, 1)
-            }
-        }
-    }
 }
 
 /// Start the relay thread, named `weft-relay`.
@@ -165,17 +124,17 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
             .next_expiry()
             .map_or(next_query, |expiry| expiry.min(next_query));
         let wait = due.saturating_duration_since(now).min(MAX_WAIT);
-        match wait_readable(&tap, &wake, stop, wait) {
-            Ok(true) => {}
-            Ok(false) => continue,
+        let ready = match wait_readable(&tap, &wake, stop, wait) {
+            Ok(ready) if ready.frames || ready.handed => ready,
+            Ok(_) => continue,
             Err(error) => {
                 tracing::error!(%error, "multicast relay stopped: no more multicast or broadcast is replicated");
                 return;
             }
-        }
+        };
         // Read what is waiting, up to a round's worth.
         let mut filled = 0;
-        while filled < FRAMES_PER_ROUND {
+        while ready.frames && filled < FRAMES_PER_ROUND {
             match tap.read(&mut frames[filled]) {
                 Ok(Some(len)) => {
                     lens[filled] = len;
@@ -188,12 +147,15 @@ fn run(setup: RelaySetup, stop: &StopSignal) {
                 }
             }
         }
-        // And what the workers handed over meanwhile, up to a round's worth.
-        wake.clear();
-        let mut broadcasts: Vec<Vec<u8>> = handed.try_iter().take(FRAMES_PER_ROUND).collect();
-        if broadcasts.len() == FRAMES_PER_ROUND {
-            // More may wait: come back without sleeping.
-            wake.notify();
+        // And what the workers handed over, up to a round's worth.
+        let mut broadcasts: Vec<Vec<u8>> = Vec::new();
+        if ready.handed {
+            wake.clear();
+            broadcasts.extend(handed.try_iter().take(FRAMES_PER_ROUND));
+            if broadcasts.len() == FRAMES_PER_ROUND {
+                // More may wait: come back without sleeping.
+                wake.notify();
+            }
         }
         let now = Instant::now();
         let table = routes.snapshot();
@@ -281,9 +243,23 @@ fn query(tap: &Tap, group: Ipv4Addr, response_tenths: u8, counters: &MulticastCo
     }
 }
 
-/// Wait until the TAP is readable or a worker woke the relay (`true`), the stop signal is
-/// raised or `wait` passes.
-fn wait_readable(tap: &Tap, wake: &EventFd, stop: &StopSignal, wait: Duration) -> io::Result<bool> {
+/// What the relay found to do after a wait.
+#[derive(Clone, Copy, Debug, Default)]
+struct Ready {
+    /// The TAP has frames to read.
+    frames: bool,
+    /// A worker handed packets over.
+    handed: bool,
+}
+
+/// Wait until the TAP is readable or a worker woke the relay, the stop signal is raised (then
+/// nothing is ready) or `wait` passes.
+fn wait_readable(
+    tap: &Tap,
+    wake: &EventFd,
+    stop: &StopSignal,
+    wait: Duration,
+) -> io::Result<Ready> {
     let mut fds = [
         libc::pollfd {
             fd: tap.as_fd().as_raw_fd(),
@@ -307,19 +283,22 @@ fn wait_readable(tap: &Tap, wake: &EventFd, stop: &StopSignal, wait: Duration) -
     if rc < 0 {
         let error = io::Error::last_os_error();
         return if error.raw_os_error() == Some(libc::EINTR) {
-            Ok(false)
+            Ok(Ready::default())
         } else {
             Err(error)
         };
     }
     if fds[1].revents != 0 {
-        return Ok(false);
+        return Ok(Ready::default());
     }
     if fds[0].revents & libc::POLLIN == 0 && fds[0].revents & HANGUP != 0 {
         // The device was deleted under the descriptor: polling again would spin.
         return Err(io::Error::other("the multicast TAP device is gone"));
     }
-    Ok(fds[0].revents & libc::POLLIN != 0 || fds[2].revents & libc::POLLIN != 0)
+    Ok(Ready {
+        frames: fds[0].revents & libc::POLLIN != 0,
+        handed: fds[2].revents & libc::POLLIN != 0,
+    })
 }
 
 /// What `poll` reports for a TAP whose device was deleted.

@@ -90,7 +90,7 @@ pub(crate) struct GroupDelivery {
     pub(crate) tap: std::sync::Arc<Tap>,
     pub(crate) delivery: crate::multicast::receive::Delivery,
     pub(crate) counters: std::sync::Arc<crate::multicast::MulticastCounters>,
-    pub(crate) to_relay: Option<crate::io::relay::BroadcastQueue>,
+    pub(crate) to_relay: Option<crate::io::broadcast_queue::BroadcastQueue>,
 }
 
 impl GroupDelivery {
