@@ -177,6 +177,7 @@ fn engine_config(flags: &Flags, ext: &ExternalInterface, port: u16, tun_mtu: u32
         },
         icmp_rate_limit: weft_engine::IcmpRateLimit::per_second(flags.icmp_rate_limit),
         multicast: multicast_config(flags),
+        busy_poll: Duration::from_micros(flags.busy_poll_us.into()),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddrV4;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
@@ -142,7 +143,15 @@ pub struct EngineConfig {
     pub icmp_rate_limit: IcmpRateLimit,
     /// Multicast and broadcast between hosts; `None` (the default) drops them as flannel does.
     pub multicast: Option<MulticastConfig>,
+    /// The longest a worker keeps looking for packets after it handled some, before it
+    /// sleeps (adapted to the traffic: [`crate::poll_window`]); zero never looks.
+    pub busy_poll: Duration,
 }
+
+/// The default of [`EngineConfig::busy_poll`]: off. On a machine whose cores the workers
+/// share with the containers, looking took CPU the applications needed and cut TCP
+/// throughput (docs/performance.md, "Looking before sleeping").
+pub const DEFAULT_BUSY_POLL: Duration = Duration::ZERO;
 
 /// The offloads a TUN device was set up with (`TUNSETOFFLOAD`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

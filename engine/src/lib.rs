@@ -7,7 +7,8 @@
 //! - [`wire`]: checked views and field layouts of the packets (IPv4, ICMP, TCP, UDP, the
 //!   virtio-net header); every parser lives here;
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
-//!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
+//!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), how long a worker looks
+//!   for packets before it sleeps ([`poll_window`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
 //!   multicast relay's decisions and membership ([`multicast`]) — no I/O, tested
 //!   deterministically;
@@ -35,13 +36,18 @@ pub mod multicast;
 #[forbid(unsafe_code)]
 pub mod offload;
 #[forbid(unsafe_code)]
+pub mod poll_window;
+#[forbid(unsafe_code)]
 pub mod route;
 #[forbid(unsafe_code)]
 pub mod wire;
 
 pub use io::{engine, tun, udp};
 
-pub use config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend};
+pub use config::{
+    ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend,
+    DEFAULT_BUSY_POLL,
+};
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use decide::{PeerDecision, Policy, TunDecision};
 pub use icmp_limit::IcmpRateLimit;

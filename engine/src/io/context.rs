@@ -1,6 +1,7 @@
 //! What a worker's loop reads but does not own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::counters::WorkerCounters;
 use crate::decide::Policy;
@@ -18,4 +19,6 @@ pub(crate) struct WorkerContext {
     pub(crate) icmp_rate_limit: IcmpRateLimit,
     /// Where group traffic from peers goes, on a host that takes some.
     pub(crate) groups: Option<GroupDelivery>,
+    /// The longest the worker looks for packets before it sleeps.
+    pub(crate) busy_poll: Duration,
 }

@@ -186,6 +186,7 @@ impl Engine {
                 policy: config.policy,
                 icmp_rate_limit: config.icmp_rate_limit,
                 groups: delivery.clone(),
+                busy_poll: config.busy_poll,
                 counters: Arc::new(WorkerCounters::default()),
                 stop: Arc::new(stop),
             };
@@ -309,6 +310,7 @@ mod tests {
             offloads: Offloads::default(),
             icmp_rate_limit: crate::icmp_limit::IcmpRateLimit::DEFAULT,
             multicast: None,
+            busy_poll: crate::config::DEFAULT_BUSY_POLL,
         };
         assert!(matches!(
             Engine::start(config.clone(), Vec::new(), routes.clone()),

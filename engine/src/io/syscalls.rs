@@ -16,7 +16,7 @@ use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::batch::{decide_tun_read, Source, TunAction};
 use crate::config::ActiveOffloads;
@@ -34,6 +34,7 @@ use crate::io::stop::StopSignal;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
+use crate::poll_window::PollWindow;
 use crate::route::RouteTable;
 
 /// How long a send waits for room in the socket buffer before giving the rest of its batch up.
@@ -163,10 +164,15 @@ impl SyscallWorker {
         self.accepted.set_groups(context.groups.clone());
         let mut tun_more = false;
         let mut udp_more = false;
+        let mut window = PollWindow::new(context.busy_poll);
         loop {
             // With work left over, only look (timeout 0) whether the other side has some too.
-            let timeout = if tun_more || udp_more { 0 } else { -1 };
-            let Some(ready) = self.wait(timeout)? else {
+            let ready = if tun_more || udp_more {
+                self.wait(0)?
+            } else {
+                self.wait_for_work(&mut window)?
+            };
+            let Some(ready) = ready else {
                 return Ok(());
             };
             let run_tun = tun_more || ready.tun;
@@ -200,6 +206,32 @@ impl SyscallWorker {
     /// Nanoseconds since the worker started: the ICMP rate limit's time, read once per batch.
     fn clock(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Wait for the TUN or the socket to become readable, looking without sleeping for
+    /// `window`'s time first; `None` when the worker must stop.
+    fn wait_for_work(&self, window: &mut PollWindow) -> Result<Option<Ready>, WorkerError> {
+        let started = Instant::now();
+        let look = window.window();
+        if look > Duration::ZERO {
+            loop {
+                match self.wait(0)? {
+                    Some(ready) if !ready.any() => {}
+                    other => {
+                        window.woke(started.elapsed());
+                        return Ok(other);
+                    }
+                }
+                if started.elapsed() >= look {
+                    break;
+                }
+                // Let a thread waiting for this CPU (often the one that will answer) run.
+                std::thread::yield_now();
+            }
+        }
+        let ready = self.wait(-1)?;
+        window.woke(started.elapsed());
+        Ok(ready)
     }
 
     /// Wait up to `timeout_ms` for the TUN or the socket to become readable; `None` when the
@@ -540,6 +572,12 @@ struct Ready {
     tun: bool,
     tun_error: bool,
     udp: bool,
+}
+
+impl Ready {
+    fn any(&self) -> bool {
+        self.tun || self.udp
+    }
 }
 
 fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {

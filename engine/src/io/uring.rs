@@ -53,6 +53,10 @@ use crate::io::tun::{TunQueue, WriteList};
 use crate::io::udp::{from_sockaddr, gro_segment_size, SendBatch, CONTROL_LEN, SOCKADDR_IN_LEN};
 use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::Segmenter;
+use crate::poll_window::PollWindow;
+
+/// `IORING_ENTER_GETEVENTS` from linux/io_uring.h (the io-uring crate keeps its own private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 use crate::route::RouteTable;
 
 /// Slots that read from the TUN and send to peers (a power of two: a buffer ring's size).
@@ -404,11 +408,12 @@ impl UringWorker {
                 .build()
                 .user_data(Op::Stop.encode(0, 0)),
         )?;
+        let mut window = PollWindow::new(context.busy_poll);
         loop {
             self.tun_intake.ring.publish();
             self.udp_intake.ring.publish();
             self.arm_intakes()?;
-            self.submit_and_wait()?;
+            self.wait_for_work(&mut window)?;
             self.reap();
             let mut counts = BatchCounts::default();
             let outcome = self.handle_completions(context, &mut counts);
@@ -873,10 +878,57 @@ impl UringWorker {
         }
     }
 
-    /// Submit everything queued and wait for at least one completion.
-    fn submit_and_wait(&mut self) -> Result<(), WorkerError> {
+    /// Submit everything queued and wait for a completion, looking for one without sleeping
+    /// for `window`'s time first.
+    fn wait_for_work(&mut self, window: &mut PollWindow) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let look = window.window();
+        if look > Duration::ZERO {
+            self.submit_and_wait_for(0)?;
+            loop {
+                self.run_task_work()?;
+                if !self.ring.completion().is_empty() {
+                    window.woke(started.elapsed());
+                    return Ok(());
+                }
+                if started.elapsed() >= look {
+                    break;
+                }
+                // Let a thread waiting for this CPU (often the one that will answer) run.
+                std::thread::yield_now();
+            }
+        }
+        self.submit_and_wait_for(1)?;
+        window.woke(started.elapsed());
+        Ok(())
+    }
+
+    /// Let the kernel post the completions that are ready: with `DEFER_TASKRUN` they wait
+    /// for the ring's thread to enter the kernel asking for events.
+    fn run_task_work(&mut self) -> Result<(), WorkerError> {
+        // SAFETY: no submissions and no argument are passed; GETEVENTS with a minimum of
+        // zero completions only runs the ring's pending work and returns.
+        let rc = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+        };
+        match rc {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
+                _ => Err(WorkerError::Fatal {
+                    what: "io_uring wait",
+                    source: e,
+                }),
+            },
+        }
+    }
+
+    /// Submit everything queued and wait for at least `want` completions.
+    fn submit_and_wait_for(&mut self, want: usize) -> Result<(), WorkerError> {
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.ring.submit_and_wait(want) {
                 Ok(_) => return Ok(()),
                 Err(e) => match e.raw_os_error() {
                     // Task work or a signal interrupted the wait: wait again.

@@ -272,6 +272,27 @@ impl Lab {
             icmp_rate_limit,
             None,
             Groups::default(),
+            weft_engine::DEFAULT_BUSY_POLL,
+        )
+    }
+
+    /// Start the engine on `host` with two workers, every offload, and workers that look for
+    /// packets for up to `busy_poll` before they sleep.
+    pub fn start_engine_polling(
+        &self,
+        host: &Host,
+        backend: IoBackend,
+        busy_poll: Duration,
+    ) -> RunningEngine {
+        self.start_engine_full(
+            host,
+            backend,
+            2,
+            Offloads::ALL,
+            IcmpRateLimit::DEFAULT,
+            None,
+            Groups::default(),
+            busy_poll,
         )
     }
 
@@ -292,6 +313,7 @@ impl Lab {
             IcmpRateLimit::DEFAULT,
             multicast,
             groups,
+            weft_engine::DEFAULT_BUSY_POLL,
         )
     }
 
@@ -305,6 +327,7 @@ impl Lab {
         icmp_rate_limit: IcmpRateLimit,
         multicast: Option<MulticastConfig>,
         groups: Groups,
+        busy_poll: Duration,
     ) -> RunningEngine {
         let routes = self.routes_for(host);
         let ns = host.ns.clone();
@@ -327,6 +350,7 @@ impl Lab {
                 offloads,
                 icmp_rate_limit,
                 multicast,
+                busy_poll,
             };
             let engine =
                 Engine::start_with_groups(config, queues, routes, groups).expect("start engine");
