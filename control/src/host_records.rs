@@ -1,6 +1,7 @@
 //! Keeping this host's record in etcd and the peers' records in the engine's group table.
 //!
-//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`), so
+//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`,
+//! encryption between hosts), so
 //! that with default settings weft writes nothing flanneld would not. One task:
 //! - writes this host's [`HostRecord`] at `/weft.io<prefix>/hosts/<lease key name>`, attached
 //!   to the etcd lease of the subnet lease, whenever what it should say differs from what was
@@ -10,7 +11,8 @@
 //! - follows every record with one prefix watch (snapshot, watch from its revision + 1, a
 //!   fresh snapshot when the watch breaks, as the lease watcher does), and joins them with the
 //!   route table into the [`GroupTable`] it publishes through [`Groups`] whenever the records
-//!   or the routes change.
+//!   or the routes change, and with encryption into the peers' keys, which it publishes
+//!   through [`Tunnels`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
-use weft_engine::{GroupTable, Groups, RouteTable, Routes};
+use tracing::{debug, error, info, warn};
+use weft_engine::{GroupTable, Groups, RouteTable, Routes, Tunnels, KEY_LEN};
 
 use crate::backoff::Backoff;
 use crate::host_record::{HostRecord, RecordTable};
@@ -42,6 +44,8 @@ pub struct RecordSettings {
     pub multicast: bool,
     /// `--broadcast`.
     pub broadcast: bool,
+    /// With encryption between hosts: this host's public key.
+    pub public_key: Option<[u8; KEY_LEN]>,
     /// Backoff for etcd errors.
     pub retry: Backoff,
 }
@@ -56,6 +60,8 @@ pub struct RecordInputs {
     pub routes: Routes,
     /// Where the group table goes.
     pub groups: Groups,
+    /// With encryption between hosts: where the peers' keys go.
+    pub tunnels: Option<Tunnels>,
 }
 
 /// This host's record as last written.
@@ -92,7 +98,8 @@ impl OwnRecord {
             self.settings.multicast,
             self.settings.broadcast,
             &self.groups,
-        );
+        )
+        .with_public_key(self.settings.public_key.as_ref());
         Some((
             lease_key_name(lease.subnet),
             record.to_json(),
@@ -325,7 +332,8 @@ impl<R: Registry> HostRecords<R> {
         self.publish_groups();
     }
 
-    /// Publish the group table if the records or the routes changed since the last one.
+    /// Publish the group table (and with encryption the peers' keys) if the records or the
+    /// routes changed since the last one.
     fn publish_groups(&mut self) {
         let routes = self.inputs.routes.current();
         if self
@@ -334,6 +342,9 @@ impl<R: Registry> HostRecords<R> {
             .is_some_and(|r| Arc::ptr_eq(r, &routes))
         {
             return;
+        }
+        if let Some(tunnels) = &self.inputs.tunnels {
+            publish_keys(tunnels, &self.table, &routes);
         }
         let public_ip = self.lease().map_or(Ipv4Addr::UNSPECIFIED, |l| l.public_ip);
         let peers = self.table.peers(&routes, public_ip);
@@ -349,6 +360,25 @@ impl<R: Registry> HostRecords<R> {
             self.inputs.groups.publish(table);
         }
         self.joined_with = Some(routes);
+    }
+}
+
+/// Publish the keyed peers as the tunnel table; a lease holder without a key is refused
+/// (nothing sent to it, nothing accepted from it) and said so at ERROR level when that
+/// changes.
+fn publish_keys(tunnels: &Tunnels, table: &RecordTable, routes: &RouteTable) {
+    let peers = table.keyed_peers(routes);
+    let before = tunnels.peers_without_key();
+    tunnels.set_peers_without_key(peers.without_key.len());
+    if tunnels.publish(peers.keyed.iter().copied()) {
+        info!(peers = peers.keyed.len(), "publishing the peers' keys");
+    }
+    if !peers.without_key.is_empty() && peers.without_key.len() != before {
+        error!(
+            hosts = ?peers.without_key,
+            "encryption is on, but these lease holders publish no public key (a flanneld, an \
+             older weftd, or a host still starting): nothing is sent to them or accepted from them"
+        );
     }
 }
 
@@ -422,6 +452,7 @@ mod tests {
                     RecordSettings {
                         multicast,
                         broadcast,
+                        public_key: None,
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -429,6 +460,7 @@ mod tests {
                         local_groups: groups_rx,
                         routes,
                         groups: groups.clone(),
+                        tunnels: None,
                     },
                 ));
             }

@@ -9,7 +9,8 @@
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
-//!   multicast relay's decisions and membership ([`multicast`]) — no I/O, tested
+//!   multicast relay's decisions and membership ([`multicast`]), encryption between hosts
+//!   ([`crypto`]) — no I/O, tested
 //!   deterministically;
 //! - [`io`]: the shell that talks to the kernel (TUN, UDP sockets, io_uring and batched system
 //!   calls, the worker threads, the [`engine`]) and executes the core's results in batches.
@@ -25,6 +26,8 @@ pub mod batch;
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod counters;
+#[forbid(unsafe_code)]
+pub mod crypto;
 #[forbid(unsafe_code)]
 pub mod decide;
 #[forbid(unsafe_code)]
@@ -43,6 +46,7 @@ pub use io::{engine, tun, udp};
 
 pub use config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, TunOffload, UnknownIoBackend};
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
+pub use crypto::{StaticKeys, Tunnels, KEY_LEN, OVERHEAD};
 pub use decide::{PeerDecision, Policy, TunDecision};
 pub use icmp_limit::IcmpRateLimit;
 pub use io::engine::{Engine, EngineError};

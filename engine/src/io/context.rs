@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::counters::WorkerCounters;
+use crate::crypto::Tunnels;
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
@@ -18,4 +19,6 @@ pub(crate) struct WorkerContext {
     pub(crate) icmp_rate_limit: IcmpRateLimit,
     /// Where group traffic from peers goes, on a host that takes some.
     pub(crate) groups: Option<GroupDelivery>,
+    /// With encryption between hosts: the peers' tunnels.
+    pub(crate) tunnels: Option<Tunnels>,
 }

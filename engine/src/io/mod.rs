@@ -5,11 +5,13 @@
 //! errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP sockets ([`udp`]),
 //! what the kernel supports ([`probe`]), the execution of a batch's results that both back ends
 //! share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the worker thread
-//! ([`worker`]), the multicast TAP ([`tap`]) and relay thread ([`relay`]), and the [`engine`]
-//! that starts and stops them.
+//! ([`worker`]), the multicast TAP ([`tap`]) and relay thread ([`relay`]), encryption's
+//! sealed sends, outbox and timers thread ([`crypt`]), and the [`engine`] that starts and
+//! stops them.
 
 pub(crate) mod buffers;
 pub(crate) mod context;
+pub(crate) mod crypt;
 pub mod engine;
 pub(crate) mod error;
 pub(crate) mod execute;
