@@ -1243,7 +1243,10 @@ mod tests {
         );
         assert_eq!(
             reasons.len(),
-            DropReason::ALL.iter().filter(|r| !r.is_encryption()).count(),
+            DropReason::ALL
+                .iter()
+                .filter(|r| !r.is_encryption())
+                .count(),
             "reasons seen: {reasons:?}"
         );
     }
