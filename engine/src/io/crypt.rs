@@ -20,8 +20,10 @@ use crate::io::udp::SendBatch;
 use crate::offload::Segmenter;
 
 /// The send batch's room for sealed datagrams: with encryption every datagram is written
-/// into the batch, not only the segments' headers.
-pub(crate) const SEALED_BYTES: usize = 1 << 20;
+/// into the batch, not only the segments' headers. About 170 full datagrams, so that a batch
+/// is sent before it holds more messages of one session than the receiver's replay window
+/// (1024) tolerates being overtaken by another worker's batch.
+pub(crate) const SEALED_BYTES: usize = 256 << 10;
 
 /// Queue `packet` for `to` sealed into `batch`: whole, or (with `segmenter`) its segments
 /// from `*next` on, advancing `*next`. Returns whether everything is queued (`false`: the
