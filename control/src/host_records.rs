@@ -431,6 +431,17 @@ mod tests {
             multicast: bool,
             broadcast: bool,
         ) -> Self {
+            Self::start_with(reg, public_ip, multicast, broadcast, None).await
+        }
+
+        /// As `start`, with encryption's tunnels (and so this host's public key) if given.
+        async fn start_with(
+            reg: &MemoryRegistry,
+            public_ip: &str,
+            multicast: bool,
+            broadcast: bool,
+            tunnels: Option<Tunnels>,
+        ) -> Self {
             let config = NetworkConfig::parse(NETWORK).unwrap();
             let routes = Routes::new(RouteTable::empty(config.overlay().unwrap(), config.port()));
             let settings = Settings {
@@ -446,13 +457,13 @@ mod tests {
             let (local_groups, groups_rx) = watch::channel(Vec::new());
             let groups = Groups::default();
             let mut tasks = vec![task];
-            if multicast || broadcast {
+            if multicast || broadcast || tunnels.is_some() {
                 tasks.push(run_host_records(
                     reg.clone(),
                     RecordSettings {
                         multicast,
                         broadcast,
-                        public_key: None,
+                        public_key: tunnels.as_ref().map(Tunnels::public_key),
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -460,7 +471,7 @@ mod tests {
                         local_groups: groups_rx,
                         routes,
                         groups: groups.clone(),
-                        tunnels: None,
+                        tunnels,
                     },
                 ));
             }
@@ -513,6 +524,41 @@ mod tests {
         let reg = MemoryRegistry::new();
         reg.set_config(Some(NETWORK));
         reg
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn encrypting_hosts_key_each_other_and_a_new_key_replaces_the_tunnel() {
+        use weft_engine::StaticKeys;
+        let reg = registry().await;
+        let keys = |b: u8| StaticKeys::from_private([b; KEY_LEN]);
+        let ta = Tunnels::new(keys(1));
+        let tb = Tunnels::new(keys(2));
+        let a = Host::start_with(&reg, "198.18.0.1", false, false, Some(ta.clone())).await;
+        let b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb.clone())).await;
+        let plain = Host::start(&reg, "198.18.0.3", false, false).await;
+        let key_of = |t: &Tunnels, peer: &str| t.snapshot().get(&ip(peer)).map(|p| p.public_key());
+        until("both keyed", || {
+            key_of(&ta, "198.18.0.2") == Some(tb.public_key())
+                && key_of(&tb, "198.18.0.1") == Some(ta.public_key())
+        })
+        .await;
+        // The host without encryption holds a lease but publishes no key: refused.
+        until("the keyless host counted", || ta.peers_without_key() == 1).await;
+        assert_eq!(ta.snapshot().len(), 1);
+        assert!(reg.host_record(&plain.name()).is_none());
+        assert!(reg
+            .host_record(&b.name())
+            .unwrap()
+            .contains(&crate::key_file::encode_key(&tb.public_key())));
+        // b comes back with a new key: a replaces its tunnel.
+        drop(b);
+        let tb2 = Tunnels::new(keys(4));
+        let _b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb2.clone())).await;
+        until("the new key replaces the old", || {
+            key_of(&ta, "198.18.0.2") == Some(tb2.public_key())
+        })
+        .await;
+        drop(a);
     }
 
     #[tokio::test(start_paused = true)]
