@@ -113,7 +113,7 @@ impl TimerThread {
     }
 }
 
-/// Start the thread `weft-crypt-timers`, which every [`TIMER_TICK`] runs every tunnel's
+/// Start the thread `weft-timers`, which every [`TIMER_TICK`] runs every tunnel's
 /// timers and sends what they produce from `socket` (a duplicate of a worker's socket) to the
 /// peer's address at `port`.
 pub(crate) fn spawn_timers(
@@ -124,7 +124,7 @@ pub(crate) fn spawn_timers(
     let stop = Arc::new(StopSignal::new()?);
     let signal = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
-        .name("weft-crypt-timers".into())
+        .name("weft-timers".into())
         .spawn(move || {
             let mut buf = vec![0u8; 256];
             while !signal.is_raised() {
