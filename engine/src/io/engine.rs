@@ -360,14 +360,25 @@ mod tests {
         ));
         let two = EngineConfig {
             workers: 2,
-            ..config
+            ..config.clone()
         };
         assert!(matches!(
-            Engine::start(two, Vec::new(), routes),
+            Engine::start(two, Vec::new(), routes.clone()),
             Err(EngineError::QueueCount {
                 workers: 2,
                 queues: 0
             })
+        ));
+        let uring = EngineConfig {
+            io: IoBackend::Uring,
+            ..config
+        };
+        let tunnels = Tunnels::new(crate::crypto::StaticKeys::from_private([1; 32]));
+        let refused =
+            Engine::start_with(uring, Vec::new(), routes, Groups::default(), Some(tunnels));
+        assert!(matches!(
+            refused,
+            Err(EngineError::EncryptionBackend(IoBackend::Uring))
         ));
     }
 }
