@@ -8,7 +8,7 @@
 //!
 //! Without a session the tunnel keeps the packet (up to 256) and answers with a handshake
 //! initiation (or nothing while one is under way); the kept packets leave when the handshake
-//! response arrives (see [`crate::crypto::open`]).
+//! response arrives (the opener sends them).
 
 use boringtun::noise::{Tunn, TunnResult};
 
