@@ -541,7 +541,7 @@ test_env_example() {
 		var=FLANNELD_$(echo "$flag" | tr 'a-z-' 'A-Z_')
 		assert_grep "$f" "^#?$var="
 	done
-	for var in WEFTD_TUN_NAME WEFTD_WORKERS WEFTD_IO WEFTD_ALLOW_FOREIGN_SOURCES; do
+	for var in WEFTD_TUN_NAME WEFTD_WORKERS WEFTD_IO WEFTD_ALLOW_FOREIGN_SOURCES WEFTD_ENCRYPTION_KEY_FILE; do
 		assert_grep "$f" "^#?$var="
 	done
 	# Only comments and KEY=VALUE lines of those two families.

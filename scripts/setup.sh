@@ -5,7 +5,9 @@
 # files (etcd-client's build needs both),
 # iperf3, iproute2, ping, iptables, jq, python3, tcpdump and perf (the lab's hops and profile),
 # docker.io and busybox-static (the lab's docker hosts and their image), nsenter, and iperf (2),
-# socat and sockperf (multicast and latency tools for the lab's containers).
+# socat and sockperf (multicast and latency tools for the lab's containers), wireguard-go and
+# wireguard-tools (the lab's wireguard-go mode, the userspace WireGuard weft's encryption is
+# measured against).
 # Runs `apt-get update` only when something is missing, so a second run changes nothing and needs
 # no network. docker.io's service is not started by the installation: the lab runs its own
 # dockerd inside its namespaces, and a dockerd in the root namespace would add docker0 and
@@ -14,10 +16,10 @@
 set -euo pipefail
 
 PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf
-	docker.io busybox-static util-linux iperf socat sockperf)
+	docker.io busybox-static util-linux iperf socat sockperf wireguard-go wireguard-tools)
 # What each package must provide.
 COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf
-	dockerd containerd runc docker /bin/busybox nsenter iperf socat sockperf)
+	dockerd containerd runc docker /bin/busybox nsenter iperf socat sockperf wireguard-go wg)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {

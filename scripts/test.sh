@@ -7,7 +7,7 @@
 #   5. the test suite: cargo nextest run --workspace (cargo test --workspace without nextest)
 #   6. fuzz/run.sh 20                         a bounded fuzz run of every target (stable Rust;
 #                                             installs cargo-fuzz from crates.io if missing)
-#   7. bench/lab/test.sh                      the lab: weft, kernel VXLAN and direct modes (root)
+#   7. bench/lab/test.sh                      the lab: weft, encrypted, wireguard-go, VXLAN, direct (root)
 #   8. deploy/test.sh                         systemd units, docker options, CNI, Vagrant lab
 # Every step runs even when an earlier one failed; the summary lists each step's result and the
 # exit status is non-zero if any step failed. With CI=true a missing prerequisite (root, a cargo
@@ -114,9 +114,9 @@ else
 fi
 
 if ((HAVE_ROOT)); then
-	step "lab (bench/lab/test.sh: weft, vxlan, direct)" as_root bash bench/lab/test.sh --weftd "$ROOT/target/release/weftd"
+	step "lab (bench/lab/test.sh: weft, encrypted, wireguard-go, vxlan, direct)" as_root bash bench/lab/test.sh --weftd "$ROOT/target/release/weftd"
 else
-	missing "lab (bench/lab/test.sh: weft, vxlan, direct)" "needs root (or passwordless sudo) for network namespaces"
+	missing "lab (bench/lab/test.sh: weft, encrypted, wireguard-go, vxlan, direct)" "needs root (or passwordless sudo) for network namespaces"
 fi
 
 if ((HAVE_ROOT)); then

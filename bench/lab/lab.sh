@@ -22,6 +22,11 @@ MCAST_PY="$LAB_DIR/mcast.py"
 # The lab's fixed addressing.
 readonly NETWORK=10.1.0.0/16
 readonly NETWORK_CONFIG='{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}'
+# The encrypted mode's config: weft's WireGuard encryption between hosts.
+readonly NETWORK_CONFIG_ENCRYPTED='{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":"wireguard"}}'
+# wireguard-go's MTU (wg-quick's default over a 1500-byte underlay) and listen port.
+readonly WG_MTU=1420
+readonly WG_PORT=51820
 readonly ETCD_PREFIX=/coreos.com/network
 readonly UNDERLAY=198.18.0 # host N is 198.18.0.N/24
 readonly UNDERLAY_MTU=1500
@@ -106,7 +111,7 @@ weft lab: hosts and containers in network namespaces on one machine.
         Tear down a lab left up by `up` or `demo --keep`.
   lab.sh list
         List labs left up.
-  lab.sh bench [--modes weft,vxlan,direct] [--rounds 3] [--duration 10] [--pings 200]
+  lab.sh bench [--modes weft,encrypted,wireguard-go,vxlan,direct] [--rounds 3] [--duration 10] [--pings 200]
                [--udp-rate 1G] [--out DIR] [--quiet-load 0.25] [--quiet-timeout 120]
         Measure ping RTT, iperf3 TCP (1 and 4 streams) and UDP, 64-byte UDP at full rate,
         sockperf request/response round trips (UDP and TCP), and CPU seconds, for each mode,
@@ -124,6 +129,10 @@ weft lab: hosts and containers in network namespaces on one machine.
 
 Modes (--mode):
   weft     weftd in each host (target/release/weftd, or --weftd PATH / $WEFTD_BIN), etcd in host 1
+  encrypted  weftd as in weft, with encryption between hosts ("Encryption":"wireguard" in the
+           network config; each host's key in <run dir>/hN/private.key)
+  wireguard-go  Debian's wireguard-go in each host (interface <P>wgN, MTU 1420, port 51820),
+           keys and peers set with wg; fixed subnets as vxlan
   flannel  flanneld ($FLANNELD_BIN) in each host, started exactly like weftd
   vxlan    kernel VXLAN set up as flannel's vxlan backend does (flannel.1, VNI 1, port 8472)
   direct   direct routing via the peer's underlay address (flannel's host-gw)
@@ -307,7 +316,7 @@ require_cmd() {
 
 daemon_bin() {
 	case $1 in
-	weft) echo "$WEFTD_BIN" ;;
+	weft | encrypted) echo "$WEFTD_BIN" ;;
 	flannel) echo "${FLANNELD_BIN:-}" ;;
 	esac
 }
@@ -324,14 +333,14 @@ preflight() {
 	require_cmd awk
 	require_cmd tac
 	case $mode in
-	weft | flannel)
+	weft | flannel | encrypted)
 		local bin
 		bin=$(daemon_bin "$mode")
 		if [[ $mode == flannel && -z $bin ]]; then
 			die "mode flannel needs FLANNELD_BIN=/path/to/flanneld"
 		fi
 		if [[ ! -x $bin ]]; then
-			if [[ $mode == weft ]]; then
+			if [[ $mode != flannel ]]; then
 				die "weftd binary not found at $bin: build it with 'cargo build --release -p weft-control' (or point --weftd / WEFTD_BIN at one)"
 			fi
 			die "flanneld binary not found or not executable at $bin"
@@ -341,10 +350,15 @@ preflight() {
 		[[ -c /dev/net/tun ]] || die "/dev/net/tun is missing: the overlay daemon needs the tun module"
 		;;
 	vxlan | direct) ;;
-	*) die "unknown mode '$mode' (weft, flannel, vxlan, direct)" ;;
+	wireguard-go)
+		require_cmd wireguard-go "Debian package wireguard-go"
+		require_cmd wg "Debian package wireguard-tools"
+		[[ -c /dev/net/tun ]] || die "/dev/net/tun is missing: wireguard-go needs the tun module"
+		;;
+	*) die "unknown mode '$mode' (weft, encrypted, flannel, vxlan, direct, wireguard-go)" ;;
 	esac
 	if ((DOCKER)); then
-		[[ $mode == weft || $mode == flannel ]] || die "--docker needs a daemon mode (weft or flannel), not $mode"
+		is_daemon_mode "$mode" || die "--docker needs a daemon mode (weft, encrypted or flannel), not $mode"
 		require_cmd "$DOCKERD_BIN" "Debian package docker.io"
 		require_cmd "$DOCKER_CLI" "Debian package docker.io"
 		require_cmd containerd "Debian package containerd"
@@ -362,6 +376,11 @@ preflight() {
 		fi
 	fi
 }
+
+# is_weft_mode <mode>: weftd runs in the hosts (plain or encrypted).
+is_weft_mode() { [[ $1 == weft || $1 == encrypted ]]; }
+# is_daemon_mode <mode>: a daemon with etcd leases runs in the hosts.
+is_daemon_mode() { is_weft_mode "$1" || [[ $1 == flannel ]]; }
 
 nsx() {
 	local ns=$1
@@ -414,7 +433,9 @@ start_etcd() {
 	for ((i = 0; i < TIMEOUT * 5; i++)); do
 		if etcdctl_h1 endpoint health >/dev/null 2>&1; then
 			log "etcd is up on $ETCD_URL (host 1)"
-			etcdctl_h1 put "$ETCD_PREFIX/config" "$NETWORK_CONFIG" >/dev/null
+			local config=$NETWORK_CONFIG
+			[[ $LAB_MODE != encrypted ]] || config=$NETWORK_CONFIG_ENCRYPTED
+			etcdctl_h1 put "$ETCD_PREFIX/config" "$config" >/dev/null
 			return 0
 		fi
 		[[ -e /proc/$pid ]] || break
@@ -433,7 +454,8 @@ start_daemon() {
 	# Docker hosts: the daemon masquerades what leaves the overlay, so that docker does not
 	# (mk-docker-opts.sh turns FLANNEL_IPMASQ=true into --ip-masq=false), as flannel's docs advise.
 	((DOCKER == 0)) || args+=(--ip-masq)
-	if [[ $mode == weft ]]; then
+	if is_weft_mode "$mode"; then
+		[[ $mode != encrypted ]] || args+=(--encryption-key-file "$RUN/h$n/private.key")
 		[[ -z $WORKERS ]] || args+=(--workers "$WORKERS")
 		[[ -z $IO_MODE ]] || args+=(--io "$IO_MODE")
 		if mcast_host "$n" && ((MULTICAST || BROADCAST)); then
@@ -537,6 +559,48 @@ setup_direct() {
 		for ((m = 1; m <= HOSTS; m++)); do
 			((m != n)) || continue
 			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" via "$UNDERLAY.$m" dev "$(link_underlay "$n")"
+		done
+	done
+}
+
+# Debian's wireguard-go (userspace WireGuard, no offloads) in each host: interface <P>wgN (the
+# name is unique per lab: wireguard-go's control socket /run/wireguard/<name>.sock is shared by all
+# namespaces), address 10.1.N.0/32, MTU 1420, a key pair made with wg, every peer at its underlay
+# address with its subnet as allowed IPs, and a route to each peer's subnet through it. It runs
+# in the foreground (-f) so that its PID is the one the lab stops.
+setup_wireguard_go() {
+	local n m dev pub=()
+	for ((n = 1; n <= HOSTS; n++)); do
+		mkdir -p "$RUN/h$n"
+		(umask 077 && wg genkey >"$RUN/h$n/wg.key")
+		pub[n]=$(wg pubkey <"$RUN/h$n/wg.key")
+	done
+	for ((n = 1; n <= HOSTS; n++)); do
+		dev="${P}wg$n"
+		write_static_env "$n" "$WG_MTU"
+		start_bg "wireguard-go$n" "$(ns_h "$n")" "$RUN/h$n/daemon.log" \
+			env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev"
+		DAEMON_PIDS+=("$LAST_PID")
+		local i
+		for ((i = 0; i < TIMEOUT * 10; i++)); do
+			ip -n "$(ns_h "$n")" link show "$dev" >/dev/null 2>&1 && [[ -S /run/wireguard/$dev.sock ]] && break
+			[[ -e /proc/$LAST_PID ]] || break
+			sleep 0.1
+		done
+		ip -n "$(ns_h "$n")" link show "$dev" >/dev/null 2>&1 ||
+			die "wireguard-go on host $n did not create $dev (log: $RUN/h$n/daemon.log)"
+		nsx "$(ns_h "$n")" wg set "$dev" private-key "$RUN/h$n/wg.key" listen-port "$WG_PORT"
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			nsx "$(ns_h "$n")" wg set "$dev" peer "${pub[m]}" endpoint "$UNDERLAY.$m:$WG_PORT" \
+				allowed-ips "10.1.$m.0/24"
+		done
+		ip -n "$(ns_h "$n")" link set "$dev" mtu "$WG_MTU"
+		ip -n "$(ns_h "$n")" addr add "10.1.$n.0/32" dev "$dev"
+		ip -n "$(ns_h "$n")" link set "$dev" up
+		for ((m = 1; m <= HOSTS; m++)); do
+			((m != n)) || continue
+			ip -n "$(ns_h "$n")" route add "10.1.$m.0/24" dev "$dev"
 		done
 	done
 }
@@ -816,13 +880,14 @@ lab_up() {
 	log "bringing up the $mode lab, prefix $P, $HOSTS hosts, $CONTAINERS container(s) per host, run dir $RUN"
 	make_hosts
 	case $mode in
-	weft | flannel)
+	weft | flannel | encrypted)
 		start_etcd
 		for ((n = 1; n <= HOSTS; n++)); do start_daemon "$n" "$mode"; done
 		for ((n = 1; n <= HOSTS; n++)); do wait_daemon "$n" "${DAEMON_PIDS[n - 1]}"; done
 		;;
 	vxlan) setup_vxlan ;;
 	direct) setup_direct ;;
+	wireguard-go) setup_wireguard_go ;;
 	esac
 	if ((DOCKER)); then
 		build_image
@@ -957,7 +1022,7 @@ show_lab() {
 	local n
 	echo
 	echo "=== weft lab '$P' ($LAB_MODE) ==="
-	if [[ $LAB_MODE == weft || $LAB_MODE == flannel ]]; then
+	if is_daemon_mode "$LAB_MODE"; then
 		echo
 		echo "--- etcd: etcdctl get --prefix $ETCD_PREFIX (from host 1) ---"
 		# etcdctl prints each key and its value on separate lines; shown here as "key value".
@@ -1085,7 +1150,7 @@ cargo_release_build() {
 build_weftd() { cargo_release_build -p weft-control; }
 
 cmd_demo() {
-	if [[ $MODE == weft ]]; then
+	if is_weft_mode "$MODE"; then
 		if [[ $DO_SETUP == 1 ]]; then
 			require_root
 			log "checking the machine (scripts/setup.sh)"
@@ -1352,7 +1417,7 @@ bench_one() {
 	sockperf_rr "$raw/$tag-rr-udp.txt" "$RR_SECONDS"
 	sockperf_rr "$raw/$tag-rr-tcp.txt" "$RR_SECONDS" --tcp
 	local has_daemon=0
-	[[ $mode == weft || $mode == flannel ]] && has_daemon=1
+	is_daemon_mode "$mode" || [[ $mode == wireguard-go ]] && has_daemon=1
 	python3 "$REPORT_PY" record --out "$OUT_DIR/raw.jsonl" --mode "$mode" --round "$round" \
 		--clk-tck "$(getconf CLK_TCK)" --busy-before "$QUIET_BUSY" --quiet "$QUIET_OK" \
 		--has-daemon "$has_daemon" \
@@ -1386,7 +1451,7 @@ cmd_bench() {
 	mkdir -p "$OUT_DIR/raw"
 	: >"$OUT_DIR/raw.jsonl"
 	local weftd_version=""
-	if [[ " ${modes[*]} " == *" weft "* ]]; then
+	if [[ " ${modes[*]} " == *" weft "* || " ${modes[*]} " == *" encrypted "* ]]; then
 		weftd_version=$("$WEFTD_BIN" --version 2>/dev/null | head -n 1 || true)
 	fi
 	python3 "$REPORT_PY" meta --out "$OUT_DIR/meta.json" \
@@ -1473,7 +1538,12 @@ cmd_hops() {
 	[[ $INTERVAL =~ ^(0|[1-9][0-9]*)?\.?[0-9]+$ ]] || die "--interval must be a number of seconds"
 	require_cmd tcpdump "Debian package tcpdump"
 	local mode
-	for mode in "${modes[@]}"; do preflight "$mode"; done
+	for mode in "${modes[@]}"; do
+		# A ping is matched across the capture points by its bytes, which encryption hides.
+		[[ $mode != encrypted && $mode != wireguard-go ]] ||
+			die "hops cannot follow a ping through the $mode mode's encrypted underlay"
+		preflight "$mode"
+	done
 	[[ -n $OUT_DIR ]] || OUT_DIR="$LAB_DIR/results/hops-$(date -u +%Y%m%dT%H%M%SZ)"
 	mkdir -p "$OUT_DIR"
 	: >"$OUT_DIR/hops.md"

@@ -55,10 +55,19 @@ KIB64_GBIT = 64 * 1024 * 8 / 1e9
 # The chart's panels.
 CHART = ["tcp1_gbps", "tcp4_gbps", "tcp1_gbit_per_cpu_s", "rtt_avg_us"]
 
-MODE_ORDER = ["weft", "flannel", "vxlan", "direct"]
-MODE_COLOUR = {"weft": "#d9622b", "flannel": "#8a8a8a", "vxlan": "#3b75af", "direct": "#519e3e"}
+MODE_ORDER = ["weft", "encrypted", "flannel", "wireguard-go", "vxlan", "direct"]
+MODE_COLOUR = {
+    "weft": "#d9622b",
+    "encrypted": "#8e3b9e",
+    "flannel": "#8a8a8a",
+    "wireguard-go": "#c9a227",
+    "vxlan": "#3b75af",
+    "direct": "#519e3e",
+}
 MODE_LABEL = {
     "weft": "weft",
+    "encrypted": "weft encrypted",
+    "wireguard-go": "wireguard-go",
     "flannel": "flannel udp",
     "vxlan": "kernel VXLAN",
     "direct": "direct routing",
@@ -268,8 +277,11 @@ def summarize(records, modes):
 
 def ratio_pairs(modes):
     """Which ratios to show: weft against every reference; without weft, vxlan against direct."""
-    if "weft" in modes:
-        return [("weft", m) for m in ("vxlan", "direct", "flannel") if m in modes]
+    if "weft" in modes or "encrypted" in modes:
+        pairs = [("weft", m) for m in ("vxlan", "direct", "flannel") if "weft" in modes and m in modes]
+        if "encrypted" in modes:
+            pairs += [("encrypted", m) for m in ("weft", "wireguard-go") if m in modes]
+        return pairs
     if "vxlan" in modes and "direct" in modes:
         return [("vxlan", "direct")]
     return []

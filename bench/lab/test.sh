@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Tests of the weft lab (bench/lab/lab.sh), run as root:
-#   - for each mode given (default: weft vxlan direct): `lab.sh up`, ping both ways, a 3 s iperf3
+#   - for each mode given (default: weft encrypted wireguard-go vxlan direct): `lab.sh up`, ping
+#     both ways, a 3 s iperf3
 #     TCP transfer with more than 0 bytes received, `lab.sh down`, then nothing left behind (no
 #     namespace with the run's prefix, no process the lab started, no run dir with its etcd data,
-#     no trace in the root namespace);
+#     no trace in the root namespace); in the encrypted mode also every host keyed to its peer,
+#     nothing refused, and the WireGuard messages counted as data moved;
 #   - a 3-host weft lab with 2 containers per host brought up with `up --json`: every container
 #     pings every container on the other hosts, and `down PREFIX` leaves nothing behind; the
 #     vxlan and direct modes with 3 hosts, pinging across;
@@ -21,7 +23,7 @@
 #     --multicast gets none;
 #   - hops.py's and cpu_profile.py's unit tests, `lab.sh hops` in weft mode (a per-hop table that
 #     adds up) and `lab.sh profile` in weft mode (CPU time per 64 KiB by kind of work);
-#   - `lab.sh bench`, one short round of weft, vxlan and direct: request/response round trips,
+#   - `lab.sh bench`, one short round of weft, encrypted, vxlan and direct: request/response round trips,
 #     64-byte UDP at full rate and the TUN/UDP floor in results.json and summary.md;
 #   - the harness itself: the demo tearing itself down, SIGTERM in the middle of a demo, a daemon
 #     that exits before writing subnet.env, and a missing weftd binary (fails early, creates nothing).
@@ -66,7 +68,7 @@ while (($#)); do
 	esac
 	shift
 done
-((${#MODES[@]})) || MODES=(weft vxlan direct)
+((${#MODES[@]})) || MODES=(weft encrypted wireguard-go vxlan direct)
 # wanted <check>: the check runs (all run unless --only names some).
 wanted() {
 	((${#ONLY[@]} == 0)) || [[ " ${ONLY[*]} " == *" $1 "* ]]
@@ -175,6 +177,24 @@ check_ping() {
 	fi
 }
 
+# check_encrypted <name> <prefix>: each weftd has its peer's key, refused nothing on the
+# way, and carried the transfer.
+check_encrypted() {
+	local name=$1 p=$2 n text keyed refused sent
+	for n in 1 2; do
+		text=$(ip netns exec "$p-h$n" curl -s --max-time 3 http://127.0.0.1:8286/metrics || true)
+		keyed=$(sed -n 's/^weft_encryption_peers{state="keyed"} //p' <<<"$text")
+		refused=$(sed -n -E 's/^weft_drops_total\{reason="(tampered|replayed|plaintext|unknown_key|truncated)"\} //p' <<<"$text" |
+			awk '{s += $1} END {print s + 0}')
+		sent=$(sed -n 's/^weft_packets_total{path="udp_tx"} //p' <<<"$text")
+		if [[ $keyed == 1 && $refused == 0 && ${sent:-0} -gt 100 ]]; then
+			pass "$name: host $n keyed to its peer, $sent datagrams sent encrypted, none refused"
+		else
+			fail "$name: host $n: keyed=$keyed refused=$refused sent=$sent"
+		fi
+	done
+}
+
 check_tcp() {
 	local name=$1 p=$2 addr json
 	addr=$(container_addr "$p" 2)
@@ -216,17 +236,18 @@ check_down() {
 
 test_mode() {
 	local mode=$1
-	local p="lt$$${mode:0:1}"
+	local p="lt$$${mode:0:2}"
 	local name="$mode lab" before pidlog="$WORK/$p.pids"
 	say "--- $name (prefix $p) ---"
 	before=$(root_snapshot "$p")
 	local extra=()
-	[[ $mode != weft ]] || extra=("${WEFTD_ARGS[@]}")
+	[[ $mode != weft && $mode != encrypted ]] || extra=("${WEFTD_ARGS[@]}")
 	if bash "$LAB" up --mode "$mode" --prefix "$p" --pid-log "$pidlog" "${extra[@]}" >"$WORK/$p-up.log" 2>&1; then
 		pass "$name: lab.sh up"
 		check_ping "$name" "$p" 1 2
 		check_ping "$name" "$p" 2 1
 		check_tcp "$name" "$p"
+		[[ $mode != encrypted ]] || check_encrypted "$name" "$p"
 		check_down "$name" "$p"
 	else
 		tail -n 40 "$WORK/$p-up.log"
@@ -602,7 +623,9 @@ assert abs(floor["us_per_64k"] - floor["vxlan_us_per_64k"] - 4 * copy["cold_us"]
 assert 0 < floor["gbit_per_cpu_s"] < 1000, floor
 for pair in ("weft/floor", "weft/vxlan", "weft/direct"):
     assert floor["ratios"].get(pair, 0) > 0, floor
+assert median("tcp1_gbps", "encrypted") > 0, "encrypted mode: no TCP throughput"
 md = open(os.path.join(os.path.dirname(sys.argv[1]), "summary.md"), encoding="utf-8").read()
+assert "encrypted/weft" in md, "summary.md lacks the encrypted/weft ratio"
 for text in ("UDP request/response RTT median", "TCP request/response RTT p99", "UDP 64 B at full rate",
              "The floor of a TUN/UDP engine", "weft/floor"):
     assert text in md, f"summary.md lacks {text!r}"
@@ -637,7 +660,7 @@ if ((HARNESS)) && wanted harness; then
 	lab_tool hops "hops (weft)" h weft.json "$HOPS_CHECK" --pings 40 --interval 0.02
 	lab_tool profile "profile (weft)" p profile.json "$PROFILE_CHECK" --duration 2
 	lab_tool bench "bench (one short round)" b results.json "$BENCH_CHECK" \
-		--modes weft,vxlan,direct --rounds 1 --duration 1 --pings 20
+		--modes weft,encrypted,vxlan,direct --rounds 1 --duration 1 --pings 20
 fi
 
 say "${#PASSED[@]} passed, ${#FAILED[@]} failed ($((SECONDS - start)) s)"

@@ -82,7 +82,19 @@ pub struct NetworkConfig {
     backend_type: String,
     /// `Backend.Port` when the udp backend names one.
     port: Option<u16>,
+    /// `Backend.Encryption` as written (weft's own field; flanneld ignores it).
+    encryption: Option<String>,
 }
+
+/// The encryption between hosts a network config asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encryption {
+    /// `"Encryption":"wireguard"`: every datagram between hosts is a WireGuard message.
+    WireGuard,
+}
+
+/// The value of `Backend.Encryption` that turns on the WireGuard protocol.
+pub const WIREGUARD: &str = "wireguard";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Ipv4Range {
@@ -119,6 +131,12 @@ impl NetworkConfig {
         let subnet_min6 = opt_ipv6(&obj, "IPv6SubnetMin")?;
         let subnet_max6 = opt_ipv6(&obj, "IPv6SubnetMax")?;
         let (backend_type, port) = parse_backend(field(&obj, "Backend"))?;
+        let encryption = match field(&obj, "Backend") {
+            Some(Value::Object(backend)) => opt_string(backend, "Encryption")
+                .map_err(|e| rename(e, "Backend.Encryption"))?
+                .map(str::to_owned),
+            _ => None,
+        };
 
         let ipv4 = if enable_ipv4 {
             let network = network.ok_or_else(|| {
@@ -148,6 +166,7 @@ impl NetworkConfig {
             ipv6,
             backend_type,
             port,
+            encryption,
         })
     }
 
@@ -175,6 +194,7 @@ impl NetworkConfig {
                 "the udp backend carries only IPv4; remove EnableIPv6 or set it to false",
             ));
         }
+        self.encryption()?;
         self.overlay().map(|_| ())
     }
 
@@ -195,6 +215,20 @@ impl NetworkConfig {
     /// `Backend.Port` as written in the config, if the udp backend names one.
     pub fn explicit_port(&self) -> Option<u16> {
         self.port
+    }
+
+    /// The encryption between hosts `Backend.Encryption` asks for: none when it is absent or
+    /// null; an error for a protocol this weftd does not know, so that such a host never joins
+    /// in plaintext.
+    pub fn encryption(&self) -> Result<Option<Encryption>, ConfigError> {
+        match self.encryption.as_deref() {
+            None => Ok(None),
+            Some(WIREGUARD) => Ok(Some(Encryption::WireGuard)),
+            Some(other) => Err(ConfigError::field(
+                "Backend.Encryption",
+                format!("this weftd encrypts only with \"{WIREGUARD}\", got {other:?}"),
+            )),
+        }
     }
 
     /// `Backend.Type`: `udp` when the config has no `Backend`.
@@ -276,7 +310,7 @@ impl fmt::Display for NetworkConfig {
         write!(
             f,
             "BackendType={} SubnetLen={} SubnetMin={} SubnetMax={} EnableIPv4={} EnableIPv6={} \
-             IPv6SubnetLen={} IPv6SubnetMin={} IPv6SubnetMax={} Port={}",
+             IPv6SubnetLen={} IPv6SubnetMin={} IPv6SubnetMax={} Port={}{}",
             self.backend_type,
             self.subnet_len(),
             self.subnet_min(),
@@ -287,6 +321,10 @@ impl fmt::Display for NetworkConfig {
             min6,
             max6,
             self.port.map(|p| p.to_string()).unwrap_or_default(),
+            self.encryption
+                .as_ref()
+                .map(|e| format!(" Encryption={e}"))
+                .unwrap_or_default(),
         )
     }
 }
@@ -625,6 +663,41 @@ mod tests {
             "{}" => "Network",
             _ => return None,
         })
+    }
+
+    #[test]
+    fn encryption_is_read_from_the_backend_and_unknown_protocols_are_refused() {
+        let plain = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16"}"#).unwrap();
+        assert_eq!(plain.encryption().unwrap(), None);
+        let on = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":"wireguard"}}"#,
+        )
+        .unwrap();
+        assert_eq!(on.encryption().unwrap(), Some(Encryption::WireGuard));
+        on.check_supported().unwrap();
+        assert!(on.to_string().ends_with(" Encryption=wireguard"), "{on}");
+        let null = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(null.encryption().unwrap(), None);
+        let other = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":"ipsec"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            other.check_supported().unwrap_err().to_string(),
+            "Backend.Encryption: this weftd encrypts only with \"wireguard\", got \"ipsec\""
+        );
+        let err = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":true}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("Backend.Encryption: must be a string"),
+            "{err}"
+        );
     }
 
     #[test]

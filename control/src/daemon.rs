@@ -96,6 +96,9 @@ pub enum DaemonError {
     /// The membership task ended, which it never does on its own.
     #[error("the lease task ended unexpectedly")]
     MembershipEnded,
+    /// The network config asks for encryption and this host cannot encrypt.
+    #[error(transparent)]
+    Encryption(#[from] crate::encryption::EncryptionError),
     /// A data-plane worker died.
     #[error("a data-plane worker stopped; see the log above")]
     EngineStopped,
@@ -235,6 +238,7 @@ fn start_multicast(
         RecordSettings {
             multicast: flags.multicast,
             broadcast: flags.broadcast,
+            public_key: None,
             retry: Backoff::default(),
         },
         RecordInputs {
@@ -242,6 +246,7 @@ fn start_multicast(
             local_groups: local_rx,
             routes,
             groups,
+            tunnels: None,
         },
     );
     info!(
@@ -564,6 +569,17 @@ impl Daemon<'_> {
         let overlay = config.overlay()?;
         let network = overlay.network();
         info!(network = %network, subnet_len = overlay.subnet_len(), port = config.port(), "network config");
+        let tunnels = crate::encryption::prepare(flags, &config)?;
+        let tun_mtu = match &tunnels {
+            Some(_) => tun_mtu.saturating_sub(crate::encryption::MTU_OVERHEAD),
+            None => tun_mtu,
+        };
+        if tun_mtu < 576 {
+            return Err(DaemonError::Settings(format!(
+                "the MTU of {} ({}) leaves {} bytes for the encrypted overlay; at least 576 are needed",
+                ext.name, ext.mtu, tun_mtu
+            )));
+        }
 
         let routes = Routes::new(RouteTable::empty(overlay, config.port()));
         let settings = lease_settings(flags, ext.public_ip)?;
@@ -612,20 +628,36 @@ impl Daemon<'_> {
         }
         followers.configure_tun(&first).await?;
         let groups = Groups::default();
-        let engine = Arc::new(Engine::start_with_groups(
+        let engine = Arc::new(Engine::start_with(
             engine_config(flags, &ext, config.port(), tun_mtu),
             queues,
             routes.clone(),
             groups.clone(),
+            tunnels.clone(),
         )?);
-        let multicast_tasks = start_multicast(
-            flags,
-            record_registry,
-            &membership,
-            &engine,
-            routes.clone(),
-            groups,
-        )?;
+        let multicast_tasks = match &tunnels {
+            Some(tunnels) => {
+                let (task, local_groups) = crate::encryption::start_records(
+                    record_registry,
+                    &membership,
+                    routes.clone(),
+                    tunnels,
+                );
+                let keep_open = tokio::spawn(async move {
+                    let _open = local_groups;
+                    std::future::pending::<()>().await
+                });
+                vec![AbortOnDrop(task), AbortOnDrop(keep_open)]
+            }
+            None => start_multicast(
+                flags,
+                record_registry,
+                &membership,
+                &engine,
+                routes.clone(),
+                groups,
+            )?,
+        };
         if let Ok(mut slot) = self.engine_slot.lock() {
             *slot = Some(engine.clone());
         }
@@ -667,6 +699,9 @@ async fn serve_health(daemon: &Daemon<'_>) -> Result<Option<AbortOnDrop>, Daemon
         let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
         if let Some(engine) = engine {
             engine.counters().render_prometheus(&mut text);
+            if let Some(tunnels) = engine.tunnels() {
+                crate::encryption::render_prometheus(tunnels, &mut text);
+            }
         }
         if let Some(control) = control_metrics.get() {
             control.render_prometheus(&mut text);

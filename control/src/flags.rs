@@ -369,6 +369,17 @@ pub struct Flags {
     )]
     pub multicast_tap: String,
 
+    /// This host's private key for encryption between hosts (used only when the network
+    /// config has `"Backend":{"Type":"udp","Encryption":"wireguard"}`): created with mode
+    /// 0600 on first start, refused if others may read it.
+    #[arg(
+        long,
+        env = "WEFTD_ENCRYPTION_KEY_FILE",
+        value_name = "PATH",
+        default_value = "/var/lib/weft/private.key"
+    )]
+    pub encryption_key_file: std::path::PathBuf,
+
     /// Pin worker N to CPU N. Off by default: pinned workers cannot move off a core that
     /// something else keeps busy (measured in the two-host lab, where two weftd share the
     /// cores: ping RTT spikes of over 20 ms pinned, about 4 ms unpinned on a busy machine).

@@ -3,7 +3,8 @@
 //! One record per host, at `/weft.io<prefix>/hosts/<lease key name>` (a prefix flanneld never
 //! reads), attached to the same etcd lease as the host's subnet lease, so that it disappears
 //! with the host. Its value is JSON:
-//! `{"PublicIP":"198.18.0.1","Capabilities":["multicast","broadcast"],"MulticastGroups":["239.1.1.1"]}`.
+//! `{"PublicIP":"198.18.0.1","Capabilities":["multicast","broadcast"],"MulticastGroups":["239.1.1.1"]}`,
+//! and with encryption between hosts on, `"PublicKey":"<base64 X25519 key>"`.
 //! A record counts only while the lease of the subnet it is named after is held by the
 //! record's `PublicIP`: a record left by a host that lost its subnet, or forged for a subnet
 //! someone else holds, is ignored. Nothing here does I/O.
@@ -13,7 +14,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use weft_engine::{PeerMulticast, RouteTable};
+use weft_engine::{PeerMulticast, RouteTable, KEY_LEN};
+
+use crate::key_file::{decode_key, encode_key};
 
 use crate::registry::{RawLease, WatchEvent};
 use crate::subnet::LeaseKey;
@@ -39,6 +42,9 @@ pub struct HostRecord {
     /// The IPv4 multicast groups the host's containers joined.
     #[serde(rename = "MulticastGroups", default)]
     pub multicast_groups: Vec<Ipv4Addr>,
+    /// With encryption between hosts: the host's public key, base64 as WireGuard writes it.
+    #[serde(rename = "PublicKey", default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// Why a stored record is not used.
@@ -80,7 +86,14 @@ impl HostRecord {
             public_ip,
             capabilities,
             multicast_groups,
+            public_key: None,
         }
+    }
+
+    /// The same record publishing `key` as the host's public key.
+    pub fn with_public_key(mut self, key: Option<&[u8; KEY_LEN]>) -> Self {
+        self.public_key = key.map(encode_key);
+        self
     }
 
     /// Read a stored value.
@@ -176,6 +189,44 @@ impl RecordTable {
                 })
             })
             .collect()
+    }
+}
+
+/// The peers encryption can reach, and how many lease holders it cannot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyedPeers {
+    /// Every lease holder whose record carries a readable public key: address and key.
+    pub keyed: Vec<(Ipv4Addr, [u8; KEY_LEN])>,
+    /// Lease holders without such a record (a flanneld, an older weftd, a host whose record
+    /// is not written yet): nothing is sent to them or accepted from them.
+    pub without_key: Vec<Ipv4Addr>,
+}
+
+impl RecordTable {
+    /// Join the records with the leases in `routes`: a lease holder's key is the one in the
+    /// record named after its subnet, if that record's `PublicIP` is the holder's.
+    pub fn keyed_peers(&self, routes: &RouteTable) -> KeyedPeers {
+        let mut peers = KeyedPeers::default();
+        for (subnet, holder) in routes.peers() {
+            let key = self
+                .records
+                .get(&crate::subnet::lease_key_name(subnet))
+                .filter(|record| record.public_ip == holder)
+                .and_then(|record| record.public_key.as_deref())
+                .and_then(decode_key);
+            match key {
+                Some(key) => peers.keyed.push((holder, key)),
+                None => peers.without_key.push(holder),
+            }
+        }
+        peers.keyed.sort_unstable();
+        peers.keyed.dedup();
+        peers.without_key.sort_unstable();
+        peers.without_key.dedup();
+        // A host holding several subnets counts once, keyed if any of its records is.
+        let keyed: Vec<Ipv4Addr> = peers.keyed.iter().map(|(ip, _)| *ip).collect();
+        peers.without_key.retain(|ip| !keyed.contains(ip));
+        peers
     }
 }
 
@@ -320,6 +371,44 @@ mod tests {
         );
         assert!(groups.receivers_of(ip("239.9.9.9")).is_empty());
         assert!(groups.broadcast_receivers().is_empty());
+    }
+
+    #[test]
+    fn public_keys_join_with_the_leases() {
+        let key = |b: u8| encode_key(&[b; KEY_LEN]);
+        let record = HostRecord::new(ip("198.18.0.2"), false, false, &[])
+            .with_public_key(Some(&[2; KEY_LEN]));
+        assert_eq!(
+            record.to_json(),
+            format!(
+                r#"{{"PublicIP":"198.18.0.2","Capabilities":[],"MulticastGroups":[],"PublicKey":"{}"}}"#,
+                key(2)
+            )
+        );
+        assert_eq!(HostRecord::parse(record.to_json().as_bytes()), Ok(record));
+        let rec = |ip_: &str, key: &str| format!(r#"{{"PublicIP":"{ip_}","PublicKey":"{key}"}}"#);
+        let table = RecordTable::from_snapshot(&[
+            raw("10.1.2.0-24", &rec("198.18.0.2", &key(2))),
+            raw("10.1.3.0-24", &rec("198.18.0.9", &key(3))), // lease held by .3
+            raw("10.1.4.0-24", &rec("198.18.0.4", "bad key")),
+            raw("10.1.5.0-24", r#"{"PublicIP":"198.18.0.5"}"#), // an older weftd
+        ]);
+        let routes = routes(&[
+            ("10.1.2.0/24", "198.18.0.2"),
+            ("10.1.3.0/24", "198.18.0.3"),
+            ("10.1.4.0/24", "198.18.0.4"),
+            ("10.1.5.0/24", "198.18.0.5"),
+            ("10.1.6.0/24", "198.18.0.6"), // a flanneld: no record
+        ]);
+        assert_eq!(
+            table.keyed_peers(&routes),
+            KeyedPeers {
+                keyed: vec![(ip("198.18.0.2"), [2; KEY_LEN])],
+                without_key: ["198.18.0.3", "198.18.0.4", "198.18.0.5", "198.18.0.6"]
+                    .map(ip)
+                    .to_vec(),
+            }
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Keeping this host's record in etcd and the peers' records in the engine's group table.
 //!
-//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`), so
+//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`,
+//! encryption between hosts), so
 //! that with default settings weft writes nothing flanneld would not. One task:
 //! - writes this host's [`HostRecord`] at `/weft.io<prefix>/hosts/<lease key name>`, attached
 //!   to the etcd lease of the subnet lease, whenever what it should say differs from what was
@@ -10,7 +11,8 @@
 //! - follows every record with one prefix watch (snapshot, watch from its revision + 1, a
 //!   fresh snapshot when the watch breaks, as the lease watcher does), and joins them with the
 //!   route table into the [`GroupTable`] it publishes through [`Groups`] whenever the records
-//!   or the routes change.
+//!   or the routes change, and with encryption into the peers' keys, which it publishes
+//!   through [`Tunnels`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
-use weft_engine::{GroupTable, Groups, RouteTable, Routes};
+use tracing::{debug, error, info, warn};
+use weft_engine::{GroupTable, Groups, RouteTable, Routes, Tunnels, KEY_LEN};
 
 use crate::backoff::Backoff;
 use crate::host_record::{HostRecord, RecordTable};
@@ -42,6 +44,8 @@ pub struct RecordSettings {
     pub multicast: bool,
     /// `--broadcast`.
     pub broadcast: bool,
+    /// With encryption between hosts: this host's public key.
+    pub public_key: Option<[u8; KEY_LEN]>,
     /// Backoff for etcd errors.
     pub retry: Backoff,
 }
@@ -56,6 +60,8 @@ pub struct RecordInputs {
     pub routes: Routes,
     /// Where the group table goes.
     pub groups: Groups,
+    /// With encryption between hosts: where the peers' keys go.
+    pub tunnels: Option<Tunnels>,
 }
 
 /// This host's record as last written.
@@ -92,7 +98,8 @@ impl OwnRecord {
             self.settings.multicast,
             self.settings.broadcast,
             &self.groups,
-        );
+        )
+        .with_public_key(self.settings.public_key.as_ref());
         Some((
             lease_key_name(lease.subnet),
             record.to_json(),
@@ -325,7 +332,8 @@ impl<R: Registry> HostRecords<R> {
         self.publish_groups();
     }
 
-    /// Publish the group table if the records or the routes changed since the last one.
+    /// Publish the group table (and with encryption the peers' keys) if the records or the
+    /// routes changed since the last one.
     fn publish_groups(&mut self) {
         let routes = self.inputs.routes.current();
         if self
@@ -334,6 +342,9 @@ impl<R: Registry> HostRecords<R> {
             .is_some_and(|r| Arc::ptr_eq(r, &routes))
         {
             return;
+        }
+        if let Some(tunnels) = &self.inputs.tunnels {
+            publish_keys(tunnels, &self.table, &routes);
         }
         let public_ip = self.lease().map_or(Ipv4Addr::UNSPECIFIED, |l| l.public_ip);
         let peers = self.table.peers(&routes, public_ip);
@@ -349,6 +360,25 @@ impl<R: Registry> HostRecords<R> {
             self.inputs.groups.publish(table);
         }
         self.joined_with = Some(routes);
+    }
+}
+
+/// Publish the keyed peers as the tunnel table; a lease holder without a key is refused
+/// (nothing sent to it, nothing accepted from it) and said so at ERROR level when that
+/// changes.
+fn publish_keys(tunnels: &Tunnels, table: &RecordTable, routes: &RouteTable) {
+    let peers = table.keyed_peers(routes);
+    let before = tunnels.peers_without_key();
+    tunnels.set_peers_without_key(peers.without_key.len());
+    if tunnels.publish(peers.keyed.iter().copied()) {
+        info!(peers = peers.keyed.len(), "publishing the peers' keys");
+    }
+    if !peers.without_key.is_empty() && peers.without_key.len() != before {
+        error!(
+            hosts = ?peers.without_key,
+            "encryption is on, but these lease holders publish no public key (a flanneld, an \
+             older weftd, or a host still starting): nothing is sent to them or accepted from them"
+        );
     }
 }
 
@@ -401,6 +431,17 @@ mod tests {
             multicast: bool,
             broadcast: bool,
         ) -> Self {
+            Self::start_with(reg, public_ip, multicast, broadcast, None).await
+        }
+
+        /// As `start`, with encryption's tunnels (and so this host's public key) if given.
+        async fn start_with(
+            reg: &MemoryRegistry,
+            public_ip: &str,
+            multicast: bool,
+            broadcast: bool,
+            tunnels: Option<Tunnels>,
+        ) -> Self {
             let config = NetworkConfig::parse(NETWORK).unwrap();
             let routes = Routes::new(RouteTable::empty(config.overlay().unwrap(), config.port()));
             let settings = Settings {
@@ -416,12 +457,13 @@ mod tests {
             let (local_groups, groups_rx) = watch::channel(Vec::new());
             let groups = Groups::default();
             let mut tasks = vec![task];
-            if multicast || broadcast {
+            if multicast || broadcast || tunnels.is_some() {
                 tasks.push(run_host_records(
                     reg.clone(),
                     RecordSettings {
                         multicast,
                         broadcast,
+                        public_key: tunnels.as_ref().map(Tunnels::public_key),
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -429,6 +471,7 @@ mod tests {
                         local_groups: groups_rx,
                         routes,
                         groups: groups.clone(),
+                        tunnels,
                     },
                 ));
             }
@@ -481,6 +524,41 @@ mod tests {
         let reg = MemoryRegistry::new();
         reg.set_config(Some(NETWORK));
         reg
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn encrypting_hosts_key_each_other_and_a_new_key_replaces_the_tunnel() {
+        use weft_engine::StaticKeys;
+        let reg = registry().await;
+        let keys = |b: u8| StaticKeys::from_private([b; KEY_LEN]);
+        let ta = Tunnels::new(keys(1));
+        let tb = Tunnels::new(keys(2));
+        let a = Host::start_with(&reg, "198.18.0.1", false, false, Some(ta.clone())).await;
+        let b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb.clone())).await;
+        let plain = Host::start(&reg, "198.18.0.3", false, false).await;
+        let key_of = |t: &Tunnels, peer: &str| t.snapshot().get(&ip(peer)).map(|p| p.public_key());
+        until("both keyed", || {
+            key_of(&ta, "198.18.0.2") == Some(tb.public_key())
+                && key_of(&tb, "198.18.0.1") == Some(ta.public_key())
+        })
+        .await;
+        // The host without encryption holds a lease but publishes no key: refused.
+        until("the keyless host counted", || ta.peers_without_key() == 1).await;
+        assert_eq!(ta.snapshot().len(), 1);
+        assert!(reg.host_record(&plain.name()).is_none());
+        assert!(reg
+            .host_record(&b.name())
+            .unwrap()
+            .contains(&crate::key_file::encode_key(&tb.public_key())));
+        // b comes back with a new key: a replaces its tunnel.
+        drop(b);
+        let tb2 = Tunnels::new(keys(4));
+        let _b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb2.clone())).await;
+        until("the new key replaces the old", || {
+            key_of(&ta, "198.18.0.2") == Some(tb2.public_key())
+        })
+        .await;
+        drop(a);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ pub mod bridge_port;
 pub mod config;
 pub mod daemon;
 pub mod data_loss;
+pub mod encryption;
 pub mod flags;
 pub mod host_record;
 pub mod host_records;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod iface;
 pub mod iptables;
 pub mod keeper;
+pub mod key_file;
 pub mod lease;
 pub mod membership;
 #[cfg(any(test, feature = "test-support"))]

@@ -416,6 +416,17 @@ fn lease_key_of(subnet_env: &Path) -> String {
 /// weftd in `ns` as a plain host of the test's etcd: `--iface eth0 --public-ip public_ip`, its
 /// subnet file and log under `dir/host`, /healthz on port 8286.
 fn start_weftd(ns: &NetNs, dir: &Path, host: &str, public_ip: &str) -> Proc {
+    start_weftd_with(ns, dir, host, public_ip, &[])
+}
+
+/// As [`start_weftd`], with `env` added to weftd's environment.
+fn start_weftd_with(
+    ns: &NetNs,
+    dir: &Path,
+    host: &str,
+    public_ip: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let file = subnet_file(dir, host);
     Proc::spawn(
         ns,
@@ -433,7 +444,7 @@ fn start_weftd(ns: &NetNs, dir: &Path, host: &str, public_ip: &str) -> Proc {
             "--healthz-port",
             "8286",
         ],
-        &[],
+        env,
     )
 }
 
@@ -750,7 +761,12 @@ fn sigterm_stops_weftd_at_once_while_no_subnet_is_free() {
 
 /// The value of one metric line (`name value`) on weftd's /metrics page.
 fn metric(ns: &NetNs, name: &str) -> Option<String> {
-    let (code, text) = http_get(ns, "http://198.18.0.1:8286/metrics");
+    metric_at(ns, "198.18.0.1", name)
+}
+
+/// The value of metric `name` (with its labels) on the weftd serving /metrics at `ip`:8286.
+fn metric_at(ns: &NetNs, ip: &str, name: &str) -> Option<String> {
+    let (code, text) = http_get(ns, &format!("http://{ip}:8286/metrics"));
     assert_eq!(code, 200, "{text}");
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
@@ -966,4 +982,359 @@ fn a_subnet_taken_over_while_running_is_loud_too() {
         "{log}"
     );
     assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+}
+
+/// The network config with encryption between hosts on.
+const NETWORK_ENCRYPTED: &str =
+    r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp","Encryption":"wireguard"}}"#;
+
+fn key_file(dir: &Path, host: &str) -> PathBuf {
+    dir.join(host).join("keys").join("private.key")
+}
+
+/// weftd on `host` with encryption's key file under the test's directory.
+fn start_encrypted_weftd(ns: &NetNs, dir: &Path, host: &str, public_ip: &str) -> Proc {
+    let key = key_file(dir, host);
+    let key = key.to_string_lossy();
+    start_weftd_with(
+        ns,
+        dir,
+        host,
+        public_ip,
+        &[("WEFTD_ENCRYPTION_KEY_FILE", &key)],
+    )
+}
+
+fn read_key(path: &Path) -> [u8; 32] {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    weft_control::key_file::decode_key(&text).expect("a key")
+}
+
+/// An IPv4 UDP packet from `src` to `dst`:`port` carrying `payload` (UDP checksum 0: none).
+fn udp_packet(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum = 0u32;
+    for pair in p[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The drops `ns`'s weftd (at `ip`) counted under `reason`.
+fn drops(ns: &NetNs, ip: &str, reason: &str) -> u64 {
+    metric_at(ns, ip, &format!("weft_drops_total{{reason=\"{reason}\"}}"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_encrypted_overlay_carries_ping_and_tcp_and_refuses_forgeries() {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+    use weft_engine::crypto::{sealed_len, Opened, Opener, Sealer};
+    use weft_engine::{StaticKeys, Tunnels};
+
+    let TwoHosts { h1, h2, dir } = TwoHosts::new();
+    let etcd = start_etcd(&h1, &dir.0);
+    etcdctl(
+        &h1,
+        &["put", "/coreos.com/network/config", NETWORK_ENCRYPTED],
+    );
+    // A flanneld's lease: it publishes no key, so nothing goes to it.
+    etcdctl(
+        &h1,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.1.200.0-24",
+            r#"{"PublicIP":"198.18.0.9","PublicIPv6":null}"#,
+        ],
+    );
+    let mut w1 = start_encrypted_weftd(&h1, &dir.0, "h1", "198.18.0.1");
+    let mut w2 = start_encrypted_weftd(&h2, &dir.0, "h2", "198.18.0.2");
+    wait_for(
+        "both weftd healthy",
+        Duration::from_secs(30),
+        || healthy(&h1, "198.18.0.1") && healthy(&h2, "198.18.0.2"),
+        &[&w1, &w2, &etcd],
+    );
+    let t1: Ipv4Addr = tun_address_of(&subnet_file(&dir.0, "h1")).parse().unwrap();
+    let t2: Ipv4Addr = tun_address_of(&subnet_file(&dir.0, "h2")).parse().unwrap();
+    wait_for(
+        "host 1 to reach host 2 through the encrypted overlay",
+        Duration::from_secs(10),
+        || pings(&h1, &t2.to_string()),
+        &[&w1, &w2],
+    );
+
+    // The key files are the owner's alone; the MTU gives up what encryption adds; flannel's
+    // lease values are untouched, the public key is in weft's own record.
+    for host in ["h1", "h2"] {
+        use std::os::unix::fs::MetadataExt;
+        let mode = fs::metadata(key_file(&dir.0, host)).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{host}");
+        let env = fs::read_to_string(subnet_file(&dir.0, host)).unwrap();
+        assert!(env.contains("FLANNEL_MTU=1440\n"), "{env}");
+    }
+    let k1 = lease_key_of(&subnet_file(&dir.0, "h1"));
+    assert_eq!(
+        etcdctl(&h1, &["get", &k1, "--print-value-only"]).trim(),
+        r#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#
+    );
+    let h1_public = StaticKeys::from_private(read_key(&key_file(&dir.0, "h1"))).public();
+    let records = etcdctl(&h1, &["get", "--prefix", "/weft.io/", "--print-value-only"]);
+    assert!(
+        records.contains(&weft_control::key_file::encode_key(&h1_public)),
+        "{records}"
+    );
+    wait_for(
+        "the flanneld lease to be reported",
+        Duration::from_secs(5),
+        || {
+            metric(&h1, "weft_encryption_peers{state=\"without_key\"}").as_deref() == Some("1")
+                && metric(&h1, "weft_encryption_peers{state=\"keyed\"}").as_deref() == Some("1")
+        },
+        &[&w1],
+    );
+    assert!(w1.log().contains("publish no public key"), "{}", w1.log());
+
+    // A TCP stream arrives byte for byte.
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let listener = h2.enter(|| TcpListener::bind((t2, 5001)).expect("listen on host 2"));
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).expect("read the stream");
+        got
+    });
+    let mut client = h1.enter(|| {
+        TcpStream::connect_timeout(&(t2, 5001).into(), Duration::from_secs(5)).expect("connect")
+    });
+    client.write_all(&data).expect("write the stream");
+    drop(client);
+    let got = server.join().expect("server thread");
+    assert!(
+        got == data,
+        "{} of {} bytes, not the same",
+        got.len(),
+        data.len()
+    );
+
+    // Forgeries, sent from host 1's address and port by a socket of the test's own while
+    // host 1's weftd is stopped (its lease and record stay). The test speaks the protocol
+    // with host 1's key, so that what it sends is valid but for the forgery.
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    let receiver = h2.enter(|| UdpSocket::bind((t2, 6000)).expect("bind on host 2"));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let received = || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got
+    };
+    let socket = h1.enter(|| UdpSocket::bind("198.18.0.1:8285").expect("bind on host 1"));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let peer = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285);
+    let h2_public = StaticKeys::from_private(read_key(&key_file(&dir.0, "h2"))).public();
+    let me = Tunnels::new(StaticKeys::from_private(read_key(&key_file(&dir.0, "h1"))));
+    me.publish([(*peer.ip(), h2_public)]);
+    let seal = |tunnels: &Tunnels, text: &str| {
+        let packet = udp_packet(t1, t2, 6000, text.as_bytes());
+        let mut out = vec![0u8; sealed_len(packet.len())];
+        let table = tunnels.snapshot();
+        let len = Sealer::seal(&mut table.get(peer.ip()).unwrap().lock(), &packet, &mut out);
+        out.truncate(len);
+        out
+    };
+    // The handshake: the first packet waits for it, then leaves with the keepalive.
+    let init = seal(&me, "valid");
+    assert_eq!(init.len(), 148);
+    socket.send_to(&init, peer).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf).expect("a handshake response");
+    assert_eq!(from, std::net::SocketAddr::V4(peer));
+    let mut opener = Opener::new(me.clone());
+    assert_eq!(opener.open(peer, &mut buf[..n]), Opened::Handled);
+    for (_, message) in opener.outbox().drain(..) {
+        socket.send_to(&message, peer).unwrap();
+    }
+    let replayed = seal(&me, "once");
+    socket.send_to(&replayed, peer).unwrap();
+    let before: Vec<u64> = [
+        "plaintext",
+        "tampered",
+        "replayed",
+        "truncated",
+        "unknown_key",
+    ]
+    .iter()
+    .map(|r| drops(&h2, "198.18.0.2", r))
+    .collect();
+    socket
+        .send_to(&udp_packet(t1, t2, 6000, b"plaintext"), peer)
+        .unwrap();
+    let mut tampered = seal(&me, "tampered");
+    *tampered.last_mut().unwrap() ^= 1;
+    socket.send_to(&tampered, peer).unwrap();
+    socket.send_to(&replayed, peer).unwrap();
+    socket.send_to(&seal(&me, "truncated")[..20], peer).unwrap();
+    let stranger = Tunnels::new(StaticKeys::from_private([0x5a; 32]));
+    stranger.publish([(*peer.ip(), h2_public)]);
+    socket.send_to(&seal(&stranger, "stranger"), peer).unwrap();
+    assert_eq!(
+        received(),
+        ["valid", "once"],
+        "only the valid packets arrive"
+    );
+    let after: Vec<u64> = [
+        "plaintext",
+        "tampered",
+        "replayed",
+        "truncated",
+        "unknown_key",
+    ]
+    .iter()
+    .map(|r| drops(&h2, "198.18.0.2", r))
+    .collect();
+    for (i, reason) in [
+        "plaintext",
+        "tampered",
+        "replayed",
+        "truncated",
+        "unknown_key",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            after[i] > before[i],
+            "{reason}: {} -> {}",
+            before[i],
+            after[i]
+        );
+    }
+
+    drop(socket);
+    let mut w1 = start_encrypted_weftd(&h1, &dir.0, "h1", "198.18.0.1");
+    wait_for(
+        "host 1 back",
+        Duration::from_secs(10),
+        || pings(&h1, &t2.to_string()),
+        &[&w1, &w2],
+    );
+
+    // Host 2 restarts with a new key: host 1 reaches it again within seconds, unrestarted.
+    assert_eq!(w2.terminate(), Some(0), "{}", w2.log());
+    fs::remove_file(key_file(&dir.0, "h2")).unwrap();
+    let restarted = Instant::now();
+    let mut w2 = start_encrypted_weftd(&h2, &dir.0, "h2", "198.18.0.2");
+    wait_for(
+        "host 1 to reach host 2 with its new key",
+        Duration::from_secs(15),
+        || pings(&h1, &t2.to_string()),
+        &[&w1, &w2],
+    );
+    let took = restarted.elapsed();
+    eprintln!(
+        "host 2 reachable {} ms after its restart with a new key",
+        took.as_millis()
+    );
+    assert_ne!(
+        StaticKeys::from_private(read_key(&key_file(&dir.0, "h2"))).public(),
+        h2_public
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(w1.terminate(), Some(0), "{}", w1.log());
+    assert_eq!(w2.terminate(), Some(0), "{}", w2.log());
+    for log in [w1.log(), w2.log()] {
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+#[test]
+fn a_host_that_cannot_encrypt_is_refused() {
+    let hosts = TwoHosts::new();
+    let etcd = hosts.etcd(Some(NETWORK_ENCRYPTED));
+    let key = key_file(&hosts.dir.0, "h1");
+    fs::create_dir_all(key.parent().unwrap()).unwrap();
+    fs::write(&key, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let key_flag = format!("--encryption-key-file={}", key.display());
+    for (extra, want) in [
+        (vec![key_flag.as_str()], "chmod 600"),
+        (
+            vec!["--encryption-key-file=/proc/weft-no-such-dir/private.key"],
+            "private key file",
+        ),
+        (vec!["--io=uring", key_flag.as_str()], "--io syscalls"),
+    ] {
+        let mut w1 = hosts.weftd("w1.log", ETCD, &[], &extra, &[]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = w1.child.try_wait() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weftd kept running: {}",
+                w1.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let log = w1.log();
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains("the network config asks for encryption") && log.contains(want),
+            "{want}: {log}"
+        );
+    }
+    // It never joined: no lease was taken.
+    assert_eq!(
+        etcdctl(
+            &hosts.h1,
+            &[
+                "get",
+                "--prefix",
+                "/coreos.com/network/subnets/",
+                "--keys-only"
+            ]
+        )
+        .trim(),
+        ""
+    );
+    drop(etcd);
 }

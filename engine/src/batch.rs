@@ -9,6 +9,7 @@
 use std::net::SocketAddrV4;
 
 use crate::counters::{BatchCounts, DropReason};
+use crate::crypto::{Opened, Opener};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::icmp_limit::IcmpGate;
 use crate::multicast::network_broadcast::{self, BroadcastSink};
@@ -167,6 +168,7 @@ pub(crate) fn decide_tun_read(
 /// call `accept(offset, packet)` for each one to write to the TUN, with the checked view the
 /// decision read (so that the coalescer need not parse it again). Returns the ICMP error to send
 /// back, if any: the first one, as the slot has one reply buffer (later ones count as drops).
+/// With encryption (`opener`), each datagram is opened first, and what it held is decided on.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_datagrams(
     from: Option<SocketAddrV4>,
@@ -179,6 +181,7 @@ pub(crate) fn decide_datagrams(
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
     mut groups: Option<GroupSink<'_>>,
+    mut opener: Option<&mut Opener>,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
     let len = buf.len();
@@ -207,6 +210,15 @@ pub(crate) fn decide_datagrams(
         let Some(from) = from else {
             counts.drop(UNREADABLE_SENDER);
             continue;
+        };
+        let datagram = match opener.as_deref_mut().map(|o| o.open(from, datagram)) {
+            None => datagram,
+            Some(Opened::Packet(len)) => &mut datagram[..len],
+            Some(Opened::Handled) => continue,
+            Some(Opened::Drop(reason)) => {
+                counts.drop(reason);
+                continue;
+            }
         };
         let out: &mut [u8] = match reply.as_deref_mut() {
             Some(out) => out,
@@ -325,6 +337,7 @@ mod tests {
                 &mut IcmpGate::unlimited(),
                 &mut counts,
                 sink,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing goes to the TUN"),
             );
             (counts, delivered)
@@ -533,6 +546,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            None,
             |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
         assert_eq!(accepted, vec![(0, 1472), (1472, 1472), (3 * 1472, 152)]);
@@ -566,6 +580,7 @@ mod tests {
                 &mut IcmpGate::unlimited(),
                 &mut counts,
                 None,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             assert_eq!(answer, None);
@@ -588,6 +603,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
         assert_eq!(seen, MAX_RX_DATAGRAMS);
@@ -604,6 +620,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             None,
             |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
@@ -682,6 +699,7 @@ mod tests {
                 &mut reply,
                 &mut gate,
                 &mut counts,
+                None,
                 None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );

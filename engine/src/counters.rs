@@ -35,11 +35,23 @@ pub enum DropReason {
     ForeignSource,
     /// Not IPv4 at all (for example IPv6 written to the TUN by the host).
     NotIpv4,
+    /// With encryption: a message no session or key of the sender's opens (a stranger's
+    /// handshake or data, a session that ended, a handshake refused under load).
+    UnknownKey,
+    /// With encryption: a data message whose authentication tag does not match.
+    Tampered,
+    /// With encryption: a message whose counter (or handshake timestamp) was already seen or is
+    /// too old for the replay window.
+    Replayed,
+    /// With encryption: shorter than its message type, or no message type at all.
+    Truncated,
+    /// With encryption: a plaintext IPv4 packet where only encrypted messages are accepted.
+    Plaintext,
 }
 
 impl DropReason {
     /// Every reason, in the order counters are stored and shown.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::BadPacket,
         DropReason::NoRoute,
         DropReason::Loop,
@@ -51,6 +63,11 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::ForeignSource,
         DropReason::NotIpv4,
+        DropReason::UnknownKey,
+        DropReason::Tampered,
+        DropReason::Replayed,
+        DropReason::Truncated,
+        DropReason::Plaintext,
     ];
 
     /// How many reasons there are.
@@ -70,7 +87,24 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::ForeignSource => "foreign_source",
             DropReason::NotIpv4 => "not_ipv4",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::Tampered => "tampered",
+            DropReason::Replayed => "replayed",
+            DropReason::Truncated => "truncated",
+            DropReason::Plaintext => "plaintext",
         }
+    }
+
+    /// Whether only encryption between hosts drops for this reason.
+    pub fn is_encryption(self) -> bool {
+        matches!(
+            self,
+            DropReason::UnknownKey
+                | DropReason::Tampered
+                | DropReason::Replayed
+                | DropReason::Truncated
+                | DropReason::Plaintext
+        )
     }
 
     fn index(self) -> usize {

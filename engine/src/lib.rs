@@ -10,7 +10,8 @@
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), how long a worker looks
 //!   for packets before it sleeps ([`poll_window`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
-//!   multicast relay's decisions and membership ([`multicast`]) — no I/O, tested
+//!   multicast relay's decisions and membership ([`multicast`]), encryption between hosts
+//!   ([`crypto`]) — no I/O, tested
 //!   deterministically;
 //! - [`io`]: the shell that talks to the kernel (TUN, UDP sockets, io_uring and batched system
 //!   calls, the worker threads, the [`engine`]) and executes the core's results in batches.
@@ -26,6 +27,8 @@ pub mod batch;
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod counters;
+#[forbid(unsafe_code)]
+pub mod crypto;
 #[forbid(unsafe_code)]
 pub mod decide;
 #[forbid(unsafe_code)]
@@ -49,6 +52,7 @@ pub use config::{
     DEFAULT_BUSY_POLL,
 };
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
+pub use crypto::{StaticKeys, Tunnels, KEY_LEN, OVERHEAD};
 pub use decide::{PeerDecision, Policy, TunDecision};
 pub use icmp_limit::IcmpRateLimit;
 pub use io::engine::{Engine, EngineError};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::counters::WorkerCounters;
+use crate::crypto::Tunnels;
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
@@ -21,4 +22,6 @@ pub(crate) struct WorkerContext {
     pub(crate) groups: Option<GroupDelivery>,
     /// The longest the worker looks for packets before it sleeps.
     pub(crate) busy_poll: Duration,
+    /// With encryption between hosts: the peers' tunnels.
+    pub(crate) tunnels: Option<Tunnels>,
 }

@@ -11,7 +11,9 @@ use std::time::Instant;
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
 use crate::io::broadcast_queue;
+use crate::crypto::Tunnels;
 use crate::io::context::WorkerContext;
+use crate::io::crypt::{self, TimerThread};
 use crate::io::error::WorkerError;
 use crate::io::probe::probe_offloads;
 use crate::io::relay::{self, RelaySetup, RelayThread};
@@ -73,6 +75,12 @@ pub enum EngineError {
     /// The multicast relay's socket or thread could not be set up.
     #[error("cannot start the multicast relay: {0}")]
     Relay(#[source] io::Error),
+    /// Encryption between hosts runs on the syscalls back end only.
+    #[error("encryption between hosts needs the syscalls I/O back end (--io syscalls), not {0}")]
+    EncryptionBackend(IoBackend),
+    /// The tunnels' timer thread or its socket could not be set up.
+    #[error("cannot start the tunnel timers: {0}")]
+    Timers(#[source] io::Error),
     /// A worker thread ended during setup without saying why.
     #[error("worker {index} ended during setup")]
     WorkerLost {
@@ -88,6 +96,8 @@ pub struct Engine {
     local_groups: LocalGroups,
     multicast_counters: Option<Arc<MulticastCounters>>,
     relay: Option<RelayThread>,
+    timers: Option<TimerThread>,
+    tunnels: Option<Tunnels>,
 }
 
 impl Engine {
@@ -112,6 +122,24 @@ impl Engine {
         routes: Routes,
         groups: Groups,
     ) -> Result<Engine, EngineError> {
+        Self::start_with(config, tun, routes, groups, None)
+    }
+
+    /// As [`Engine::start_with_groups`], and with `tunnels`, every datagram between hosts is
+    /// encrypted and authenticated with the WireGuard protocol: sent sealed for the peer's
+    /// tunnel, received opened, and anything else (plaintext, a stranger's, tampered,
+    /// replayed, truncated) dropped and counted. A peer without a tunnel gets nothing. Runs
+    /// on the syscalls back end only.
+    pub fn start_with(
+        config: EngineConfig,
+        tun: Vec<TunQueue>,
+        routes: Routes,
+        groups: Groups,
+        tunnels: Option<Tunnels>,
+    ) -> Result<Engine, EngineError> {
+        if tunnels.is_some() && config.io != IoBackend::Syscalls {
+            return Err(EngineError::EncryptionBackend(config.io));
+        }
         if config.workers == 0 {
             return Err(EngineError::NoWorkers);
         }
@@ -130,7 +158,9 @@ impl Engine {
                 source,
             })?;
         let mut offloads = probe_offloads(&config.offloads, &tun, &sockets);
-        if let [first, _, ..] = &sockets[..] {
+        // With encryption the datagram holds no inner flow to steer by: the kernel's hash of
+        // the outer addresses keeps each peer on one worker.
+        if let ([first, _, ..], None) = (&sockets[..], &tunnels) {
             match steer_by_inner_flow(first.as_fd(), sockets.len()) {
                 Ok(()) => offloads.flow_steering = true,
                 Err(error) => tracing::warn!(
@@ -145,6 +175,8 @@ impl Engine {
             local_groups: LocalGroups::new(),
             multicast_counters: None,
             relay: None,
+            timers: None,
+            tunnels: tunnels.clone(),
         };
         // With multicast: the TAP, shared by the workers (delivery) and the relay (capture).
         let mut relay_setup = None;
@@ -179,6 +211,14 @@ impl Engine {
             });
             engine.multicast_counters = Some(counters);
         }
+        if let Some(tunnels) = &tunnels {
+            // A duplicate, as for the relay: a new socket would join the reuseport group.
+            let socket = sockets[0].try_clone().map_err(EngineError::Timers)?;
+            engine.timers = Some(
+                crypt::spawn_timers(tunnels.clone(), socket, config.bind.port())
+                    .map_err(EngineError::Timers)?,
+            );
+        }
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
@@ -187,6 +227,7 @@ impl Engine {
                 icmp_rate_limit: config.icmp_rate_limit,
                 groups: delivery.clone(),
                 busy_poll: config.busy_poll,
+                tunnels: tunnels.clone(),
                 counters: Arc::new(WorkerCounters::default()),
                 stop: Arc::new(stop),
             };
@@ -214,9 +255,15 @@ impl Engine {
             workers = config.workers,
             io = %config.io,
             bind = %config.bind,
+            encrypted = tunnels.is_some(),
             "engine started"
         );
         Ok(engine)
+    }
+
+    /// With encryption between hosts: the peers' tunnels.
+    pub fn tunnels(&self) -> Option<&Tunnels> {
+        self.tunnels.as_ref()
     }
 
     /// The offloads in use.
@@ -259,6 +306,9 @@ impl Engine {
     fn stop_and_join(&mut self) {
         if let Some(relay) = &mut self.relay {
             relay.stop_and_join();
+        }
+        if let Some(timers) = &mut self.timers {
+            timers.stop_and_join();
         }
         for worker in &self.workers {
             worker.stop.raise();
@@ -318,14 +368,25 @@ mod tests {
         ));
         let two = EngineConfig {
             workers: 2,
-            ..config
+            ..config.clone()
         };
         assert!(matches!(
-            Engine::start(two, Vec::new(), routes),
+            Engine::start(two, Vec::new(), routes.clone()),
             Err(EngineError::QueueCount {
                 workers: 2,
                 queues: 0
             })
+        ));
+        let uring = EngineConfig {
+            io: IoBackend::Uring,
+            ..config
+        };
+        let tunnels = Tunnels::new(crate::crypto::StaticKeys::from_private([1; 32]));
+        let refused =
+            Engine::start_with(uring, Vec::new(), routes, Groups::default(), Some(tunnels));
+        assert!(matches!(
+            refused,
+            Err(EngineError::EncryptionBackend(IoBackend::Uring))
         ));
     }
 }

@@ -9,6 +9,7 @@ use std::os::fd::RawFd;
 use crate::batch::{decide_datagrams, GroupSink, Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
+use crate::crypto::Opener;
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::PacketBuffers;
@@ -69,6 +70,8 @@ pub(crate) struct Accepted {
     coalesce: bool,
     /// Where group traffic from peers goes, on a host that takes some.
     groups: Option<GroupDelivery>,
+    /// With encryption: what opens the datagrams, and its outbox.
+    opener: Option<Opener>,
 }
 
 /// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
@@ -85,7 +88,18 @@ impl Accepted {
             coalescer,
             coalesce: offloads.coalesce,
             groups: None,
+            opener: None,
         }
+    }
+
+    /// Open every datagram with `opener` from now on (encryption between hosts).
+    pub(crate) fn set_opener(&mut self, opener: Option<Opener>) {
+        self.opener = opener;
+    }
+
+    /// The opener, whose outbox the worker sends after each batch.
+    pub(crate) fn opener(&mut self) -> Option<&mut Opener> {
+        self.opener.as_mut()
     }
 
     /// Deliver group traffic from peers through `groups` from now on.
@@ -147,6 +161,7 @@ impl Accepted {
             icmp,
             counts,
             sink,
+            self.opener.as_mut(),
             |offset, ip| {
                 // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
                 packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));

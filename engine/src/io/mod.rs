@@ -5,13 +5,15 @@
 //! ([`stop`]), the errors that end a worker ([`error`]), the TUN queues ([`tun`]) and UDP
 //! sockets ([`udp`]), what the kernel supports ([`probe`]), the execution of a batch's results
 //! that both back ends share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the
-//! worker thread ([`worker`]), the multicast TAP ([`tap`]), relay thread ([`relay`]) and the queue through
-//! which workers hand it UDP to the Network's broadcast address ([`broadcast_queue`]), and the
-//! [`engine`] that starts and stops them.
+//! worker thread ([`worker`]), the multicast TAP ([`tap`]), relay thread ([`relay`]) and the
+//! queue through which workers hand it UDP to the Network's broadcast address
+//! ([`broadcast_queue`]), encryption's sealed sends, outbox and timers thread ([`crypt`]), and
+//! the [`engine`] that starts and stops them.
 
 pub(crate) mod broadcast_queue;
 pub(crate) mod buffers;
 pub(crate) mod context;
+pub(crate) mod crypt;
 pub mod engine;
 pub(crate) mod error;
 pub(crate) mod execute;

@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 use crate::batch::{decide_tun_read, Source, TunAction};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
+use crate::crypto::{Opener, Sealer};
 use crate::decide::Policy;
 use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::{PacketBuffers, PACKET_BUF_LEN};
 use crate::io::context::WorkerContext;
+use crate::io::crypt::{queue_sealed, send_outbox, SEALED_BYTES};
 use crate::io::error::{ReadFailures, WorkerError};
 use crate::io::execute::{
     count_send, count_write, handle_send_result, queue_segments, reply_write, Accepted,
@@ -67,6 +69,8 @@ pub(crate) struct SyscallWorker {
     icmp: IcmpGate,
     /// The worker's clock origin, for the ICMP rate limit.
     origin: Instant,
+    /// With encryption between hosts: what seals every datagram sent.
+    sealer: Option<Sealer>,
 }
 
 /// `mmsghdr`s for `recvmmsg`, with their `iovec`s, sender addresses and control buffers.
@@ -155,6 +159,7 @@ impl SyscallWorker {
             read_failures: ReadFailures::default(),
             icmp: IcmpGate::unlimited(),
             origin: Instant::now(),
+            sealer: None,
         })
     }
 
@@ -162,6 +167,11 @@ impl SyscallWorker {
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.accepted.set_groups(context.groups.clone());
+        if let Some(tunnels) = &context.tunnels {
+            self.sealer = Some(Sealer::new(tunnels.clone()));
+            self.accepted.set_opener(Some(Opener::new(tunnels.clone())));
+            self.sends = SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEALED_BYTES);
+        }
         let mut tun_more = false;
         let mut udp_more = false;
         let mut window = PollWindow::new(context.busy_poll);
@@ -330,6 +340,10 @@ impl SyscallWorker {
             ) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
+                TunAction::Send { to, len, segments } if self.sealer.is_some() => {
+                    let packet = (self.buffers.packet_ptr(slot).cast_const(), len);
+                    self.queue_sealed(packet, to, segments.as_ref(), counts)?
+                }
                 TunAction::Send {
                     to,
                     len,
@@ -425,8 +439,12 @@ impl SyscallWorker {
                     counts,
                 )
             };
-            if let Some((to, piece)) = answer {
-                self.queue(to, Source::Reply, piece, counts)?;
+            match answer {
+                Some((to, piece)) if self.sealer.is_some() => {
+                    self.queue_sealed(piece, to, None, counts)?
+                }
+                Some((to, piece)) => self.queue(to, Source::Reply, piece, counts)?,
+                None => {}
             }
         }
         let fd = self.tun.as_raw_fd();
@@ -440,7 +458,45 @@ impl SyscallWorker {
         }
         direct.finish()?;
         self.flush_sends(counts)?;
+        if let Some(opener) = self.accepted.opener() {
+            send_outbox(&self.socket, opener, counts);
+        }
         Ok(received >= BATCH)
+    }
+
+    /// Queue the packet `(start, len)` (in a packet or reply buffer) for `to` sealed, whole or
+    /// as `segments` cuts it, sending the batch whenever it is full.
+    fn queue_sealed(
+        &mut self,
+        (start, len): (*const u8, usize),
+        to: SocketAddrV4,
+        segments: Option<&crate::offload::Segmenter>,
+        counts: &mut BatchCounts,
+    ) -> Result<(), WorkerError> {
+        // SAFETY: `start` is one of this worker's buffers holding `len` bytes that nothing
+        // writes while they are sealed (the sealed datagrams are copies, in the batch).
+        let packet: &[u8] = unsafe { std::slice::from_raw_parts(start, len) };
+        let gso = self.offloads.udp_gso;
+        let mut next = 0;
+        loop {
+            let Some(sealer) = self.sealer.as_mut() else {
+                return Ok(());
+            };
+            let done = queue_sealed(
+                &mut self.sends,
+                sealer,
+                to,
+                packet,
+                segments,
+                &mut next,
+                gso,
+                counts,
+            );
+            if done || self.sends.is_empty() {
+                return Ok(());
+            }
+            self.flush_sends(counts)?;
+        }
     }
 
     /// Queue one whole datagram, sending the batch first if it is full.

@@ -1,0 +1,147 @@
+//! Encryption's I/O: sealed datagrams queued into the send batch, the protocol's own messages
+//! sent from a worker's socket, and the thread that runs the tunnels' timers (handshake
+//! retries, rekeying, keepalives, expiry).
+//!
+//! The protocol lives in [`crate::crypto`]; this file only moves its bytes.
+
+use std::io;
+use std::net::{SocketAddrV4, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use boringtun::noise::TunnResult;
+
+use crate::batch::Source;
+use crate::counters::BatchCounts;
+use crate::crypto::{sealed_len, Opener, Sealer, Tunnels};
+use crate::io::stop::StopSignal;
+use crate::io::udp::SendBatch;
+use crate::offload::Segmenter;
+
+/// The send batch's room for sealed datagrams: with encryption every datagram is written
+/// into the batch, not only the segments' headers. About 170 full datagrams, so that a batch
+/// is sent before it holds more messages of one session than the receiver's replay window
+/// (1024) tolerates being overtaken by another worker's batch.
+pub(crate) const SEALED_BYTES: usize = 256 << 10;
+
+/// Queue `packet` for `to` sealed into `batch`: whole, or (with `segmenter`) its segments
+/// from `*next` on, advancing `*next`. Returns whether everything is queued (`false`: the
+/// batch is full; send it and call again). A packet the tunnel keeps for a handshake under
+/// way queues nothing; a peer without a tunnel (no key) is counted as `unknown_peer`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn queue_sealed(
+    batch: &mut SendBatch,
+    sealer: &mut Sealer,
+    to: SocketAddrV4,
+    packet: &[u8],
+    segmenter: Option<&Segmenter>,
+    next: &mut usize,
+    gso: bool,
+    counts: &mut BatchCounts,
+) -> bool {
+    let table = sealer.tunnels().snapshot();
+    let total = segmenter.map_or(1, Segmenter::segments);
+    let Some(tunnel) = table.get(to.ip()) else {
+        counts.drops[crate::counters::DropReason::UnknownPeer as usize] += (total - *next) as u64;
+        *next = total;
+        return true;
+    };
+    let tunnel = Arc::clone(tunnel);
+    drop(table);
+    let mut tunn = tunnel.lock();
+    while *next < total {
+        let plain = segmenter.map_or(packet.len(), |s| s.segment_len(*next));
+        let room = sealed_len(plain);
+        if !batch.has_room(1, room) {
+            return false;
+        }
+        let Some(space) = batch.header_space(room) else {
+            return false;
+        };
+        let len = match segmenter {
+            Some(segmenter) => sealer.seal_segment(&mut tunn, packet, segmenter, *next, space),
+            None => Sealer::seal(&mut tunn, packet, space),
+        };
+        if len > 0 {
+            let piece = (space.as_ptr(), len);
+            if !batch.push(to, Source::Packet, &[piece], gso) {
+                // Sealed but no room: the counter is spent, the packet is lost like a
+                // dropped datagram (has_room said there was room, so this is not expected).
+                counts.io_errors += 1;
+            }
+        }
+        *next += 1;
+    }
+    true
+}
+
+/// Send what the opener's protocol wants sent (handshake responses, keepalives, packets
+/// released by a handshake) from the worker's socket. What the kernel refuses is counted;
+/// the protocol retries its handshakes on its own.
+pub(crate) fn send_outbox(socket: &UdpSocket, opener: &mut Opener, counts: &mut BatchCounts) {
+    for (to, message) in opener.outbox().drain(..) {
+        match socket.send_to(&message, to) {
+            Ok(sent) => {
+                counts.udp_sends += 1;
+                counts.udp_tx_packets += 1;
+                counts.udp_tx_bytes += sent as u64;
+            }
+            Err(_) => counts.io_errors += 1,
+        }
+    }
+}
+
+/// How often the tunnels' timers run (boringtun's own device loop uses 250 ms).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// The running timers thread.
+pub(crate) struct TimerThread {
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<StopSignal>,
+}
+
+impl TimerThread {
+    /// Stop the thread and wait for it.
+    pub(crate) fn stop_and_join(&mut self) {
+        self.stop.raise();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("tunnel timer thread panicked");
+            }
+        }
+    }
+}
+
+/// Start the thread `weft-timers`, which every [`TIMER_TICK`] runs every tunnel's
+/// timers and sends what they produce from `socket` (a duplicate of a worker's socket) to the
+/// peer's address at `port`.
+pub(crate) fn spawn_timers(
+    tunnels: Tunnels,
+    socket: UdpSocket,
+    port: u16,
+) -> io::Result<TimerThread> {
+    let stop = Arc::new(StopSignal::new()?);
+    let signal = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("weft-timers".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 256];
+            while !signal.is_raised() {
+                let table = tunnels.snapshot();
+                for (addr, tunnel) in table.iter() {
+                    let mut tunn = tunnel.lock();
+                    if let TunnResult::WriteToNetwork(message) = tunn.update_timers(&mut buf) {
+                        // Lost or refused: the protocol tries again on a later tick.
+                        let _ = socket.send_to(message, SocketAddrV4::new(*addr, port));
+                    }
+                }
+                drop(table);
+                std::thread::sleep(TIMER_TICK);
+            }
+        })?;
+    Ok(TimerThread {
+        thread: Some(thread),
+        stop,
+    })
+}
