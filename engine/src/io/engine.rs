@@ -10,8 +10,8 @@ use std::time::Instant;
 
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
-use crate::io::broadcast_queue;
 use crate::crypto::Tunnels;
+use crate::io::broadcast_queue;
 use crate::io::context::WorkerContext;
 use crate::io::crypt::{self, TimerThread};
 use crate::io::error::WorkerError;
