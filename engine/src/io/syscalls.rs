@@ -162,6 +162,8 @@ impl SyscallWorker {
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.accepted.set_groups(context.groups.clone());
+        self.accepted
+            .set_partial_peers(context.partial_peers.clone());
         let mut tun_more = false;
         let mut udp_more = false;
         let mut window = PollWindow::new(context.busy_poll);
@@ -327,6 +329,7 @@ impl SyscallWorker {
                 &mut self.icmp,
                 counts,
                 self.accepted.broadcast_sink(),
+                &self.accepted.partial_peer_table(),
             ) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
