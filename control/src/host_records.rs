@@ -1,7 +1,10 @@
-//! Keeping this host's record in etcd and the peers' records in the engine's group table.
+//! Keeping this host's record in etcd and the peers' records in the engine's group table and
+//! partial-checksum peer table.
 //!
-//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`), so
-//! that with default settings weft writes nothing flanneld would not. One task:
+//! Runs when a feature that needs the record is on (`--multicast`, `--broadcast`, or leaving
+//! inner checksums partial between weft hosts, which is on by default unless
+//! `--no-skip-inner-csum` or the TUN cannot take such packets); the record lives under weft's
+//! own prefix, so flanneld's keys and values stay exactly as flanneld writes them. One task:
 //! - writes this host's [`HostRecord`] at `/weft.io<prefix>/hosts/<lease key name>`, attached
 //!   to the etcd lease of the subnet lease, whenever what it should say differs from what was
 //!   written: a new lease (re-acquired, or etcd lost its data), the local groups changed
@@ -9,8 +12,9 @@
 //!   an old subnet is deleted;
 //! - follows every record with one prefix watch (snapshot, watch from its revision + 1, a
 //!   fresh snapshot when the watch breaks, as the lease watcher does), and joins them with the
-//!   route table into the [`GroupTable`] it publishes through [`Groups`] whenever the records
-//!   or the routes change.
+//!   route table into the [`GroupTable`] it publishes through [`Groups`] (and, when this host
+//!   advertises it, the peers that advertise [`SKIP_INNER_CSUM`] into a [`PartialPeerTable`])
+//!   whenever the records or the routes change.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -19,10 +23,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use weft_engine::{GroupTable, Groups, RouteTable, Routes};
+use weft_engine::{GroupTable, Groups, PartialPeerTable, PartialPeers, RouteTable, Routes};
 
 use crate::backoff::Backoff;
-use crate::host_record::{HostRecord, RecordTable};
+use crate::host_record::{HostRecord, RecordTable, SKIP_INNER_CSUM};
 use crate::own_lease::Lease;
 use crate::registry::{LeaseSnapshot, LeaseWatch, Registry, WatchBroken, WatchItem};
 use crate::subnet::lease_key_name;
@@ -42,6 +46,9 @@ pub struct RecordSettings {
     pub multicast: bool,
     /// `--broadcast`.
     pub broadcast: bool,
+    /// Advertise [`SKIP_INNER_CSUM`] and publish the peers that do (unless
+    /// `--no-skip-inner-csum`, and only while the engine can take such packets).
+    pub skip_inner_csum: bool,
     /// Backoff for etcd errors.
     pub retry: Backoff,
 }
@@ -56,6 +63,8 @@ pub struct RecordInputs {
     pub routes: Routes,
     /// Where the group table goes.
     pub groups: Groups,
+    /// Where the peers that take partial inner checksums go.
+    pub partial_peers: PartialPeers,
 }
 
 /// This host's record as last written.
@@ -93,6 +102,11 @@ impl OwnRecord {
             self.settings.broadcast,
             &self.groups,
         );
+        let record = if self.settings.skip_inner_csum {
+            record.with_capability(SKIP_INNER_CSUM)
+        } else {
+            record
+        };
         Some((
             lease_key_name(lease.subnet),
             record.to_json(),
@@ -348,6 +362,17 @@ impl<R: Registry> HostRecords<R> {
             debug!(?peers, "multicast peers");
             self.inputs.groups.publish(table);
         }
+        if self.own.settings.skip_inner_csum {
+            let partial =
+                PartialPeerTable::new(self.table.skip_inner_csum_peers(&routes, public_ip));
+            if **self.inputs.partial_peers.snapshot() != partial {
+                info!(
+                    peers = partial.len(),
+                    "publishing the peers that take partial inner checksums"
+                );
+                self.inputs.partial_peers.publish(partial);
+            }
+        }
         self.joined_with = Some(routes);
     }
 }
@@ -422,6 +447,7 @@ mod tests {
                     RecordSettings {
                         multicast,
                         broadcast,
+                        skip_inner_csum: false,
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -429,6 +455,7 @@ mod tests {
                         local_groups: groups_rx,
                         routes,
                         groups: groups.clone(),
+                        partial_peers: Default::default(),
                     },
                 ));
             }

@@ -84,6 +84,7 @@ impl Host {
             RecordSettings {
                 multicast: true,
                 broadcast: false,
+                skip_inner_csum: false,
                 retry: fast_retry(),
             },
             RecordInputs {
@@ -91,6 +92,7 @@ impl Host {
                 local_groups: local_rx,
                 routes,
                 groups: groups.clone(),
+                partial_peers: Default::default(),
             },
         );
         Self {
