@@ -410,6 +410,7 @@ mod tests {
         membership: MembershipHandle,
         local_groups: watch::Sender<Vec<Ipv4Addr>>,
         groups: Groups,
+        partial_peers: PartialPeers,
         tasks: Vec<JoinHandle<()>>,
     }
 
@@ -426,6 +427,16 @@ mod tests {
             multicast: bool,
             broadcast: bool,
         ) -> Self {
+            Self::start_with(reg, public_ip, multicast, broadcast, false).await
+        }
+
+        async fn start_with(
+            reg: &MemoryRegistry,
+            public_ip: &str,
+            multicast: bool,
+            broadcast: bool,
+            skip_inner_csum: bool,
+        ) -> Self {
             let config = NetworkConfig::parse(NETWORK).unwrap();
             let routes = Routes::new(RouteTable::empty(config.overlay().unwrap(), config.port()));
             let settings = Settings {
@@ -440,14 +451,15 @@ mod tests {
             membership.acquired().await.unwrap();
             let (local_groups, groups_rx) = watch::channel(Vec::new());
             let groups = Groups::default();
+            let partial_peers = PartialPeers::default();
             let mut tasks = vec![task];
-            if multicast || broadcast {
+            if multicast || broadcast || skip_inner_csum {
                 tasks.push(run_host_records(
                     reg.clone(),
                     RecordSettings {
                         multicast,
                         broadcast,
-                        skip_inner_csum: false,
+                        skip_inner_csum,
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -455,7 +467,7 @@ mod tests {
                         local_groups: groups_rx,
                         routes,
                         groups: groups.clone(),
-                        partial_peers: Default::default(),
+                        partial_peers: partial_peers.clone(),
                     },
                 ));
             }
@@ -463,6 +475,7 @@ mod tests {
                 membership,
                 local_groups,
                 groups,
+                partial_peers,
                 tasks,
             }
         }
@@ -508,6 +521,39 @@ mod tests {
         let reg = MemoryRegistry::new();
         reg.set_config(Some(NETWORK));
         reg
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_that_advertise_it_take_partial_checksums() {
+        let reg = registry().await;
+        let a = Host::start_with(&reg, "198.18.0.1", false, false, true).await;
+        let b = Host::start_with(&reg, "198.18.0.2", true, false, true).await;
+        let c = Host::start_with(&reg, "198.18.0.3", true, false, false).await;
+        let plain = Host::start(&reg, "198.18.0.4", false, false).await;
+        let listed = |h: &Host, peer: &str| h.partial_peers.snapshot().takes(ip(peer));
+        until("a and b list each other", || {
+            listed(&a, "198.18.0.2") && listed(&b, "198.18.0.1")
+        })
+        .await;
+        for h in [&a, &b] {
+            assert_eq!(h.partial_peers.snapshot().len(), 1, "only the other");
+        }
+        // c runs its records for multicast but does not advertise, so it lists nobody and
+        // nobody lists it; the plain host (a flanneld in all but name) writes nothing.
+        assert!(c.partial_peers.snapshot().is_empty());
+        assert!(!listed(&a, "198.18.0.3") && !listed(&b, "198.18.0.3"));
+        assert!(reg.host_record(&plain.name()).is_none());
+        let record =
+            |h: &Host| HostRecord::parse(reg.host_record(&h.name()).unwrap().as_bytes()).unwrap();
+        assert!(record(&a).has(SKIP_INNER_CSUM) && !record(&a).has(crate::host_record::MULTICAST));
+        assert!(!record(&c).has(SKIP_INNER_CSUM));
+
+        // b stops (its tasks end) and its etcd lease expires: a stops leaving checksums
+        // partial to it.
+        let etcd_lease = reg.etcd_lease_of(&b.name()).unwrap();
+        drop(b);
+        reg.expire(etcd_lease);
+        until("a lists nobody", || a.partial_peers.snapshot().is_empty()).await;
     }
 
     #[tokio::test(start_paused = true)]
