@@ -6,7 +6,7 @@
 //! adds nothing on that path, yet computing it costs the sender a read of every payload byte
 //! and verifying it costs the receiver another. So, as Linux's remote checksum offload does,
 //! a sender may leave the inner checksum of each segment it cuts from a super-packet holding
-//! only the pseudo-header sum ([`crate::offload::Segmenter::write_header_partial`]), and the
+//! only the pseudo-header sum ([`crate::offload::Segmenter::with_partial_checksums`]), and the
 //! receiver hands such a packet to its TUN marked `NEEDS_CSUM`, with the checksum field set to
 //! the pseudo-header sum ([`Partial::finish`]): the kernel treats it as it treats a packet
 //! a local socket sent, valid for local delivery and completed if it leaves through a device.
