@@ -6,7 +6,10 @@
 //! - `segment/contiguous`: the same plus copying each payload behind its headers (the form a
 //!   copying engine would use), for comparison;
 //! - `coalesce`: what the engine does per receive — the 46 segments sorted into one group
-//!   (their TCP checksums verified) and the super-packet's header written.
+//!   (their TCP checksums verified) and the super-packet's header written;
+//! - `segment/headers-partial` and `coalesce/partial-peer`: the same between two weft hosts
+//!   that leave inner checksums partial (the sender computes none, the receiver verifies
+//!   none; the outer UDP checksum covers the bytes).
 //!
 //! Throughput is payload bytes.
 
@@ -16,6 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use weft_engine::offload::segment::MAX_HEADER_LEN;
 use weft_engine::offload::{Coalescer, Segmenter, VnetHeader};
 use weft_engine::wire::ipv4::checksum;
+use weft_engine::wire::ipv4::Ipv4Packet;
 use weft_engine::wire::vnet::{GSO_TCPV4, NEEDS_CSUM};
 
 const PAYLOAD: usize = 64_000;
@@ -91,6 +95,14 @@ fn offload(c: &mut Criterion) {
             }
         })
     });
+    let partial = segmenter.with_partial_checksums();
+    group.bench_function("segment/headers-partial", |b| {
+        b.iter(|| {
+            for (index, out) in headers.chunks_mut(MAX_HEADER_LEN).enumerate() {
+                black_box(partial.write_header(black_box(&packet), index, out));
+            }
+        })
+    });
     group.bench_function("segment/contiguous", |b| {
         b.iter(|| black_box(segmenter.segment_into(black_box(&packet), &mut flat)))
     });
@@ -103,6 +115,28 @@ fn offload(c: &mut Criterion) {
                 coalescer.push(black_box(segment));
             }
             head.copy_from_slice(&segment_list[0]);
+            let group = coalescer.groups()[0];
+            black_box(group.finish(&mut head))
+        })
+    });
+    let mut partial_flat = vec![0u8; PAYLOAD + segments * HEADERS];
+    partial
+        .segment_into(&packet, &mut partial_flat)
+        .expect("room for every segment");
+    let partial_list: Vec<Vec<u8>> = partial_flat[..written]
+        .chunks(HEADERS + usize::from(GSO_SIZE))
+        .map(<[u8]>::to_vec)
+        .collect();
+    group.bench_function("coalesce/partial-peer", |b| {
+        b.iter(|| {
+            coalescer.clear();
+            for segment in &partial_list {
+                // The receive decision parses each datagram once; the coalescer reads its view.
+                if let Ok(ip) = Ipv4Packet::new_checked(black_box(&segment[..])) {
+                    coalescer.push_from_partial_peer(&ip);
+                }
+            }
+            head.copy_from_slice(&partial_list[0]);
             let group = coalescer.groups()[0];
             black_box(group.finish(&mut head))
         })

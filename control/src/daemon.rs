@@ -198,10 +198,12 @@ fn multicast_config(flags: &Flags) -> Option<MulticastConfig> {
 /// How often the engine's local groups are looked at for changes.
 const LOCAL_GROUPS_POLL: Duration = Duration::from_millis(200);
 
-/// With `--multicast` or `--broadcast`: keep the TAP on the container bridge, follow the
-/// local groups, keep this host's record and publish the peers' as the group table. Without
-/// them: nothing (no TAP, nothing written to etcd beyond flanneld's keys).
-fn start_multicast(
+/// With `--multicast` or `--broadcast`: keep the TAP on the container bridge and follow the
+/// local groups. With either, or with inner checksums left partial between weft hosts (on
+/// unless `--no-skip-inner-csum`, and only when the TUN can take such packets): keep this
+/// host's record and publish the peers' as the group table and the partial-checksum peers.
+/// Without any: nothing (no TAP, nothing written to etcd beyond flanneld's keys).
+fn start_records(
     flags: &Flags,
     registry: EtcdRegistry,
     membership: &lease::MembershipHandle,
@@ -209,36 +211,61 @@ fn start_multicast(
     routes: Routes,
     groups: Groups,
 ) -> Result<Vec<AbortOnDrop>, DaemonError> {
-    if !(flags.multicast || flags.broadcast) {
+    let relay = flags.multicast || flags.broadcast;
+    let skip_inner_csum = !flags.no_skip_inner_csum && engine.offloads().takes_partial_checksums();
+    if !flags.no_skip_inner_csum && !skip_inner_csum {
+        info!("inner checksums stay complete: the TUN takes no offloads or coalescing is off");
+    }
+    if !(relay || skip_inner_csum) {
         return Ok(Vec::new());
     }
-    let netlink = Netlink::connect()?;
-    let port = tokio::spawn(bridge_port::keep_attached(
-        netlink,
-        flags.multicast_bridge.clone(),
-        flags.multicast_tap.clone(),
-    ));
-    let local = engine.local_groups();
-    let (version, joined) = local.snapshot();
-    let (local_tx, local_rx) = watch::channel(joined);
-    let follow_local = tokio::spawn(async move {
-        let mut seen = version;
-        let mut poll = tokio::time::interval(LOCAL_GROUPS_POLL);
-        loop {
-            poll.tick().await;
-            let (version, joined) = local.snapshot();
-            if version != seen {
-                seen = version;
-                local_tx.send_replace(joined);
+    let mut tasks = Vec::new();
+    let (local_tx, local_rx) = watch::channel(Vec::new());
+    if relay {
+        let netlink = Netlink::connect()?;
+        tasks.push(AbortOnDrop(tokio::spawn(bridge_port::keep_attached(
+            netlink,
+            flags.multicast_bridge.clone(),
+            flags.multicast_tap.clone(),
+        ))));
+        let local = engine.local_groups();
+        let (version, joined) = local.snapshot();
+        local_tx.send_replace(joined);
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let mut seen = version;
+            let mut poll = tokio::time::interval(LOCAL_GROUPS_POLL);
+            loop {
+                poll.tick().await;
+                let (version, joined) = local.snapshot();
+                if version != seen {
+                    seen = version;
+                    local_tx.send_replace(joined);
+                }
             }
-        }
-    });
-    let records = run_host_records(
+        })));
+        info!(
+            multicast = flags.multicast,
+            broadcast = flags.broadcast,
+            bridge = %flags.multicast_bridge,
+            tap = %flags.multicast_tap,
+            rate_limit = flags.multicast_rate_limit,
+            "multicast relay on"
+        );
+    } else {
+        // No relay, no local groups: the channel stays open, and empty, for the record task
+        // (which ends when it closes).
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let _open = local_tx;
+            std::future::pending::<()>().await
+        })));
+    }
+    tasks.push(AbortOnDrop(run_host_records(
         registry,
         RecordSettings {
             multicast: flags.multicast,
             broadcast: flags.broadcast,
             public_key: None,
+            skip_inner_csum,
             retry: Backoff::default(),
         },
         RecordInputs {
@@ -247,21 +274,10 @@ fn start_multicast(
             routes,
             groups,
             tunnels: None,
+            partial_peers: engine.partial_peers(),
         },
-    );
-    info!(
-        multicast = flags.multicast,
-        broadcast = flags.broadcast,
-        bridge = %flags.multicast_bridge,
-        tap = %flags.multicast_tap,
-        rate_limit = flags.multicast_rate_limit,
-        "multicast relay on"
-    );
-    Ok(vec![
-        AbortOnDrop(port),
-        AbortOnDrop(follow_local),
-        AbortOnDrop(records),
-    ])
+    )));
+    Ok(tasks)
 }
 
 /// The parts that follow the lease: TUN address, subnet.env, iptables.
@@ -649,7 +665,7 @@ impl Daemon<'_> {
                 });
                 vec![AbortOnDrop(task), AbortOnDrop(keep_open)]
             }
-            None => start_multicast(
+            None => start_records(
                 flags,
                 record_registry,
                 &membership,

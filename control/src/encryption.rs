@@ -84,6 +84,8 @@ pub fn start_records<R: Registry>(
             multicast: false,
             broadcast: false,
             public_key: Some(tunnels.public_key()),
+            // Inner checksums stay complete inside encrypted datagrams.
+            skip_inner_csum: false,
             retry: Backoff::default(),
         },
         RecordInputs {
@@ -92,6 +94,7 @@ pub fn start_records<R: Registry>(
             routes,
             groups: weft_engine::Groups::default(),
             tunnels: Some(tunnels.clone()),
+            partial_peers: weft_engine::PartialPeers::default(),
         },
     );
     (task, local_groups)

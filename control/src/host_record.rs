@@ -3,7 +3,7 @@
 //! One record per host, at `/weft.io<prefix>/hosts/<lease key name>` (a prefix flanneld never
 //! reads), attached to the same etcd lease as the host's subnet lease, so that it disappears
 //! with the host. Its value is JSON:
-//! `{"PublicIP":"198.18.0.1","Capabilities":["multicast","broadcast"],"MulticastGroups":["239.1.1.1"]}`,
+//! `{"PublicIP":"198.18.0.1","Capabilities":["multicast","broadcast","skip-inner-csum"],"MulticastGroups":["239.1.1.1"]}`,
 //! and with encryption between hosts on, `"PublicKey":"<base64 X25519 key>"`.
 //! A record counts only while the lease of the subnet it is named after is held by the
 //! record's `PublicIP`: a record left by a host that lost its subnet, or forged for a subnet
@@ -25,6 +25,10 @@ use crate::subnet::LeaseKey;
 pub const MULTICAST: &str = "multicast";
 /// The capability a host advertises for broadcast.
 pub const BROADCAST: &str = "broadcast";
+/// The capability of a host that takes packets whose inner TCP/UDP checksums are left
+/// partial, relying on the outer UDP checksum, and that always sends with that checksum on
+/// (see `weft_engine::offload::partial`); it leaves them partial to hosts that advertise it.
+pub const SKIP_INNER_CSUM: &str = "skip-inner-csum";
 
 /// The most groups one record may list; a record with more is refused as junk.
 pub const MAX_GROUPS: usize = 4096;
@@ -93,6 +97,14 @@ impl HostRecord {
     /// The same record publishing `key` as the host's public key.
     pub fn with_public_key(mut self, key: Option<&[u8; KEY_LEN]>) -> Self {
         self.public_key = key.map(encode_key);
+        self
+    }
+
+    /// This record, also advertising `capability`.
+    pub fn with_capability(mut self, capability: &str) -> Self {
+        if !self.has(capability) {
+            self.capabilities.push(capability.to_owned());
+        }
         self
     }
 
@@ -174,21 +186,41 @@ impl RecordTable {
     /// in `routes` held by the record's `PublicIP` (this host's own subnet is never a peer in
     /// its route table), other than one of this host's (`public_ip`).
     pub fn peers(&self, routes: &RouteTable, public_ip: Ipv4Addr) -> Vec<PeerMulticast> {
+        self.joined(routes, public_ip)
+            .map(|(addr, record)| PeerMulticast {
+                addr,
+                multicast: record.has(MULTICAST),
+                broadcast: record.has(BROADCAST),
+                groups: record.multicast_groups.clone(),
+            })
+            .collect()
+    }
+
+    /// The public addresses of the peers (joined as for [`RecordTable::peers`]) that
+    /// advertise [`SKIP_INNER_CSUM`].
+    pub fn skip_inner_csum_peers(&self, routes: &RouteTable, public_ip: Ipv4Addr) -> Vec<Ipv4Addr> {
+        self.joined(routes, public_ip)
+            .filter(|(_, record)| record.has(SKIP_INNER_CSUM))
+            .map(|(addr, _)| *addr.ip())
+            .collect()
+    }
+
+    /// Every record whose subnet is a peer's lease in `routes` held by the record's
+    /// `PublicIP`, other than one of this host's (`public_ip`), with the peer's address.
+    fn joined<'a>(
+        &'a self,
+        routes: &'a RouteTable,
+        public_ip: Ipv4Addr,
+    ) -> impl Iterator<Item = (SocketAddrV4, &'a HostRecord)> + 'a {
         self.records
             .iter()
-            .filter(|(_, record)| record.public_ip != public_ip)
+            .filter(move |(_, record)| record.public_ip != public_ip)
             .filter_map(|(name, record)| {
                 let subnet = LeaseKey::parse(name).ok()?.ipv4;
                 routes.overlay().slot_of_subnet(subnet).ok()?;
                 let addr: SocketAddrV4 = routes.peer_for(subnet.addr())?;
-                (*addr.ip() == record.public_ip).then(|| PeerMulticast {
-                    addr,
-                    multicast: record.has(MULTICAST),
-                    broadcast: record.has(BROADCAST),
-                    groups: record.multicast_groups.clone(),
-                })
+                (*addr.ip() == record.public_ip).then_some((addr, record))
             })
-            .collect()
     }
 }
 
@@ -409,6 +441,49 @@ mod tests {
                     .to_vec(),
             }
         );
+    }
+
+    #[test]
+    fn only_joined_peers_that_advertise_it_take_partial_checksums() {
+        let plain = HostRecord::new(ip("198.18.0.2"), false, false, &[]);
+        let skip = plain.clone().with_capability(SKIP_INNER_CSUM);
+        assert_eq!(
+            skip.clone().with_capability(SKIP_INNER_CSUM),
+            skip,
+            "advertised once"
+        );
+        assert_eq!(
+            skip.to_json(),
+            r#"{"PublicIP":"198.18.0.2","Capabilities":["skip-inner-csum"],"MulticastGroups":[]}"#
+        );
+        let record = |public: &str, skips: bool| {
+            let record = HostRecord::new(ip(public), false, false, &[]);
+            let record = if skips {
+                record.with_capability(SKIP_INNER_CSUM)
+            } else {
+                record
+            };
+            record.to_json()
+        };
+        let table = RecordTable::from_snapshot(&[
+            raw("10.1.1.0-24", &record("198.18.0.1", true)), // ours
+            raw("10.1.2.0-24", &record("198.18.0.2", true)),
+            raw("10.1.3.0-24", &record("198.18.0.3", false)), // an older weft
+            raw("10.1.4.0-24", &record("198.18.0.9", true)),  // lease held by .4
+        ]);
+        // 10.1.5.0/24 is a flanneld host: it has no record at all.
+        let routes = routes(&[
+            ("10.1.2.0/24", "198.18.0.2"),
+            ("10.1.3.0/24", "198.18.0.3"),
+            ("10.1.4.0/24", "198.18.0.4"),
+            ("10.1.5.0/24", "198.18.0.5"),
+        ]);
+        assert_eq!(
+            table.skip_inner_csum_peers(&routes, ip("198.18.0.1")),
+            [ip("198.18.0.2")]
+        );
+        let peers = table.peers(&routes, ip("198.18.0.1"));
+        assert!(peers.iter().all(|p| !p.multicast && !p.broadcast));
     }
 
     #[test]

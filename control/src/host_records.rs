@@ -1,8 +1,10 @@
-//! Keeping this host's record in etcd and the peers' records in the engine's group table.
+//! Keeping this host's record in etcd and the peers' records in the engine's group table and
+//! partial-checksum peer table.
 //!
-//! Runs only when a feature that needs the record is on (`--multicast`, `--broadcast`,
-//! encryption between hosts), so
-//! that with default settings weft writes nothing flanneld would not. One task:
+//! Runs when a feature that needs the record is on (`--multicast`, `--broadcast`, encryption
+//! between hosts, or leaving inner checksums partial between weft hosts, which is on by default
+//! unless `--no-skip-inner-csum` or the TUN cannot take such packets); the record lives under
+//! weft's own prefix, so flanneld's keys and values stay exactly as flanneld writes them. One task:
 //! - writes this host's [`HostRecord`] at `/weft.io<prefix>/hosts/<lease key name>`, attached
 //!   to the etcd lease of the subnet lease, whenever what it should say differs from what was
 //!   written: a new lease (re-acquired, or etcd lost its data), the local groups changed
@@ -10,9 +12,10 @@
 //!   an old subnet is deleted;
 //! - follows every record with one prefix watch (snapshot, watch from its revision + 1, a
 //!   fresh snapshot when the watch breaks, as the lease watcher does), and joins them with the
-//!   route table into the [`GroupTable`] it publishes through [`Groups`] whenever the records
-//!   or the routes change, and with encryption into the peers' keys, which it publishes
-//!   through [`Tunnels`].
+//!   route table into the [`GroupTable`] it publishes through [`Groups`] (and, when this host
+//!   advertises it, the peers that advertise [`SKIP_INNER_CSUM`] into a [`PartialPeerTable`])
+//!   whenever the records or the routes change, and with encryption into the peers' keys, which
+//!   it publishes through [`Tunnels`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -21,10 +24,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
-use weft_engine::{GroupTable, Groups, RouteTable, Routes, Tunnels, KEY_LEN};
+use weft_engine::{
+    GroupTable, Groups, PartialPeerTable, PartialPeers, RouteTable, Routes, Tunnels, KEY_LEN,
+};
 
 use crate::backoff::Backoff;
-use crate::host_record::{HostRecord, RecordTable};
+use crate::host_record::{HostRecord, RecordTable, SKIP_INNER_CSUM};
 use crate::own_lease::Lease;
 use crate::registry::{LeaseSnapshot, LeaseWatch, Registry, WatchBroken, WatchItem};
 use crate::subnet::lease_key_name;
@@ -46,6 +51,9 @@ pub struct RecordSettings {
     pub broadcast: bool,
     /// With encryption between hosts: this host's public key.
     pub public_key: Option<[u8; KEY_LEN]>,
+    /// Advertise [`SKIP_INNER_CSUM`] and publish the peers that do (unless
+    /// `--no-skip-inner-csum`, and only while the engine can take such packets).
+    pub skip_inner_csum: bool,
     /// Backoff for etcd errors.
     pub retry: Backoff,
 }
@@ -62,6 +70,8 @@ pub struct RecordInputs {
     pub groups: Groups,
     /// With encryption between hosts: where the peers' keys go.
     pub tunnels: Option<Tunnels>,
+    /// Where the peers that take partial inner checksums go.
+    pub partial_peers: PartialPeers,
 }
 
 /// This host's record as last written.
@@ -100,6 +110,11 @@ impl OwnRecord {
             &self.groups,
         )
         .with_public_key(self.settings.public_key.as_ref());
+        let record = if self.settings.skip_inner_csum {
+            record.with_capability(SKIP_INNER_CSUM)
+        } else {
+            record
+        };
         Some((
             lease_key_name(lease.subnet),
             record.to_json(),
@@ -359,6 +374,17 @@ impl<R: Registry> HostRecords<R> {
             debug!(?peers, "multicast peers");
             self.inputs.groups.publish(table);
         }
+        if self.own.settings.skip_inner_csum {
+            let partial =
+                PartialPeerTable::new(self.table.skip_inner_csum_peers(&routes, public_ip));
+            if **self.inputs.partial_peers.snapshot() != partial {
+                info!(
+                    peers = partial.len(),
+                    "publishing the peers that take partial inner checksums"
+                );
+                self.inputs.partial_peers.publish(partial);
+            }
+        }
         self.joined_with = Some(routes);
     }
 }
@@ -415,6 +441,7 @@ mod tests {
         membership: MembershipHandle,
         local_groups: watch::Sender<Vec<Ipv4Addr>>,
         groups: Groups,
+        partial_peers: PartialPeers,
         tasks: Vec<JoinHandle<()>>,
     }
 
@@ -431,16 +458,18 @@ mod tests {
             multicast: bool,
             broadcast: bool,
         ) -> Self {
-            Self::start_with(reg, public_ip, multicast, broadcast, None).await
+            Self::start_with(reg, public_ip, multicast, broadcast, None, false).await
         }
 
-        /// As `start`, with encryption's tunnels (and so this host's public key) if given.
+        /// As `start`, with encryption's tunnels (and so this host's public key) if given, and
+        /// advertising partial inner checksums if `skip_inner_csum`.
         async fn start_with(
             reg: &MemoryRegistry,
             public_ip: &str,
             multicast: bool,
             broadcast: bool,
             tunnels: Option<Tunnels>,
+            skip_inner_csum: bool,
         ) -> Self {
             let config = NetworkConfig::parse(NETWORK).unwrap();
             let routes = Routes::new(RouteTable::empty(config.overlay().unwrap(), config.port()));
@@ -456,14 +485,16 @@ mod tests {
             membership.acquired().await.unwrap();
             let (local_groups, groups_rx) = watch::channel(Vec::new());
             let groups = Groups::default();
+            let partial_peers = PartialPeers::default();
             let mut tasks = vec![task];
-            if multicast || broadcast || tunnels.is_some() {
+            if multicast || broadcast || tunnels.is_some() || skip_inner_csum {
                 tasks.push(run_host_records(
                     reg.clone(),
                     RecordSettings {
                         multicast,
                         broadcast,
                         public_key: tunnels.as_ref().map(Tunnels::public_key),
+                        skip_inner_csum,
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -472,6 +503,7 @@ mod tests {
                         routes,
                         groups: groups.clone(),
                         tunnels,
+                        partial_peers: partial_peers.clone(),
                     },
                 ));
             }
@@ -479,6 +511,7 @@ mod tests {
                 membership,
                 local_groups,
                 groups,
+                partial_peers,
                 tasks,
             }
         }
@@ -533,8 +566,8 @@ mod tests {
         let keys = |b: u8| StaticKeys::from_private([b; KEY_LEN]);
         let ta = Tunnels::new(keys(1));
         let tb = Tunnels::new(keys(2));
-        let a = Host::start_with(&reg, "198.18.0.1", false, false, Some(ta.clone())).await;
-        let b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb.clone())).await;
+        let a = Host::start_with(&reg, "198.18.0.1", false, false, Some(ta.clone()), false).await;
+        let b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb.clone()), false).await;
         let plain = Host::start(&reg, "198.18.0.3", false, false).await;
         let key_of = |t: &Tunnels, peer: &str| t.snapshot().get(&ip(peer)).map(|p| p.public_key());
         until("both keyed", || {
@@ -553,12 +586,45 @@ mod tests {
         // b comes back with a new key: a replaces its tunnel.
         drop(b);
         let tb2 = Tunnels::new(keys(4));
-        let _b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb2.clone())).await;
+        let _b = Host::start_with(&reg, "198.18.0.2", false, false, Some(tb2.clone()), false).await;
         until("the new key replaces the old", || {
             key_of(&ta, "198.18.0.2") == Some(tb2.public_key())
         })
         .await;
         drop(a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_that_advertise_it_take_partial_checksums() {
+        let reg = registry().await;
+        let a = Host::start_with(&reg, "198.18.0.1", false, false, None, true).await;
+        let b = Host::start_with(&reg, "198.18.0.2", true, false, None, true).await;
+        let c = Host::start_with(&reg, "198.18.0.3", true, false, None, false).await;
+        let plain = Host::start(&reg, "198.18.0.4", false, false).await;
+        let listed = |h: &Host, peer: &str| h.partial_peers.snapshot().takes(ip(peer));
+        until("a and b list each other", || {
+            listed(&a, "198.18.0.2") && listed(&b, "198.18.0.1")
+        })
+        .await;
+        for h in [&a, &b] {
+            assert_eq!(h.partial_peers.snapshot().len(), 1, "only the other");
+        }
+        // c runs its records for multicast but does not advertise, so it lists nobody and
+        // nobody lists it; the plain host (a flanneld in all but name) writes nothing.
+        assert!(c.partial_peers.snapshot().is_empty());
+        assert!(!listed(&a, "198.18.0.3") && !listed(&b, "198.18.0.3"));
+        assert!(reg.host_record(&plain.name()).is_none());
+        let record =
+            |h: &Host| HostRecord::parse(reg.host_record(&h.name()).unwrap().as_bytes()).unwrap();
+        assert!(record(&a).has(SKIP_INNER_CSUM) && !record(&a).has(crate::host_record::MULTICAST));
+        assert!(!record(&c).has(SKIP_INNER_CSUM));
+
+        // b stops (its tasks end) and its etcd lease expires: a stops leaving checksums
+        // partial to it.
+        let etcd_lease = reg.etcd_lease_of(&b.name()).unwrap();
+        drop(b);
+        reg.expire(etcd_lease);
+        until("a lists nobody", || a.partial_peers.snapshot().is_empty()).await;
     }
 
     #[tokio::test(start_paused = true)]

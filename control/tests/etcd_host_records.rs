@@ -85,6 +85,7 @@ impl Host {
                 multicast: true,
                 broadcast: false,
                 public_key: None,
+                skip_inner_csum: false,
                 retry: fast_retry(),
             },
             RecordInputs {
@@ -93,6 +94,7 @@ impl Host {
                 routes,
                 groups: groups.clone(),
                 tunnels: None,
+                partial_peers: Default::default(),
             },
         );
         Self {

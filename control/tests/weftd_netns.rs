@@ -282,6 +282,21 @@ fn flanneld_command_line_gives_flanneld_state() {
         );
     }
 
+    // weft's own record lives outside flanneld's prefix: host 1 (TUN offloads, the default)
+    // advertises that it takes partial inner checksums; host 2 (no TUN offloads, so it cannot)
+    // writes none.
+    let records = etcdctl(
+        &h1,
+        &["get", "--prefix", "/weft.io/coreos.com/network/hosts/"],
+    );
+    let records: Vec<&str> = records.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(records.len(), 2, "one record, of host 1: {records:?}");
+    assert!(
+        records[1].contains(r#""PublicIP":"198.18.0.1""#)
+            && records[1].contains(r#""skip-inner-csum""#),
+        "{records:?}"
+    );
+
     // subnet.env: byte-identical to flanneld's for host 1.
     assert_eq!(
         fs::read_to_string(&*h1_file).unwrap(),

@@ -14,7 +14,8 @@ use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::icmp_limit::IcmpGate;
 use crate::multicast::network_broadcast::{self, BroadcastSink};
 use crate::multicast::receive::{self, Delivery};
-use crate::offload::{complete_checksum, Plan, Segmenter};
+use crate::offload::{complete_checksum, Partial, Plan, Segmenter};
+use crate::partial_peers::PartialPeerTable;
 use crate::route::RouteTable;
 use crate::wire::ethernet;
 use crate::wire::ipv4::Ipv4Packet;
@@ -63,7 +64,9 @@ pub(crate) enum TunAction {
 /// Decide on a packet read from the TUN behind `header`, once for a whole super-packet, and
 /// count it: as many packets as it becomes on the wire, and their bytes. Completes a partial
 /// checksum of a packet that is sent whole. With `broadcast` (a host with broadcast on), UDP
-/// to the Network's broadcast address is handed to it instead of being routed.
+/// to the Network's broadcast address is handed to it instead of being routed. To a peer in
+/// `partial_peers`, a TCP or UDP packet's checksum is left partial: a segment's is not
+/// computed, a packet's partial one is not completed (see [`crate::offload::partial`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_tun_read(
     header: &VnetHeader,
@@ -74,6 +77,7 @@ pub(crate) fn decide_tun_read(
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
     broadcast: Option<&dyn BroadcastSink>,
+    partial_peers: &PartialPeerTable,
 ) -> TunAction {
     let len = packet.len();
     // The one parse of the packet: the plan and the decision both read this view.
@@ -120,6 +124,10 @@ pub(crate) fn decide_tun_read(
         Plan::Whole | Plan::Checksum { .. } => None,
     };
     let decision = decide::from_tun_checked(&mut ip, largest, table, policy, reply);
+    let partial = match decision {
+        TunDecision::SendToPeer(to) if partial_peers.takes(*to.ip()) => Partial::of(&ip),
+        _ => None,
+    };
     let packet = ip.into_inner();
     match decision {
         TunDecision::SendToPeer(to) => match offload {
@@ -128,6 +136,15 @@ pub(crate) fn decide_tun_read(
                 len,
                 segments: None,
             },
+            Plan::Checksum { start, field }
+                if partial.is_some_and(|partial| partial.field() == (start, field)) =>
+            {
+                TunAction::Send {
+                    to,
+                    len,
+                    segments: None,
+                }
+            }
             Plan::Checksum { start, field } => match complete_checksum(packet, start, field) {
                 Ok(()) => TunAction::Send {
                     to,
@@ -142,7 +159,10 @@ pub(crate) fn decide_tun_read(
             Plan::Segment(segmenter) => TunAction::Send {
                 to,
                 len,
-                segments: Some(segmenter),
+                segments: Some(match partial {
+                    Some(_) => segmenter.with_partial_checksums(),
+                    None => segmenter,
+                }),
             },
         },
         TunDecision::ReplyToTun { len, reason } => {
@@ -405,6 +425,7 @@ mod tests {
                 &mut IcmpGate::unlimited(),
                 &mut counts,
                 sink,
+                &PartialPeerTable::default(),
             );
             (action, counts)
         };
@@ -443,6 +464,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            &PartialPeerTable::default(),
         );
         let TunAction::Send {
             to,
@@ -473,6 +495,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            &PartialPeerTable::default(),
         );
         assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
         assert_eq!(counts.drops[DropReason::NoRoute as usize], 15);
@@ -490,6 +513,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            &PartialPeerTable::default(),
         );
         assert_eq!(action, TunAction::Recycle);
         assert_eq!(counts.drops[DropReason::NotIpv4 as usize], 1);
@@ -512,6 +536,7 @@ mod tests {
             &mut IcmpGate::unlimited(),
             &mut counts,
             None,
+            &PartialPeerTable::default(),
         );
         assert!(matches!(action, TunAction::Send { segments: None, .. }));
         assert_valid(&packet);
@@ -519,6 +544,61 @@ mod tests {
         expected[8] -= 1;
         expected[10..12].copy_from_slice(&packet[10..12]);
         assert_eq!(packet, expected);
+    }
+
+    /// Decide on a TCP super-packet (or, with `gso_type` 0, a packet with a partial
+    /// checksum) bound for 198.18.0.2 with `partial_peers`, and return the packets that go on
+    /// the wire.
+    fn sent(whole: bool, partial_peers: &PartialPeerTable) -> Vec<Vec<u8>> {
+        let spec = Tcp::new(1, if whole { 1000 } else { 10_000 });
+        let (mut header, mut packet) = spec.super_packet(1420);
+        if whole {
+            header.gso_type = 0;
+        }
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let action = decide_tun_read(
+            &header,
+            &mut packet,
+            &table("10.1.1.0/24"),
+            &POLICY,
+            &mut reply,
+            &mut IcmpGate::unlimited(),
+            &mut BatchCounts::default(),
+            None,
+            partial_peers,
+        );
+        let TunAction::Send { to, segments, .. } = action else {
+            panic!("{action:?}");
+        };
+        assert_eq!(to, peer());
+        match segments {
+            None => vec![packet],
+            Some(segmenter) => crate::offload::testing::segments_of(&segmenter, &packet),
+        }
+    }
+
+    #[test]
+    fn only_peers_that_take_them_get_partial_checksums() {
+        let others = PartialPeerTable::new(["198.18.0.9".parse().unwrap()]);
+        let this_one = PartialPeerTable::new([*peer().ip()]);
+        for whole in [false, true] {
+            // A flanneld (or any other) peer: every packet verifies, by etherparse.
+            for peers in [&PartialPeerTable::default(), &others] {
+                for packet in sent(whole, peers) {
+                    assert_valid(&packet);
+                }
+            }
+            // A peer that takes them: the checksums hold the pseudo-header sum; completed,
+            // the packets are the ones any other peer gets.
+            let complete = sent(whole, &others);
+            let partial = sent(whole, &this_one);
+            assert_eq!(partial.len(), complete.len());
+            for (mut packet, complete) in partial.into_iter().zip(complete) {
+                assert_ne!(packet, complete, "the checksum was left out");
+                crate::offload::complete_checksum(&mut packet, 20, 36).unwrap();
+                assert_eq!(packet, complete);
+            }
+        }
     }
 
     #[test]
@@ -653,6 +733,7 @@ mod tests {
                     &mut gate,
                     &mut counts,
                     None,
+                    &PartialPeerTable::default(),
                 )
             })
             .collect();
@@ -675,6 +756,7 @@ mod tests {
             &mut gate,
             &mut counts,
             None,
+            &PartialPeerTable::default(),
         );
         assert!(matches!(action, TunAction::WriteReply { .. }), "{action:?}");
 

@@ -114,6 +114,12 @@ pub struct ActiveOffloads {
 }
 
 impl ActiveOffloads {
+    /// Whether packets with partial inner checksums can be handed to the TUN as such: it
+    /// takes a virtio-net header and every packet from peers goes through the coalescer.
+    pub fn takes_partial_checksums(&self) -> bool {
+        self.vnet_hdr && self.coalesce
+    }
+
     /// Bytes of virtio-net header before every packet on the TUN.
     pub(crate) fn vnet_len(&self) -> usize {
         if self.vnet_hdr {

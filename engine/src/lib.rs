@@ -8,7 +8,8 @@
 //!   virtio-net header); every parser lives here;
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), how long a worker looks
-//!   for packets before it sleeps ([`poll_window`]), segmentation and
+//!   for packets before it sleeps ([`poll_window`]), the peers that take partial inner
+//!   checksums ([`partial_peers`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
 //!   multicast relay's decisions and membership ([`multicast`]), encryption between hosts
 //!   ([`crypto`]) — no I/O, tested
@@ -39,6 +40,8 @@ pub mod multicast;
 #[forbid(unsafe_code)]
 pub mod offload;
 #[forbid(unsafe_code)]
+pub mod partial_peers;
+#[forbid(unsafe_code)]
 pub mod poll_window;
 #[forbid(unsafe_code)]
 pub mod route;
@@ -59,5 +62,6 @@ pub use io::engine::{Engine, EngineError};
 pub use io::error::WorkerError;
 pub use io::tun::{open_queues, open_queues_with, TunError, TunQueue};
 pub use multicast::{GroupTable, Groups, LocalGroups, MulticastConfig, PeerMulticast};
+pub use partial_peers::{PartialPeerTable, PartialPeers};
 pub use route::{Overlay, RouteError, RouteTable, Routes};
 pub use wire::ipv4::{Ipv4Packet, PacketError};

@@ -9,6 +9,7 @@ use crate::decide::Policy;
 use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
 use crate::io::tap::GroupDelivery;
+use crate::partial_peers::PartialPeers;
 use crate::route::Routes;
 
 /// Everything a worker's loop reads but does not own.
@@ -20,6 +21,8 @@ pub(crate) struct WorkerContext {
     pub(crate) icmp_rate_limit: IcmpRateLimit,
     /// Where group traffic from peers goes, on a host that takes some.
     pub(crate) groups: Option<GroupDelivery>,
+    /// The peers whose inner checksums are left partial, both ways.
+    pub(crate) partial_peers: PartialPeers,
     /// The longest the worker looks for packets before it sleeps.
     pub(crate) busy_poll: Duration,
     /// With encryption between hosts: the peers' tunnels.

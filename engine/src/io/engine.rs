@@ -26,6 +26,7 @@ use crate::io::worker::{self, SpawnError, WorkerSetup};
 use crate::multicast::receive::Delivery;
 use crate::multicast::relay::Relay;
 use crate::multicast::{Groups, LocalGroups, MulticastCounters};
+use crate::partial_peers::PartialPeers;
 use crate::route::Routes;
 
 /// Why the engine could not start.
@@ -94,6 +95,7 @@ pub struct Engine {
     workers: Vec<worker::WorkerThread>,
     offloads: ActiveOffloads,
     local_groups: LocalGroups,
+    partial_peers: PartialPeers,
     multicast_counters: Option<Arc<MulticastCounters>>,
     relay: Option<RelayThread>,
     timers: Option<TimerThread>,
@@ -173,6 +175,7 @@ impl Engine {
             workers: Vec::with_capacity(config.workers),
             offloads,
             local_groups: LocalGroups::new(),
+            partial_peers: PartialPeers::default(),
             multicast_counters: None,
             relay: None,
             timers: None,
@@ -226,6 +229,7 @@ impl Engine {
                 policy: config.policy,
                 icmp_rate_limit: config.icmp_rate_limit,
                 groups: delivery.clone(),
+                partial_peers: engine.partial_peers.clone(),
                 busy_poll: config.busy_poll,
                 tunnels: tunnels.clone(),
                 counters: Arc::new(WorkerCounters::default()),
@@ -276,6 +280,13 @@ impl Engine {
         let mut snapshot = CounterSnapshot::sum(self.workers.iter().map(|w| &*w.counters));
         snapshot.multicast = self.multicast_counters.as_ref().map(|c| c.snapshot());
         snapshot
+    }
+
+    /// The peers with which inner checksums are left partial (none until control publishes
+    /// some; see [`crate::offload::partial`]). Publish only while the TUN takes a virtio-net
+    /// header and coalescing is on (see [`ActiveOffloads::takes_partial_checksums`]).
+    pub fn partial_peers(&self) -> PartialPeers {
+        self.partial_peers.clone()
     }
 
     /// The groups local containers joined, as the multicast relay snooped them (always empty

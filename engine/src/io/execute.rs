@@ -5,6 +5,7 @@
 use std::net::SocketAddrV4;
 use std::ops::Range;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use crate::batch::{decide_datagrams, GroupSink, Source, WriteCount};
 use crate::config::ActiveOffloads;
@@ -20,6 +21,7 @@ use crate::io::udp::{MessageInfo, SendBatch};
 use crate::multicast::network_broadcast::BroadcastSink;
 use crate::offload::coalesce::MAX_SEGMENTS;
 use crate::offload::{Coalescer, Segmenter};
+use crate::partial_peers::{PartialPeerTable, PartialPeers};
 use crate::route::RouteTable;
 use crate::wire::ethernet::HEADER_LEN;
 use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
@@ -72,6 +74,8 @@ pub(crate) struct Accepted {
     groups: Option<GroupDelivery>,
     /// With encryption: what opens the datagrams, and its outbox.
     opener: Option<Opener>,
+    /// The peers whose inner checksums are left partial, both ways.
+    partial_peers: PartialPeers,
 }
 
 /// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
@@ -89,6 +93,7 @@ impl Accepted {
             coalesce: offloads.coalesce,
             groups: None,
             opener: None,
+            partial_peers: PartialPeers::default(),
         }
     }
 
@@ -100,6 +105,16 @@ impl Accepted {
     /// The opener, whose outbox the worker sends after each batch.
     pub(crate) fn opener(&mut self) -> Option<&mut Opener> {
         self.opener.as_mut()
+    }
+
+    /// Take partial inner checksums from, and leave them partial to, the peers `peers` lists.
+    pub(crate) fn set_partial_peers(&mut self, peers: PartialPeers) {
+        self.partial_peers = peers;
+    }
+
+    /// The peers whose inner checksums are left partial, for a batch of TUN reads.
+    pub(crate) fn partial_peer_table(&self) -> arc_swap::Guard<Arc<PartialPeerTable>> {
+        self.partial_peers.snapshot()
     }
 
     /// Deliver group traffic from peers through `groups` from now on.
@@ -138,6 +153,9 @@ impl Accepted {
         let reply_ptr = buffers.reply_ptr(slot).cast_const();
         // SAFETY: the caller guarantees nothing else uses the slot meanwhile.
         let (buf, reply) = unsafe { buffers.slot(slot, len) };
+        // Only the coalescer writes partial checksums as such; without it nothing is published.
+        let from_partial_peer = self.coalesce
+            && from.is_some_and(|from| self.partial_peers.snapshot().takes(*from.ip()));
         let packets = &mut self.packets;
         let mut coalescer = self.coalesce.then_some(&mut self.coalescer);
         let groups = self.groups.as_ref();
@@ -165,8 +183,10 @@ impl Accepted {
             |offset, ip| {
                 // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
                 packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));
-                if let Some(coalescer) = coalescer.as_deref_mut() {
-                    coalescer.push_checked(ip);
+                match coalescer.as_deref_mut() {
+                    Some(coalescer) if from_partial_peer => coalescer.push_from_partial_peer(ip),
+                    Some(coalescer) => coalescer.push_checked(ip),
+                    None => {}
                 }
             },
         );

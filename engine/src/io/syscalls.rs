@@ -172,6 +172,8 @@ impl SyscallWorker {
             self.accepted.set_opener(Some(Opener::new(tunnels.clone())));
             self.sends = SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEALED_BYTES);
         }
+        self.accepted
+            .set_partial_peers(context.partial_peers.clone());
         let mut tun_more = false;
         let mut udp_more = false;
         let mut window = PollWindow::new(context.busy_poll);
@@ -337,6 +339,7 @@ impl SyscallWorker {
                 &mut self.icmp,
                 counts,
                 self.accepted.broadcast_sink(),
+                &self.accepted.partial_peer_table(),
             ) {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,

@@ -403,6 +403,8 @@ impl UringWorker {
     pub(crate) fn run(&mut self, context: &WorkerContext) -> Result<(), WorkerError> {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.accepted.set_groups(context.groups.clone());
+        self.accepted
+            .set_partial_peers(context.partial_peers.clone());
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()
@@ -508,6 +510,7 @@ impl UringWorker {
             &mut self.icmp,
             counts,
             self.accepted.broadcast_sink(),
+            &self.accepted.partial_peer_table(),
         );
         let io = &mut self.io[slot];
         io.sends.clear();

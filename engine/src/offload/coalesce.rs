@@ -22,7 +22,9 @@
 //! - its payload is no larger than the first segment's (the segment size), and the group has
 //!   taken no shorter segment, PSH or FIN yet — those end a group;
 //! - its checksum verifies (a super-packet's checksum is completed by the kernel, so a bad
-//!   segment must never be hidden inside one);
+//!   segment must never be hidden inside one) — unless it came from a peer whose packets are
+//!   covered by the outer UDP checksum alone ([`Coalescer::push_from_partial_peer`], see
+//!   [`crate::offload::partial`]);
 //! - the super-packet stays within 65 535 bytes and [`MAX_SEGMENTS`] segments.
 //!
 //! Anything else starts a new group, and a packet of a flow that cannot join ends the flow's
@@ -35,6 +37,8 @@ use crate::wire::tcp::{self, TcpHeader};
 use crate::wire::udp::{self, UdpHeader};
 use crate::wire::vnet::{VnetHeader, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM};
 use crate::wire::{pseudo_header_sum, put16};
+
+use super::partial::Partial;
 
 /// The most segments one super-packet carries.
 pub const MAX_SEGMENTS: usize = 64;
@@ -68,6 +72,9 @@ pub struct Group {
     tail: u32,
     count: u32,
     run: Option<Run>,
+    /// The first packet came from a peer that may leave inner checksums partial: where its
+    /// checksum lies, to be written as partial even when it stays alone.
+    partial: Option<Partial>,
 }
 
 /// What a group of segments must keep equal, and how far it has grown.
@@ -181,7 +188,7 @@ impl Coalescer {
             Ok(ip) => self.push_checked(&ip),
             Err(_) => {
                 self.open.clear();
-                self.push_kind(Kind::Other);
+                self.push_kind(Kind::Other, None);
             }
         }
     }
@@ -189,10 +196,18 @@ impl Coalescer {
     /// Add the next packet of the batch, already checked (by the receive decision, so that it
     /// is parsed once).
     pub fn push_checked<T: AsRef<[u8]>>(&mut self, ip: &Ipv4Packet<T>) {
-        self.push_kind(classify(ip, self.udp));
+        self.push_kind(classify(ip, self.udp, false), None);
     }
 
-    fn push_kind(&mut self, kind: Kind) {
+    /// As [`Coalescer::push_checked`], for a packet from a peer whose inner checksums may be
+    /// partial (covered by the outer UDP checksum the kernel verified): it joins a run without
+    /// its checksum being verified, and even alone it is written as partial
+    /// ([`Group::finish`]) when it is a TCP segment or a UDP datagram with a checksum.
+    pub fn push_from_partial_peer<T: AsRef<[u8]>>(&mut self, ip: &Ipv4Packet<T>) {
+        self.push_kind(classify(ip, self.udp, true), Partial::of(ip));
+    }
+
+    fn push_kind(&mut self, kind: Kind, partial: Option<Partial>) {
         let index = self.next.len() as u32;
         self.next.push(NONE);
         match kind {
@@ -213,7 +228,7 @@ impl Coalescer {
                 }
                 let run = Run::start(&segment);
                 let keep_open = run.open;
-                self.groups.push(Group::new(index, Some(run)));
+                self.groups.push(Group::new(index, Some(run), partial));
                 if keep_open {
                     self.track(self.groups.len() as u32 - 1);
                 }
@@ -222,9 +237,9 @@ impl Coalescer {
                 if let Some(slot) = self.open_slot(&flow) {
                     self.open.swap_remove(slot);
                 }
-                self.groups.push(Group::new(index, None));
+                self.groups.push(Group::new(index, None, partial));
             }
-            Kind::Other => self.groups.push(Group::new(index, None)),
+            Kind::Other => self.groups.push(Group::new(index, None, partial)),
         }
     }
 
@@ -269,12 +284,13 @@ impl Coalescer {
 }
 
 impl Group {
-    fn new(head: u32, run: Option<Run>) -> Group {
+    fn new(head: u32, run: Option<Run>, partial: Option<Partial>) -> Group {
         Group {
             head,
             tail: head,
             count: 1,
             run,
+            partial,
         }
     }
 
@@ -322,10 +338,15 @@ impl Group {
     /// Turn the group's first packet, `head`, into the super-packet's header and return the
     /// virtio-net header to write before it: total length and header checksum for the whole,
     /// the last segment's PSH and FIN, and in the TCP checksum field the pseudo-header sum
-    /// that the kernel completes. A single packet is left alone and gets a plain header.
+    /// that the kernel completes. A single packet gets a plain header and is left alone —
+    /// unless it came from a peer whose inner checksums may be partial, when its checksum
+    /// field is made partial too.
     pub fn finish(&self, head: &mut [u8]) -> VnetHeader {
         let Some(run) = self.run.as_ref().filter(|_| self.count > 1) else {
-            return VnetHeader::PLAIN;
+            return self
+                .partial
+                .and_then(|partial| partial.finish(head))
+                .unwrap_or(VnetHeader::PLAIN);
         };
         let ip_len = MIN_HEADER_LEN;
         let total = usize::from(run.header_len) + run.payload as usize;
@@ -435,7 +456,9 @@ impl Run {
 
 /// Read what the coalescer needs from a checked packet; UDP datagrams are segments only when
 /// `udp`.
-fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
+/// `covered` when the packet's checksum needs no verifying (see
+/// [`Coalescer::push_from_partial_peer`]).
+fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool, covered: bool) -> Kind {
     let protocol = ip.protocol();
     let is_udp = protocol == protocol::UDP && udp;
     if protocol != protocol::TCP && !is_udp {
@@ -464,6 +487,9 @@ fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
         return alone;
     };
     let verifies = || {
+        if covered {
+            return true;
+        }
         let pseudo = pseudo_header_sum(flow.src, flow.dst, protocol, transport_len);
         checksum::add(pseudo, super::checksum::sum(transport)) == 0xffff
     };
@@ -527,8 +553,8 @@ fn classify<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>, udp: bool) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offload::segment::{Plan, Segmenter, MAX_HEADER_LEN};
-    use crate::offload::testing::{assert_valid, Tcp};
+    use crate::offload::segment::Plan;
+    use crate::offload::testing::{assert_valid, segments_of, Tcp};
     use crate::wire::ipv4::testing::{Rng, Spec};
     use crate::wire::{be16, be32};
 
@@ -540,10 +566,24 @@ mod tests {
 
     /// As [`coalesce`], merging UDP datagrams too when `udp`.
     fn coalesce_with(packets: &[Vec<u8>], udp: bool) -> Vec<(VnetHeader, Vec<u8>)> {
+        coalesce_from(packets, udp, false)
+    }
+
+    /// As [`coalesce_with`]; `partial_peer`: every packet came from a peer whose inner
+    /// checksums may be partial.
+    fn coalesce_from(
+        packets: &[Vec<u8>],
+        udp: bool,
+        partial_peer: bool,
+    ) -> Vec<(VnetHeader, Vec<u8>)> {
         let mut coalescer = Coalescer::new();
         coalescer.set_udp(udp);
         for packet in packets {
-            coalescer.push(packet);
+            if partial_peer {
+                coalescer.push_from_partial_peer(&Ipv4Packet::new_checked(&packet[..]).unwrap());
+            } else {
+                coalescer.push(packet);
+            }
         }
         assert_eq!(coalescer.len(), packets.len());
         let mut seen = vec![false; packets.len()];
@@ -580,16 +620,12 @@ mod tests {
         segments_of(&segmenter, packet)
     }
 
-    fn segments_of(segmenter: &Segmenter, packet: &[u8]) -> Vec<Vec<u8>> {
-        let mut scratch = [0u8; MAX_HEADER_LEN];
-        (0..segmenter.segments())
-            .map(|i| {
-                let segment = segmenter.write_header(packet, i, &mut scratch).unwrap();
-                let mut bytes = scratch[..segmenter.header_len()].to_vec();
-                bytes.extend_from_slice(&packet[segment.payload]);
-                bytes
-            })
-            .collect()
+    /// Cut a super-packet as for a peer that takes partial inner checksums.
+    fn cut_partial(header: &VnetHeader, packet: &[u8]) -> Vec<Vec<u8>> {
+        let Plan::Segment(segmenter) = Plan::new(header, packet).unwrap() else {
+            panic!("not a super-packet");
+        };
+        segments_of(&segmenter.with_partial_checksums(), packet)
     }
 
     /// Complete a super-packet's checksums, as the kernel will: the bytes a receiver sees.
@@ -624,6 +660,82 @@ mod tests {
                 assert_eq!(bytes, &packet, "{len}/{gso}");
                 assert_valid(&completed(vnet, bytes));
             }
+        }
+    }
+
+    #[test]
+    fn segments_cut_with_partial_checksums_arrive_whole() {
+        // TCP: whole runs, a short last segment, and segments that stay alone (PSH ends
+        // each group of two); every write, completed as the kernel completes it, holds exactly
+        // the bytes the complete segments would have.
+        for (len, gso, psh) in [
+            (64_000, 1448, false),
+            (4_345, 1448, true),
+            (900, 1448, true),
+        ] {
+            let mut spec = Tcp::new(0x1000, len);
+            spec.psh = psh;
+            let (header, packet) = spec.super_packet(gso);
+            let partial = cut_partial(&header, &packet);
+            let complete = cut(&header, &packet);
+            assert_ne!(partial, complete, "the checksums were left out");
+            let writes = coalesce_from(&partial, false, true);
+            let written: Vec<Vec<u8>> = writes
+                .iter()
+                .map(|(vnet, bytes)| {
+                    assert!(vnet.needs_csum(), "every write asks for its checksum");
+                    completed(vnet, bytes)
+                })
+                .collect();
+            let expected: Vec<Vec<u8>> = coalesce(&complete)
+                .iter()
+                .map(|(vnet, bytes)| completed(vnet, bytes))
+                .collect();
+            assert_eq!(written, expected, "{len}/{gso}");
+            assert_eq!(written.len(), 1);
+            assert_eq!(written[0], spec.bytes());
+        }
+        // The same segments one by one (a batch of one each).
+        let (header, packet) = Tcp::new(5, 5_000).super_packet(1448);
+        for (partial, complete) in cut_partial(&header, &packet)
+            .iter()
+            .zip(cut(&header, &packet))
+        {
+            let writes = coalesce_from(std::slice::from_ref(partial), false, true);
+            let (vnet, bytes) = &writes[0];
+            assert!(vnet.needs_csum() && !vnet.is_gso());
+            assert_eq!(completed(vnet, bytes), complete);
+        }
+        // UDP, merged and alone.
+        for udp in [true, false] {
+            let (header, packet) = crate::offload::testing::udp(10 * 1000 + 17, 1000);
+            let partial = cut_partial(&header, &packet);
+            let complete = cut(&header, &packet);
+            let writes = coalesce_from(&partial, udp, true);
+            assert_eq!(writes.len(), if udp { 1 } else { 11 });
+            let mut again = Vec::new();
+            for (vnet, bytes) in &writes {
+                assert!(vnet.needs_csum());
+                let whole = completed(vnet, bytes);
+                if vnet.is_gso() {
+                    again.extend(cut(vnet, &whole));
+                } else {
+                    again.push(whole);
+                }
+            }
+            assert_eq!(again, complete, "udp merged: {udp}");
+        }
+    }
+
+    #[test]
+    fn partial_checksums_from_other_peers_are_never_merged_or_marked() {
+        let (header, packet) = Tcp::new(1, 10_000).super_packet(1448);
+        let partial = cut_partial(&header, &packet);
+        let writes = coalesce(&partial);
+        assert_eq!(writes.len(), partial.len());
+        for ((vnet, bytes), segment) in writes.iter().zip(&partial) {
+            assert_eq!(vnet, &VnetHeader::PLAIN, "the kernel verifies it");
+            assert_eq!(bytes, segment);
         }
     }
 
@@ -922,7 +1034,7 @@ mod tests {
         coalescer.clear();
         assert!(coalescer.is_empty() && coalescer.groups().is_empty());
         let mut head = vec![0u8; 3];
-        let single = Group::new(0, None);
+        let single = Group::new(0, None, None);
         assert_eq!(single.finish(&mut head), VnetHeader::PLAIN);
         assert_eq!(head, vec![0u8; 3]);
     }

@@ -12,10 +12,12 @@
 
 pub mod checksum;
 pub mod coalesce;
+pub mod partial;
 pub mod segment;
 
 pub use crate::wire::vnet::{VnetHeader, VNET_HDR_LEN};
 pub use coalesce::{Coalescer, Group};
+pub use partial::Partial;
 pub use segment::{complete_checksum, Plan, SegmentError, Segmenter};
 
 /// Test packets: TCP and UDP super-packets and segments built by etherparse, an encoder that
@@ -185,6 +187,19 @@ pub(crate) mod testing {
             csum_offset: 6,
         };
         (header, out)
+    }
+
+    /// Every segment `segmenter` cuts `packet` into, each in its own buffer.
+    pub(crate) fn segments_of(segmenter: &super::Segmenter, packet: &[u8]) -> Vec<Vec<u8>> {
+        let mut scratch = [0u8; super::segment::MAX_HEADER_LEN];
+        (0..segmenter.segments())
+            .map(|i| {
+                let segment = segmenter.write_header(packet, i, &mut scratch).unwrap();
+                let mut bytes = scratch[..segmenter.header_len()].to_vec();
+                bytes.extend_from_slice(&packet[segment.payload]);
+                bytes
+            })
+            .collect()
     }
 
     /// Assert that `packet` is one well-formed IPv4 packet whose header and transport

@@ -143,6 +143,15 @@ fn check_checksum_field(len: usize, start: usize, field: usize) -> Result<(), Se
     Ok(())
 }
 
+/// What a segment's transport checksum field holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InnerChecksum {
+    /// The complete checksum.
+    Complete,
+    /// The pseudo-header sum only.
+    Partial,
+}
+
 /// Which transport a super-packet carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
@@ -160,6 +169,7 @@ pub struct Segmenter {
     gso_size: usize,
     payload_len: usize,
     segments: usize,
+    inner: InnerChecksum,
 }
 
 /// One segment, as [`Segmenter::write_header`] describes it.
@@ -233,6 +243,7 @@ impl Segmenter {
             gso_size,
             payload_len,
             segments: payload_len.div_ceil(gso_size).max(1),
+            inner: InnerChecksum::Complete,
         })
     }
 
@@ -269,6 +280,17 @@ impl Segmenter {
         let start = self.header_len + index * self.gso_size;
         let end = (start + self.gso_size).min(self.header_len + self.payload_len);
         Some(start..end)
+    }
+
+    /// This segmenter, writing segments whose transport checksum field holds only the
+    /// pseudo-header sum, as in a packet whose checksum is still to be completed: the payload
+    /// is not read. Only for a peer that takes such packets (one that relies on the outer UDP
+    /// checksum and hands them on with `NEEDS_CSUM`, see [`crate::offload::partial`]).
+    pub fn with_partial_checksums(self) -> Segmenter {
+        Segmenter {
+            inner: InnerChecksum::Partial,
+            ..self
+        }
     }
 
     /// Write segment `index`'s headers into `out` (which must hold [`Segmenter::header_len`]
@@ -314,11 +336,13 @@ impl Segmenter {
         let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
         let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
         let proto = *ip.get(9)?;
+        let pseudo = pseudo_header_sum(src, dst, proto, transport_len);
+        if self.inner == InnerChecksum::Partial {
+            put16(transport, field, pseudo);
+            return Some(Segment { payload, len });
+        }
         let sum = checksum::add(
-            checksum::add(
-                pseudo_header_sum(src, dst, proto, transport_len),
-                checksum::sum(transport),
-            ),
+            checksum::add(pseudo, checksum::sum(transport)),
             super::checksum::sum(body),
         );
         let check = !sum;

@@ -762,3 +762,108 @@ pub fn ipv4_udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
+
+/// Bytes of each TCP stream in [`concurrent_flows`].
+const STREAM_BYTES: usize = 32 << 20;
+/// Request/response round trips in [`concurrent_flows`].
+const ROUND_TRIPS: u64 = 2_000;
+/// Bytes of each request and reply.
+const MESSAGE: usize = 64;
+/// What the client sends when it is done.
+const END: &[u8] = b"end";
+
+/// Four TCP streams from h1's container to h2's and back-to-back UDP requests and replies at
+/// the same time, every byte compared at the receiving end; `seed` varies the bytes.
+pub fn concurrent_flows(lab: &Lab, seed: u64) {
+    // The responder: answers every request with its bytes reversed.
+    let server_addr = SocketAddrV4::new(lab.h2.container, 7000);
+    let server = in_netns(&lab.h2.container_ns, move || {
+        UdpSocket::bind(server_addr).expect("bind the responder")
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let responder = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut answered = 0u64;
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            if buf[..n] == *END {
+                break;
+            }
+            buf[..n].reverse();
+            server.send_to(&buf[..n], from).expect("reply");
+            answered += 1;
+        }
+        answered
+    });
+
+    let streams: Vec<_> = (0..4u16)
+        .map(|i| {
+            let (from, to, dst) = (
+                lab.h1.container_ns.clone(),
+                lab.h2.container_ns.clone(),
+                lab.h2.container,
+            );
+            std::thread::spawn(move || {
+                tcp_transfer(&from, &to, dst, 5300 + i, STREAM_BYTES, seed + u64::from(i))
+            })
+        })
+        .collect();
+
+    let client_addr = SocketAddrV4::new(lab.h1.container, 7001);
+    let client = spawn_in_netns(&lab.h1.container_ns, move || -> Result<u64, String> {
+        let socket = UdpSocket::bind(client_addr).map_err(|e| format!("bind: {e}"))?;
+        socket.connect(server_addr).map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut request = [0u8; MESSAGE];
+        let mut reply = [0u8; 2048];
+        let mut answered = 0u64;
+        for seq in 0..ROUND_TRIPS {
+            Stream::new((seed + 0x1000) ^ seq).fill(&mut request);
+            request[..8].copy_from_slice(&seq.to_le_bytes());
+            socket.send(&request).map_err(|e| e.to_string())?;
+            // A lost request or reply (the TCP streams fill the queues) is sent again; a late
+            // reply to an earlier request is skipped.
+            loop {
+                match socket.recv(&mut reply) {
+                    Ok(n) => {
+                        reply[..n].reverse();
+                        if n >= 8 && reply[..8] == seq.to_le_bytes() {
+                            if reply[..n] != request[..] {
+                                return Err(format!("reply {seq} differs from its request"));
+                            }
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        socket.send(&request).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            answered += 1;
+        }
+        for _ in 0..3 {
+            socket.send(END).map_err(|e| e.to_string())?;
+        }
+        Ok(answered)
+    });
+
+    for stream in streams {
+        stream.join().expect("TCP stream");
+    }
+    let answered = client.join().unwrap().expect("request/response client");
+    assert_eq!(answered, ROUND_TRIPS);
+    let served = responder.join().unwrap();
+    assert!(served >= ROUND_TRIPS, "{served} requests answered");
+}
+
+/// Stop `engines`, which must all still be running, and check they saw no I/O error.
+pub fn stop_cleanly(engines: [RunningEngine; 2]) {
+    assert!(engines.iter().all(|e| e.engine.is_running()));
+    for running in engines {
+        let snapshot = running.engine.shutdown();
+        assert_eq!(snapshot.total.io_errors, 0, "{}", snapshot.summary());
+    }
+}
