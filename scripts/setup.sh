@@ -16,10 +16,10 @@
 set -euo pipefail
 
 PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev iperf3 iproute2 iputils-ping iptables jq python3 curl tcpdump linux-perf
-	docker.io busybox-static util-linux iperf socat sockperf wireguard-go wireguard-tools)
+	docker.io busybox-static util-linux iperf socat sockperf wireguard-go wireguard-tools nftables)
 # What each package must provide.
 COMMANDS=(/usr/bin/etcd etcdctl protoc iperf3 ip bridge ping iptables jq python3 tcpdump perf
-	dockerd containerd runc docker /bin/busybox nsenter iperf socat sockperf wireguard-go wg)
+	dockerd containerd runc docker /bin/busybox nsenter iperf socat sockperf wireguard-go wg nft)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {

@@ -11,6 +11,7 @@ use std::net::SocketAddrV4;
 use crate::counters::{BatchCounts, DropReason};
 use crate::crypto::{Opened, Opener};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
+use crate::gso_check::GsoCheck;
 use crate::icmp_limit::IcmpGate;
 use crate::multicast::network_broadcast::{self, BroadcastSink};
 use crate::multicast::receive::{self, Delivery};
@@ -202,6 +203,7 @@ pub(crate) fn decide_datagrams(
     counts: &mut BatchCounts,
     mut groups: Option<GroupSink<'_>>,
     mut opener: Option<&mut Opener>,
+    gso_check: Option<&GsoCheck>,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
     let len = buf.len();
@@ -244,6 +246,18 @@ pub(crate) fn decide_datagrams(
             Some(out) => out,
             None => &mut [],
         };
+        // A zero first byte is no IPv4 packet: a GSO check's probe or verdict, or junk.
+        if let (Some(check), Some(0)) = (gso_check, datagram.first()) {
+            if let Some(len) = check.receive(*from.ip(), datagram, out) {
+                if icmp.admit() {
+                    reply = None;
+                    answer = Some((from, len));
+                } else {
+                    counts.icmp_suppressed += 1;
+                }
+            }
+            continue;
+        }
         // The one parse of the datagram: the decision and the coalescer both read this view.
         let (decision, ip) = match Ipv4Packet::new_checked(datagram) {
             Ok(mut ip) => (
@@ -357,6 +371,7 @@ mod tests {
                 &mut IcmpGate::unlimited(),
                 &mut counts,
                 sink,
+                None,
                 None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing goes to the TUN"),
             );
@@ -627,6 +642,7 @@ mod tests {
             &mut counts,
             None,
             None,
+            None,
             |offset, ip| accepted.push((offset, ip.as_bytes().len())),
         );
         assert_eq!(accepted, vec![(0, 1472), (1472, 1472), (3 * 1472, 152)]);
@@ -661,6 +677,7 @@ mod tests {
                 &mut counts,
                 None,
                 None,
+                None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),
             );
             assert_eq!(answer, None);
@@ -684,6 +701,7 @@ mod tests {
             &mut counts,
             None,
             None,
+            None,
             |_, _: &Ipv4Packet<&mut [u8]>| seen += 1,
         );
         assert_eq!(seen, MAX_RX_DATAGRAMS);
@@ -700,6 +718,7 @@ mod tests {
             &mut reply,
             &mut IcmpGate::unlimited(),
             &mut counts,
+            None,
             None,
             None,
             |_, _: &Ipv4Packet<&mut [u8]>| {},
@@ -781,6 +800,7 @@ mod tests {
                 &mut reply,
                 &mut gate,
                 &mut counts,
+                None,
                 None,
                 None,
                 |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing is accepted"),

@@ -33,6 +33,8 @@ pub mod crypto;
 #[forbid(unsafe_code)]
 pub mod decide;
 #[forbid(unsafe_code)]
+pub mod gso_check;
+#[forbid(unsafe_code)]
 pub mod icmp_limit;
 pub mod io;
 #[forbid(unsafe_code)]
@@ -57,6 +59,7 @@ pub use config::{
 pub use counters::{BatchCounts, CounterSnapshot, DropReason, WorkerCounters};
 pub use crypto::{StaticKeys, Tunnels, KEY_LEN, OVERHEAD};
 pub use decide::{PeerDecision, Policy, TunDecision};
+pub use gso_check::{GsoCheck, GsoCheckCounts};
 pub use icmp_limit::IcmpRateLimit;
 pub use io::engine::{Engine, EngineError};
 pub use io::error::WorkerError;

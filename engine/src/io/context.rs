@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::counters::WorkerCounters;
 use crate::crypto::Tunnels;
 use crate::decide::Policy;
+use crate::gso_check::GsoCheck;
 use crate::icmp_limit::IcmpRateLimit;
 use crate::io::stop::StopSignal;
 use crate::io::tap::GroupDelivery;
@@ -23,6 +24,8 @@ pub(crate) struct WorkerContext {
     pub(crate) groups: Option<GroupDelivery>,
     /// The peers whose inner checksums are left partial, both ways.
     pub(crate) partial_peers: PartialPeers,
+    /// The per-peer GSO checks.
+    pub(crate) gso_check: GsoCheck,
     /// The longest the worker looks for packets before it sleeps.
     pub(crate) busy_poll: Duration,
     /// With encryption between hosts: the peers' tunnels.

@@ -11,10 +11,12 @@ use std::time::Instant;
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
 use crate::counters::{CounterSnapshot, WorkerCounters};
 use crate::crypto::Tunnels;
+use crate::gso_check::GsoCheck;
 use crate::io::broadcast_queue;
 use crate::io::context::WorkerContext;
 use crate::io::crypt::{self, TimerThread};
 use crate::io::error::WorkerError;
+use crate::io::gso_probe::{self, ProbeThread};
 use crate::io::probe::probe_offloads;
 use crate::io::relay::{self, RelaySetup, RelayThread};
 use crate::io::stop::StopSignal;
@@ -82,6 +84,9 @@ pub enum EngineError {
     /// The tunnels' timer thread or its socket could not be set up.
     #[error("cannot start the tunnel timers: {0}")]
     Timers(#[source] io::Error),
+    /// The GSO probe thread or its socket could not be set up.
+    #[error("cannot start the GSO probes: {0}")]
+    Probes(#[source] io::Error),
     /// A worker thread ended during setup without saying why.
     #[error("worker {index} ended during setup")]
     WorkerLost {
@@ -96,9 +101,11 @@ pub struct Engine {
     offloads: ActiveOffloads,
     local_groups: LocalGroups,
     partial_peers: PartialPeers,
+    gso_check: GsoCheck,
     multicast_counters: Option<Arc<MulticastCounters>>,
     relay: Option<RelayThread>,
     timers: Option<TimerThread>,
+    probes: Option<ProbeThread>,
     tunnels: Option<Tunnels>,
 }
 
@@ -176,9 +183,11 @@ impl Engine {
             offloads,
             local_groups: LocalGroups::new(),
             partial_peers: PartialPeers::default(),
+            gso_check: GsoCheck::default(),
             multicast_counters: None,
             relay: None,
             timers: None,
+            probes: None,
             tunnels: tunnels.clone(),
         };
         // With multicast: the TAP, shared by the workers (delivery) and the relay (capture).
@@ -222,6 +231,16 @@ impl Engine {
                     .map_err(EngineError::Timers)?,
             );
         }
+        // With encryption, a damaged datagram fails its authentication and is never delivered;
+        // the check's unsealed probes would not pass the peer's opener either.
+        if offloads.udp_gso && tunnels.is_none() {
+            // A duplicate, as for the relay: a new socket would join the reuseport group.
+            let socket = sockets[0].try_clone().map_err(EngineError::Probes)?;
+            engine.probes = Some(
+                gso_probe::spawn(engine.gso_check.clone(), socket, config.bind.port())
+                    .map_err(EngineError::Probes)?,
+            );
+        }
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
@@ -230,6 +249,7 @@ impl Engine {
                 icmp_rate_limit: config.icmp_rate_limit,
                 groups: delivery.clone(),
                 partial_peers: engine.partial_peers.clone(),
+                gso_check: engine.gso_check.clone(),
                 busy_poll: config.busy_poll,
                 tunnels: tunnels.clone(),
                 counters: Arc::new(WorkerCounters::default()),
@@ -289,6 +309,14 @@ impl Engine {
         self.partial_peers.clone()
     }
 
+    /// The per-peer GSO checks: control names the peers to check (the weft hosts that
+    /// advertise it); until a peer's probe run arrives intact, datagrams to it leave one by
+    /// one (see [`crate::gso_check`]). Probes are sent only with UDP GSO on and without
+    /// encryption.
+    pub fn gso_check(&self) -> GsoCheck {
+        self.gso_check.clone()
+    }
+
     /// The groups local containers joined, as the multicast relay snooped them (always empty
     /// without multicast). The handle stays valid, and keeps changing, while the engine runs.
     pub fn local_groups(&self) -> LocalGroups {
@@ -320,6 +348,9 @@ impl Engine {
         }
         if let Some(timers) = &mut self.timers {
             timers.stop_and_join();
+        }
+        if let Some(probes) = &mut self.probes {
+            probes.stop_and_join();
         }
         for worker in &self.workers {
             worker.stop.raise();

@@ -12,6 +12,7 @@ use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
 use crate::crypto::Opener;
 use crate::decide::Policy;
+use crate::gso_check::GsoCheck;
 use crate::icmp_limit::IcmpGate;
 use crate::io::buffers::PacketBuffers;
 use crate::io::error::{write_error_is_fatal, WorkerError};
@@ -76,6 +77,8 @@ pub(crate) struct Accepted {
     opener: Option<Opener>,
     /// The peers whose inner checksums are left partial, both ways.
     partial_peers: PartialPeers,
+    /// The per-peer GSO checks: which peers get plain sends, and the probes' answers.
+    gso_check: Option<GsoCheck>,
 }
 
 /// What a received buffer needs sent back: at most one ICMP error, to `to`, from the piece of
@@ -94,7 +97,23 @@ impl Accepted {
             groups: None,
             opener: None,
             partial_peers: PartialPeers::default(),
+            gso_check: None,
         }
+    }
+
+    /// Answer GSO probes and take verdicts with `check`, and send GSO runs only to the peers
+    /// it does not withhold, from now on.
+    pub(crate) fn set_gso_check(&mut self, check: GsoCheck) {
+        self.gso_check = Some(check);
+    }
+
+    /// Whether datagrams to `to` may leave in GSO runs, given the worker's `gso`.
+    #[inline]
+    pub(crate) fn gso_to(&self, to: SocketAddrV4, gso: bool) -> bool {
+        gso && !self
+            .gso_check
+            .as_ref()
+            .is_some_and(|check| check.withholds(*to.ip()))
     }
 
     /// Open every datagram with `opener` from now on (encryption between hosts).
@@ -180,6 +199,7 @@ impl Accepted {
             counts,
             sink,
             self.opener.as_mut(),
+            self.gso_check.as_ref(),
             |offset, ip| {
                 // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
                 packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));

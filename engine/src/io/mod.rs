@@ -7,8 +7,8 @@
 //! that both back ends share ([`execute`]), the two back ends ([`uring`], [`syscalls`]), the
 //! worker thread ([`worker`]), the multicast TAP ([`tap`]), relay thread ([`relay`]) and the
 //! queue through which workers hand it UDP to the Network's broadcast address
-//! ([`broadcast_queue`]), encryption's sealed sends, outbox and timers thread ([`crypt`]), and
-//! the [`engine`] that starts and stops them.
+//! ([`broadcast_queue`]), encryption's sealed sends, outbox and timers thread ([`crypt`]), the
+//! thread that sends the per-peer GSO checks' probes ([`gso_probe`]), and the [`engine`] that starts and stops them.
 
 pub(crate) mod broadcast_queue;
 pub(crate) mod buffers;
@@ -17,6 +17,7 @@ pub(crate) mod crypt;
 pub mod engine;
 pub(crate) mod error;
 pub(crate) mod execute;
+pub(crate) mod gso_probe;
 pub mod probe;
 pub(crate) mod relay;
 pub(crate) mod stop;

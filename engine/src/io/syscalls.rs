@@ -174,6 +174,7 @@ impl SyscallWorker {
         }
         self.accepted
             .set_partial_peers(context.partial_peers.clone());
+        self.accepted.set_gso_check(context.gso_check.clone());
         let mut tun_more = false;
         let mut udp_more = false;
         let mut window = PollWindow::new(context.busy_poll);
@@ -366,7 +367,7 @@ impl SyscallWorker {
                     let packet: &[u8] =
                         unsafe { std::slice::from_raw_parts(self.buffers.packet_ptr(slot), len) };
                     let mut next = 0;
-                    let gso = self.offloads.udp_gso;
+                    let gso = self.accepted.gso_to(to, self.offloads.udp_gso);
                     while !queue_segments(&mut self.sends, to, packet, &segmenter, &mut next, gso) {
                         if self.sends.is_empty() {
                             break;
@@ -479,7 +480,7 @@ impl SyscallWorker {
         // SAFETY: `start` is one of this worker's buffers holding `len` bytes that nothing
         // writes while they are sealed (the sealed datagrams are copies, in the batch).
         let packet: &[u8] = unsafe { std::slice::from_raw_parts(start, len) };
-        let gso = self.offloads.udp_gso;
+        let gso = self.accepted.gso_to(to, self.offloads.udp_gso);
         let mut next = 0;
         loop {
             let Some(sealer) = self.sealer.as_mut() else {
@@ -510,7 +511,7 @@ impl SyscallWorker {
         piece: (*const u8, usize),
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        let gso = self.offloads.udp_gso;
+        let gso = self.accepted.gso_to(to, self.offloads.udp_gso);
         if !self.sends.push(to, source, &[piece], gso) {
             self.flush_sends(counts)?;
             if !self.sends.push(to, source, &[piece], gso) {

@@ -225,7 +225,7 @@ pub const MAX_GSO_BYTES: usize = 65_493;
 pub(crate) const CONTROL_LEN: usize = 24;
 
 /// Control-message buffer storage, aligned for `cmsghdr`.
-type ControlBuf = [u64; CONTROL_LEN / 8];
+pub(crate) type ControlBuf = [u64; CONTROL_LEN / 8];
 
 /// Receive runs of datagrams from one sender in one buffer (`UDP_GRO`).
 pub(crate) fn enable_gro(socket: BorrowedFd<'_>) -> io::Result<()> {
@@ -256,7 +256,7 @@ pub(crate) fn gro_segment_size(control: &[u8]) -> Option<usize> {
 }
 
 /// Write a `UDP_SEGMENT` control message for datagrams of `size` bytes into `out`.
-fn write_segment_control(out: &mut ControlBuf, size: u16) -> usize {
+pub(crate) fn write_segment_control(out: &mut ControlBuf, size: u16) -> usize {
     // SAFETY: CMSG_LEN only computes a length.
     let len = unsafe { libc::CMSG_LEN(std::mem::size_of::<u16>() as libc::c_uint) } as usize;
     let header = libc::cmsghdr {

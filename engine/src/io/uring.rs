@@ -405,6 +405,7 @@ impl UringWorker {
         self.accepted.set_groups(context.groups.clone());
         self.accepted
             .set_partial_peers(context.partial_peers.clone());
+        self.accepted.set_gso_check(context.gso_check.clone());
         self.push(
             opcode::PollAdd::new(STOP_FILE, libc::POLLIN as u32)
                 .build()
@@ -554,7 +555,6 @@ impl UringWorker {
     /// Queue the next segments of `slot`'s super-packet and submit them; give the slot back
     /// when there are none left.
     fn refill(&mut self, slot: usize) -> Result<(), WorkerError> {
-        let gso = self.offloads.udp_gso;
         let packet_ptr = self.buffers.packet_ptr(slot);
         let io = &mut self.io[slot];
         io.sends.clear();
@@ -565,6 +565,7 @@ impl UringWorker {
         // SAFETY: the slot's buffer holds the super-packet's `len` bytes; the kernel only
         // reads it (earlier segments' sends) while the slot is ours.
         let packet = unsafe { std::slice::from_raw_parts(packet_ptr.cast_const(), cursor.len) };
+        let gso = self.accepted.gso_to(cursor.to, self.offloads.udp_gso);
         let done = queue_segments(
             &mut io.sends,
             cursor.to,
