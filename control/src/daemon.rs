@@ -200,8 +200,10 @@ const LOCAL_GROUPS_POLL: Duration = Duration::from_millis(200);
 
 /// With `--multicast` or `--broadcast`: keep the TAP on the container bridge and follow the
 /// local groups. With either, or with inner checksums left partial between weft hosts (on
-/// unless `--no-skip-inner-csum`, and only when the TUN can take such packets): keep this
-/// host's record and publish the peers' as the group table and the partial-checksum peers.
+/// unless `--no-skip-inner-csum`, and only when the TUN can take such packets), or with the
+/// per-peer UDP GSO check (on unless `--no-udp-gso-check`, and only with UDP GSO): keep this
+/// host's record and publish the peers' as the group table, the partial-checksum peers and
+/// the peers to check.
 /// Without any: nothing (no TAP, nothing written to etcd beyond flanneld's keys).
 fn start_records(
     flags: &Flags,
@@ -216,7 +218,9 @@ fn start_records(
     if !flags.no_skip_inner_csum && !skip_inner_csum {
         info!("inner checksums stay complete: the TUN takes no offloads or coalescing is off");
     }
-    if !(relay || skip_inner_csum) {
+    // Checked only where probes are sent: with UDP GSO on (the engine runs unencrypted here).
+    let udp_gso_check = !flags.no_udp_gso_check && engine.offloads().udp_gso;
+    if !(relay || skip_inner_csum || udp_gso_check) {
         return Ok(Vec::new());
     }
     let mut tasks = Vec::new();
@@ -266,6 +270,7 @@ fn start_records(
             broadcast: flags.broadcast,
             public_key: None,
             skip_inner_csum,
+            udp_gso_check,
             retry: Backoff::default(),
         },
         RecordInputs {
@@ -275,6 +280,7 @@ fn start_records(
             groups,
             tunnels: None,
             partial_peers: engine.partial_peers(),
+            gso_check: engine.gso_check(),
         },
     )));
     Ok(tasks)
@@ -715,6 +721,7 @@ async fn serve_health(daemon: &Daemon<'_>) -> Result<Option<AbortOnDrop>, Daemon
         let engine = metrics_engine.lock().ok().and_then(|slot| slot.clone());
         if let Some(engine) = engine {
             engine.counters().render_prometheus(&mut text);
+            engine.gso_check().counts().render_prometheus(&mut text);
             if let Some(tunnels) = engine.tunnels() {
                 crate::encryption::render_prometheus(tunnels, &mut text);
             }

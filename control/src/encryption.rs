@@ -86,6 +86,8 @@ pub fn start_records<R: Registry>(
             public_key: Some(tunnels.public_key()),
             // Inner checksums stay complete inside encrypted datagrams.
             skip_inner_csum: false,
+            // A damaged datagram fails its authentication; the check's probes are not sealed.
+            udp_gso_check: false,
             retry: Backoff::default(),
         },
         RecordInputs {
@@ -95,6 +97,7 @@ pub fn start_records<R: Registry>(
             groups: weft_engine::Groups::default(),
             tunnels: Some(tunnels.clone()),
             partial_peers: weft_engine::PartialPeers::default(),
+            gso_check: weft_engine::GsoCheck::default(),
         },
     );
     (task, local_groups)

@@ -454,6 +454,21 @@ pub struct Flags {
     )]
     pub no_skip_inner_csum: bool,
 
+    /// Send GSO runs to every peer unchecked (by default, a weft host that advertises the
+    /// check gets datagrams one by one until a GSO run of probes to it arrives intact).
+    #[arg(
+        long,
+        env = "WEFTD_NO_UDP_GSO_CHECK",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        value_parser = parse_go_bool,
+    )]
+    pub no_udp_gso_check: bool,
+
     /// Seconds between the statistics summaries logged at -v 1 and above.
     #[arg(
         long,
@@ -915,6 +930,7 @@ mod tests {
         assert_eq!(f.busy_poll_us, 0);
         assert!(!f.no_tun_offload && !f.no_udp_gso && !f.no_udp_gro);
         assert!(!f.no_skip_inner_csum);
+        assert!(!f.no_udp_gso_check);
         assert_eq!(f.lease_ttl, None);
         assert_eq!(f.renew_retry, None);
         assert!(f.ignored.is_empty());
@@ -1060,6 +1076,7 @@ mod tests {
                 ("WEFTD_NO_UDP_GSO", "1"),
                 ("WEFTD_NO_UDP_GRO", "t"),
                 ("WEFTD_NO_SKIP_INNER_CSUM", "true"),
+                ("WEFTD_NO_UDP_GSO_CHECK", "true"),
                 ("WEFTD_STATS_INTERVAL", "7"),
                 ("WEFTD_LEASE_TTL", "30"),
                 ("WEFTD_RENEW_RETRY", "2"),
@@ -1083,6 +1100,7 @@ mod tests {
         assert_eq!(f.busy_poll_us, 30);
         assert!(f.no_tun_offload && f.no_udp_gso && f.no_udp_gro);
         assert!(f.no_skip_inner_csum);
+        assert!(f.no_udp_gso_check);
         assert_eq!(f.stats_interval, Duration::from_secs(7));
         assert_eq!(f.lease_ttl, Some(Duration::from_secs(30)));
         assert_eq!(f.renew_retry, Some(Duration::from_secs(2)));

@@ -29,6 +29,9 @@ pub const BROADCAST: &str = "broadcast";
 /// partial, relying on the outer UDP checksum, and that always sends with that checksum on
 /// (see `weft_engine::offload::partial`); it leaves them partial to hosts that advertise it.
 pub const SKIP_INNER_CSUM: &str = "skip-inner-csum";
+/// The capability of a host that answers the per-peer UDP GSO check's probe runs (see
+/// `weft_engine::gso_check`) and checks its peers that advertise it.
+pub const UDP_GSO_CHECK: &str = "udp-gso-check";
 
 /// The most groups one record may list; a record with more is refused as junk.
 pub const MAX_GROUPS: usize = 4096;
@@ -199,8 +202,23 @@ impl RecordTable {
     /// The public addresses of the peers (joined as for [`RecordTable::peers`]) that
     /// advertise [`SKIP_INNER_CSUM`].
     pub fn skip_inner_csum_peers(&self, routes: &RouteTable, public_ip: Ipv4Addr) -> Vec<Ipv4Addr> {
+        self.peers_advertising(SKIP_INNER_CSUM, routes, public_ip)
+    }
+
+    /// The public addresses of the peers (joined as for [`RecordTable::peers`]) that
+    /// advertise [`UDP_GSO_CHECK`].
+    pub fn udp_gso_check_peers(&self, routes: &RouteTable, public_ip: Ipv4Addr) -> Vec<Ipv4Addr> {
+        self.peers_advertising(UDP_GSO_CHECK, routes, public_ip)
+    }
+
+    fn peers_advertising(
+        &self,
+        capability: &str,
+        routes: &RouteTable,
+        public_ip: Ipv4Addr,
+    ) -> Vec<Ipv4Addr> {
         self.joined(routes, public_ip)
-            .filter(|(_, record)| record.has(SKIP_INNER_CSUM))
+            .filter(|(_, record)| record.has(capability))
             .map(|(addr, _)| *addr.ip())
             .collect()
     }
@@ -443,6 +461,47 @@ mod tests {
         );
     }
 
+    /// The records of this host (.1), two peers that advertise `capability` (.2, and one
+    /// forged under .4's lease) and an older weft (.3), with the leases of .2 to .5 (.5 is a
+    /// flanneld host: it has no record at all).
+    fn advertising(capability: &str) -> (RecordTable, RouteTable) {
+        let record = |public: &str, advertises: bool| {
+            let record = HostRecord::new(ip(public), false, false, &[]);
+            let record = if advertises {
+                record.with_capability(capability)
+            } else {
+                record
+            };
+            record.to_json()
+        };
+        let table = RecordTable::from_snapshot(&[
+            raw("10.1.1.0-24", &record("198.18.0.1", true)), // ours
+            raw("10.1.2.0-24", &record("198.18.0.2", true)),
+            raw("10.1.3.0-24", &record("198.18.0.3", false)), // an older weft
+            raw("10.1.4.0-24", &record("198.18.0.9", true)),  // lease held by .4
+        ]);
+        let routes = routes(&[
+            ("10.1.2.0/24", "198.18.0.2"),
+            ("10.1.3.0/24", "198.18.0.3"),
+            ("10.1.4.0/24", "198.18.0.4"),
+            ("10.1.5.0/24", "198.18.0.5"),
+        ]);
+        (table, routes)
+    }
+
+    #[test]
+    fn only_joined_peers_that_advertise_it_are_gso_checked() {
+        let (table, routes) = advertising(UDP_GSO_CHECK);
+        // Never the flanneld host: a probe would reach its TUN.
+        assert_eq!(
+            table.udp_gso_check_peers(&routes, ip("198.18.0.1")),
+            [ip("198.18.0.2")]
+        );
+        assert!(table
+            .skip_inner_csum_peers(&routes, ip("198.18.0.1"))
+            .is_empty());
+    }
+
     #[test]
     fn only_joined_peers_that_advertise_it_take_partial_checksums() {
         let plain = HostRecord::new(ip("198.18.0.2"), false, false, &[]);
@@ -456,32 +515,14 @@ mod tests {
             skip.to_json(),
             r#"{"PublicIP":"198.18.0.2","Capabilities":["skip-inner-csum"],"MulticastGroups":[]}"#
         );
-        let record = |public: &str, skips: bool| {
-            let record = HostRecord::new(ip(public), false, false, &[]);
-            let record = if skips {
-                record.with_capability(SKIP_INNER_CSUM)
-            } else {
-                record
-            };
-            record.to_json()
-        };
-        let table = RecordTable::from_snapshot(&[
-            raw("10.1.1.0-24", &record("198.18.0.1", true)), // ours
-            raw("10.1.2.0-24", &record("198.18.0.2", true)),
-            raw("10.1.3.0-24", &record("198.18.0.3", false)), // an older weft
-            raw("10.1.4.0-24", &record("198.18.0.9", true)),  // lease held by .4
-        ]);
-        // 10.1.5.0/24 is a flanneld host: it has no record at all.
-        let routes = routes(&[
-            ("10.1.2.0/24", "198.18.0.2"),
-            ("10.1.3.0/24", "198.18.0.3"),
-            ("10.1.4.0/24", "198.18.0.4"),
-            ("10.1.5.0/24", "198.18.0.5"),
-        ]);
+        let (table, routes) = advertising(SKIP_INNER_CSUM);
         assert_eq!(
             table.skip_inner_csum_peers(&routes, ip("198.18.0.1")),
             [ip("198.18.0.2")]
         );
+        assert!(table
+            .udp_gso_check_peers(&routes, ip("198.18.0.1"))
+            .is_empty());
         let peers = table.peers(&routes, ip("198.18.0.1"));
         assert!(peers.iter().all(|p| !p.multicast && !p.broadcast));
     }

@@ -25,11 +25,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use weft_engine::{
-    GroupTable, Groups, PartialPeerTable, PartialPeers, RouteTable, Routes, Tunnels, KEY_LEN,
+    GroupTable, Groups, GsoCheck, PartialPeerTable, PartialPeers, RouteTable, Routes, Tunnels,
+    KEY_LEN,
 };
 
 use crate::backoff::Backoff;
-use crate::host_record::{HostRecord, RecordTable, SKIP_INNER_CSUM};
+use crate::host_record::{HostRecord, RecordTable, SKIP_INNER_CSUM, UDP_GSO_CHECK};
 use crate::own_lease::Lease;
 use crate::registry::{LeaseSnapshot, LeaseWatch, Registry, WatchBroken, WatchItem};
 use crate::subnet::lease_key_name;
@@ -54,6 +55,9 @@ pub struct RecordSettings {
     /// Advertise [`SKIP_INNER_CSUM`] and publish the peers that do (unless
     /// `--no-skip-inner-csum`, and only while the engine can take such packets).
     pub skip_inner_csum: bool,
+    /// Advertise [`UDP_GSO_CHECK`] and check the peers that do (unless
+    /// `--no-udp-gso-check`; never with encryption).
+    pub udp_gso_check: bool,
     /// Backoff for etcd errors.
     pub retry: Backoff,
 }
@@ -72,6 +76,8 @@ pub struct RecordInputs {
     pub tunnels: Option<Tunnels>,
     /// Where the peers that take partial inner checksums go.
     pub partial_peers: PartialPeers,
+    /// Where the peers to check for UDP GSO go.
+    pub gso_check: GsoCheck,
 }
 
 /// This host's record as last written.
@@ -112,6 +118,11 @@ impl OwnRecord {
         .with_public_key(self.settings.public_key.as_ref());
         let record = if self.settings.skip_inner_csum {
             record.with_capability(SKIP_INNER_CSUM)
+        } else {
+            record
+        };
+        let record = if self.settings.udp_gso_check {
+            record.with_capability(UDP_GSO_CHECK)
         } else {
             record
         };
@@ -385,6 +396,11 @@ impl<R: Registry> HostRecords<R> {
                 self.inputs.partial_peers.publish(partial);
             }
         }
+        if self.own.settings.udp_gso_check {
+            let checked = self.table.udp_gso_check_peers(&routes, public_ip);
+            debug!(peers = checked.len(), "the peers checked for UDP GSO");
+            self.inputs.gso_check.set_peers(checked);
+        }
         self.joined_with = Some(routes);
     }
 }
@@ -495,6 +511,7 @@ mod tests {
                         broadcast,
                         public_key: tunnels.as_ref().map(Tunnels::public_key),
                         skip_inner_csum,
+                        udp_gso_check: false,
                         retry: fast_retry(),
                     },
                     RecordInputs {
@@ -504,6 +521,7 @@ mod tests {
                         groups: groups.clone(),
                         tunnels,
                         partial_peers: partial_peers.clone(),
+                        gso_check: GsoCheck::default(),
                     },
                 ));
             }

@@ -86,6 +86,7 @@ impl Host {
                 broadcast: false,
                 public_key: None,
                 skip_inner_csum: false,
+                udp_gso_check: false,
                 retry: fast_retry(),
             },
             RecordInputs {
@@ -95,6 +96,7 @@ impl Host {
                 groups: groups.clone(),
                 tunnels: None,
                 partial_peers: Default::default(),
+                gso_check: Default::default(),
             },
         );
         Self {

@@ -246,6 +246,7 @@ fn flanneld_command_line_gives_flanneld_state() {
             ("FLANNELD_PUBLIC_IP", "198.18.0.2"),
             ("FLANNELD_SUBNET_FILE", &h2_file),
             ("WEFTD_NO_TUN_OFFLOAD", "true"),
+            ("WEFTD_NO_UDP_GSO_CHECK", "true"),
         ],
     );
 
@@ -283,8 +284,8 @@ fn flanneld_command_line_gives_flanneld_state() {
     }
 
     // weft's own record lives outside flanneld's prefix: host 1 (TUN offloads, the default)
-    // advertises that it takes partial inner checksums; host 2 (no TUN offloads, so it cannot)
-    // writes none.
+    // advertises that it takes partial inner checksums and answers the UDP GSO check; host 2
+    // (no TUN offloads, so it cannot take partial checksums, and no GSO check) writes none.
     let records = etcdctl(
         &h1,
         &["get", "--prefix", "/weft.io/coreos.com/network/hosts/"],
@@ -293,7 +294,8 @@ fn flanneld_command_line_gives_flanneld_state() {
     assert_eq!(records.len(), 2, "one record, of host 1: {records:?}");
     assert!(
         records[1].contains(r#""PublicIP":"198.18.0.1""#)
-            && records[1].contains(r#""skip-inner-csum""#),
+            && records[1].contains(r#""skip-inner-csum""#)
+            && records[1].contains(r#""udp-gso-check""#),
         "{records:?}"
     );
 
@@ -503,6 +505,20 @@ fn etcd_data_loss_is_survived_by_two_weftd() {
         "host 1 to reach host 2's TUN through weft",
         Duration::from_secs(10),
         || pings(&h1, &t2),
+        &[&w1, &w2],
+    );
+    // Both advertise the UDP GSO check by default, and each proves the other's.
+    wait_for(
+        "each weftd to find UDP GSO to the other intact",
+        Duration::from_secs(10),
+        || {
+            [(&h1, "198.18.0.1"), (&h2, "198.18.0.2")]
+                .iter()
+                .all(|(ns, ip)| {
+                    metric_at(ns, ip, "weft_udp_gso_checks_total{outcome=\"proven\"}").as_deref()
+                        == Some("1")
+                })
+        },
         &[&w1, &w2],
     );
 
