@@ -11,7 +11,7 @@ use std::net::SocketAddrV4;
 use crate::counters::{BatchCounts, DropReason};
 use crate::crypto::{Opened, Opener};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
-use crate::gso_check::GsoCheck;
+use crate::gso_check::{GsoCheck, Received};
 use crate::icmp_limit::IcmpGate;
 use crate::multicast::network_broadcast::{self, BroadcastSink};
 use crate::multicast::receive::{self, Delivery};
@@ -248,13 +248,14 @@ pub(crate) fn decide_datagrams(
         };
         // A zero first byte is no IPv4 packet: a GSO check's probe or verdict, or junk.
         if let (Some(check), Some(0)) = (gso_check, datagram.first()) {
-            if let Some(len) = check.receive(*from.ip(), datagram, out) {
-                if icmp.admit() {
+            match check.receive(*from.ip(), datagram, out) {
+                Received::Answer(len) if icmp.admit() => {
                     reply = None;
                     answer = Some((from, len));
-                } else {
-                    counts.icmp_suppressed += 1;
                 }
+                Received::Answer(_) => counts.icmp_suppressed += 1,
+                Received::Taken => {}
+                Received::Bad => counts.drop(DropReason::BadPacket),
             }
             continue;
         }
@@ -614,6 +615,53 @@ mod tests {
                 assert_eq!(packet, complete);
             }
         }
+    }
+
+    #[test]
+    fn gso_probes_are_answered_and_junk_with_a_zero_byte_dropped() {
+        use crate::gso_check::{probe_run, GsoCheck, PROBE_SEGMENT_LEN};
+        let routes = table("10.1.2.0/24");
+        let from = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8285);
+        let check = GsoCheck::default();
+        let decide = |buf: &mut [u8], segment, counts: &mut BatchCounts| {
+            let mut reply = [0u8; REPLY_BUF_LEN];
+            let answer = decide_datagrams(
+                Some(from),
+                buf,
+                segment,
+                false,
+                &routes,
+                &POLICY,
+                &mut reply,
+                &mut IcmpGate::unlimited(),
+                counts,
+                None,
+                None,
+                Some(&check),
+                |_, _: &Ipv4Packet<&mut [u8]>| panic!("nothing goes to the TUN"),
+            );
+            answer.map(|(to, len)| (to, reply[..len].to_vec()))
+        };
+        // A whole run in one GRO buffer: one verdict, intact, back to its sender.
+        let mut run = probe_run(Ipv4Addr::new(198, 18, 0, 2), 77);
+        let mut counts = BatchCounts::default();
+        let (to, verdict) = decide(&mut run, Some(PROBE_SEGMENT_LEN), &mut counts).unwrap();
+        assert_eq!(to, from);
+        assert_eq!(
+            crate::gso_check::parse(&verdict),
+            Some(crate::gso_check::Message::Verdict {
+                nonce: 77,
+                intact: true
+            })
+        );
+        assert!(counts.drops.iter().all(|d| *d == 0));
+        // Junk whose first byte is zero, and an unexpected verdict: dropped as bad packets.
+        for mut junk in [vec![0u8; 40], verdict] {
+            let mut counts = BatchCounts::default();
+            assert_eq!(decide(&mut junk, None, &mut counts), None);
+            assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
+        }
+        assert_eq!(check.counts().bad, 2);
     }
 
     #[test]

@@ -477,33 +477,47 @@ impl GsoCheck {
     }
 
     /// Handle a datagram from `from` that starts with a zero byte: a probe gets its verdict
-    /// written into `reply` once due (its length returned), a verdict settles a check.
-    /// Anything else is counted and dropped.
-    pub fn receive(&self, from: Ipv4Addr, datagram: &[u8], reply: &mut [u8]) -> Option<usize> {
+    /// written into `reply` once due, a verdict settles a check. Anything else is counted here
+    /// and [`Received::Bad`] for the caller to count as a drop.
+    pub fn receive(&self, from: Ipv4Addr, datagram: &[u8], reply: &mut [u8]) -> Received {
         let Some(message) = parse(datagram) else {
             self.counts.bad.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Received::Bad;
         };
         let mut checks = self.lock();
         match message {
-            Message::Verdict { nonce, intact } => {
-                match checks.verdict(from, nonce, intact) {
-                    Some(outcome) => {
-                        self.note(from, outcome);
-                        self.publish(&checks);
-                    }
-                    None => {
-                        self.counts.bad.fetch_add(1, Ordering::Relaxed);
-                    }
+            Message::Verdict { nonce, intact } => match checks.verdict(from, nonce, intact) {
+                Some(outcome) => {
+                    self.note(from, outcome);
+                    self.publish(&checks);
+                    Received::Taken
                 }
-                None
-            }
-            Message::Probe { to, nonce, .. } => {
-                let intact = checks.probe(from, message)?;
-                write_verdict(reply, to, nonce, intact)
-            }
+                None => {
+                    self.counts.bad.fetch_add(1, Ordering::Relaxed);
+                    Received::Bad
+                }
+            },
+            Message::Probe { to, nonce, .. } => match checks.probe(from, message) {
+                Some(intact) => match write_verdict(reply, to, nonce, intact) {
+                    Some(len) => Received::Answer(len),
+                    None => Received::Taken,
+                },
+                None => Received::Taken,
+            },
         }
     }
+}
+
+/// What became of a datagram handed to [`GsoCheck::receive`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A probe that completed its run: the verdict of this length, in the reply buffer, goes
+    /// back to the sender.
+    Answer(usize),
+    /// A probe of a run not yet complete, or a verdict that settled a check.
+    Taken,
+    /// Neither a well-formed probe nor an awaited verdict: dropped.
+    Bad,
 }
 
 #[cfg(test)]
@@ -660,15 +674,24 @@ mod tests {
         let mut reply = [0u8; 64];
         let mut answer = None;
         for probe in probes(&run) {
-            answer = answering.receive(A, probe, &mut reply).or(answer);
+            match answering.receive(A, probe, &mut reply) {
+                Received::Answer(len) => answer = Some(len),
+                other => assert_eq!(other, Received::Taken),
+            }
         }
         let len = answer.expect("a verdict");
-        assert_eq!(check.receive(B, &reply[..len], &mut [0u8; 64]), None);
+        assert_eq!(
+            check.receive(B, &reply[..len], &mut [0u8; 64]),
+            Received::Taken
+        );
         assert!(!check.withholds(B));
         assert_eq!(check.counts().proven, 1);
         // Junk and replayed verdicts are counted and dropped.
-        assert_eq!(check.receive(B, &reply[..len], &mut [0u8; 64]), None);
-        assert_eq!(check.receive(B, &[0, 1, 2], &mut [0u8; 64]), None);
+        assert_eq!(
+            check.receive(B, &reply[..len], &mut [0u8; 64]),
+            Received::Bad
+        );
+        assert_eq!(check.receive(B, &[0, 1, 2], &mut [0u8; 64]), Received::Bad);
         assert_eq!(check.counts().bad, 2);
         let mut text = String::new();
         check.counts().render_prometheus(&mut text);
