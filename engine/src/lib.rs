@@ -9,7 +9,8 @@
 //! - the pure core: [`config`], [`counters`], the route table ([`route`]), the per-packet
 //!   decisions ([`decide`]), the ICMP rate limit ([`icmp_limit`]), how long a worker looks
 //!   for packets before it sleeps ([`poll_window`]), the peers that take partial inner
-//!   checksums ([`partial_peers`]), segmentation and
+//!   checksums ([`partial_peers`]), the per-peer check that UDP GSO arrives intact
+//!   ([`gso_check`]), segmentation and
 //!   coalescing ([`offload`]), what a batch does with each packet ([`batch`]) and the
 //!   multicast relay's decisions and membership ([`multicast`]), encryption between hosts
 //!   ([`crypto`]) — no I/O, tested
