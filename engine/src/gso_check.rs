@@ -6,7 +6,8 @@
 //! datagrams; the peer verifies each and answers with one verdict datagram: intact when the
 //! whole run arrived unaltered, damaged at the first altered probe. Until a peer's run is
 //! proven intact, datagrams to it leave one by one; a damaged verdict, or no verdict after
-//! [`MAX_ATTEMPTS`] runs, keeps them so for good. Every probe and verdict starts with a zero
+//! [`MAX_ATTEMPTS`] runs, keeps them so until the peer is checked again, [`RECHECK`] later and
+//! then at doubling intervals up to [`RECHECK_MAX`]. Every probe and verdict starts with a zero
 //! byte: not an IPv4 packet, so never taken for an inner packet (a TUN refuses it too).
 //! Nothing here does I/O; time is passed in.
 
@@ -35,6 +36,12 @@ pub const PROBE_LAST_LEN: usize = 700;
 pub const RETRY: Duration = Duration::from_millis(500);
 /// How many runs a peer gets before it is judged by their silence.
 pub const MAX_ATTEMPTS: u8 = 4;
+/// How long a failed peer waits before it is checked again: the path or the peer may have
+/// changed (a host that answered nothing may have been overloaded, a virtual machine may have
+/// moved). Each further failure doubles the wait, up to [`RECHECK_MAX`].
+pub const RECHECK: Duration = Duration::from_secs(300);
+/// The longest wait between checks of a peer that keeps failing.
+pub const RECHECK_MAX: Duration = Duration::from_secs(3600);
 /// The most probe runs the receiving side remembers at once.
 const MAX_RECEIVING: usize = 64;
 
@@ -164,11 +171,43 @@ pub enum PeerCheck {
         attempts: u8,
         /// When the last was.
         sent: Option<Instant>,
+        /// How many checks of this peer failed before this one.
+        failures: u8,
     },
     /// A run arrived intact: GSO to this peer.
     Proven,
-    /// A run arrived damaged, or none was answered: plain sends to this peer.
-    Failed,
+    /// A run arrived damaged, or none was answered: plain sends to this peer until it is
+    /// checked again at `recheck`.
+    Failed {
+        /// How many checks of this peer have failed.
+        failures: u8,
+        /// When the next check starts.
+        recheck: Instant,
+    },
+}
+
+impl PeerCheck {
+    /// A check not started yet, after `failures` failed ones.
+    fn fresh(failures: u8) -> Self {
+        Self::Probing {
+            nonce: 0,
+            attempts: 0,
+            sent: None,
+            failures,
+        }
+    }
+
+    /// Failed at `now`, after `failures` earlier failures.
+    fn failed(failures: u8, now: Instant) -> Self {
+        let failures = failures.saturating_add(1);
+        let wait = RECHECK
+            .saturating_mul(1 << (failures - 1).min(4))
+            .min(RECHECK_MAX);
+        Self::Failed {
+            failures,
+            recheck: now + wait,
+        }
+    }
 }
 
 /// A change in a peer's check, for the log and the counters.
@@ -202,11 +241,7 @@ impl Checks {
                 .peers
                 .get(&peer)
                 .copied()
-                .unwrap_or(PeerCheck::Probing {
-                    nonce: 0,
-                    attempts: 0,
-                    sent: None,
-                });
+                .unwrap_or(PeerCheck::fresh(0));
             next.insert(peer, state);
         }
         self.peers = next;
@@ -218,7 +253,8 @@ impl Checks {
     }
 
     /// The runs due at `now`: each peer whose run is not out yet or went unanswered for
-    /// [`RETRY`] gets a new nonce from `nonce`; a peer out of attempts fails instead.
+    /// [`RETRY`], or whose failed check is due again, gets a new nonce from `nonce`; a peer out
+    /// of attempts fails instead.
     pub fn due(
         &mut self,
         now: Instant,
@@ -227,14 +263,25 @@ impl Checks {
         let mut runs = Vec::new();
         let mut outcomes = Vec::new();
         for (peer, state) in self.peers.iter_mut() {
-            let PeerCheck::Probing { attempts, sent, .. } = *state else {
+            if let PeerCheck::Failed { failures, recheck } = *state {
+                if now >= recheck {
+                    *state = PeerCheck::fresh(failures);
+                }
+            }
+            let PeerCheck::Probing {
+                attempts,
+                sent,
+                failures,
+                ..
+            } = *state
+            else {
                 continue;
             };
             if sent.is_some_and(|sent| now.saturating_duration_since(sent) < RETRY) {
                 continue;
             }
             if attempts >= MAX_ATTEMPTS {
-                *state = PeerCheck::Failed;
+                *state = PeerCheck::failed(failures, now);
                 outcomes.push((*peer, Outcome::Unanswered));
                 continue;
             }
@@ -243,6 +290,7 @@ impl Checks {
                 nonce: fresh,
                 attempts: attempts + 1,
                 sent: Some(now),
+                failures,
             };
             runs.push((*peer, fresh));
         }
@@ -255,13 +303,14 @@ impl Checks {
         match *state {
             PeerCheck::Probing {
                 nonce: expected,
-                sent: Some(_),
+                sent: Some(sent),
+                failures,
                 ..
             } if expected == nonce => {
                 let (next, outcome) = if intact {
                     (PeerCheck::Proven, Outcome::Proven)
                 } else {
-                    (PeerCheck::Failed, Outcome::Damaged)
+                    (PeerCheck::failed(failures, sent), Outcome::Damaged)
                 };
                 *state = next;
                 Some(outcome)
@@ -470,7 +519,7 @@ impl GsoCheck {
                 tracing::warn!(
                     %peer,
                     reason,
-                    "UDP GSO probe run to this peer failed: plain sends to it"
+                    "UDP GSO probe run to this peer failed: plain sends to it until it is checked again"
                 );
             }
         }
@@ -640,7 +689,13 @@ mod tests {
         assert_eq!(checks.verdict(B, 102, false), Some(Outcome::Damaged));
         assert!(!checks.withheld().withholds(A));
         assert!(checks.withheld().withholds(B));
-        assert_eq!(checks.state(B), Some(PeerCheck::Failed));
+        assert_eq!(
+            checks.state(B),
+            Some(PeerCheck::Failed {
+                failures: 1,
+                recheck: start + RECHECK
+            })
+        );
 
         // A silent peer is probed MAX_ATTEMPTS times, then fails.
         let c = Ipv4Addr::new(198, 18, 0, 3);
@@ -656,6 +711,66 @@ mod tests {
         checks.set_peers([A]);
         assert_eq!(checks.state(c), None);
         assert_eq!(checks.withheld(), PlainPeerTable::default());
+    }
+
+    #[test]
+    fn a_failed_peer_is_checked_again_later_and_less_often_each_time() {
+        let start = Instant::now();
+        let mut checks = Checks::default();
+        let mut next = 0;
+        let mut nonce = || {
+            next += 1;
+            next
+        };
+        checks.set_peers([B]);
+        let mut at = start;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let [(peer, run)] = checks.due(at, &mut nonce).0[..] else {
+                panic!("one run due");
+            };
+            assert_eq!(peer, B);
+            assert_eq!(checks.verdict(B, run, false), Some(Outcome::Damaged));
+            let Some(PeerCheck::Failed { recheck, .. }) = checks.state(B) else {
+                panic!("failed: {:?}", checks.state(B));
+            };
+            waits.push(recheck - at);
+            // Plain sends while failed, and nothing due before the recheck.
+            assert!(checks.withheld().withholds(B));
+            assert!(checks.due(recheck - RETRY, &mut nonce).0.is_empty());
+            at = recheck;
+        }
+        let minutes: Vec<u64> = waits.iter().map(|w| w.as_secs() / 60).collect();
+        assert_eq!(minutes, vec![5, 10, 20, 40, 60, 60, 60]);
+        // Still withheld while the recheck runs; a pass restores GSO runs.
+        let [(_, run)] = checks.due(at, &mut nonce).0[..] else {
+            panic!("one run due");
+        };
+        assert!(checks.withheld().withholds(B));
+        assert_eq!(checks.verdict(B, run, true), Some(Outcome::Proven));
+        assert!(!checks.withheld().withholds(B));
+        // A peer silent on its recheck fails again after MAX_ATTEMPTS runs.
+        checks.set_peers([A]);
+        fail_silently(&mut checks, start);
+        let Some(PeerCheck::Failed { recheck, failures }) = checks.state(A) else {
+            panic!("failed");
+        };
+        assert_eq!(failures, 1);
+        fail_silently(&mut checks, recheck);
+        assert!(matches!(
+            checks.state(A),
+            Some(PeerCheck::Failed { failures: 2, .. })
+        ));
+    }
+
+    /// Let `A`'s check (starting at `from`) go unanswered until it fails.
+    fn fail_silently(checks: &mut Checks, from: Instant) {
+        let mut at = from;
+        for _ in 0..MAX_ATTEMPTS {
+            assert_eq!(checks.due(at, || 7).0, vec![(A, 7)]);
+            at += RETRY;
+        }
+        assert_eq!(checks.due(at, || 7).1, vec![(A, Outcome::Unanswered)]);
     }
 
     #[test]
