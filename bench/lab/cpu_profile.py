@@ -13,6 +13,7 @@ the buckets are coarse on purpose: they say where a mode spends what another doe
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -115,6 +116,61 @@ def cmd_table(args):
     return 0
 
 
+PATHS = ("tun_rx", "udp_tx", "udp_rx", "tun_tx")
+METRIC = re.compile(r'^(weft_packets_total|weft_io_operations_total)\{path="(\w+)"\} (\d+)$')
+
+
+def read_threads(path):
+    """{(host, thread name): CPU ticks}; threads of one name on one host are summed."""
+    ticks = {}
+    with open(path) as f:
+        for line in f:
+            host, *name, value = line.split()
+            key = (host, " ".join(name))
+            ticks[key] = ticks.get(key, 0) + int(value)
+    return ticks
+
+
+def read_metrics(path):
+    """{(metric, path): value} of the per-path packet and operation counters."""
+    values = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                match = METRIC.match(line.strip())
+                if match:
+                    values[(match.group(1), match.group(2))] = int(match.group(3))
+    except FileNotFoundError:
+        pass
+    return values
+
+
+def cmd_daemon(args):
+    """Each daemon thread's share of one CPU, and packets per operation on each path, over the
+    sampled window."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before, after = read_threads(args.before + ".threads"), read_threads(args.after + ".threads")
+    print("| host | thread | % of one CPU |")
+    print("|---|---|---:|")
+    for key in sorted(after):
+        used = (after[key] - before.get(key, 0)) / hz / args.seconds * 100
+        print(f"| h{key[0]} | {key[1]} | {used:.0f} |")
+    print()
+    print("| host | " + " | ".join(f"{p}: packets, per operation" for p in PATHS) + " |")
+    print("|---|" + "---:|" * len(PATHS))
+    for host in ("1", "2"):
+        m0, m1 = read_metrics(f"{args.before}.h{host}.prom"), read_metrics(f"{args.after}.h{host}.prom")
+        if not m1:
+            continue
+        cells = []
+        for path in PATHS:
+            packets = m1.get(("weft_packets_total", path), 0) - m0.get(("weft_packets_total", path), 0)
+            ops = m1.get(("weft_io_operations_total", path), 0) - m0.get(("weft_io_operations_total", path), 0)
+            cells.append(f"{packets}, {packets / ops:.1f}" if ops else f"{packets}, -")
+        print(f"| h{host} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +179,14 @@ def main():
     table.add_argument("--seconds", type=float, required=True)
     table.add_argument("--cpus", type=int, required=True)
     table.add_argument("--json")
-    return cmd_table(parser.parse_args())
+    daemon = sub.add_parser("daemon")
+    daemon.add_argument("--before", required=True, help="snapshot prefix before sampling")
+    daemon.add_argument("--after", required=True, help="snapshot prefix after sampling")
+    daemon.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args()
+    if args.command == "daemon":
+        return cmd_daemon(args)
+    return cmd_table(args)
 
 
 if __name__ == "__main__":

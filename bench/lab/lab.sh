@@ -67,6 +67,7 @@ BENCH_MODES=""
 ROUNDS=3
 DURATION=10
 PINGS=200
+STREAMS=1
 INTERVAL=0.01
 UDP_RATE=1G
 UDP_LEN=1400
@@ -122,10 +123,11 @@ weft lab: hosts and containers in network namespaces on one machine.
         Split the ping round trip into hops: capture the pings (tcpdump, nanosecond
         timestamps) in each container, on each host's overlay device and on each host's
         underlay link, and print the median time of every hop, for each mode in turn.
-  lab.sh profile [--modes weft,vxlan] [--duration 10] [--out DIR]
+  lab.sh profile [--modes weft,vxlan] [--duration 10] [--streams 1] [--out DIR]
         Sample the whole machine with `perf record -a -g` for --duration seconds in the middle
-        of a one-stream TCP transfer, for each mode in turn, and print the CPU time per 64 KiB
-        moved by kind of work (copies, network stack, user space, system calls, ...).
+        of a TCP transfer (--streams parallel streams, default one), for each mode in turn, and
+        print the CPU time per 64 KiB moved by kind of work (copies, network stack, user space,
+        system calls, ...).
 
 Modes (--mode):
   weft     weftd in each host (target/release/weftd, or --weftd PATH / $WEFTD_BIN), etcd in host 1
@@ -1551,21 +1553,27 @@ cmd_hops() {
 	log "results: $OUT_DIR/hops.md"
 }
 
-# profile_one <mode> <dir>: a one-stream transfer for $DURATION + 6 s with the whole machine
-# sampled from its 3rd second for $DURATION s; leaves <dir>/<mode>.report and prints the Gbit/s
-# moved while sampling.
+# profile_one <mode> <dir>: a $STREAMS-stream TCP transfer for $DURATION + 6 s with the whole
+# machine sampled from its 3rd second for $DURATION s; leaves <dir>/<mode>.report and prints the
+# Gbit/s moved while sampling.
 profile_one() {
 	local mode=$1 dir=$2
 	lab_up_to_measure "$mode"
 	start_iperf_server 2
-	log "$mode: TCP, 1 stream, $((DURATION + 6))s; perf from the 3rd second for ${DURATION}s"
-	iperf_json "$dir/$mode-tcp.json" -t "$((DURATION + 6))" -i 1 &
+	log "$mode: TCP, $STREAMS stream(s), $((DURATION + 6))s; perf from the 3rd second for ${DURATION}s"
+	iperf_json "$dir/$mode-tcp.json" -t "$((DURATION + 6))" -i 1 -P "$STREAMS" &
 	local iperf=$!
 	sleep 3
+	daemon_snapshot "$dir/$mode-before"
 	perf record -a -g -q -o "$dir/$mode.data" -- sleep "$DURATION" >"$dir/$mode-perf.log" 2>&1 ||
 		die "perf record failed (see $dir/$mode-perf.log)"
+	daemon_snapshot "$dir/$mode-after"
 	wait "$iperf" || die "$mode: iperf3 failed"
 	lab_down
+	if [[ -s $dir/$mode-before.threads ]]; then
+		python3 "$PROFILE_PY" daemon --before "$dir/$mode-before" --after "$dir/$mode-after" \
+			--seconds "$DURATION" >"$dir/$mode-daemon.md"
+	fi
 	perf report -i "$dir/$mode.data" --stdio --no-children --sort comm,dso,sym -g none \
 		--percent-limit 0 >"$dir/$mode.report" 2>/dev/null
 	# Gbit/s over the intervals inside the sampled window.
@@ -1579,10 +1587,36 @@ print(f"{sum(bits) / len(bits) / 1e9:.3f}")
 PY
 }
 
+# daemon_snapshot <prefix>: for the daemon modes, every daemon thread's CPU ticks
+# (<prefix>.threads: host, thread name, utime + stime) and hosts 1 and 2's metrics
+# (<prefix>.h<n>.prom), for the per-worker and per-operation figures of `profile`.
+daemon_snapshot() {
+	local prefix=$1 n pid task
+	: >"$prefix.threads"
+	((${#DAEMON_PIDS[@]})) || return 0
+	for n in 1 2; do
+		pid=${DAEMON_PIDS[n - 1]:-}
+		[[ -n $pid ]] || continue
+		for task in /proc/"$pid"/task/*; do
+			# Fields after the parenthesised name: utime and stime are the 12th and 13th.
+			awk -v host="$n" '{
+				name = $0; sub(/^[^(]*\(/, "", name); sub(/\).*$/, "", name);
+				rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ");
+				print host, name, f[12] + f[13]
+			}' "$task/stat" 2>/dev/null >>"$prefix.threads" || true
+		done
+		nsx "$(ns_h "$n")" python3 -c '
+import sys, urllib.request
+sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' \
+			"http://127.0.0.1:$HEALTHZ_PORT/metrics" >"$prefix.h$n.prom" 2>/dev/null || true
+	done
+}
+
 cmd_profile() {
 	local modes=()
 	IFS=, read -r -a modes <<<"${BENCH_MODES:-weft,vxlan}"
 	[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer (seconds)"
+	[[ $STREAMS =~ ^[1-9][0-9]?$ ]] || die "--streams must be 1 to 99"
 	require_cmd perf "Debian package linux-perf"
 	local mode
 	for mode in "${modes[@]}"; do preflight "$mode"; done
@@ -1595,6 +1629,11 @@ cmd_profile() {
 	done
 	python3 "$PROFILE_PY" table "${args[@]}" --seconds "$DURATION" --cpus "$(nproc)" \
 		--json "$OUT_DIR/profile.json" | tee "$OUT_DIR/profile.md"
+	for mode in "${modes[@]}"; do
+		[[ -s $OUT_DIR/$mode-daemon.md ]] || continue
+		printf '\n%s: daemon threads and packets per operation while sampled\n\n' "$mode"
+		cat "$OUT_DIR/$mode-daemon.md"
+	done | tee -a "$OUT_DIR/profile.md"
 	log "results: $OUT_DIR/profile.md"
 }
 
@@ -1625,6 +1664,7 @@ parse_opts() {
 		--rounds) ROUNDS=${2:?} && shift ;;
 		--duration) DURATION=${2:?} && shift ;;
 		--pings) PINGS=${2:?} && shift ;;
+		--streams) STREAMS=${2:?} && shift ;;
 		--interval) INTERVAL=${2:?} && shift ;;
 		--udp-rate) UDP_RATE=${2:?} && shift ;;
 		--udp-len) UDP_LEN=${2:?} && shift ;;
