@@ -1605,11 +1605,17 @@ daemon_snapshot() {
 				print host, name, f[12] + f[13]
 			}' "$task/stat" 2>/dev/null >>"$prefix.threads" || true
 		done
+	done
+	# Both hosts at once, so that the two windows match.
+	local fetches=()
+	for n in 1 2; do
 		nsx "$(ns_h "$n")" python3 -c '
 import sys, urllib.request
 sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' \
-			"http://127.0.0.1:$HEALTHZ_PORT/metrics" >"$prefix.h$n.prom" 2>/dev/null || true
+			"http://127.0.0.1:$HEALTHZ_PORT/metrics" >"$prefix.h$n.prom" 2>/dev/null &
+		fetches+=($!)
 	done
+	wait "${fetches[@]}" || true
 }
 
 cmd_profile() {
