@@ -131,6 +131,72 @@ impl PacketBuffers {
     }
 }
 
+/// A worker's arena for the packets opened from a batch's datagrams (with encryption only),
+/// reached, as the packet buffers are, through a raw pointer derived once: the batch's
+/// accepted packets point into its filled part while the rest is lent out for the next
+/// receive.
+///
+/// Why an arena rather than room in the slots: the tunnel cannot decrypt a message where it
+/// lies (it reads the message from one slice and writes into another), and a packet opened
+/// into its own slot would need room ahead of the slot's first datagram as large as that
+/// datagram, up to 64 KiB in front of every slot, plaintext or not. The arena costs nothing
+/// without encryption and is mapped lazily, as far as batches fill it.
+pub(crate) struct OpenedArena {
+    start: NonNull<u8>,
+    len: usize,
+    used: usize,
+}
+
+impl OpenedArena {
+    /// An arena for the packets of `slots` packet buffers' worth of datagrams: a packet is
+    /// shorter than its datagram, so they always fit.
+    pub(crate) fn new(slots: usize) -> Self {
+        let len = slots * PACKET_BUF_LEN;
+        let arena = Box::into_raw(vec![0u8; len].into_boxed_slice());
+        Self {
+            // A pointer from Box::into_raw is never null.
+            start: NonNull::new(arena.cast::<u8>()).unwrap_or(NonNull::dangling()),
+            len,
+            used: 0,
+        }
+    }
+
+    /// The unfilled rest of the arena, and where it starts.
+    ///
+    /// # Safety
+    /// The caller must not hold another slice of the rest while this one lives.
+    pub(crate) unsafe fn rest(&mut self) -> (*mut u8, &mut [u8]) {
+        // SAFETY: `used` never passes `len`, so the range lies inside the allocation, and it
+        // does not overlap the filled part, which only raw pointers reach.
+        unsafe {
+            let rest = self.start.as_ptr().add(self.used);
+            (
+                rest,
+                std::slice::from_raw_parts_mut(rest, self.len - self.used),
+            )
+        }
+    }
+
+    /// Count the first `bytes` of the rest as filled.
+    pub(crate) fn fill(&mut self, bytes: usize) {
+        self.used = (self.used + bytes).min(self.len);
+    }
+
+    /// Empty the arena, for the next batch: the packets in it are no longer read.
+    pub(crate) fn clear(&mut self) {
+        self.used = 0;
+    }
+}
+
+impl Drop for OpenedArena {
+    fn drop(&mut self) {
+        let arena = std::ptr::slice_from_raw_parts_mut(self.start.as_ptr(), self.len);
+        // SAFETY: it came from Box::into_raw with exactly this length and is freed once; no
+        // I/O is ever in flight on it (the writes that read it are done within a batch).
+        unsafe { drop(Box::from_raw(arena)) }
+    }
+}
+
 impl Drop for PacketBuffers {
     fn drop(&mut self) {
         let packets =
