@@ -179,7 +179,7 @@ impl OpenedArena {
 
     /// Count the first `bytes` of the rest as filled.
     pub(crate) fn fill(&mut self, bytes: usize) {
-        self.used = (self.used + bytes).min(self.len);
+        self.used = self.used.saturating_add(bytes).min(self.len);
     }
 
     /// Empty the arena, for the next batch: the packets in it are no longer read.
@@ -242,5 +242,31 @@ mod tests {
         // SAFETY: as above.
         let seen = unsafe { buffers.with_headroom(2, 4, 6) };
         assert_eq!(seen, &[0, 0, 0, 0, 3, 3]);
+    }
+
+    #[test]
+    fn an_arena_lends_its_rest_behind_what_is_filled_until_cleared() {
+        let mut arena = OpenedArena::new(2);
+        // SAFETY: no other slice of the arena lives.
+        let (start, rest) = unsafe { arena.rest() };
+        assert_eq!(rest.len(), 2 * PACKET_BUF_LEN);
+        rest[..3].copy_from_slice(&[1, 2, 3]);
+        arena.fill(3);
+        // SAFETY: as above.
+        let (next, rest) = unsafe { arena.rest() };
+        assert_eq!(next as usize, start as usize + 3);
+        assert_eq!(rest.len(), 2 * PACKET_BUF_LEN - 3);
+        // SAFETY: the filled part is reached only through `start`, and no slice of it lives.
+        assert_eq!(unsafe { std::slice::from_raw_parts(start, 3) }, &[1, 2, 3]);
+        arena.fill(usize::MAX);
+        // SAFETY: as above.
+        assert!(
+            unsafe { arena.rest() }.1.is_empty(),
+            "filling stops at the end"
+        );
+        arena.clear();
+        // SAFETY: as above.
+        let (again, rest) = unsafe { arena.rest() };
+        assert_eq!((again, rest.len()), (start, 2 * PACKET_BUF_LEN));
     }
 }
