@@ -1216,7 +1216,8 @@ fn an_encrypted_overlay_carries_ping_and_tcp_and_refuses_forgeries() {
     let (n, from) = socket.recv_from(&mut buf).expect("a handshake response");
     assert_eq!(from, std::net::SocketAddr::V4(peer));
     let mut opener = Opener::new(me.clone());
-    assert_eq!(opener.open(peer, &mut buf[..n]), Opened::Handled);
+    let mut opened = [0u8; 2048];
+    assert_eq!(opener.open(peer, &buf[..n], &mut opened), Opened::Handled);
     for (_, message) in opener.outbox().drain(..) {
         socket.send_to(&message, peer).unwrap();
     }

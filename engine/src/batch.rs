@@ -9,7 +9,7 @@
 use std::net::SocketAddrV4;
 
 use crate::counters::{BatchCounts, DropReason};
-use crate::crypto::{Opened, Opener};
+use crate::crypto::{Opened, Opening};
 use crate::decide::{self, PeerDecision, Policy, TunDecision, REPLY_BUF_LEN};
 use crate::gso_check::{GsoCheck, Received};
 use crate::icmp_limit::IcmpGate;
@@ -189,7 +189,8 @@ pub(crate) fn decide_tun_read(
 /// call `accept(offset, packet)` for each one to write to the TUN, with the checked view the
 /// decision read (so that the coalescer need not parse it again). Returns the ICMP error to send
 /// back, if any: the first one, as the slot has one reply buffer (later ones count as drops).
-/// With encryption (`opener`), each datagram is opened first, and what it held is decided on.
+/// With encryption (`opening`), each datagram is opened first, into the opening's arena, and
+/// what it held is decided on there: `accept`'s offsets are then into the arena, not `buf`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_datagrams(
     from: Option<SocketAddrV4>,
@@ -202,7 +203,7 @@ pub(crate) fn decide_datagrams(
     icmp: &mut IcmpGate,
     counts: &mut BatchCounts,
     mut groups: Option<GroupSink<'_>>,
-    mut opener: Option<&mut Opener>,
+    mut opening: Option<&mut Opening<'_>>,
     gso_check: Option<&GsoCheck>,
     mut accept: impl FnMut(usize, &Ipv4Packet<&mut [u8]>),
 ) -> Option<(SocketAddrV4, usize)> {
@@ -233,14 +234,15 @@ pub(crate) fn decide_datagrams(
             counts.drop(UNREADABLE_SENDER);
             continue;
         };
-        let datagram = match opener.as_deref_mut().map(|o| o.open(from, datagram)) {
-            None => datagram,
-            Some(Opened::Packet(len)) => &mut datagram[..len],
-            Some(Opened::Handled) => continue,
-            Some(Opened::Drop(reason)) => {
+        let (at, datagram) = match opening.as_deref_mut().map(|o| o.open(from, datagram)) {
+            None => (start, datagram),
+            Some(Ok(opened)) => opened,
+            Some(Err(Opened::Drop(reason))) => {
                 counts.drop(reason);
                 continue;
             }
+            // A handshake message, answered through the outbox: nothing for the TUN.
+            Some(Err(_)) => continue,
         };
         let out: &mut [u8] = match reply.as_deref_mut() {
             Some(out) => out,
@@ -270,7 +272,7 @@ pub(crate) fn decide_datagrams(
         match decision {
             PeerDecision::WriteToTun => {
                 if let Some(ip) = &ip {
-                    accept(start, ip);
+                    accept(at, ip);
                 }
             }
             PeerDecision::ReplyToPeer { to, len, reason } => {
@@ -772,6 +774,75 @@ mod tests {
             |_, _: &Ipv4Packet<&mut [u8]>| {},
         );
         assert_eq!(counts.drops[DropReason::BadPacket as usize], 1);
+    }
+
+    #[test]
+    fn a_sealed_gro_run_opens_into_the_arena_packed_with_drops_skipped() {
+        use crate::crypto::open::tests::{handshake, packet, pair, seal, A, B};
+        let (a, b) = pair();
+        let (_, mut opener) = handshake(&a, &b, &packet(10));
+        let routes = table("10.1.2.0/24");
+        let from = SocketAddrV4::new(A, 8285);
+        let plain = [
+            Tcp::new(0, 1420).bytes(),
+            Tcp::new(1420, 1420).bytes(),
+            Tcp::new(2840, 100).bytes(),
+        ];
+        let sealed: Vec<_> = plain.iter().map(|p| seal(&a, B, p)).collect();
+        let mut tampered = seal(&a, B, &Tcp::new(9999, 1420).bytes());
+        tampered[100] ^= 1;
+        // Equal-sized datagrams but the last, as GRO merges them: a tampered one and a replay
+        // of the first in the middle.
+        let run = [&sealed[0], &tampered, &sealed[1], &sealed[0], &sealed[2]];
+        let segment = sealed[0].len();
+        let mut buf: Vec<u8> = run.iter().flat_map(|d| d.iter().copied()).collect();
+        let mut arena = vec![0u8; buf.len()];
+        let mut opening = Opening::new(&mut opener, &mut arena);
+        let mut reply = [0u8; REPLY_BUF_LEN];
+        let mut counts = BatchCounts::default();
+        let mut accepted = Vec::new();
+        decide_datagrams(
+            Some(from),
+            &mut buf,
+            Some(segment),
+            false,
+            &routes,
+            &POLICY,
+            &mut reply,
+            &mut IcmpGate::unlimited(),
+            &mut counts,
+            None,
+            Some(&mut opening),
+            None,
+            |offset, ip| accepted.push((offset, ip.as_bytes().len())),
+        );
+        let used = opening.used();
+        assert_eq!(accepted, [(0, 1472), (1472, 1472), (2944, 152)]);
+        assert_eq!(used, 2944 + 152);
+        assert_eq!(counts.udp_rx_packets, 5);
+        assert_eq!(counts.drops[DropReason::Tampered as usize], 1);
+        assert_eq!(counts.drops[DropReason::Replayed as usize], 1);
+        assert_eq!(counts.drops.iter().sum::<u64>(), 2);
+        // The packets are the ones sealed, as the same run in plaintext leaves them (with
+        // their TTLs dropped).
+        let mut expected = plain.concat();
+        decide_datagrams(
+            Some(from),
+            &mut expected,
+            Some(1472),
+            false,
+            &routes,
+            &POLICY,
+            &mut reply,
+            &mut IcmpGate::unlimited(),
+            &mut BatchCounts::default(),
+            None,
+            None,
+            None,
+            |_, _: &Ipv4Packet<&mut [u8]>| {},
+        );
+        assert_eq!(expected[8], 63);
+        assert_eq!(arena[..used], expected);
     }
 
     #[test]

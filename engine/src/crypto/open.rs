@@ -1,9 +1,10 @@
 //! Opening what a worker receives: a datagram from a peer host is a WireGuard message. Data is
-//! authenticated, checked against the session's replay window and decrypted, and the packet
-//! put back where the datagram lay, so that the rest of the receive path (the checks of
-//! `decide::from_peer`, coalescing) reads it as it reads a plaintext datagram. Handshake
-//! messages are answered through the worker's outbox. Everything else is dropped and counted
-//! by reason; nothing from the network can make this panic.
+//! authenticated, checked against the session's replay window and decrypted into memory the
+//! caller lends ([`Opener::open`]); a receive's datagrams are opened one after another into one
+//! arena, packed ([`Opening`]), and the rest of the receive path (the checks of
+//! `decide::from_peer`, coalescing, the TUN writes) reads each packet where it was opened.
+//! Handshake messages are answered through the worker's outbox. Everything else is dropped and
+//! counted by reason; nothing from the network can make this panic.
 
 use std::net::{IpAddr, SocketAddrV4};
 
@@ -16,7 +17,7 @@ use crate::crypto::tunnels::Tunnels;
 /// What became of a received datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opened {
-    /// A packet of this many bytes now starts where the datagram started.
+    /// A packet of this many bytes now starts at the start of the memory it was opened into.
     Packet(usize),
     /// A protocol message (handshake, cookie, keepalive): handled, nothing for the TUN.
     Handled,
@@ -28,9 +29,9 @@ pub enum Opened {
 const HANDSHAKE_INIT: u8 = 1;
 const DATA: u8 = 4;
 
-/// A worker's opening state: the scratch buffer messages are decrypted in, and the messages
-/// the protocol wants sent (handshake responses, keepalives, packets that waited for a
-/// handshake), which the worker sends after its batch.
+/// A worker's opening state: the scratch buffer the packets that waited for a handshake are
+/// sealed in, and the messages the protocol wants sent (handshake responses, keepalives, those
+/// packets), which the worker sends after its batch.
 #[derive(Debug)]
 pub struct Opener {
     tunnels: Tunnels,
@@ -51,8 +52,11 @@ impl Opener {
         }
     }
 
-    /// Open `datagram`, received from `from`, with the tunnel of the peer at that address.
-    pub fn open(&mut self, from: SocketAddrV4, datagram: &mut [u8]) -> Opened {
+    /// Open `datagram`, received from `from`, with the tunnel of the peer at that address, into
+    /// `out`, which must be at least as long as the datagram (what is shorter is dropped as
+    /// `too_big`). The tunnel copies the message into `out` and decrypts it there, so a packet
+    /// is in `out` with no further copy; the datagram is only read.
+    pub fn open(&mut self, from: SocketAddrV4, datagram: &[u8], out: &mut [u8]) -> Opened {
         let table = self.tunnels.snapshot();
         let Some(tunnel) = table.get(from.ip()) else {
             // Either no lease, or a lease whose holder published no key.
@@ -61,17 +65,16 @@ impl Opener {
         if let Some(reason) = refuse_early(datagram) {
             return Opened::Drop(reason);
         }
-        let mut tunn = tunnel.lock();
-        let scratch = &mut self.scratch[..];
-        if scratch.len() < datagram.len() {
+        // The tunnel panics on a destination shorter than the message (or than a cookie reply,
+        // which is shorter than any message it answers).
+        if out.len() < datagram.len() {
             return Opened::Drop(DropReason::TooBig);
         }
-        match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), datagram, scratch) {
-            TunnResult::WriteToTunnelV4(packet, _) => {
-                let len = packet.len();
-                datagram[..len].copy_from_slice(packet);
-                Opened::Packet(len)
-            }
+        let mut tunn = tunnel.lock();
+        match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), datagram, out) {
+            // The packet starts at the start of `out`: the tunnel decrypts where it copied the
+            // message to, and cuts the result to the IPv4 total length.
+            TunnResult::WriteToTunnelV4(packet, _) => Opened::Packet(packet.len()),
             TunnResult::WriteToTunnelV6(..) => Opened::Drop(DropReason::NotIpv4),
             TunnResult::Done => Opened::Handled,
             TunnResult::Err(error) => Opened::Drop(reason_of(&error, datagram)),
@@ -79,7 +82,7 @@ impl Opener {
                 push(&mut self.outbox, from, message);
                 // A finished handshake releases the packets that waited for it.
                 for _ in 0..OUTBOX_LIMIT {
-                    match tunn.decapsulate(None, &[], scratch) {
+                    match tunn.decapsulate(None, &[], &mut self.scratch) {
                         TunnResult::WriteToNetwork(message) => {
                             push(&mut self.outbox, from, message)
                         }
@@ -94,6 +97,53 @@ impl Opener {
     /// The messages to send, to be drained by the worker after each batch.
     pub fn outbox(&mut self) -> &mut Vec<(SocketAddrV4, Vec<u8>)> {
         &mut self.outbox
+    }
+}
+
+/// The datagrams of a receive (or of a whole batch of receives) opened one after another into
+/// an arena, packed: each packet starts where the one opened before it ends. A packet is
+/// shorter than its datagram, so an arena as long as everything received holds every packet,
+/// and each datagram finds room for its message behind the packets before it. Packets stay
+/// where they were opened until the caller is done with them; nothing is moved again.
+#[derive(Debug)]
+pub struct Opening<'a> {
+    opener: &'a mut Opener,
+    arena: &'a mut [u8],
+    used: usize,
+}
+
+impl<'a> Opening<'a> {
+    /// Open into `arena`, from its start.
+    pub fn new(opener: &'a mut Opener, arena: &'a mut [u8]) -> Self {
+        Self {
+            opener,
+            arena,
+            used: 0,
+        }
+    }
+
+    /// Open `datagram`, received from `from`, behind the packets opened so far: the packet's
+    /// offset in the arena and the packet, or (`Err`) the handshake handled or the drop and
+    /// its reason, which take no room.
+    pub fn open(
+        &mut self,
+        from: SocketAddrV4,
+        datagram: &[u8],
+    ) -> Result<(usize, &mut [u8]), Opened> {
+        let at = self.used;
+        let rest = self.arena.get_mut(at..).unwrap_or_default();
+        match self.opener.open(from, datagram, rest) {
+            Opened::Packet(len) => {
+                self.used += len;
+                Ok((at, &mut rest[..len]))
+            }
+            other => Err(other),
+        }
+    }
+
+    /// The bytes of the arena the packets opened so far take, from its start.
+    pub fn used(&self) -> usize {
+        self.used
     }
 }
 
@@ -142,22 +192,27 @@ fn reason_of(error: &WireGuardError, datagram: &[u8]) -> DropReason {
 const OVERHEAD_MIN: usize = crate::crypto::seal::OVERHEAD;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crypto::seal::{sealed_len, Sealer, OVERHEAD};
     use crate::crypto::tunnels::{StaticKeys, Tunnels};
     use crate::wire::ipv4::testing::Spec;
     use std::net::Ipv4Addr;
 
-    const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-    const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    pub(crate) const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    pub(crate) const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+    /// Room to open any datagram into.
+    fn out() -> Vec<u8> {
+        vec![0; 1 << 16]
+    }
 
     fn at(ip: Ipv4Addr) -> SocketAddrV4 {
         SocketAddrV4::new(ip, 8285)
     }
 
     /// Two hosts that know each other's keys.
-    fn pair() -> (Tunnels, Tunnels) {
+    pub(crate) fn pair() -> (Tunnels, Tunnels) {
         let a = Tunnels::new(StaticKeys::from_private([0x11; 32]));
         let b = Tunnels::new(StaticKeys::from_private([0x22; 32]));
         a.publish([(B, b.public_key())]);
@@ -166,7 +221,7 @@ mod tests {
     }
 
     /// Seal `packet` on `from`'s side for `to`.
-    fn seal(from: &Tunnels, to: Ipv4Addr, packet: &[u8]) -> Vec<u8> {
+    pub(crate) fn seal(from: &Tunnels, to: Ipv4Addr, packet: &[u8]) -> Vec<u8> {
         let mut out = vec![0; sealed_len(packet.len())];
         let table = from.snapshot();
         let len = Sealer::seal(&mut table.get(&to).unwrap().lock(), packet, &mut out);
@@ -177,32 +232,33 @@ mod tests {
     /// Deliver the outbox of `opener` (on the host at `from`) to the other side.
     fn deliver(opener: &mut Opener, peer_opener: &mut Opener, from: Ipv4Addr) {
         let messages: Vec<_> = opener.outbox().drain(..).collect();
-        for (_, mut message) in messages {
-            peer_opener.open(at(from), &mut message);
+        for (_, message) in messages {
+            peer_opener.open(at(from), &message, &mut out());
         }
     }
 
     /// Run the handshake: A sends `packet`, which waits; the handshake completes; the
     /// packet is released into A's outbox and opened by B. Returns the openers.
-    fn handshake(a: &Tunnels, b: &Tunnels, packet: &[u8]) -> (Opener, Opener) {
+    pub(crate) fn handshake(a: &Tunnels, b: &Tunnels, packet: &[u8]) -> (Opener, Opener) {
         let (mut oa, mut ob) = (Opener::new(a.clone()), Opener::new(b.clone()));
-        let mut init = seal(a, B, packet);
+        let init = seal(a, B, packet);
         assert_eq!(init.len(), 148, "no session yet: a handshake initiation");
-        assert_eq!(ob.open(at(A), &mut init), Opened::Handled);
+        assert_eq!(ob.open(at(A), &init, &mut out()), Opened::Handled);
         assert_eq!(ob.outbox().len(), 1, "the handshake response");
-        let mut response = ob.outbox().pop().unwrap().1;
-        assert_eq!(oa.open(at(B), &mut response), Opened::Handled);
+        let response = ob.outbox().pop().unwrap().1;
+        assert_eq!(oa.open(at(B), &response, &mut out()), Opened::Handled);
         // The keepalive and the packet that waited.
-        let mut out: Vec<_> = oa.outbox().drain(..).map(|(_, m)| m).collect();
-        assert_eq!(out.len(), 2);
-        assert_eq!(ob.open(at(A), &mut out[0]), Opened::Handled);
+        let sent: Vec<_> = oa.outbox().drain(..).map(|(_, m)| m).collect();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(ob.open(at(A), &sent[0], &mut out()), Opened::Handled);
         let len = packet.len();
-        assert_eq!(ob.open(at(A), &mut out[1]), Opened::Packet(len));
-        assert_eq!(&out[1][..len], packet);
+        let mut opened = out();
+        assert_eq!(ob.open(at(A), &sent[1], &mut opened), Opened::Packet(len));
+        assert_eq!(&opened[..len], packet);
         (oa, ob)
     }
 
-    fn packet(payload: usize) -> Vec<u8> {
+    pub(crate) fn packet(payload: usize) -> Vec<u8> {
         Spec::icmp("10.1.1.2", "10.1.2.2", 8, 28 + payload).bytes()
     }
 
@@ -212,15 +268,19 @@ mod tests {
         let (mut oa, mut ob) = handshake(&a, &b, &packet(100));
         for size in [0, 1, 1000, 1400] {
             let p = packet(size);
-            let mut sealed = seal(&a, B, &p);
+            let sealed = seal(&a, B, &p);
             assert_eq!(sealed.len(), p.len() + OVERHEAD);
-            assert_eq!(ob.open(at(A), &mut sealed), Opened::Packet(p.len()));
-            assert_eq!(&sealed[..p.len()], &p[..]);
+            let mut opened = out();
+            assert_eq!(
+                ob.open(at(A), &sealed, &mut opened),
+                Opened::Packet(p.len())
+            );
+            assert_eq!(&opened[..p.len()], &p[..]);
         }
         // B answers: its session is confirmed by A's data.
         let p = packet(64);
-        let mut sealed = seal(&b, A, &p);
-        assert_eq!(oa.open(at(B), &mut sealed), Opened::Packet(p.len()));
+        let sealed = seal(&b, A, &p);
+        assert_eq!(oa.open(at(B), &sealed, &mut out()), Opened::Packet(p.len()));
         deliver(&mut oa, &mut ob, A);
     }
 
@@ -234,48 +294,48 @@ mod tests {
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
         assert_eq!(
-            ob.open(at(A), &mut tampered),
+            ob.open(at(A), &tampered, &mut out()),
             Opened::Drop(DropReason::Tampered)
         );
         let mut body = sealed.clone();
         body[40] ^= 0x80;
         assert_eq!(
-            ob.open(at(A), &mut body),
+            ob.open(at(A), &body, &mut out()),
             Opened::Drop(DropReason::Tampered)
         );
 
-        let mut first = sealed.clone();
-        assert_eq!(ob.open(at(A), &mut first), Opened::Packet(p.len()));
-        let mut again = sealed.clone();
+        let first = sealed.clone();
+        assert_eq!(ob.open(at(A), &first, &mut out()), Opened::Packet(p.len()));
+        let again = sealed.clone();
         assert_eq!(
-            ob.open(at(A), &mut again),
+            ob.open(at(A), &again, &mut out()),
             Opened::Drop(DropReason::Replayed)
         );
 
         for cut in [0, 2, 10, 31] {
-            let mut short = sealed[..cut].to_vec();
+            let short = sealed[..cut].to_vec();
             assert_eq!(
-                ob.open(at(A), &mut short),
+                ob.open(at(A), &short, &mut out()),
                 Opened::Drop(DropReason::Truncated),
                 "{cut} bytes"
             );
         }
         let fresh = seal(&a, B, &p);
-        let mut short = fresh[..100].to_vec();
+        let short = fresh[..100].to_vec();
         assert_eq!(
-            ob.open(at(A), &mut short),
+            ob.open(at(A), &short, &mut out()),
             Opened::Drop(DropReason::Tampered),
             "a cut message fails its tag"
         );
-        let mut short_init = vec![1, 0, 0, 0, 9, 9];
+        let short_init = vec![1, 0, 0, 0, 9, 9];
         assert_eq!(
-            ob.open(at(A), &mut short_init),
+            ob.open(at(A), &short_init, &mut out()),
             Opened::Drop(DropReason::Truncated)
         );
 
-        let mut plain = p.clone();
+        let plain = p.clone();
         assert_eq!(
-            ob.open(at(A), &mut plain),
+            ob.open(at(A), &plain, &mut out()),
             Opened::Drop(DropReason::Plaintext)
         );
         assert_eq!(plain, p, "a refused datagram is left alone");
@@ -284,24 +344,71 @@ mod tests {
         // no session.
         let stranger = Tunnels::new(StaticKeys::from_private([0x33; 32]));
         stranger.publish([(B, b.public_key())]);
-        let mut init = seal(&stranger, B, &p);
+        let init = seal(&stranger, B, &p);
         assert_eq!(
-            ob.open(at(A), &mut init),
+            ob.open(at(A), &init, &mut out()),
             Opened::Drop(DropReason::UnknownKey)
         );
         let mut forged = sealed.clone();
         forged[4..8].copy_from_slice(&0xdead_beef_u32.to_le_bytes());
         assert_eq!(
-            ob.open(at(A), &mut forged),
+            ob.open(at(A), &forged, &mut out()),
             Opened::Drop(DropReason::UnknownKey)
         );
         // From an address without a tunnel.
-        let mut other = sealed.clone();
+        let other = sealed.clone();
         assert_eq!(
-            ob.open(at(Ipv4Addr::new(198, 18, 0, 9)), &mut other),
+            ob.open(at(Ipv4Addr::new(198, 18, 0, 9)), &other, &mut out()),
             Opened::Drop(DropReason::UnknownPeer)
         );
         assert!(ob.outbox().is_empty());
+    }
+
+    #[test]
+    fn an_opening_packs_packets_behind_each_other_and_skips_what_does_not_open() {
+        let (a, b) = pair();
+        let (_, mut ob) = handshake(&a, &b, &packet(10));
+        let packets: Vec<Vec<u8>> = [300, 0, 1400].map(packet).into();
+        let sealed: Vec<Vec<u8>> = packets.iter().map(|p| seal(&a, B, p)).collect();
+        let mut tampered = seal(&a, B, &packets[0]);
+        tampered[20] ^= 1;
+        let received = [&sealed[0], &tampered, &sealed[1], &sealed[0], &sealed[2]];
+        // Room for everything received, as a worker's arena has.
+        let mut arena = vec![0; received.iter().map(|d| d.len()).sum()];
+        let mut opening = Opening::new(&mut ob, &mut arena);
+        let outcomes: Vec<_> = received
+            .iter()
+            .map(|d| {
+                opening
+                    .open(at(A), d)
+                    .map(|(at, packet)| (at, packet.len()))
+            })
+            .collect();
+        let used = opening.used();
+        let (p0, p1, p2) = (packets[0].len(), packets[1].len(), packets[2].len());
+        assert_eq!(
+            outcomes,
+            [
+                Ok((0, p0)),
+                Err(Opened::Drop(DropReason::Tampered)),
+                Ok((p0, p1)),
+                Err(Opened::Drop(DropReason::Replayed)),
+                Ok((p0 + p1, p2)),
+            ]
+        );
+        assert_eq!(used, p0 + p1 + p2);
+        assert_eq!(arena[..used], packets.concat());
+
+        // No room behind the packets for the message: dropped, and it still opens later.
+        let fresh = seal(&a, B, &packets[0]);
+        let mut small = vec![0; fresh.len() - 1];
+        let mut opening = Opening::new(&mut ob, &mut small);
+        let outcome = opening.open(at(A), &fresh).map(|(at, p)| (at, p.len()));
+        assert_eq!(outcome, Err(Opened::Drop(DropReason::TooBig)));
+        assert_eq!(opening.used(), 0);
+        let mut room = out();
+        assert_eq!(ob.open(at(A), &fresh, &mut room), Opened::Packet(p0));
+        assert_eq!(room[..p0], packets[0]);
     }
 
     #[test]
@@ -332,7 +439,7 @@ mod tests {
             if let Some(first) = bytes.first_mut() {
                 *first = (len % 5) as u8;
             }
-            if let Some(Opened::Packet(_)) = Some(ob.open(at(A), &mut bytes)) {
+            if let Some(Opened::Packet(_)) = Some(ob.open(at(A), &bytes, &mut out())) {
                 panic!("random bytes opened");
             }
         }

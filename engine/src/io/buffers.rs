@@ -131,6 +131,72 @@ impl PacketBuffers {
     }
 }
 
+/// A worker's arena for the packets opened from a batch's datagrams (with encryption only),
+/// reached, as the packet buffers are, through a raw pointer derived once: the batch's
+/// accepted packets point into its filled part while the rest is lent out for the next
+/// receive.
+///
+/// Why an arena rather than room in the slots: the tunnel cannot decrypt a message where it
+/// lies (it reads the message from one slice and writes into another), and a packet opened
+/// into its own slot would need room ahead of the slot's first datagram as large as that
+/// datagram, up to 64 KiB in front of every slot, plaintext or not. The arena costs nothing
+/// without encryption and is mapped lazily, as far as batches fill it.
+pub(crate) struct OpenedArena {
+    start: NonNull<u8>,
+    len: usize,
+    used: usize,
+}
+
+impl OpenedArena {
+    /// An arena for the packets of `slots` packet buffers' worth of datagrams: a packet is
+    /// shorter than its datagram, so they always fit.
+    pub(crate) fn new(slots: usize) -> Self {
+        let len = slots * PACKET_BUF_LEN;
+        let arena = Box::into_raw(vec![0u8; len].into_boxed_slice());
+        Self {
+            // A pointer from Box::into_raw is never null.
+            start: NonNull::new(arena.cast::<u8>()).unwrap_or(NonNull::dangling()),
+            len,
+            used: 0,
+        }
+    }
+
+    /// The unfilled rest of the arena, and where it starts.
+    ///
+    /// # Safety
+    /// The caller must not hold another slice of the rest while this one lives.
+    pub(crate) unsafe fn rest(&mut self) -> (*mut u8, &mut [u8]) {
+        // SAFETY: `used` never passes `len`, so the range lies inside the allocation, and it
+        // does not overlap the filled part, which only raw pointers reach.
+        unsafe {
+            let rest = self.start.as_ptr().add(self.used);
+            (
+                rest,
+                std::slice::from_raw_parts_mut(rest, self.len - self.used),
+            )
+        }
+    }
+
+    /// Count the first `bytes` of the rest as filled.
+    pub(crate) fn fill(&mut self, bytes: usize) {
+        self.used = self.used.saturating_add(bytes).min(self.len);
+    }
+
+    /// Empty the arena, for the next batch: the packets in it are no longer read.
+    pub(crate) fn clear(&mut self) {
+        self.used = 0;
+    }
+}
+
+impl Drop for OpenedArena {
+    fn drop(&mut self) {
+        let arena = std::ptr::slice_from_raw_parts_mut(self.start.as_ptr(), self.len);
+        // SAFETY: it came from Box::into_raw with exactly this length and is freed once; no
+        // I/O is ever in flight on it (the writes that read it are done within a batch).
+        unsafe { drop(Box::from_raw(arena)) }
+    }
+}
+
 impl Drop for PacketBuffers {
     fn drop(&mut self) {
         let packets =
@@ -176,5 +242,31 @@ mod tests {
         // SAFETY: as above.
         let seen = unsafe { buffers.with_headroom(2, 4, 6) };
         assert_eq!(seen, &[0, 0, 0, 0, 3, 3]);
+    }
+
+    #[test]
+    fn an_arena_lends_its_rest_behind_what_is_filled_until_cleared() {
+        let mut arena = OpenedArena::new(2);
+        // SAFETY: no other slice of the arena lives.
+        let (start, rest) = unsafe { arena.rest() };
+        assert_eq!(rest.len(), 2 * PACKET_BUF_LEN);
+        rest[..3].copy_from_slice(&[1, 2, 3]);
+        arena.fill(3);
+        // SAFETY: as above.
+        let (next, rest) = unsafe { arena.rest() };
+        assert_eq!(next as usize, start as usize + 3);
+        assert_eq!(rest.len(), 2 * PACKET_BUF_LEN - 3);
+        // SAFETY: the filled part is reached only through `start`, and no slice of it lives.
+        assert_eq!(unsafe { std::slice::from_raw_parts(start, 3) }, &[1, 2, 3]);
+        arena.fill(usize::MAX);
+        // SAFETY: as above.
+        assert!(
+            unsafe { arena.rest() }.1.is_empty(),
+            "filling stops at the end"
+        );
+        arena.clear();
+        // SAFETY: as above.
+        let (again, rest) = unsafe { arena.rest() };
+        assert_eq!((again, rest.len()), (start, 2 * PACKET_BUF_LEN));
     }
 }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use crate::batch::{decide_datagrams, GroupSink, Source, WriteCount};
 use crate::config::ActiveOffloads;
 use crate::counters::BatchCounts;
-use crate::crypto::Opener;
+use crate::crypto::{Opener, Opening};
 use crate::decide::Policy;
 use crate::gso_check::GsoCheck;
 use crate::icmp_limit::IcmpGate;
-use crate::io::buffers::PacketBuffers;
+use crate::io::buffers::{OpenedArena, PacketBuffers};
 use crate::io::error::{write_error_is_fatal, WorkerError};
 use crate::io::tap::GroupDelivery;
 use crate::io::tun::write_packet;
@@ -64,8 +64,8 @@ pub(crate) fn queue_segments(
     true
 }
 
-/// The packets of a batch accepted for the TUN, where they lie in the worker's buffers and in
-/// arrival order, and (with coalescing) the coalescer that sorts them into writes, fed with
+/// The packets of a batch accepted for the TUN, where they lie in the worker's buffers (with
+/// encryption, in the arena they were opened into) and in arrival order, and (with coalescing) the coalescer that sorts them into writes, fed with
 /// the checked views the decisions read.
 pub(crate) struct Accepted {
     packets: Vec<(*mut u8, usize)>,
@@ -73,8 +73,9 @@ pub(crate) struct Accepted {
     coalesce: bool,
     /// Where group traffic from peers goes, on a host that takes some.
     groups: Option<GroupDelivery>,
-    /// With encryption: what opens the datagrams, and its outbox.
-    opener: Option<Opener>,
+    /// With encryption: what opens the datagrams, and its outbox; and the arena a batch's
+    /// packets are opened into, which the batch's writes read.
+    opener: Option<(Opener, OpenedArena)>,
     /// The peers whose inner checksums are left partial, both ways.
     partial_peers: PartialPeers,
     /// The per-peer GSO checks: which peers get plain sends, and the probes' answers.
@@ -116,14 +117,17 @@ impl Accepted {
             .is_some_and(|check| check.withholds(*to.ip()))
     }
 
-    /// Open every datagram with `opener` from now on (encryption between hosts).
-    pub(crate) fn set_opener(&mut self, opener: Option<Opener>) {
-        self.opener = opener;
+    /// Open every datagram with `opener` from now on (encryption between hosts), into an
+    /// arena that holds the packets of `receives` receives (more in one batch are dropped as
+    /// `too_big`). The arena is reused once [`Accepted::write`] returns, so only a back end
+    /// whose writes are done by then may set one.
+    pub(crate) fn set_opener(&mut self, opener: Opener, receives: usize) {
+        self.opener = Some((opener, OpenedArena::new(receives)));
     }
 
     /// The opener, whose outbox the worker sends after each batch.
     pub(crate) fn opener(&mut self) -> Option<&mut Opener> {
-        self.opener.as_mut()
+        self.opener.as_mut().map(|(opener, _)| opener)
     }
 
     /// Take partial inner checksums from, and leave them partial to, the peers `peers` lists.
@@ -149,7 +153,8 @@ impl Accepted {
 
     /// Decide on the datagrams a receive from `from` left in `slot` (`len` bytes; a GRO run
     /// of `segment`-byte datagrams; `truncated` if the kernel cut it) and keep the accepted
-    /// ones for the batch's writes.
+    /// ones for the batch's writes. With encryption the datagrams are opened into the arena,
+    /// behind the packets of the batch's earlier receives, and the packets kept are there.
     ///
     /// # Safety
     /// The receive has completed, and nothing else reads or writes the slot until the batch's
@@ -172,6 +177,14 @@ impl Accepted {
         let reply_ptr = buffers.reply_ptr(slot).cast_const();
         // SAFETY: the caller guarantees nothing else uses the slot meanwhile.
         let (buf, reply) = unsafe { buffers.slot(slot, len) };
+        let mut opening = self.opener.as_mut().map(|(opener, arena)| {
+            // SAFETY: the arena's rest is lent only here, for this call; the accepted packets
+            // point into its filled part.
+            let (start, rest) = unsafe { arena.rest() };
+            (start, Opening::new(opener, rest))
+        });
+        // Where the offsets `decide_datagrams` reports start: the arena's rest with encryption.
+        let base = opening.as_ref().map_or(base, |(start, _)| *start);
         // Only the coalescer writes partial checksums as such; without it nothing is published.
         let from_partial_peer = self.coalesce
             && from.is_some_and(|from| self.partial_peers.snapshot().takes(*from.ip()));
@@ -198,10 +211,11 @@ impl Accepted {
             icmp,
             counts,
             sink,
-            self.opener.as_mut(),
+            opening.as_mut().map(|(_, opening)| opening),
             self.gso_check.as_ref(),
             |offset, ip| {
-                // SAFETY: the packet lies inside the slot's buffer, `offset` bytes in.
+                // SAFETY: the packet lies inside the slot's buffer (or the arena's rest),
+                // `offset` bytes in.
                 packets.push((unsafe { base.add(offset) }, ip.as_bytes().len()));
                 match coalescer.as_deref_mut() {
                     Some(coalescer) if from_partial_peer => coalescer.push_from_partial_peer(ip),
@@ -210,6 +224,10 @@ impl Accepted {
                 }
             },
         );
+        let opened = opening.map(|(_, opening)| opening.used());
+        if let (Some(used), Some((_, arena))) = (opened, self.opener.as_mut()) {
+            arena.fill(used);
+        }
         answer.map(|(to, len)| (to, (reply_ptr, len)))
     }
 
@@ -228,6 +246,9 @@ impl Accepted {
         unsafe { write_sorted(&mut self.coalescer, &self.packets, offloads, counts, write) };
         self.packets.clear();
         self.coalescer.clear();
+        if let Some((_, arena)) = self.opener.as_mut() {
+            arena.clear();
+        }
     }
 }
 

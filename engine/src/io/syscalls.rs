@@ -169,7 +169,8 @@ impl SyscallWorker {
         self.accepted.set_groups(context.groups.clone());
         if let Some(tunnels) = &context.tunnels {
             self.sealer = Some(Sealer::new(tunnels.clone()));
-            self.accepted.set_opener(Some(Opener::new(tunnels.clone())));
+            self.accepted
+                .set_opener(Opener::new(tunnels.clone()), BATCH);
             self.sends = SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEALED_BYTES);
         }
         self.accepted
