@@ -244,6 +244,7 @@ impl Engine {
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
+                index,
                 routes: routes.clone(),
                 policy: config.policy,
                 icmp_rate_limit: config.icmp_rate_limit,
