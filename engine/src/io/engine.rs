@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
-use crate::counters::{CounterSnapshot, WorkerCounters};
+use crate::counters::{BatchCounts, CounterSnapshot, WorkerCounters};
 use crate::crypto::Tunnels;
 use crate::gso_check::GsoCheck;
 use crate::io::broadcast_queue;
@@ -301,6 +301,11 @@ impl Engine {
     /// The offloads in use.
     pub fn offloads(&self) -> ActiveOffloads {
         self.offloads
+    }
+
+    /// Each worker's own counters, by worker number.
+    pub fn worker_counters(&self) -> Vec<BatchCounts> {
+        self.workers.iter().map(|w| w.counters.read()).collect()
     }
 
     /// All workers' counters, summed, and the multicast relay's.
