@@ -109,7 +109,8 @@ pub struct ActiveOffloads {
     pub udp_gso: bool,
     /// UDP GRO on receive (on every worker's socket).
     pub udp_gro: bool,
-    /// Datagrams are spread across several workers' sockets by inner flow.
+    /// Datagrams are spread across several workers' sockets by inner flow (with
+    /// encryption: by lane).
     pub flow_steering: bool,
 }
 

@@ -12,7 +12,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 
 use crate::counters::DropReason;
-use crate::crypto::tunnels::Tunnels;
+use crate::crypto::tunnels::{lane_offset, PeerTunnel, Tunnels};
 
 /// What became of a received datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,25 @@ pub enum Opened {
 /// The WireGuard message types (little-endian u32 in the first four bytes).
 const HANDSHAKE_INIT: u8 = 1;
 const DATA: u8 = 4;
+
+/// The lane a message belongs to: the byte of its session index that names the receiving
+/// host's lane (see [`crate::crypto::tunnels`]); `None` when the message is too short to
+/// hold it.
+fn lane_of(message: &[u8]) -> Option<u8> {
+    let kind = *message.first()?;
+    message.get(lane_offset(kind)).copied()
+}
+
+/// The tunnel of the lane `message` belongs to, locked. A lane beyond
+/// [`crate::crypto::tunnels::LANES`] names a session index no weft host gives out, so, as
+/// for any other index without a session, the message is `unknown_key`.
+fn tunnel_for<'a>(
+    tunnel: &'a PeerTunnel,
+    message: &[u8],
+) -> Result<std::sync::MutexGuard<'a, boringtun::noise::Tunn>, DropReason> {
+    let lane = lane_of(message).ok_or(DropReason::Truncated)?;
+    tunnel.lane(usize::from(lane)).ok_or(DropReason::UnknownKey)
+}
 
 /// A worker's opening state: the scratch buffer the packets that waited for a handshake are
 /// sealed in, and the messages the protocol wants sent (handshake responses, keepalives, those
@@ -70,7 +89,10 @@ impl Opener {
         if out.len() < datagram.len() {
             return Opened::Drop(DropReason::TooBig);
         }
-        let mut tunn = tunnel.lock();
+        let mut tunn = match tunnel_for(tunnel, datagram) {
+            Ok(tunn) => tunn,
+            Err(reason) => return Opened::Drop(reason),
+        };
         match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), datagram, out) {
             // The packet starts at the start of `out`: the tunnel decrypts where it copied the
             // message to, and cuts the result to the IPv4 total length.

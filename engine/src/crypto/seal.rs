@@ -6,6 +6,8 @@
 //! then sealed into the batch. Equal plaintexts give equal messages (no padding), so a run of
 //! full segments stays a run of equal-sized datagrams for UDP GSO.
 //!
+//! A worker seals on its own lane of the peer's tunnels (see [`crate::crypto::tunnels`]).
+//!
 //! Without a session the tunnel keeps the packet (up to 256) and answers with a handshake
 //! initiation (or nothing while one is under way); the kept packets leave when the handshake
 //! response arrives (the opener sends them).
@@ -29,19 +31,21 @@ pub fn sealed_len(plaintext_len: usize) -> usize {
     (plaintext_len + OVERHEAD).max(HANDSHAKE_INIT_LEN)
 }
 
-/// A worker's sealing state: the peers' tunnels and the scratch buffer segments are put
-/// together in.
+/// A worker's sealing state: the peers' tunnels, the worker's number (which picks its lane)
+/// and the scratch buffer segments are put together in.
 #[derive(Debug)]
 pub struct Sealer {
     tunnels: Tunnels,
+    worker: usize,
     scratch: Vec<u8>,
 }
 
 impl Sealer {
-    /// A sealer of segments of up to 64 KiB for the peers in `tunnels`.
-    pub fn new(tunnels: Tunnels) -> Self {
+    /// Worker `worker`'s sealer of segments of up to 64 KiB for the peers in `tunnels`.
+    pub fn new(tunnels: Tunnels, worker: usize) -> Self {
         Self {
             tunnels,
+            worker,
             scratch: vec![0; 1 << 16],
         }
     }
@@ -49,6 +53,11 @@ impl Sealer {
     /// The peers' tunnels.
     pub fn tunnels(&self) -> &Tunnels {
         &self.tunnels
+    }
+
+    /// The number of the worker this sealer seals for.
+    pub fn worker(&self) -> usize {
+        self.worker
     }
 
     /// Seal `plaintext` for the tunnel into `out` (at least [`sealed_len`] bytes): the length

@@ -15,6 +15,8 @@ use crate::route::Routes;
 
 /// Everything a worker's loop reads but does not own.
 pub(crate) struct WorkerContext {
+    /// The worker's number, 0 to workers - 1: its socket's place in the reuseport group.
+    pub(crate) index: usize,
     pub(crate) routes: Routes,
     pub(crate) policy: Policy,
     pub(crate) counters: Arc<WorkerCounters>,

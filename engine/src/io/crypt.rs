@@ -20,9 +20,11 @@ use crate::io::udp::SendBatch;
 use crate::offload::Segmenter;
 
 /// The send batch's room for sealed datagrams: with encryption every datagram is written
-/// into the batch, not only the segments' headers. About 170 full datagrams, so that a batch
-/// is sent before it holds more messages of one session than the receiver's replay window
-/// (1024) tolerates being overtaken by another worker's batch.
+/// into the batch, not only the segments' headers. About 170 full datagrams: a `sendmmsg`
+/// of a few GSO runs. A worker seals on its own lane, so no other worker's batch overtakes its
+/// messages, except on a host with more workers than lanes, where two workers share one; a
+/// batch then still holds far fewer messages of one session than the receiver's replay window
+/// (1024) lets be overtaken.
 pub(crate) const SEALED_BYTES: usize = 256 << 10;
 
 /// Queue `packet` for `to` sealed into `batch`: whole, or (with `segmenter`) its segments
@@ -49,7 +51,7 @@ pub(crate) fn queue_sealed(
     };
     let tunnel = Arc::clone(tunnel);
     drop(table);
-    let mut tunn = tunnel.lock();
+    let mut tunn = tunnel.worker_lane(sealer.worker());
     while *next < total {
         let plain = segmenter.map_or(packet.len(), |s| s.segment_len(*next));
         let room = sealed_len(plain);
@@ -113,8 +115,8 @@ impl TimerThread {
     }
 }
 
-/// Start the thread `weft-timers`, which every [`TIMER_TICK`] runs every tunnel's
-/// timers and sends what they produce from `socket` (a duplicate of a worker's socket) to the
+/// Start the thread `weft-timers`, which every [`TIMER_TICK`] runs the timers of every
+/// peer's lanes in use and sends what they produce from `socket` (a duplicate of a worker's socket) to the
 /// peer's address at `port`.
 pub(crate) fn spawn_timers(
     tunnels: Tunnels,
@@ -130,10 +132,11 @@ pub(crate) fn spawn_timers(
             while !signal.is_raised() {
                 let table = tunnels.snapshot();
                 for (addr, tunnel) in table.iter() {
-                    let mut tunn = tunnel.lock();
-                    if let TunnResult::WriteToNetwork(message) = tunn.update_timers(&mut buf) {
-                        // Lost or refused: the protocol tries again on a later tick.
-                        let _ = socket.send_to(message, SocketAddrV4::new(*addr, port));
+                    for mut tunn in tunnel.lanes_in_use() {
+                        if let TunnResult::WriteToNetwork(message) = tunn.update_timers(&mut buf) {
+                            // Lost or refused: the protocol tries again on a later tick.
+                            let _ = socket.send_to(message, SocketAddrV4::new(*addr, port));
+                        }
                     }
                 }
                 drop(table);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::config::{ActiveOffloads, EngineConfig, IoBackend, Offloads, UnknownIoBackend};
-use crate::counters::{CounterSnapshot, WorkerCounters};
+use crate::counters::{BatchCounts, CounterSnapshot, WorkerCounters};
 use crate::crypto::Tunnels;
 use crate::gso_check::GsoCheck;
 use crate::io::broadcast_queue;
@@ -23,7 +23,7 @@ use crate::io::stop::StopSignal;
 use crate::io::tap::{GroupDelivery, Tap};
 use crate::io::tun::TunError;
 use crate::io::tun::TunQueue;
-use crate::io::udp::{bind_worker_socket, steer_by_inner_flow};
+use crate::io::udp::{bind_worker_socket, steer_by_inner_flow, steer_by_lane};
 use crate::io::worker::{self, SpawnError, WorkerSetup};
 use crate::multicast::receive::Delivery;
 use crate::multicast::relay::Relay;
@@ -167,14 +167,21 @@ impl Engine {
                 source,
             })?;
         let mut offloads = probe_offloads(&config.offloads, &tun, &sockets);
-        // With encryption the datagram holds no inner flow to steer by: the kernel's hash of
-        // the outer addresses keeps each peer on one worker.
-        if let ([first, _, ..], None) = (&sockets[..], &tunnels) {
-            match steer_by_inner_flow(first.as_fd(), sockets.len()) {
+        // With encryption the datagram holds no inner flow to steer by, but it names its
+        // lane: each lane goes to the worker that seals on it.
+        if let [first, _, ..] = &sockets[..] {
+            let (steered, by) = match &tunnels {
+                None => (
+                    steer_by_inner_flow(first.as_fd(), sockets.len()),
+                    "inner flow",
+                ),
+                Some(_) => (steer_by_lane(first.as_fd(), sockets.len()), "lane"),
+            };
+            match steered {
                 Ok(()) => offloads.flow_steering = true,
                 Err(error) => tracing::warn!(
                     %error,
-                    "cannot spread received datagrams across workers by inner flow"
+                    "cannot spread received datagrams across workers by {by}"
                 ),
             }
         }
@@ -244,6 +251,7 @@ impl Engine {
         for (index, (tun, socket)) in tun.into_iter().zip(sockets).enumerate() {
             let stop = StopSignal::new().map_err(|source| EngineError::Spawn { index, source })?;
             let context = WorkerContext {
+                index,
                 routes: routes.clone(),
                 policy: config.policy,
                 icmp_rate_limit: config.icmp_rate_limit,
@@ -293,6 +301,11 @@ impl Engine {
     /// The offloads in use.
     pub fn offloads(&self) -> ActiveOffloads {
         self.offloads
+    }
+
+    /// Each worker's own counters, by worker number.
+    pub fn worker_counters(&self) -> Vec<BatchCounts> {
+        self.workers.iter().map(|w| w.counters.read()).collect()
     }
 
     /// All workers' counters, summed, and the multicast relay's.

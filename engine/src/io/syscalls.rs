@@ -168,7 +168,7 @@ impl SyscallWorker {
         self.icmp = IcmpGate::new(context.icmp_rate_limit);
         self.accepted.set_groups(context.groups.clone());
         if let Some(tunnels) = &context.tunnels {
-            self.sealer = Some(Sealer::new(tunnels.clone()));
+            self.sealer = Some(Sealer::new(tunnels.clone(), context.index));
             self.accepted
                 .set_opener(Opener::new(tunnels.clone()), BATCH);
             self.sends = SendBatch::new(SEND_MESSAGES, SEND_PIECES, SEALED_BYTES);

@@ -158,19 +158,71 @@ fn inner_flow_program(workers: u32) -> [libc::sock_filter; 22] {
     ]
 }
 
+/// The classic BPF program that picks, among `workers` sockets bound to one port, the one an
+/// encrypted datagram goes to, by the lane its session index names (see
+/// [`crate::crypto::tunnels`]): byte 9 of a handshake response (type 2), byte 5 of every
+/// other message, modulo `workers`. Worker `w` seals on lane `w` (for `w` below the lane
+/// count), so a lane's datagrams land on the worker that seals that lane here; a datagram too
+/// short for the load goes to the first socket, whose opener drops it.
+fn lane_program(workers: u32) -> [libc::sock_filter; 7] {
+    const LD: u16 = libc::BPF_LD as u16;
+    const ALU: u16 = libc::BPF_ALU as u16;
+    const JMP: u16 = libc::BPF_JMP as u16;
+    const RET: u16 = libc::BPF_RET as u16;
+    const B: u16 = libc::BPF_B as u16;
+    const ABS: u16 = libc::BPF_ABS as u16;
+    const K: u16 = libc::BPF_K as u16;
+    const A: u16 = libc::BPF_A as u16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let response = crate::crypto::tunnels::lane_offset(2) as u32;
+    let other = crate::crypto::tunnels::lane_offset(4) as u32;
+    [
+        op(LD | B | ABS, 0, 0, 0),                         // A = message type
+        op(JMP | libc::BPF_JEQ as u16 | K, 0, 2, 2),       // handshake response?
+        op(LD | B | ABS, 0, 0, response),                  // A = its receiver's lane
+        op(JMP | libc::BPF_JA as u16, 0, 0, 1),            //
+        op(LD | B | ABS, 0, 0, other),                     // A = the lane of the rest
+        op(ALU | libc::BPF_MOD as u16 | K, 0, 0, workers), // A %= workers
+        op(RET | A, 0, 0, 0),                              // the socket's index
+    ]
+}
+
 /// Spread the datagrams arriving at a port that `workers` sockets share (`SO_REUSEPORT`)
 /// across them by inner flow, with `socket` any member of the group. Without this the kernel
 /// hashes the outer addresses and ports, which are the same for everything one peer sends
 /// (flannel's wire format has one port), so one worker would receive all of a peer's traffic.
 /// A flow stays on one socket, so its packets are never reordered.
 pub(crate) fn steer_by_inner_flow(socket: BorrowedFd<'_>, workers: usize) -> io::Result<()> {
-    let workers = u32::try_from(workers)
+    let mut program = inner_flow_program(reuseport_workers(workers)?);
+    attach_reuseport_program(socket, &mut program)
+}
+
+/// With encryption, spread the datagrams arriving at the shared port across the `workers`
+/// sockets by lane (see [`lane_program`]), with `socket` any member of the group. A peer's
+/// lane stays on one socket: a session's messages are never reordered by the spreading, and
+/// its lock is normally taken by one worker only.
+pub(crate) fn steer_by_lane(socket: BorrowedFd<'_>, workers: usize) -> io::Result<()> {
+    let mut program = lane_program(reuseport_workers(workers)?);
+    attach_reuseport_program(socket, &mut program)
+}
+
+fn reuseport_workers(workers: usize) -> io::Result<u32> {
+    u32::try_from(workers)
         .ok()
         .filter(|w| *w > 0)
-        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut program = inner_flow_program(workers);
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Attach `program` to the reuseport group of `socket`: it picks the socket each datagram
+/// goes to, by its place in the group (the order the sockets were bound in).
+fn attach_reuseport_program(
+    socket: BorrowedFd<'_>,
+    program: &mut [libc::sock_filter],
+) -> io::Result<()> {
+    let len = libc::c_ushort::try_from(program.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let fprog = libc::sock_fprog {
-        len: program.len() as libc::c_ushort,
+        len,
         filter: program.as_mut_ptr(),
     };
     // SAFETY: the option value is a live sock_fprog pointing at `program`, which outlives
@@ -606,7 +658,8 @@ mod tests {
     }
 
     /// Run a classic BPF program the way the kernel does for a reuseport group, over the
-    /// opcodes `inner_flow_program` uses; a load beyond the packet ends it with 0.
+    /// opcodes `inner_flow_program` and `lane_program` use; a load beyond the packet ends it
+    /// with 0.
     fn run_cbpf(program: &[libc::sock_filter], packet: &[u8]) -> u32 {
         let (mut a, mut x, mut mem) = (0u32, 0u32, [0u32; 16]);
         let load = |at: usize, size: usize| -> Option<u32> {
@@ -711,6 +764,47 @@ mod tests {
                 "ICMP ignores the bytes after"
             );
             assert_eq!(run_cbpf(&program, &inner(6, 1, 2)[..21]), 0);
+            assert_eq!(run_cbpf(&program, &[]), 0);
+        }
+    }
+
+    /// A WireGuard message of `kind` whose session index names `lane` where that kind names
+    /// the receiver's lane, with every other byte set to `fill`.
+    fn message(kind: u8, lane: u8, fill: u8) -> Vec<u8> {
+        let len = match kind {
+            1 => 148,
+            2 => 92,
+            3 => 64,
+            _ => 32 + 1400,
+        };
+        let mut message = vec![fill; len];
+        message[..4].copy_from_slice(&[kind, 0, 0, 0]);
+        message[if kind == 2 { 9 } else { 5 }] = lane;
+        message
+    }
+
+    #[test]
+    fn encrypted_datagrams_go_to_the_worker_of_their_lane() {
+        for workers in [1u32, 2, 3, 4, 16] {
+            let program = lane_program(workers);
+            for kind in 1..=4u8 {
+                for lane in 0..=255u8 {
+                    for fill in [0u8, 0x5a, 0xff] {
+                        assert_eq!(
+                            run_cbpf(&program, &message(kind, lane, fill)),
+                            u32::from(lane) % workers,
+                            "type {kind}, lane {lane}, {workers} workers"
+                        );
+                    }
+                }
+            }
+            // A response's own sender index (byte 5) does not steer it: its receiver's does.
+            let mut response = message(2, 1, 0);
+            response[5] = 3;
+            assert_eq!(run_cbpf(&program, &response), 1 % workers);
+            // Too short for the lane: the first socket, whose opener drops it.
+            assert_eq!(run_cbpf(&program, &[4, 0, 0, 0, 1]), 0);
+            assert_eq!(run_cbpf(&program, &message(2, 1, 0)[..9]), 0);
             assert_eq!(run_cbpf(&program, &[]), 0);
         }
     }

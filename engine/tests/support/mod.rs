@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use weft_engine::{
     open_queues_with, Engine, EngineConfig, Groups, IcmpRateLimit, IoBackend, MulticastConfig,
-    Offloads, Overlay, Policy, RouteTable, Routes,
+    Offloads, Overlay, Policy, RouteTable, Routes, Tunnels, OVERHEAD,
 };
 
 /// The overlay every lab uses: flannel's example Network cut into /24 subnets.
@@ -38,6 +38,8 @@ pub const PORT: u16 = 8285;
 pub const H3_SUBNET: &str = "10.1.3.0/24";
 /// The TUN (and container) MTU: the underlay's 1500 minus 28.
 pub const TUN_MTU: usize = 1472;
+/// The TUN MTU with encryption between hosts: what encryption adds is given up.
+pub const ENCRYPTED_MTU: usize = TUN_MTU - OVERHEAD;
 /// The name pattern the TUN is created with; the first device in a namespace is `flannel0`.
 pub const TUN_PATTERN: &str = "flannel%d";
 
@@ -329,18 +331,11 @@ impl Lab {
         groups: Groups,
         busy_poll: Duration,
     ) -> RunningEngine {
-        let routes = self.routes_for(host);
-        let ns = host.ns.clone();
-        let subnet = host.subnet;
-        let public = host.public;
-        in_netns(&host.ns, move || {
-            let queues =
-                open_queues_with(TUN_PATTERN, workers, offloads.tun).expect("open TUN queues");
-            let tun = queues[0].name().to_owned();
-            configure_tun(&ns, &tun, subnet);
-            let config = EngineConfig {
+        self.start_engine_on(
+            host,
+            EngineConfig {
                 workers,
-                bind: SocketAddrV4::new(public, PORT),
+                bind: SocketAddrV4::new(host.public, PORT),
                 io: backend,
                 policy: Policy {
                     tun_mtu: TUN_MTU,
@@ -351,9 +346,55 @@ impl Lab {
                 icmp_rate_limit,
                 multicast,
                 busy_poll,
-            };
+            },
+            groups,
+            None,
+        )
+    }
+
+    /// Start the engine on `host` with `workers` workers, every offload, and encryption
+    /// between hosts with `tunnels`; the TUN MTU gives up what encryption adds
+    /// ([`ENCRYPTED_MTU`]).
+    pub fn start_engine_encrypted(
+        &self,
+        host: &Host,
+        workers: usize,
+        tunnels: Tunnels,
+    ) -> RunningEngine {
+        let config = EngineConfig {
+            workers,
+            bind: SocketAddrV4::new(host.public, PORT),
+            io: IoBackend::Syscalls,
+            policy: Policy {
+                tun_mtu: ENCRYPTED_MTU,
+                allow_foreign_sources: false,
+            },
+            pin_cores: false,
+            offloads: Offloads::ALL,
+            icmp_rate_limit: IcmpRateLimit::DEFAULT,
+            multicast: None,
+            busy_poll: weft_engine::DEFAULT_BUSY_POLL,
+        };
+        self.start_engine_on(host, config, Groups::default(), Some(tunnels))
+    }
+
+    fn start_engine_on(
+        &self,
+        host: &Host,
+        config: EngineConfig,
+        groups: Groups,
+        tunnels: Option<Tunnels>,
+    ) -> RunningEngine {
+        let routes = self.routes_for(host);
+        let ns = host.ns.clone();
+        let subnet = host.subnet;
+        in_netns(&host.ns, move || {
+            let queues = open_queues_with(TUN_PATTERN, config.workers, config.offloads.tun)
+                .expect("open TUN queues");
+            let tun = queues[0].name().to_owned();
+            configure_tun(&ns, &tun, subnet, config.policy.tun_mtu);
             let engine =
-                Engine::start_with_groups(config, queues, routes, groups).expect("start engine");
+                Engine::start_with(config, queues, routes, groups, tunnels).expect("start engine");
             RunningEngine { engine, tun }
         })
     }
@@ -471,10 +512,10 @@ fn subnet_of(host: &Host) -> ipnet::Ipv4Net {
 
 /// Address the TUN, set its MTU, bring it up and route the Network through it, as flanneld
 /// does; IPv6 is off so the device stays quiet.
-fn configure_tun(ns: &str, tun: &str, subnet: Ipv4Addr) {
+fn configure_tun(ns: &str, tun: &str, subnet: Ipv4Addr, mtu: usize) {
     sysctl(ns, &[&format!("net.ipv6.conf.{tun}.disable_ipv6=1")]);
     ip(ns, &["addr", "add", &format!("{subnet}/32"), "dev", tun]);
-    ip(ns, &["link", "set", tun, "mtu", &TUN_MTU.to_string(), "up"]);
+    ip(ns, &["link", "set", tun, "mtu", &mtu.to_string(), "up"]);
     ip(ns, &["route", "add", NETWORK, "dev", tun]);
 }
 
