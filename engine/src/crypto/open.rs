@@ -307,6 +307,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn segments_put_together_inside_the_super_packet_open_to_what_the_segmenter_cuts() {
+        use crate::offload::testing::Tcp;
+        use crate::offload::Segmenter;
+        let (a, b) = pair();
+        let (_, mut ob) = handshake(&a, &b, &packet(10));
+        // Seven segments, the last one shorter, with TCP options.
+        let (header, mut super_packet) = Tcp::new(7, 10_000).super_packet(1448);
+        let segmenter = Segmenter::new(&header, &super_packet).unwrap();
+        let mut expected = vec![0; 20_000];
+        let total = segmenter
+            .segment_into(&super_packet, &mut expected)
+            .unwrap();
+        let mut sealer = Sealer::new(a.clone(), 0);
+        let table = a.snapshot();
+        let tunnel = table.get(&B).unwrap();
+        let mut at_expected = 0;
+        for index in 0..segmenter.segments() {
+            let len = segmenter.segment_len(index);
+            let mut message = vec![0; sealed_len(len)];
+            let sealed = sealer.seal_segment(
+                &mut tunnel.worker_lane(0),
+                &mut super_packet,
+                &segmenter,
+                index,
+                &mut message,
+            );
+            assert_eq!(sealed, len + OVERHEAD, "segment {index}");
+            let mut opened = out();
+            assert_eq!(
+                ob.open(at(A), &message[..sealed], &mut opened),
+                Opened::Packet(len)
+            );
+            assert_eq!(
+                &opened[..len],
+                &expected[at_expected..at_expected + len],
+                "segment {index} is what the segmenter cuts"
+            );
+            at_expected += len;
+        }
+        assert_eq!(at_expected, total);
+    }
+
+    #[test]
     fn tampered_replayed_truncated_plaintext_and_strangers_are_counted() {
         let (a, b) = pair();
         let (_, mut ob) = handshake(&a, &b, &packet(10));

@@ -1,10 +1,13 @@
 //! Sealing what a worker sends: one WireGuard data message per datagram, written straight
 //! into the send batch's memory.
 //!
-//! A packet sent whole is sealed from its own buffer. A super-packet's segment is first put
-//! together (its headers from the segmenter, then its payload) in the worker's scratch buffer,
-//! then sealed into the batch. Equal plaintexts give equal messages (no padding), so a run of
-//! full segments stays a run of equal-sized datagrams for UDP GSO.
+//! A packet sent whole is sealed from its own buffer. A super-packet's segments are sealed in
+//! order, each put together inside the super-packet itself: its headers are written just in
+//! front of its payload, over bytes already sealed (the super-packet's own headers for the
+//! first, the previous segment's last bytes for the others), and the segment is sealed from
+//! there into the batch. The tunnel copies the plaintext into the batch and encrypts it there,
+//! and that is the only copy of the payload. Equal plaintexts give equal messages (no padding),
+//! so a run of full segments stays a run of equal-sized datagrams for UDP GSO.
 //!
 //! A worker seals on its own lane of the peer's tunnels (see [`crate::crypto::tunnels`]).
 //!
@@ -15,6 +18,7 @@
 use boringtun::noise::{Tunn, TunnResult};
 
 use crate::crypto::tunnels::Tunnels;
+use crate::offload::segment::MAX_HEADER_LEN;
 use crate::offload::Segmenter;
 
 /// What encryption adds to a packet: the data message header (type, receiver index, counter:
@@ -37,16 +41,18 @@ pub fn sealed_len(plaintext_len: usize) -> usize {
 pub struct Sealer {
     tunnels: Tunnels,
     worker: usize,
-    scratch: Vec<u8>,
+    /// The headers of the super-packet being sealed, saved when its first segment overwrites
+    /// them.
+    headers: [u8; MAX_HEADER_LEN],
 }
 
 impl Sealer {
-    /// Worker `worker`'s sealer of segments of up to 64 KiB for the peers in `tunnels`.
+    /// Worker `worker`'s sealer for the peers in `tunnels`.
     pub fn new(tunnels: Tunnels, worker: usize) -> Self {
         Self {
             tunnels,
             worker,
-            scratch: vec![0; 1 << 16],
+            headers: [0; MAX_HEADER_LEN],
         }
     }
 
@@ -74,30 +80,45 @@ impl Sealer {
     }
 
     /// Seal segment `index` of the super-packet `packet` (which `segmenter` was made for)
-    /// into `out`, as [`Sealer::seal`] does.
+    /// into `out`, as [`Sealer::seal`] does, putting the segment together inside `packet`.
+    /// A super-packet's segments must be sealed in order from 0, and no other super-packet's
+    /// in between: each overwrites what the one before no longer needs, and the first saves
+    /// the headers the others are made from. Afterwards `packet` is spent.
     pub fn seal_segment(
         &mut self,
         tunn: &mut Tunn,
-        packet: &[u8],
+        packet: &mut [u8],
         segmenter: &Segmenter,
         index: usize,
         out: &mut [u8],
     ) -> usize {
         let header_len = segmenter.header_len();
-        let Some(header) = self.scratch.get_mut(..header_len) else {
+        let Some(payload) = segmenter.payload_range(index) else {
             return 0;
         };
-        let Some(segment) = segmenter.write_header(packet, index, header) else {
+        if index == 0 {
+            match (packet.get(..header_len), self.headers.get_mut(..header_len)) {
+                (Some(headers), Some(saved)) => saved.copy_from_slice(headers),
+                _ => return 0,
+            }
+        }
+        // The segment's headers go right in front of its payload.
+        let Some(start) = payload.start.checked_sub(header_len) else {
             return 0;
         };
-        let payload_len = segment.payload.len();
-        let (Some(payload), Some(into)) = (
-            packet.get(segment.payload),
-            self.scratch.get_mut(header_len..header_len + payload_len),
-        ) else {
+        if payload.end > packet.len() {
             return 0;
-        };
-        into.copy_from_slice(payload);
-        Self::seal(tunn, &self.scratch[..header_len + payload_len], out)
+        }
+        let (front, body) = packet.split_at_mut(payload.start);
+        let written = segmenter.write_header_of(
+            &self.headers[..header_len],
+            &body[..payload.len()],
+            index,
+            &mut front[start..],
+        );
+        if written.is_none() {
+            return 0;
+        }
+        Self::seal(tunn, &packet[start..payload.end], out)
     }
 }

@@ -29,14 +29,16 @@ pub(crate) const SEALED_BYTES: usize = 256 << 10;
 
 /// Queue `packet` for `to` sealed into `batch`: whole, or (with `segmenter`) its segments
 /// from `*next` on, advancing `*next`. Returns whether everything is queued (`false`: the
-/// batch is full; send it and call again). A packet the tunnel keeps for a handshake under
-/// way queues nothing; a peer without a tunnel (no key) is counted as `unknown_peer`.
+/// batch is full; send it and call again, with the same `packet` and `*next`). A packet the
+/// tunnel keeps for a handshake under way queues nothing; a peer without a tunnel (no key) is
+/// counted as `unknown_peer`. A super-packet is spent afterwards: its segments are put
+/// together inside it (see [`Sealer::seal_segment`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn queue_sealed(
     batch: &mut SendBatch,
     sealer: &mut Sealer,
     to: SocketAddrV4,
-    packet: &[u8],
+    packet: &mut [u8],
     segmenter: Option<&Segmenter>,
     next: &mut usize,
     gso: bool,
@@ -63,7 +65,7 @@ pub(crate) fn queue_sealed(
         };
         let len = match segmenter {
             Some(segmenter) => sealer.seal_segment(&mut tunn, packet, segmenter, *next, space),
-            None => Sealer::seal(&mut tunn, packet, space),
+            None => Sealer::seal(&mut tunn, &*packet, space),
         };
         if len > 0 {
             let piece = (space.as_ptr(), len);

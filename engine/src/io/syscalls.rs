@@ -346,7 +346,7 @@ impl SyscallWorker {
                 TunAction::Recycle => {}
                 TunAction::WriteReply { len } => self.write_reply(slot, len, counts)?,
                 TunAction::Send { to, len, segments } if self.sealer.is_some() => {
-                    let packet = (self.buffers.packet_ptr(slot).cast_const(), len);
+                    let packet = (self.buffers.packet_ptr(slot), len);
                     self.queue_sealed(packet, to, segments.as_ref(), counts)?
                 }
                 TunAction::Send {
@@ -445,8 +445,9 @@ impl SyscallWorker {
                 )
             };
             match answer {
-                Some((to, piece)) if self.sealer.is_some() => {
-                    self.queue_sealed(piece, to, None, counts)?
+                Some((to, (reply, len))) if self.sealer.is_some() => {
+                    // The reply buffer is this worker's own memory, written by the decision.
+                    self.queue_sealed((reply.cast_mut(), len), to, None, counts)?
                 }
                 Some((to, piece)) => self.queue(to, Source::Reply, piece, counts)?,
                 None => {}
@@ -473,14 +474,16 @@ impl SyscallWorker {
     /// as `segments` cuts it, sending the batch whenever it is full.
     fn queue_sealed(
         &mut self,
-        (start, len): (*const u8, usize),
+        (start, len): (*mut u8, usize),
         to: SocketAddrV4,
         segments: Option<&crate::offload::Segmenter>,
         counts: &mut BatchCounts,
     ) -> Result<(), WorkerError> {
-        // SAFETY: `start` is one of this worker's buffers holding `len` bytes that nothing
-        // writes while they are sealed (the sealed datagrams are copies, in the batch).
-        let packet: &[u8] = unsafe { std::slice::from_raw_parts(start, len) };
+        // SAFETY: `start` is one of this worker's own packet or reply buffers holding `len`
+        // bytes, which nothing else reads or writes until the packet is sealed (the sealed
+        // datagrams are copies, in the batch; a super-packet's segments are put together in
+        // place, and the buffer is not read again).
+        let packet: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(start, len) };
         let gso = self.accepted.gso_to(to, self.offloads.udp_gso);
         let mut next = 0;
         loop {

@@ -273,7 +273,8 @@ impl Segmenter {
         self.segment_len(0)
     }
 
-    fn payload_range(&self, index: usize) -> Option<Range<usize>> {
+    /// Where segment `index`'s payload lies in the super-packet.
+    pub fn payload_range(&self, index: usize) -> Option<Range<usize>> {
         if index >= self.segments {
             return None;
         }
@@ -299,7 +300,26 @@ impl Segmenter {
     pub fn write_header(&self, packet: &[u8], index: usize, out: &mut [u8]) -> Option<Segment> {
         let payload = self.payload_range(index)?;
         let headers = packet.get(..self.header_len)?;
-        let body = packet.get(payload.clone())?;
+        let body = packet.get(payload)?;
+        self.write_header_of(headers, body, index, out)
+    }
+
+    /// As [`Segmenter::write_header`], with the super-packet's original `headers` and segment
+    /// `index`'s payload `body` given apart: for a caller that writes each segment's headers
+    /// into the super-packet itself, in front of the segment's payload, over what it no longer
+    /// needs (the super-packet's own headers, the previous segment's last bytes).
+    pub fn write_header_of(
+        &self,
+        headers: &[u8],
+        body: &[u8],
+        index: usize,
+        out: &mut [u8],
+    ) -> Option<Segment> {
+        let payload = self.payload_range(index)?;
+        if body.len() != payload.len() {
+            return None;
+        }
+        let headers = headers.get(..self.header_len)?;
         let out = out.get_mut(..self.header_len)?;
         out.copy_from_slice(headers);
         let len = self.header_len + body.len();
