@@ -195,6 +195,16 @@ fn multicast_config(flags: &Flags) -> Option<MulticastConfig> {
     })
 }
 
+/// Whether this host leaves inner checksums partial between weft hosts: unless
+/// `--no-skip-inner-csum`, and only when the TUN can take such packets.
+fn skip_inner_csum(flags: &Flags, engine: &Engine) -> bool {
+    let skip = !flags.no_skip_inner_csum && engine.offloads().takes_partial_checksums();
+    if !flags.no_skip_inner_csum && !skip {
+        info!("inner checksums stay complete: the TUN takes no offloads or coalescing is off");
+    }
+    skip
+}
+
 /// How often the engine's local groups are looked at for changes.
 const LOCAL_GROUPS_POLL: Duration = Duration::from_millis(200);
 
@@ -214,10 +224,7 @@ fn start_records(
     groups: Groups,
 ) -> Result<Vec<AbortOnDrop>, DaemonError> {
     let relay = flags.multicast || flags.broadcast;
-    let skip_inner_csum = !flags.no_skip_inner_csum && engine.offloads().takes_partial_checksums();
-    if !flags.no_skip_inner_csum && !skip_inner_csum {
-        info!("inner checksums stay complete: the TUN takes no offloads or coalescing is off");
-    }
+    let skip_inner_csum = skip_inner_csum(flags, engine);
     // Checked only where probes are sent: with UDP GSO on (the engine runs unencrypted here).
     let udp_gso_check = !flags.no_udp_gso_check && engine.offloads().udp_gso;
     if !(relay || skip_inner_csum || udp_gso_check) {
@@ -664,6 +671,8 @@ impl Daemon<'_> {
                     &membership,
                     routes.clone(),
                     tunnels,
+                    skip_inner_csum(flags, &engine),
+                    engine.partial_peers(),
                 );
                 let keep_open = tokio::spawn(async move {
                     let _open = local_groups;

@@ -69,11 +69,17 @@ pub fn prepare(flags: &Flags, config: &NetworkConfig) -> Result<Option<Tunnels>,
 
 /// Keep this host's record (with its public key) in etcd and the peers' keys in `tunnels`.
 /// The returned handles end the task when dropped.
+/// With `skip_inner_csum` the record also advertises that inner checksums may be left
+/// partial, and the peers that advertise it are published to `partial_peers`: inside a
+/// message that ChaCha20-Poly1305 authenticates, an inner checksum catches nothing the tag
+/// does not.
 pub fn start_records<R: Registry>(
     registry: R,
     membership: &MembershipHandle,
     routes: weft_engine::Routes,
     tunnels: &Tunnels,
+    skip_inner_csum: bool,
+    partial_peers: weft_engine::PartialPeers,
 ) -> (tokio::task::JoinHandle<()>, watch::Sender<Vec<Ipv4Addr>>) {
     // No multicast with encryption: the local groups never change, but the channel must stay
     // open for the task to run.
@@ -84,8 +90,7 @@ pub fn start_records<R: Registry>(
             multicast: false,
             broadcast: false,
             public_key: Some(tunnels.public_key()),
-            // Inner checksums stay complete inside encrypted datagrams.
-            skip_inner_csum: false,
+            skip_inner_csum,
             // A damaged datagram fails its authentication; the check's probes are not sealed.
             udp_gso_check: false,
             retry: Backoff::default(),
@@ -96,7 +101,7 @@ pub fn start_records<R: Registry>(
             routes,
             groups: weft_engine::Groups::default(),
             tunnels: Some(tunnels.clone()),
-            partial_peers: weft_engine::PartialPeers::default(),
+            partial_peers,
             gso_check: weft_engine::GsoCheck::default(),
         },
     );
