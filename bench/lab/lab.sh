@@ -244,11 +244,14 @@ proc_is() {
 }
 
 # start_bg <label> <namespace> <logfile> <command...>: start a process inside a namespace.
-# `ip netns exec` execs the command, so the pid is the command's own. Sets LAST_PID.
+# `ip netns exec` execs the command, so the pid is the command's own. Sets LAST_PID. The
+# process gets none of the script's own descriptors (with --json, fd 3 is the caller's standard
+# output, which a process left running by `up` would otherwise hold open, so that a reader such
+# as `lab.sh up --json | tail -1` never saw its end).
 start_bg() {
 	local label=$1 ns=$2 logf=$3
 	shift 3
-	ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null &
+	ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null 3>&- &
 	record_pid "$!" "$label"
 }
 
@@ -258,7 +261,7 @@ start_bg() {
 start_bg_nsenter() {
 	local label=$1 ns=$2 logf=$3
 	shift 3
-	nsenter --net="/run/netns/$ns" "$@" >"$logf" 2>&1 </dev/null &
+	nsenter --net="/run/netns/$ns" "$@" >"$logf" 2>&1 </dev/null 3>&- &
 	record_pid "$!" "$label"
 }
 
