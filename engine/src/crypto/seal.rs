@@ -36,7 +36,7 @@ pub fn sealed_len(plaintext_len: usize) -> usize {
 }
 
 /// A worker's sealing state: the peers' tunnels, the worker's number (which picks its lane)
-/// and the scratch buffer segments are put together in.
+/// and the headers of the super-packet being sealed.
 #[derive(Debug)]
 pub struct Sealer {
     tunnels: Tunnels,
