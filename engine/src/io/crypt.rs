@@ -7,7 +7,6 @@
 use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use boringtun::noise::TunnResult;
@@ -15,7 +14,7 @@ use boringtun::noise::TunnResult;
 use crate::batch::Source;
 use crate::counters::BatchCounts;
 use crate::crypto::{sealed_len, Opener, Sealer, Tunnels};
-use crate::io::stop::StopSignal;
+use crate::io::periodic::PeriodicThread;
 use crate::io::udp::SendBatch;
 use crate::offload::Segmenter;
 
@@ -99,24 +98,6 @@ pub(crate) fn send_outbox(socket: &UdpSocket, opener: &mut Opener, counts: &mut 
 /// How often the tunnels' timers run (boringtun's own device loop uses 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
-/// The running timers thread.
-pub(crate) struct TimerThread {
-    thread: Option<JoinHandle<()>>,
-    stop: Arc<StopSignal>,
-}
-
-impl TimerThread {
-    /// Stop the thread and wait for it.
-    pub(crate) fn stop_and_join(&mut self) {
-        self.stop.raise();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("tunnel timer thread panicked");
-            }
-        }
-    }
-}
-
 /// Start the thread `weft-timers`, which every [`TIMER_TICK`] runs the timers of every
 /// peer's lanes in use and sends what they produce from `socket` (a duplicate of a worker's socket) to the
 /// peer's address at `port`.
@@ -124,29 +105,17 @@ pub(crate) fn spawn_timers(
     tunnels: Tunnels,
     socket: UdpSocket,
     port: u16,
-) -> io::Result<TimerThread> {
-    let stop = Arc::new(StopSignal::new()?);
-    let signal = Arc::clone(&stop);
-    let thread = std::thread::Builder::new()
-        .name("weft-timers".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 256];
-            while !signal.is_raised() {
-                let table = tunnels.snapshot();
-                for (addr, tunnel) in table.iter() {
-                    for mut tunn in tunnel.lanes_in_use() {
-                        if let TunnResult::WriteToNetwork(message) = tunn.update_timers(&mut buf) {
-                            // Lost or refused: the protocol tries again on a later tick.
-                            let _ = socket.send_to(message, SocketAddrV4::new(*addr, port));
-                        }
-                    }
+) -> io::Result<PeriodicThread> {
+    let mut buf = vec![0u8; 256];
+    PeriodicThread::spawn("weft-timers", TIMER_TICK, move || {
+        let table = tunnels.snapshot();
+        for (addr, tunnel) in table.iter() {
+            for mut tunn in tunnel.lanes_in_use() {
+                if let TunnResult::WriteToNetwork(message) = tunn.update_timers(&mut buf) {
+                    // Lost or refused: the protocol tries again on a later tick.
+                    let _ = socket.send_to(message, SocketAddrV4::new(*addr, port));
                 }
-                drop(table);
-                std::thread::sleep(TIMER_TICK);
             }
-        })?;
-    Ok(TimerThread {
-        thread: Some(thread),
-        stop,
+        }
     })
 }

@@ -14,9 +14,10 @@ use crate::crypto::Tunnels;
 use crate::gso_check::GsoCheck;
 use crate::io::broadcast_queue;
 use crate::io::context::WorkerContext;
-use crate::io::crypt::{self, TimerThread};
+use crate::io::crypt;
 use crate::io::error::WorkerError;
-use crate::io::gso_probe::{self, ProbeThread};
+use crate::io::gso_probe;
+use crate::io::periodic::PeriodicThread;
 use crate::io::probe::probe_offloads;
 use crate::io::relay::{self, RelaySetup, RelayThread};
 use crate::io::stop::StopSignal;
@@ -104,8 +105,8 @@ pub struct Engine {
     gso_check: GsoCheck,
     multicast_counters: Option<Arc<MulticastCounters>>,
     relay: Option<RelayThread>,
-    timers: Option<TimerThread>,
-    probes: Option<ProbeThread>,
+    timers: Option<PeriodicThread>,
+    probes: Option<PeriodicThread>,
     tunnels: Option<Tunnels>,
 }
 

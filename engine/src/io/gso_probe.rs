@@ -3,34 +3,14 @@
 use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::gso_check::{probe_run, GsoCheck, PROBE_SEGMENT_LEN};
-use crate::io::stop::StopSignal;
+use crate::io::periodic::PeriodicThread;
 use crate::io::udp::{to_sockaddr, write_segment_control, ControlBuf, CONTROL_LEN};
 
 /// How often the thread looks for runs due: new peers are probed within this.
 const TICK: Duration = Duration::from_millis(50);
-
-/// The running probe thread.
-pub(crate) struct ProbeThread {
-    thread: Option<JoinHandle<()>>,
-    stop: Arc<StopSignal>,
-}
-
-impl ProbeThread {
-    /// Stop the thread and wait for it.
-    pub(crate) fn stop_and_join(&mut self) {
-        self.stop.raise();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("GSO probe thread panicked");
-            }
-        }
-    }
-}
 
 /// Send `run` to `to` as one GSO send of [`PROBE_SEGMENT_LEN`]-byte datagrams.
 fn send_run(socket: &UdpSocket, to: SocketAddrV4, run: &[u8]) -> io::Result<()> {
@@ -60,25 +40,14 @@ fn send_run(socket: &UdpSocket, to: SocketAddrV4, run: &[u8]) -> io::Result<()> 
 
 /// Start the thread `weft-gso-probe`, which sends each checked peer its probe runs from
 /// `socket` (a duplicate of a worker's socket) to the peer's address at `port`.
-pub(crate) fn spawn(check: GsoCheck, socket: UdpSocket, port: u16) -> io::Result<ProbeThread> {
-    let stop = Arc::new(StopSignal::new()?);
-    let signal = Arc::clone(&stop);
-    let thread = std::thread::Builder::new()
-        .name("weft-gso-probe".into())
-        .spawn(move || {
-            while !signal.is_raised() {
-                for (peer, nonce) in check.due(Instant::now()) {
-                    let run = probe_run(peer, nonce);
-                    if let Err(error) = send_run(&socket, SocketAddrV4::new(peer, port), &run) {
-                        // Unanswered, the run is sent again; after the last, the peer fails.
-                        tracing::debug!(%peer, %error, "cannot send a GSO probe run");
-                    }
-                }
-                std::thread::sleep(TICK);
+pub(crate) fn spawn(check: GsoCheck, socket: UdpSocket, port: u16) -> io::Result<PeriodicThread> {
+    PeriodicThread::spawn("weft-gso-probe", TICK, move || {
+        for (peer, nonce) in check.due(Instant::now()) {
+            let run = probe_run(peer, nonce);
+            if let Err(error) = send_run(&socket, SocketAddrV4::new(peer, port), &run) {
+                // Unanswered, the run is sent again; after the last, the peer fails.
+                tracing::debug!(%peer, %error, "cannot send a GSO probe run");
             }
-        })?;
-    Ok(ProbeThread {
-        thread: Some(thread),
-        stop,
+        }
     })
 }

@@ -18,6 +18,7 @@ pub mod engine;
 pub(crate) mod error;
 pub(crate) mod execute;
 pub(crate) mod gso_probe;
+pub(crate) mod periodic;
 pub mod probe;
 pub(crate) mod relay;
 pub(crate) mod stop;
