@@ -106,29 +106,39 @@ fn set_raw_int_option(
 // glibc targets.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
+/// Classic BPF opcodes (from linux/filter.h) and an instruction builder, for the reuseport
+/// programs below.
+mod bpf {
+    pub(super) const LD: u16 = libc::BPF_LD as u16;
+    pub(super) const LDX: u16 = libc::BPF_LDX as u16;
+    pub(super) const ST: u16 = libc::BPF_ST as u16;
+    pub(super) const ALU: u16 = libc::BPF_ALU as u16;
+    pub(super) const JMP: u16 = libc::BPF_JMP as u16;
+    pub(super) const RET: u16 = libc::BPF_RET as u16;
+    pub(super) const MISC: u16 = libc::BPF_MISC as u16;
+    pub(super) const W: u16 = libc::BPF_W as u16;
+    pub(super) const B: u16 = libc::BPF_B as u16;
+    pub(super) const ABS: u16 = libc::BPF_ABS as u16;
+    pub(super) const IND: u16 = libc::BPF_IND as u16;
+    pub(super) const IMM: u16 = libc::BPF_IMM as u16;
+    pub(super) const MEM: u16 = libc::BPF_MEM as u16;
+    pub(super) const MSH: u16 = libc::BPF_MSH as u16;
+    pub(super) const K: u16 = libc::BPF_K as u16;
+    pub(super) const X: u16 = libc::BPF_X as u16;
+    pub(super) const A: u16 = libc::BPF_A as u16;
+
+    /// One instruction.
+    pub(super) fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+}
+
 /// The classic BPF program that picks, among `workers` sockets bound to one port, the one a
 /// datagram goes to, by its inner packet's flow: source and destination address, and for TCP
 /// and UDP the ports. The kernel runs it with the data starting at the UDP payload (the inner
 /// IPv4 header); a packet too short for a load makes it return 0, the first socket.
 fn inner_flow_program(workers: u32) -> [libc::sock_filter; 22] {
-    const LD: u16 = libc::BPF_LD as u16;
-    const LDX: u16 = libc::BPF_LDX as u16;
-    const ST: u16 = libc::BPF_ST as u16;
-    const ALU: u16 = libc::BPF_ALU as u16;
-    const JMP: u16 = libc::BPF_JMP as u16;
-    const RET: u16 = libc::BPF_RET as u16;
-    const MISC: u16 = libc::BPF_MISC as u16;
-    const W: u16 = libc::BPF_W as u16;
-    const B: u16 = libc::BPF_B as u16;
-    const ABS: u16 = libc::BPF_ABS as u16;
-    const IND: u16 = libc::BPF_IND as u16;
-    const IMM: u16 = libc::BPF_IMM as u16;
-    const MEM: u16 = libc::BPF_MEM as u16;
-    const MSH: u16 = libc::BPF_MSH as u16;
-    const K: u16 = libc::BPF_K as u16;
-    const X: u16 = libc::BPF_X as u16;
-    const A: u16 = libc::BPF_A as u16;
-    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    use bpf::*;
     [
         op(LD | B | ABS, 0, 0, 9),                    // A = protocol
         op(JMP | libc::BPF_JEQ as u16 | K, 1, 0, 6),  // TCP: ports
@@ -165,15 +175,7 @@ fn inner_flow_program(workers: u32) -> [libc::sock_filter; 22] {
 /// count), so a lane's datagrams land on the worker that seals that lane here; a datagram too
 /// short for the load goes to the first socket, whose opener drops it.
 fn lane_program(workers: u32) -> [libc::sock_filter; 7] {
-    const LD: u16 = libc::BPF_LD as u16;
-    const ALU: u16 = libc::BPF_ALU as u16;
-    const JMP: u16 = libc::BPF_JMP as u16;
-    const RET: u16 = libc::BPF_RET as u16;
-    const B: u16 = libc::BPF_B as u16;
-    const ABS: u16 = libc::BPF_ABS as u16;
-    const K: u16 = libc::BPF_K as u16;
-    const A: u16 = libc::BPF_A as u16;
-    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    use bpf::*;
     let response = crate::crypto::tunnels::lane_offset(2) as u32;
     let other = crate::crypto::tunnels::lane_offset(4) as u32;
     [
